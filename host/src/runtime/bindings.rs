@@ -1,0 +1,13 @@
+//! Host-side bindings of `wit/nereid.wit`, generated from the union world `host-bindings`; each
+//! slot loads only its own exported interface from an instance.
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "host-bindings",
+    imports: { default: trappable },
+    with: {
+        "nereid:plugin/tensors.tensor": crate::runtime::state::TensorSlot,
+    },
+});
+
+pub use exports::nereid::plugin::{aggregator, client_objective, plugin};
+pub use nereid::plugin::{model, types};

@@ -1,0 +1,229 @@
+//! The host functions plugins import: tensor operations and logging.
+use wasmtime::component::Resource;
+
+use super::bindings::nereid::plugin::{host, model, tensors, types};
+use super::state::{PluginState, TensorSlot};
+use crate::tensor::{self, DType, Tensor};
+
+/// Elements one chunk read or write moves at most (4 MiB of f32).
+pub const MAX_CHUNK: u32 = 1 << 20;
+
+impl From<types::Dtype> for DType {
+    fn from(d: types::Dtype) -> Self {
+        match d {
+            types::Dtype::F32 => DType::F32,
+            types::Dtype::F64 => DType::F64,
+            types::Dtype::I32 => DType::I32,
+            types::Dtype::I64 => DType::I64,
+            types::Dtype::U8 => DType::U8,
+            types::Dtype::I8 => DType::I8,
+        }
+    }
+}
+
+impl From<DType> for types::Dtype {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F32 => types::Dtype::F32,
+            DType::F64 => types::Dtype::F64,
+            DType::I32 => types::Dtype::I32,
+            DType::I64 => types::Dtype::I64,
+            DType::U8 => types::Dtype::U8,
+            DType::I8 => types::Dtype::I8,
+        }
+    }
+}
+
+impl From<tensor::TensorError> for tensors::TensorError {
+    fn from(e: tensor::TensorError) -> Self {
+        match e {
+            tensor::TensorError::DtypeMismatch(m) => tensors::TensorError::DtypeMismatch(m),
+            tensor::TensorError::ShapeMismatch(m) => tensors::TensorError::ShapeMismatch(m),
+            tensor::TensorError::OutOfBounds(m) => tensors::TensorError::OutOfBounds(m),
+            tensor::TensorError::Unsupported(m) => tensors::TensorError::Unsupported(m),
+            tensor::TensorError::OutOfMemory(m) => tensors::TensorError::OutOfMemory(m),
+        }
+    }
+}
+
+type TensorResult<T> = Result<T, tensors::TensorError>;
+
+impl PluginState {
+    /// Puts a tensor the host hands in (not charged to the plugin's budget).
+    pub fn lend(&mut self, tensor: Tensor) -> wasmtime::Result<Resource<TensorSlot>> {
+        Ok(self.table.push(TensorSlot { tensor, charged: 0 })?)
+    }
+
+    /// Takes a tensor the plugin hands back, releasing its charge.
+    pub fn take(&mut self, handle: Resource<TensorSlot>) -> wasmtime::Result<Tensor> {
+        let slot = self.table.delete(handle)?;
+        self.tensor_bytes = self.tensor_bytes.saturating_sub(slot.charged);
+        Ok(slot.tensor)
+    }
+
+    /// Puts a tensor the plugin created, charging it to the plugin's tensor budget.
+    fn create(&mut self, tensor: Tensor) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let bytes = tensor.byte_len();
+        if self.tensor_bytes.saturating_add(bytes) > self.tensor_limit {
+            return Ok(Err(tensors::TensorError::OutOfMemory(format!(
+                "{bytes} more bytes of tensors would pass the plugin's tensor limit of {} ({} in use)",
+                self.tensor_limit, self.tensor_bytes
+            ))));
+        }
+        self.tensor_bytes += bytes;
+        Ok(Ok(self.table.push(TensorSlot { tensor, charged: bytes })?))
+    }
+
+    fn get(&self, handle: &Resource<TensorSlot>) -> wasmtime::Result<&Tensor> {
+        Ok(&self.table.get(handle)?.tensor)
+    }
+
+    /// Runs `op` on the tensor behind `this` with a cheap (copy-on-write) copy of `other`.
+    fn binary<T>(
+        &mut self,
+        this: &Resource<TensorSlot>,
+        other: &Resource<TensorSlot>,
+        op: impl FnOnce(&mut Tensor, &Tensor) -> Result<T, tensor::TensorError>,
+    ) -> wasmtime::Result<TensorResult<T>> {
+        let other = self.get(other)?.clone();
+        let this = &mut self.table.get_mut(this)?.tensor;
+        Ok(op(this, &other).map_err(Into::into))
+    }
+
+    fn unary<T>(
+        &mut self,
+        this: &Resource<TensorSlot>,
+        op: impl FnOnce(&mut Tensor) -> Result<T, tensor::TensorError>,
+    ) -> wasmtime::Result<TensorResult<T>> {
+        let this = &mut self.table.get_mut(this)?.tensor;
+        Ok(op(this).map_err(Into::into))
+    }
+}
+
+impl types::Host for PluginState {}
+impl model::Host for PluginState {}
+
+impl tensors::Host for PluginState {
+    fn max_chunk(&mut self) -> wasmtime::Result<u32> {
+        Ok(MAX_CHUNK)
+    }
+}
+
+impl tensors::HostTensor for PluginState {
+    fn zeros(&mut self, dtype: types::Dtype, shape: Vec<u64>) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let bytes = tensor::numel(&shape).and_then(|n| n.checked_mul(DType::from(dtype).size() as u64));
+        match bytes {
+            Some(b) if b <= self.tensor_limit.saturating_sub(self.tensor_bytes) as u64 => {}
+            _ => {
+                return Ok(Err(tensors::TensorError::OutOfMemory(format!(
+                    "a {shape:?} tensor would pass the plugin's tensor limit of {} bytes",
+                    self.tensor_limit
+                ))))
+            }
+        }
+        match Tensor::zeros(dtype.into(), shape) {
+            Ok(t) => self.create(t),
+            Err(e) => Ok(Err(e.into())),
+        }
+    }
+
+    fn zeros_like(
+        &mut self,
+        other: Resource<TensorSlot>,
+        dtype: Option<types::Dtype>,
+    ) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let other = self.get(&other)?;
+        let dtype = dtype.unwrap_or_else(|| other.dtype().into());
+        let shape = other.shape().to_vec();
+        self.zeros(dtype, shape)
+    }
+
+    fn dtype(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<types::Dtype> {
+        Ok(self.get(&this)?.dtype().into())
+    }
+
+    fn shape(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<Vec<u64>> {
+        Ok(self.get(&this)?.shape().to_vec())
+    }
+
+    fn numel(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<u64> {
+        Ok(self.get(&this)?.numel())
+    }
+
+    fn duplicate(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let copy = self.get(&this)?.clone();
+        self.create(copy)
+    }
+
+    fn cast(&mut self, this: Resource<TensorSlot>, dtype: types::Dtype) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let cast = self.get(&this)?.cast(dtype.into());
+        self.create(cast)
+    }
+
+    fn axpy(&mut self, this: Resource<TensorSlot>, alpha: f64, x: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.binary(&this, &x, |a, b| a.axpy(alpha, b))
+    }
+
+    fn scale(&mut self, this: Resource<TensorSlot>, alpha: f64) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.scale(alpha))
+    }
+
+    fn add(&mut self, this: Resource<TensorSlot>, other: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.binary(&this, &other, |a, b| a.axpy(1.0, b))
+    }
+
+    fn sub(&mut self, this: Resource<TensorSlot>, other: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.binary(&this, &other, |a, b| a.axpy(-1.0, b))
+    }
+
+    fn dot(&mut self, this: Resource<TensorSlot>, other: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<f64>> {
+        self.binary(&this, &other, |a, b| a.dot(b))
+    }
+
+    fn l2_norm(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<f64>> {
+        Ok(self.get(&this)?.l2_norm().map_err(Into::into))
+    }
+
+    fn clip_by_norm(&mut self, this: Resource<TensorSlot>, max_norm: f64) -> wasmtime::Result<TensorResult<f64>> {
+        self.unary(&this, |a| a.clip_by_norm(max_norm))
+    }
+
+    fn all_finite(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<bool> {
+        Ok(self.get(&this)?.all_finite())
+    }
+
+    fn read(&mut self, this: Resource<TensorSlot>, offset: u64, count: u32) -> wasmtime::Result<TensorResult<Vec<f64>>> {
+        Ok(self.get(&this)?.read(offset, count, MAX_CHUNK).map_err(Into::into))
+    }
+
+    fn write(&mut self, this: Resource<TensorSlot>, offset: u64, values: Vec<f64>) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.write(offset, &values, MAX_CHUNK))
+    }
+
+    fn read_f32(&mut self, this: Resource<TensorSlot>, offset: u64, count: u32) -> wasmtime::Result<TensorResult<Vec<f32>>> {
+        Ok(self.get(&this)?.read_f32(offset, count, MAX_CHUNK).map_err(Into::into))
+    }
+
+    fn write_f32(&mut self, this: Resource<TensorSlot>, offset: u64, values: Vec<f32>) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.write_f32(offset, &values, MAX_CHUNK))
+    }
+
+    fn drop(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<()> {
+        self.take(this)?;
+        Ok(())
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
+        let plugin = &*self.plugin;
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            host::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            host::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            host::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            host::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! The component runtime: one wasmtime engine, a sandbox per plugin instance with a time and a
+//! memory limit, slot checking, and the on-disk cache of compiled components.
+pub mod bindings;
+mod cache;
+pub mod config;
+mod error;
+mod host_impl;
+mod sandbox;
+mod slots;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Engine, Store};
+
+pub use cache::{content_digest, CacheOutcome, ComponentCache};
+pub use error::PluginError;
+pub use host_impl::MAX_CHUNK;
+pub use sandbox::{PluginInfo, Sandbox, SlotGuest};
+pub use slots::{AggregateResult, AggregatorPlugin, ClientUpdate, ObjectivePlugin, RoundContext, UpdateKind};
+use state::PluginState;
+
+/// How often the engine's epoch advances; time limits are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Wall time one call may take before it is interrupted.
+    #[serde(with = "millis")]
+    pub call_timeout: Duration,
+    /// Largest linear memory the plugin may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// Bytes of host tensors the plugin may create (tensors the host lends it are not counted).
+    pub tensor_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { call_timeout: Duration::from_secs(5), memory_bytes: 256 << 20, tensor_bytes: 4 << 30 }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms: u64 = serde::Deserialize::deserialize(d)?;
+        Ok(Duration::from_millis(ms))
+    }
+}
+
+/// A plugin slot: where in nereid a component is used, and the world it must implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Slot {
+    Aggregator,
+    ClientObjective,
+    Sampler,
+    Compressor,
+    Router,
+    Splitter,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 6] =
+        [Slot::Aggregator, Slot::ClientObjective, Slot::Sampler, Slot::Compressor, Slot::Router, Slot::Splitter];
+
+    /// The interface a component of this slot exports.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Slot::Aggregator => "nereid:plugin/aggregator@0.1.0",
+            Slot::ClientObjective => "nereid:plugin/client-objective@0.1.0",
+            Slot::Sampler => "nereid:plugin/sampler@0.1.0",
+            Slot::Compressor => "nereid:plugin/compressor@0.1.0",
+            Slot::Router => "nereid:plugin/router@0.1.0",
+            Slot::Splitter => "nereid:plugin/splitter@0.1.0",
+        }
+    }
+
+    /// The world of `wit/nereid.wit` a component of this slot implements.
+    pub fn world(self) -> &'static str {
+        match self {
+            Slot::Aggregator => "aggregator-plugin",
+            Slot::ClientObjective => "client-objective-plugin",
+            Slot::Sampler => "sampler-plugin",
+            Slot::Compressor => "compressor-plugin",
+            Slot::Router => "router-plugin",
+            Slot::Splitter => "splitter-plugin",
+        }
+    }
+}
+
+/// The world(s) a set of exported slots amounts to, for messages.
+pub fn describe_worlds(slots: &[Slot]) -> String {
+    match slots {
+        [] => "no nereid slot (it exports no nereid:plugin slot interface)".to_string(),
+        [Slot::Aggregator, Slot::ClientObjective] => "world `strategy-plugin` (aggregator and client-objective)".to_string(),
+        [one] => format!("world `{}`", one.world()),
+        many => format!(
+            "the slots {}",
+            many.iter().map(|s| format!("`{}`", s.world())).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// A compiled component, ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    /// Where it came from (a path or a reference), for messages.
+    pub origin: String,
+    /// `sha256:<hex>` of the component's bytes.
+    pub digest: String,
+    pub slots: Vec<Slot>,
+    pub imports: Vec<String>,
+    pub cache: CacheOutcome,
+    pub component: Component,
+    pub(crate) pre: InstancePre<PluginState>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache: ComponentCache,
+}
+
+/// The engine, the linker with nereid's host functions and WASI, and the compile cache.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl Runtime {
+    /// A runtime whose compiled components are cached under `cache_dir` (None: no cache).
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("creating the wasmtime engine: {e:#}"))?;
+        spawn_epoch_ticker(&engine);
+
+        let mut linker = Linker::<PluginState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
+        bindings::HostBindings::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking nereid host functions: {e:#}"))?;
+        Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: ComponentCache::new(cache_dir) }) })
+    }
+
+    /// A runtime with the default cache directory (see [`ComponentCache::default_dir`]).
+    pub fn with_default_cache() -> anyhow::Result<Runtime> {
+        Runtime::new(ComponentCache::default_dir())
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn cache(&self) -> &ComponentCache {
+        &self.inner.cache
+    }
+
+    pub fn load_file(&self, path: &Path) -> Result<LoadedComponent, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
+        self.load_bytes(&bytes, &path.display().to_string())
+    }
+
+    pub fn load_bytes(&self, bytes: &[u8], origin: &str) -> Result<LoadedComponent, PluginError> {
+        let digest = content_digest(bytes);
+        let (component, cache) = self.inner.cache.load(&self.inner.engine, bytes, &digest, origin)?;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        let slots = Slot::ALL.into_iter().filter(|s| exports.iter().any(|e| e == s.interface())).collect();
+        let imports = ty.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| PluginError::Instantiate {
+            origin: origin.to_string(),
+            message: format!("{e:#}"),
+        })?;
+        Ok(LoadedComponent { origin: origin.to_string(), digest, slots, imports, cache, component, pre })
+    }
+
+    pub(crate) fn store(&self, plugin: Arc<str>, limits: &Limits) -> Store<PluginState> {
+        let mut store = Store::new(&self.inner.engine, PluginState::new(plugin, limits.memory_bytes, limits.tensor_bytes));
+        store.limiter(|s| &mut s.memory);
+        store
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped, so that a call
+/// past its deadline is interrupted wherever it is in guest code.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("nereid-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
+            }
+        })
+        .expect("spawning the epoch thread");
+}
+
+/// Ticks for a time limit, rounded up, at least one.
+pub(crate) fn deadline_ticks(limit: Duration) -> u64 {
+    (limit.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
+}

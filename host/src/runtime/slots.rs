@@ -1,0 +1,187 @@
+//! Typed front-ends of the slots: what the cloud and edge hosts call.
+use std::path::Path;
+
+use wasmtime::component::Resource;
+use wasmtime::Store;
+
+use super::bindings::{aggregator, client_objective, model, types};
+use super::config::ConfigTable;
+use super::state::{PluginState, TensorSlot};
+use super::{Limits, LoadedComponent, PluginError, Runtime, Sandbox};
+use crate::model_io::NamedTensors;
+use crate::tensor::Tensor;
+
+/// Where in a job a call happens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundContext {
+    pub job: String,
+    pub round: u32,
+    pub seed: u64,
+}
+
+impl From<&RoundContext> for types::RoundContext {
+    fn from(c: &RoundContext) -> Self {
+        types::RoundContext { job: c.job.clone(), round: c.round, seed: c.seed }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateKind {
+    Weights,
+    Delta,
+}
+
+/// One client's contribution to a round.
+#[derive(Debug, Clone)]
+pub struct ClientUpdate {
+    pub client: String,
+    pub kind: UpdateKind,
+    pub tensors: NamedTensors,
+    pub num_examples: u64,
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// The end of a round: the next global model and the aggregator's metrics.
+#[derive(Debug, Clone)]
+pub struct AggregateResult {
+    pub tensors: NamedTensors,
+    pub metrics: Vec<(String, f64)>,
+}
+
+fn lend_all(store: &mut Store<PluginState>, tensors: &[(String, Tensor)]) -> wasmtime::Result<Vec<model::NamedTensor>> {
+    tensors
+        .iter()
+        .map(|(name, t)| Ok(model::NamedTensor { name: name.clone(), value: store.data_mut().lend(t.clone())? }))
+        .collect()
+}
+
+fn take_all(store: &mut Store<PluginState>, tensors: Vec<model::NamedTensor>) -> wasmtime::Result<NamedTensors> {
+    tensors.into_iter().map(|t| Ok((t.name, store.data_mut().take(t.value)?))).collect()
+}
+
+/// A plugin in the aggregator slot.
+pub struct AggregatorPlugin {
+    sandbox: Sandbox<aggregator::Guest>,
+}
+
+impl AggregatorPlugin {
+    pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+        Ok(AggregatorPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
+    }
+
+    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+        Self::new(runtime, runtime.load_file(path)?, limits, config)
+    }
+
+    pub fn sandbox(&self) -> &Sandbox<aggregator::Guest> {
+        &self.sandbox
+    }
+
+    pub fn begin_round(&mut self, ctx: &RoundContext, global: Option<&[(String, Tensor)]>) -> Result<(), PluginError> {
+        let ctx = types::RoundContext::from(ctx);
+        let r = self.sandbox.call("begin-round", |g, store| {
+            let global = global.map(|m| lend_all(store, m)).transpose()?;
+            g.call_begin_round(store, &ctx, global.as_deref())
+        })?;
+        self.sandbox.check_plugin_result("begin-round", "the global model", r)
+    }
+
+    /// Folds one update in. `Err(Rejected)` names the update; the plugin's state is as before.
+    pub fn accumulate(&mut self, update: &ClientUpdate) -> Result<(), PluginError> {
+        let kind = match update.kind {
+            UpdateKind::Weights => model::UpdateKind::Weights,
+            UpdateKind::Delta => model::UpdateKind::Delta,
+        };
+        let r = self.sandbox.call("accumulate", |g, store| {
+            let wire = model::ClientUpdate {
+                client: update.client.clone(),
+                kind,
+                tensors: lend_all(store, &update.tensors)?,
+                num_examples: update.num_examples,
+                metrics: update.metrics.iter().map(|(name, value)| types::Metric { name: name.clone(), value: *value }).collect(),
+            };
+            g.call_accumulate(store, &wire)
+        })?;
+        self.sandbox.check_plugin_result("accumulate", &format!("update `{}`", update.client), r)
+    }
+
+    pub fn finish(&mut self) -> Result<AggregateResult, PluginError> {
+        let r = self.sandbox.call("finish", |g, store| {
+            Ok(match g.call_finish(&mut *store)? {
+                Ok(agg) => Ok(AggregateResult {
+                    tensors: take_all(store, agg.tensors)?,
+                    metrics: agg.metrics.into_iter().map(|m| (m.name, m.value)).collect(),
+                }),
+                Err(e) => Err(e),
+            })
+        })?;
+        self.sandbox.check_plugin_result("finish", "the round", r)
+    }
+
+    /// What the aggregator publishes to clients with the global model.
+    pub fn client_config(&mut self) -> Result<Vec<types::ConfigEntry>, PluginError> {
+        self.sandbox.call("client-config", |g, store| g.call_client_config(store))
+    }
+}
+
+/// A plugin in the client-objective slot.
+pub struct ObjectivePlugin {
+    sandbox: Sandbox<client_objective::Guest>,
+}
+
+impl ObjectivePlugin {
+    pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+        Ok(ObjectivePlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
+    }
+
+    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+        Self::new(runtime, runtime.load_file(path)?, limits, config)
+    }
+
+    pub fn sandbox(&self) -> &Sandbox<client_objective::Guest> {
+        &self.sandbox
+    }
+
+    /// Local training of a round starts from `global`, with what the aggregator published.
+    pub fn begin_round(
+        &mut self,
+        ctx: &RoundContext,
+        global: &[(String, Tensor)],
+        server_config: &[types::ConfigEntry],
+    ) -> Result<(), PluginError> {
+        let ctx = types::RoundContext::from(ctx);
+        let server_config = server_config.to_vec();
+        let r = self.sandbox.call("begin-round", |g, store| {
+            let global = lend_all(store, global)?;
+            g.call_begin_round(store, &ctx, &global, &server_config)
+        })?;
+        self.sandbox.check_plugin_result("begin-round", "the global model", r)
+    }
+
+    /// The extra loss of parameter `name` at `weight`.
+    pub fn penalty(&mut self, name: &str, weight: &Tensor) -> Result<f64, PluginError> {
+        let r = self.sandbox.call("penalty", |g, store| {
+            let w: Resource<TensorSlot> = store.data_mut().lend(weight.clone())?;
+            let r = g.call_penalty(&mut *store, name, Resource::new_borrow(w.rep()));
+            store.data_mut().take(w)?;
+            r
+        })?;
+        self.sandbox.check_plugin_result("penalty", &format!("parameter `{name}`"), r)
+    }
+
+    /// Adds the extra term's gradient for parameter `name` to `gradient`.
+    pub fn adjust_gradient(&mut self, name: &str, weight: &Tensor, gradient: &mut Tensor) -> Result<(), PluginError> {
+        let (r, adjusted) = self.sandbox.call("adjust-gradient", |g, store| {
+            let w = store.data_mut().lend(weight.clone())?;
+            let grad = store.data_mut().lend(gradient.clone())?;
+            let r = g.call_adjust_gradient(&mut *store, name, Resource::new_borrow(w.rep()), Resource::new_borrow(grad.rep()));
+            store.data_mut().take(w)?;
+            let adjusted = store.data_mut().take(grad)?;
+            Ok((r?, adjusted))
+        })?;
+        self.sandbox.check_plugin_result("adjust-gradient", &format!("parameter `{name}`"), r)?;
+        *gradient = adjusted;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! What a plugin's store holds: its sandboxed WASI context, its resources, and the meters that
+//! enforce its memory and tensor limits.
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::tensor::Tensor;
+
+/// A tensor in a plugin's resource table, with the bytes it was charged against the plugin's
+/// tensor budget (zero for tensors the host handed in).
+pub struct TensorSlot {
+    pub tensor: Tensor,
+    pub charged: usize,
+}
+
+/// Marker error raised when a plugin's linear memory would grow past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("linear memory would grow to {desired} bytes, past the limit of {limit}")]
+pub struct MemoryLimitHit {
+    pub desired: usize,
+    pub limit: usize,
+}
+
+pub struct MemoryLimiter {
+    pub limit: usize,
+    pub hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Err(wasmtime::Error::new(MemoryLimitHit { desired, limit: self.limit }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The last bytes a plugin wrote to stderr (a panic message, say), for error reports.
+#[derive(Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
+
+const STDERR_TAIL: usize = 4096;
+
+impl StderrTail {
+    fn push(&self, bytes: &[u8]) {
+        if let Ok(mut tail) = self.0.lock() {
+            tail.extend(bytes);
+            let excess = tail.len().saturating_sub(STDERR_TAIL);
+            tail.drain(..excess);
+        }
+    }
+
+    /// Takes what was written since the last call.
+    pub fn take(&self) -> String {
+        match self.0.lock() {
+            Ok(mut tail) => {
+                let bytes: Vec<u8> = tail.drain(..).collect();
+                String::from_utf8_lossy(&bytes).trim().to_string()
+            }
+            Err(_) => String::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for StderrTail {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for StderrTail {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for StderrTail {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for StderrTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for StderrTail {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+/// The data of one plugin instance's store.
+pub struct PluginState {
+    pub plugin: Arc<str>,
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub memory: MemoryLimiter,
+    pub tensor_bytes: usize,
+    pub tensor_limit: usize,
+    pub stderr: StderrTail,
+}
+
+impl PluginState {
+    /// A sandbox with no ambient authority: no preopened directories, no environment, no
+    /// arguments, no network, no stdin; stdout is discarded, stderr kept for error reports.
+    pub fn new(plugin: Arc<str>, memory_limit: usize, tensor_limit: usize) -> Self {
+        let stderr = StderrTail::default();
+        let wasi = WasiCtx::builder()
+            .stdout(std::io::empty())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        PluginState {
+            plugin,
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryLimiter { limit: memory_limit, hit: false },
+            tensor_bytes: 0,
+            tensor_limit,
+            stderr,
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}

@@ -1,0 +1,192 @@
+//! The glue between wit-bindgen's static `Guest` traits and the SDK's `&mut self` traits, and the
+//! `export_*!` macros that wire a plugin type into a component.
+
+#[doc(hidden)]
+pub mod glue {
+    use std::any::Any;
+    use std::cell::RefCell;
+
+    use crate::{
+        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Metric, Model, NamedTensor,
+        Plugin, PluginError, PluginInfo, RoundContext, Tensor,
+    };
+
+    thread_local! {
+        // A component instance runs one plugin type; wasm32-wasip2 is single-threaded.
+        static STATE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+    }
+
+    fn with<T: Plugin, R>(f: impl FnOnce(&mut T) -> R) -> R {
+        STATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let state = slot.get_or_insert_with(|| Box::new(T::default()));
+            match state.downcast_mut::<T>() {
+                Some(t) => f(t),
+                // Only reachable if one component exported two different plugin types.
+                None => panic!("nereid-sdk: a component exports exactly one plugin type"),
+            }
+        })
+    }
+
+    pub fn describe<T: Plugin>() -> PluginInfo {
+        T::info().into_inner()
+    }
+
+    pub fn configure<T: Plugin>(entries: Vec<ConfigEntry>) -> Result<(), PluginError> {
+        let info = T::info();
+        let config = Config::with_defaults(entries, info.schema());
+        with::<T, _>(|p| p.configure(&config))
+    }
+
+    pub fn aggregator_begin_round<T: Aggregator>(
+        ctx: RoundContext,
+        global: Option<Vec<NamedTensor>>,
+    ) -> Result<(), PluginError> {
+        with::<T, _>(|p| p.begin_round(&ctx, global.map(Model::new)))
+    }
+
+    pub fn aggregator_accumulate<T: Aggregator>(update: ClientUpdate) -> Result<(), PluginError> {
+        with::<T, _>(|p| p.accumulate(update.into()))
+    }
+
+    pub fn aggregator_finish<T: Aggregator>() -> Result<(Vec<NamedTensor>, Vec<Metric>), PluginError> {
+        with::<T, _>(|p| p.finish()).map(|a| (a.model.into_tensors(), a.metrics))
+    }
+
+    pub fn aggregator_client_config<T: Aggregator>() -> Vec<ConfigEntry> {
+        with::<T, _>(|p| p.client_config())
+    }
+
+    pub fn objective_begin_round<T: ClientObjective>(
+        ctx: RoundContext,
+        global: Vec<NamedTensor>,
+        server: Vec<ConfigEntry>,
+    ) -> Result<(), PluginError> {
+        let server = Config::with_defaults(server, &[]);
+        with::<T, _>(|p| p.begin_training(&ctx, Model::new(global), &server))
+    }
+
+    pub fn objective_penalty<T: ClientObjective>(name: String, weight: &Tensor) -> Result<f64, PluginError> {
+        with::<T, _>(|p| p.penalty(&name, weight))
+    }
+
+    pub fn objective_adjust_gradient<T: ClientObjective>(
+        name: String,
+        weight: &Tensor,
+        gradient: &Tensor,
+    ) -> Result<(), PluginError> {
+        with::<T, _>(|p| p.adjust_gradient(&name, weight, gradient))
+    }
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nereid_impl_plugin {
+    ($export:ident, $t:ty) => {
+        impl exports::nereid::plugin::plugin::Guest for $export {
+            fn describe() -> $crate::PluginInfo {
+                $crate::__glue::describe::<$t>()
+            }
+            fn configure(
+                config: ::std::vec::Vec<$crate::ConfigEntry>,
+            ) -> ::core::result::Result<(), $crate::PluginError> {
+                $crate::__glue::configure::<$t>(config)
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nereid_impl_aggregator {
+    ($export:ident, $t:ty) => {
+        impl exports::nereid::plugin::aggregator::Guest for $export {
+            fn begin_round(
+                ctx: $crate::RoundContext,
+                global: ::core::option::Option<::std::vec::Vec<$crate::NamedTensor>>,
+            ) -> ::core::result::Result<(), $crate::PluginError> {
+                $crate::__glue::aggregator_begin_round::<$t>(ctx, global)
+            }
+            fn accumulate(update: $crate::ClientUpdate) -> ::core::result::Result<(), $crate::PluginError> {
+                $crate::__glue::aggregator_accumulate::<$t>(update)
+            }
+            fn finish() -> ::core::result::Result<exports::nereid::plugin::aggregator::Aggregate, $crate::PluginError> {
+                $crate::__glue::aggregator_finish::<$t>()
+                    .map(|(tensors, metrics)| exports::nereid::plugin::aggregator::Aggregate { tensors, metrics })
+            }
+            fn client_config() -> ::std::vec::Vec<$crate::ConfigEntry> {
+                $crate::__glue::aggregator_client_config::<$t>()
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nereid_impl_client_objective {
+    ($export:ident, $t:ty) => {
+        impl exports::nereid::plugin::client_objective::Guest for $export {
+            fn begin_round(
+                ctx: $crate::RoundContext,
+                global: ::std::vec::Vec<$crate::NamedTensor>,
+                server_config: ::std::vec::Vec<$crate::ConfigEntry>,
+            ) -> ::core::result::Result<(), $crate::PluginError> {
+                $crate::__glue::objective_begin_round::<$t>(ctx, global, server_config)
+            }
+            fn penalty(
+                name: ::std::string::String,
+                weight: &$crate::Tensor,
+            ) -> ::core::result::Result<f64, $crate::PluginError> {
+                $crate::__glue::objective_penalty::<$t>(name, weight)
+            }
+            fn adjust_gradient(
+                name: ::std::string::String,
+                weight: &$crate::Tensor,
+                gradient: &$crate::Tensor,
+            ) -> ::core::result::Result<(), $crate::PluginError> {
+                $crate::__glue::objective_adjust_gradient::<$t>(name, weight, gradient)
+            }
+        }
+    };
+}
+
+/// Exports `$t` (an [`Aggregator`](crate::Aggregator)) as a component of world `aggregator-plugin`.
+/// Use once, at the crate root.
+#[macro_export]
+macro_rules! export_aggregator {
+    ($t:ty) => {
+        $crate::__nereid_generate!("aggregator-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        $crate::__nereid_impl_aggregator!(NereidPluginExport, $t);
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (a [`ClientObjective`](crate::ClientObjective)) as a component of world
+/// `client-objective-plugin`. Use once, at the crate root.
+#[macro_export]
+macro_rules! export_client_objective {
+    ($t:ty) => {
+        $crate::__nereid_generate!("client-objective-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        $crate::__nereid_impl_client_objective!(NereidPluginExport, $t);
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (both an [`Aggregator`](crate::Aggregator) and a
+/// [`ClientObjective`](crate::ClientObjective)) as a component of world `strategy-plugin`, loadable into
+/// either slot. Use once, at the crate root.
+#[macro_export]
+macro_rules! export_strategy {
+    ($t:ty) => {
+        $crate::__nereid_generate!("strategy-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        $crate::__nereid_impl_aggregator!(NereidPluginExport, $t);
+        $crate::__nereid_impl_client_objective!(NereidPluginExport, $t);
+        export!(NereidPluginExport);
+    };
+}

@@ -1,0 +1,46 @@
+//! The traits a plugin implements, one per slot.
+use crate::{Aggregate, Config, ConfigEntry, Info, Model, PluginError, RoundContext, Tensor, Update};
+
+/// What every plugin implements: its description and its configuration.
+///
+/// The host creates one instance per slot it loads the plugin into, calls `configure` once with
+/// the plugin's table from the job TOML (keys and types already checked against `info()`'s
+/// schema, defaults filled in), then the slot's calls.
+pub trait Plugin: Default + 'static {
+    fn info() -> Info;
+
+    fn configure(&mut self, _config: &Config) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// Slot `aggregator`: turns the updates of a round into the next global model, as a fold.
+pub trait Aggregator: Plugin {
+    /// A round starts; `global` is the current global model (None before the first round).
+    fn begin_round(&mut self, ctx: &RoundContext, global: Option<Model>) -> Result<(), PluginError>;
+
+    /// Folds one update in. Return `PluginError::rejected` (and leave the state as it was) to
+    /// refuse it; the host reports it under the update's name and goes on.
+    fn accumulate(&mut self, update: Update) -> Result<(), PluginError>;
+
+    /// The round ends: return the next global model.
+    fn finish(&mut self) -> Result<Aggregate, PluginError>;
+
+    /// Values the host publishes to clients with the global model.
+    fn client_config(&self) -> Vec<ConfigEntry> {
+        Vec::new()
+    }
+}
+
+/// Slot `client-objective`: extra terms in the local objective during training on an edge.
+pub trait ClientObjective: Plugin {
+    /// Local training of a round starts from `global`; `server` holds what the aggregator
+    /// published (`Aggregator::client_config`).
+    fn begin_training(&mut self, ctx: &RoundContext, global: Model, server: &Config) -> Result<(), PluginError>;
+
+    /// The extra loss contributed by parameter `name` at its current value.
+    fn penalty(&mut self, name: &str, weight: &Tensor) -> Result<f64, PluginError>;
+
+    /// Adds the extra term's gradient for parameter `name` to `gradient` in place.
+    fn adjust_gradient(&mut self, name: &str, weight: &Tensor, gradient: &Tensor) -> Result<(), PluginError>;
+}
