@@ -1,1 +1,106 @@
-fn main() {}
+//! Developer tasks. `cargo xtask demo` and `cargo xtask test` are the README's two commands: each
+//! does its own idempotent setup (the wasm32-wasip2 target, the plugin components) first.
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extra arguments]
+
+  setup     install the wasm32-wasip2 Rust target if it is missing
+  plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
+  demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
+  test      plugins, then run the whole test suite (cargo test --release)
+  bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((t, r)) => (t.as_str(), r.iter().filter(|a| *a != "--").cloned().collect::<Vec<_>>()),
+        None => {
+            eprintln!("{USAGE}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match task {
+        "setup" => setup(),
+        "plugins" => plugins(),
+        "demo" => plugins().and_then(|()| cargo(&[&["run", "--release", "-p", "nereid", "--", "demo"], &strs(&rest)[..]].concat())),
+        "test" => plugins().and_then(|()| cargo(&[&["test", "--release"], &strs(&rest)[..]].concat())),
+        "bench" => plugins().and_then(|()| {
+            cargo(&[&["run", "--release", "-p", "nereid", "--", "bench", "aggregate"], &strs(&rest)[..]].concat())
+        }),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown task `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.current_dir(root()).status().map_err(|e| format!("{shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed: {status}"))
+    }
+}
+
+fn cargo(args: &[&str]) -> Result<(), String> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn setup() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup is needed to add the wasm32-wasip2 target: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    Ok(())
+}
+
+/// Package names of the crates under `plugins/` and `tests/fixtures/`.
+fn plugin_packages() -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for dir in ["plugins", "tests/fixtures"] {
+        let Ok(entries) = std::fs::read_dir(root().join(dir)) else { continue };
+        let mut manifests: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("Cargo.toml")).filter(|p| p.is_file()).collect();
+        manifests.sort();
+        for manifest in manifests {
+            let text = std::fs::read_to_string(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let name = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').to_string()))
+                .ok_or_else(|| format!("{}: no package name", manifest.display()))?;
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+fn plugins() -> Result<(), String> {
+    setup()?;
+    let packages = plugin_packages()?;
+    let mut args = vec!["build", "--profile", "plugin", "--target", "wasm32-wasip2"];
+    for p in &packages {
+        args.extend(["-p", p.as_str()]);
+    }
+    cargo(&args)
+}

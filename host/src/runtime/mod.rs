@@ -19,7 +19,7 @@ use wasmtime::{Engine, Store};
 pub use cache::{content_digest, CacheOutcome, ComponentCache};
 pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
-pub use sandbox::{PluginInfo, Sandbox, SlotGuest};
+pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
 pub use slots::{AggregateResult, AggregatorPlugin, ClientUpdate, ObjectivePlugin, RoundContext, UpdateKind};
 use state::PluginState;
 

@@ -43,6 +43,18 @@ impl SlotGuest for client_objective::Guest {
     }
 }
 
+/// Instantiates `loaded` in whatever slot it implements and asks it to `describe` itself.
+pub fn describe(runtime: &Runtime, loaded: &LoadedComponent, limits: &Limits) -> Result<PluginInfo, PluginError> {
+    let fail = |call: &'static str, e: wasmtime::Error, state: &PluginState| classify(&loaded.origin, limits, call, e, state);
+    let instantiate = |e: wasmtime::Error| PluginError::Instantiate { origin: loaded.origin.clone(), message: format!("{e:#}") };
+    let indices = plugin::GuestIndices::new(&loaded.pre).map_err(instantiate)?;
+    let mut store = runtime.store(Arc::from(loaded.origin.as_str()), limits);
+    store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+    let instance = loaded.pre.instantiate(&mut store).map_err(|e| fail("instantiate", e, store.data()))?;
+    let meta = indices.load(&mut store, &instance).map_err(instantiate)?;
+    meta.call_describe(&mut store).map_err(|e| fail("describe", e, store.data()))
+}
+
 struct Live<G> {
     store: Store<PluginState>,
     meta: plugin::Guest,

@@ -1,0 +1,23 @@
+//! The subcommands of the `nereid` binary.
+pub mod bench;
+pub mod demo;
+pub mod plugin;
+
+use std::path::PathBuf;
+
+/// Where the plugins built by `cargo xtask plugins` are: `$NEREID_PLUGIN_DIR`, else
+/// `wasm32-wasip2/plugin` beside the directory of this executable (the workspace's target dir).
+pub fn default_plugin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NEREID_PLUGIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().and_then(|p| p.parent()).map(|target| target.join("wasm32-wasip2").join("plugin")))
+        .unwrap_or_else(|| PathBuf::from("target/wasm32-wasip2/plugin"))
+}
+
+/// The built component of plugin crate `name` (e.g. "fedavg" -> nereid_fedavg.wasm).
+pub fn plugin_path(dir: &std::path::Path, name: &str) -> PathBuf {
+    dir.join(format!("nereid_{}.wasm", name.replace('-', "_")))
+}
