@@ -59,8 +59,8 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError>
             })?;
             let shape: Vec<u64> = view.shape().iter().map(|d| *d as u64).collect();
             let bad = |message: &str| ModelIoError::Format { path: origin.to_path_buf(), message: format!("tensor `{name}`: {message}") };
-            let buffer = Buffer::from_le_bytes(dtype, view.data()).ok_or_else(|| bad("data is not whole elements"))?;
-            let tensor = Tensor::new(shape, buffer).ok_or_else(|| bad("data does not match the shape"))?;
+            let (buffer, finite) = Buffer::from_le_bytes_checked(dtype, view.data()).ok_or_else(|| bad("data is not whole elements"))?;
+            let tensor = Tensor::with_finite(shape, buffer, Some(finite)).ok_or_else(|| bad("data does not match the shape"))?;
             Ok((name, tensor))
         })
         .collect()

@@ -164,6 +164,47 @@ impl Buffer {
         })
     }
 
+    /// True when no element is NaN or infinite (integers always are finite).
+    pub fn all_finite(&self) -> bool {
+        // Folded per chunk rather than `all` so the check vectorizes.
+        fn check<T: Copy>(v: &[T], finite: impl Fn(T) -> bool) -> bool {
+            v.chunks(4096).all(|c| c.iter().fold(true, |ok, x| ok & finite(*x)))
+        }
+        match self {
+            Buffer::F32(v) => check(v, f32::is_finite),
+            Buffer::F64(v) => check(v, f64::is_finite),
+            _ => true,
+        }
+    }
+
+    /// Parses little-endian bytes and, in the same pass, finds whether every element is finite.
+    pub fn from_le_bytes_checked(dtype: DType, bytes: &[u8]) -> Option<(Buffer, bool)> {
+        if bytes.len() % dtype.size() != 0 {
+            return None;
+        }
+        fn floats<T: Copy>(bytes: &[u8], parse: impl Fn(&[u8]) -> T, finite: impl Fn(T) -> bool, size: usize) -> (Vec<T>, bool) {
+            let mut out = Vec::with_capacity(bytes.len() / size);
+            let mut ok = true;
+            for block in bytes.chunks(size * 4096) {
+                let start = out.len();
+                out.extend(block.chunks_exact(size).map(&parse));
+                ok &= out[start..].iter().fold(true, |acc, x| acc & finite(*x));
+            }
+            (out, ok)
+        }
+        Some(match dtype {
+            DType::F32 => {
+                let (v, ok) = floats(bytes, |c| f32::from_le_bytes(c.try_into().expect("4 bytes")), f32::is_finite, 4);
+                (Buffer::F32(v), ok)
+            }
+            DType::F64 => {
+                let (v, ok) = floats(bytes, |c| f64::from_le_bytes(c.try_into().expect("8 bytes")), f64::is_finite, 8);
+                (Buffer::F64(v), ok)
+            }
+            other => (Buffer::from_le_bytes(other, bytes)?, true),
+        })
+    }
+
     fn cast(&self, dtype: DType) -> Buffer {
         fn conv<A: Element, B: Element>(src: &[A]) -> Vec<B> {
             src.iter().map(|x| B::from_f64(x.to_f64())).collect()
@@ -182,17 +223,40 @@ impl Buffer {
     }
 }
 
+/// A buffer and, once known, whether all its elements are finite. Decoding fills the flag in
+/// the same pass that reads the bytes, so validating an update costs no extra pass over memory.
+#[derive(Clone, Debug)]
+struct Stored {
+    buf: Buffer,
+    finite: std::sync::OnceLock<bool>,
+}
+
+impl std::ops::Deref for Stored {
+    type Target = Buffer;
+    fn deref(&self) -> &Buffer {
+        &self.buf
+    }
+}
+
 /// A dense tensor: a shape and a shared, copy-on-write buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
     shape: Vec<u64>,
-    data: Arc<Buffer>,
+    data: Arc<Stored>,
 }
 
 impl PartialEq for Tensor {
     fn eq(&self, other: &Self) -> bool {
-        self.shape == other.shape && (Arc::ptr_eq(&self.data, &other.data) || self.data == other.data)
+        self.shape == other.shape && (Arc::ptr_eq(&self.data, &other.data) || self.data.buf == other.data.buf)
     }
+}
+
+fn stored(buf: Buffer, finite: Option<bool>) -> Arc<Stored> {
+    let cell = std::sync::OnceLock::new();
+    if let Some(f) = finite {
+        let _ = cell.set(f);
+    }
+    Arc::new(Stored { buf, finite: cell })
 }
 
 /// Number of elements of `shape`, or None on overflow.
@@ -211,7 +275,19 @@ fn float_only(op: &str, dtype: DType) -> Result<(), TensorError> {
 impl Tensor {
     /// A tensor over `data` with `shape`; None if the element count does not match.
     pub fn new(shape: Vec<u64>, data: Buffer) -> Option<Tensor> {
-        (numel(&shape)? == data.len() as u64).then(|| Tensor { shape, data: Arc::new(data) })
+        Tensor::with_finite(shape, data, None)
+    }
+
+    /// As `new`, with the all-finite flag when the caller already knows it.
+    pub fn with_finite(shape: Vec<u64>, data: Buffer, finite: Option<bool>) -> Option<Tensor> {
+        (numel(&shape)? == data.len() as u64).then(|| Tensor { shape, data: stored(data, finite) })
+    }
+
+    /// The buffer for writing (copied first if shared); forgets the cached all-finite flag.
+    fn buf_mut(&mut self) -> &mut Buffer {
+        let s = Arc::make_mut(&mut self.data);
+        s.finite = std::sync::OnceLock::new();
+        &mut s.buf
     }
 
     pub fn from_f32(shape: Vec<u64>, data: Vec<f32>) -> Option<Tensor> {
@@ -225,7 +301,7 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: Vec<u64>) -> Result<Tensor, TensorError> {
         let n = numel(&shape).ok_or_else(|| TensorError::OutOfMemory(format!("shape {shape:?} overflows")))?;
         let n = usize::try_from(n).map_err(|_| TensorError::OutOfMemory(format!("shape {shape:?} is too large")))?;
-        Ok(Tensor { shape, data: Arc::new(Buffer::zeros(dtype, n)) })
+        Ok(Tensor { shape, data: stored(Buffer::zeros(dtype, n), Some(true)) })
     }
 
     pub fn dtype(&self) -> DType {
@@ -246,12 +322,12 @@ impl Tensor {
     }
 
     pub fn buffer(&self) -> &Buffer {
-        &self.data
+        &self.data.buf
     }
 
     /// The elements as f32, if that is the tensor's type.
     pub fn as_f32(&self) -> Option<&[f32]> {
-        match &*self.data {
+        match &self.data.buf {
             Buffer::F32(v) => Some(v),
             _ => None,
         }
@@ -259,7 +335,7 @@ impl Tensor {
 
     /// The elements as f64, if that is the tensor's type.
     pub fn as_f64(&self) -> Option<&[f64]> {
-        match &*self.data {
+        match &self.data.buf {
             Buffer::F64(v) => Some(v),
             _ => None,
         }
@@ -267,14 +343,14 @@ impl Tensor {
 
     /// All elements converted to f64.
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        with_vec!(&*self.data, v => v.iter().map(|x| x.to_f64()).collect())
+        with_vec!(&self.data.buf, v => v.iter().map(|x| x.to_f64()).collect())
     }
 
     pub fn cast(&self, dtype: DType) -> Tensor {
         if self.dtype() == dtype {
             return self.clone();
         }
-        Tensor { shape: self.shape.clone(), data: Arc::new(self.data.cast(dtype)) }
+        Tensor { shape: self.shape.clone(), data: stored(self.data.cast(dtype), None) }
     }
 
     fn same_shape(&self, other: &Tensor, op: &str) -> Result<(), TensorError> {
@@ -300,7 +376,7 @@ impl Tensor {
         }
         // Cloned first so that axpy(alpha, self) reads the old values (copy-on-write).
         let x = Arc::clone(&x.data);
-        match (Arc::make_mut(&mut self.data), &*x) {
+        match (self.buf_mut(), &x.buf) {
             (Buffer::F64(a), Buffer::F32(b)) => kernel(a, alpha, b),
             (Buffer::F64(a), Buffer::F64(b)) => kernel(a, alpha, b),
             (Buffer::F32(a), Buffer::F32(b)) => kernel(a, alpha, b),
@@ -313,7 +389,7 @@ impl Tensor {
     /// self *= alpha.
     pub fn scale(&mut self, alpha: f64) -> Result<(), TensorError> {
         float_only("scale", self.dtype())?;
-        match Arc::make_mut(&mut self.data) {
+        match self.buf_mut() {
             Buffer::F32(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * alpha) as f32),
             Buffer::F64(v) => v.iter_mut().for_each(|x| *x *= alpha),
             _ => unreachable!("float_only checked the operand"),
@@ -329,7 +405,7 @@ impl Tensor {
         fn kernel<A: Element, B: Element>(a: &[A], b: &[B]) -> f64 {
             a.iter().zip(b).map(|(a, b)| a.to_f64() * b.to_f64()).sum()
         }
-        Ok(match (&*self.data, &*other.data) {
+        Ok(match (&self.data.buf, &other.data.buf) {
             (Buffer::F32(a), Buffer::F32(b)) => kernel(a, b),
             (Buffer::F32(a), Buffer::F64(b)) => kernel(a, b),
             (Buffer::F64(a), Buffer::F32(b)) => kernel(a, b),
@@ -359,11 +435,7 @@ impl Tensor {
 
     /// True when no element is NaN or infinite.
     pub fn all_finite(&self) -> bool {
-        match &*self.data {
-            Buffer::F32(v) => v.iter().all(|x| x.is_finite()),
-            Buffer::F64(v) => v.iter().all(|x| x.is_finite()),
-            _ => true,
-        }
+        *self.data.finite.get_or_init(|| self.data.buf.all_finite())
     }
 
     fn chunk_range(&self, offset: u64, count: u64, max: u32) -> Result<std::ops::Range<usize>, TensorError> {
@@ -382,13 +454,13 @@ impl Tensor {
     /// Elements [offset, offset + count) as f64.
     pub fn read(&self, offset: u64, count: u32, max: u32) -> Result<Vec<f64>, TensorError> {
         let r = self.chunk_range(offset, u64::from(count), max)?;
-        Ok(with_vec!(&*self.data, v => v[r].iter().map(|x| x.to_f64()).collect()))
+        Ok(with_vec!(&self.data.buf, v => v[r].iter().map(|x| x.to_f64()).collect()))
     }
 
     /// Overwrites elements from `offset`, converting to the tensor's type.
     pub fn write(&mut self, offset: u64, values: &[f64], max: u32) -> Result<(), TensorError> {
         let r = self.chunk_range(offset, values.len() as u64, max)?;
-        with_vec!(Arc::make_mut(&mut self.data), v => {
+        with_vec!(self.buf_mut(), v => {
             for (dst, src) in v[r].iter_mut().zip(values) {
                 *dst = Element::from_f64(*src);
             }
@@ -398,7 +470,7 @@ impl Tensor {
 
     pub fn read_f32(&self, offset: u64, count: u32, max: u32) -> Result<Vec<f32>, TensorError> {
         let r = self.chunk_range(offset, u64::from(count), max)?;
-        match &*self.data {
+        match &self.data.buf {
             Buffer::F32(v) => Ok(v[r].to_vec()),
             other => Err(TensorError::DtypeMismatch(format!("read-f32 on a {} tensor", other.dtype()))),
         }
@@ -406,7 +478,7 @@ impl Tensor {
 
     pub fn write_f32(&mut self, offset: u64, values: &[f32], max: u32) -> Result<(), TensorError> {
         let r = self.chunk_range(offset, values.len() as u64, max)?;
-        match Arc::make_mut(&mut self.data) {
+        match self.buf_mut() {
             Buffer::F32(v) => {
                 v[r].copy_from_slice(values);
                 Ok(())
@@ -450,6 +522,18 @@ mod tests {
     }
 
     #[test]
+    fn finite_flag_follows_writes() {
+        let mut a = f32t(&[1.0, 2.0]);
+        assert!(a.all_finite());
+        a.write(1, &[f64::INFINITY], 16).expect("write");
+        assert!(!a.all_finite(), "a write forgets the cached flag");
+        let mut b = Tensor::zeros(DType::F64, vec![2]).expect("small");
+        assert!(b.all_finite());
+        b.axpy(1.0, &a).expect("axpy");
+        assert!(!b.all_finite());
+    }
+
+    #[test]
     fn norms_and_clipping() {
         let mut a = f32t(&[3.0, 4.0]);
         assert_eq!(a.l2_norm(), Ok(5.0));
@@ -476,6 +560,11 @@ mod tests {
         let a = f32t(&[1.5, -2.0]);
         let b = Buffer::from_le_bytes(DType::F32, &a.buffer().to_le_bytes()).expect("aligned");
         assert_eq!(&b, a.buffer());
+        let (c, finite) = Buffer::from_le_bytes_checked(DType::F32, &a.buffer().to_le_bytes()).expect("aligned");
+        assert_eq!((&c, finite), (a.buffer(), true));
+        let nan = Tensor::from_f32(vec![2], vec![1.0, f32::NAN]).expect("shape");
+        let (_, finite) = Buffer::from_le_bytes_checked(DType::F32, &nan.buffer().to_le_bytes()).expect("aligned");
+        assert!(!finite);
         assert!(Buffer::from_le_bytes(DType::F32, &[0, 1, 2]).is_none());
     }
 }

@@ -81,13 +81,16 @@ impl WeightedMean {
         let (Some(sum), Some(layout)) = (self.sum.take(), self.layout.clone()) else {
             return Err(PluginError::bad_state("no update was accepted this round"));
         };
-        sum.scale(1.0 / self.total_weight)?;
+        // One pass from the f64 sum into the model's own element types.
+        let mean = layout.zeros()?;
+        mean.axpy(1.0 / self.total_weight, &sum)?;
+        drop(sum);
         if self.kind == Some(UpdateKind::Delta) {
             if let Some(global) = &self.global {
-                sum.add(global)?;
+                mean.add(global)?;
             }
         }
-        Ok(Aggregate::new(sum.cast_to(&layout)?)
+        Ok(Aggregate::new(mean)
             .with_metric("accepted_updates", self.accepted as f64)
             .with_metric("total_weight", self.total_weight))
     }

@@ -139,6 +139,16 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// A model of zeros with these names, element types and shapes.
+    pub fn zeros(&self) -> Result<Model, PluginError> {
+        let tensors = self
+            .entries
+            .iter()
+            .map(|(name, dtype, shape)| Ok(NamedTensor { name: name.clone(), value: Tensor::zeros(*dtype, shape)? }))
+            .collect::<Result<_, PluginError>>()?;
+        Ok(Model { tensors })
+    }
+
     /// Refuses a model whose tensors differ from this layout, naming the first difference.
     pub fn check(&self, model: &Model) -> Result<(), PluginError> {
         for (name, dtype, shape) in &self.entries {

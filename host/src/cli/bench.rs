@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use nereid::model_io;
 use nereid::runtime::config::ConfigTable;
 use nereid::runtime::{AggregatorPlugin, ClientUpdate, Limits, RoundContext, Runtime, UpdateKind};
 use nereid::tensor::Tensor;
@@ -101,17 +102,20 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
     let data: Vec<(Vec<f32>, u64)> = (0..args.updates)
         .map(|_| ((0..args.elements).map(|_| rng.gen_range(-1.0f32..1.0)).collect(), rng.gen_range(10..1000)))
         .collect();
+    // Updates reach the cloud as safetensors bytes; decoding them (outside the timings) also
+    // finds, in the same pass, whether they are all finite, which the plugin's check then reads.
+    progress.set_message("encoding and decoding updates");
     let tensors: Vec<ClientUpdate> = data
         .iter()
         .enumerate()
-        .map(|(k, (w, n))| ClientUpdate {
-            client: format!("client-{k}"),
-            kind: UpdateKind::Weights,
-            tensors: vec![("w".to_string(), Tensor::from_f32(vec![w.len() as u64], w.clone()).expect("shape matches"))],
-            num_examples: *n,
-            metrics: Vec::new(),
+        .map(|(k, (w, n))| {
+            let t = Tensor::from_f32(vec![w.len() as u64], w.clone()).expect("shape matches");
+            let bytes = model_io::encode(&[("w".to_string(), t)], None).context("encoding an update")?;
+            let client = format!("client-{k}");
+            let tensors = model_io::decode(&bytes, std::path::Path::new(&client))?;
+            Ok(ClientUpdate { client, kind: UpdateKind::Weights, tensors, num_examples: *n, metrics: Vec::new() })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
 
     let runtime = Runtime::new(cache_dir)?;
     let limits = Limits { call_timeout: Duration::from_secs(120), ..Limits::default() };
