@@ -32,6 +32,12 @@ pub enum RoundError {
     Plugin(#[from] PluginError),
     #[error("update `{update}` was accepted earlier but cannot be read again for the replay: {reason}")]
     Replay { update: String, reason: String },
+    #[error("no update was accepted this round{}", list_rejections(.0))]
+    NothingAccepted(Vec<Rejection>),
+}
+
+fn list_rejections(rejected: &[Rejection]) -> String {
+    rejected.iter().map(|r| format!("\n  {}: {}", r.update, r.reason)).collect()
 }
 
 /// Runs a round over `count` updates; `load(i)` reads update i (again, on a replay). An update
@@ -73,6 +79,9 @@ pub fn run_round(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+    if accepted.is_empty() {
+        return Err(RoundError::NothingAccepted(rejected));
     }
     let result = plugin.finish()?;
     Ok(RoundReport { result, accepted: accepted.into_iter().map(|(_, n)| n).collect(), rejected, restarts })

@@ -9,5 +9,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use exports::nereid::plugin::{aggregator, client_objective, plugin};
-pub use nereid::plugin::{model, types};
+pub use self::exports::nereid::plugin::{aggregator, client_objective, plugin};
+pub use self::nereid::plugin::{model, types};

@@ -119,6 +119,9 @@ impl<G: SlotGuest> Sandbox<G> {
         };
         let info = sandbox.call_meta("describe", |meta, store| meta.call_describe(store))?;
         sandbox.name = Arc::from(info.name.as_str());
+        if let Some(live) = sandbox.live.as_mut() {
+            live.store.data_mut().plugin = sandbox.name.clone();
+        }
         let entries = config::check(&info.config_schema, table).map_err(|p| PluginError::InvalidConfig {
             plugin: info.name.clone(),
             key: p.key,
@@ -184,6 +187,7 @@ impl<G: SlotGuest> Sandbox<G> {
     ) -> Result<R, PluginError> {
         let ticks = deadline_ticks(self.limits.call_timeout);
         let limits = self.limits;
+        let name = self.name.clone();
         let live = self.ensure_live()?;
         live.store.set_epoch_deadline(ticks);
         live.store.data_mut().memory.hit = false;
@@ -191,8 +195,7 @@ impl<G: SlotGuest> Sandbox<G> {
         match outcome {
             Ok(r) => Ok(r),
             Err(e) => {
-                let state = live.store.data();
-                let err = classify(&state.plugin, &limits, call, e, state);
+                let err = classify(&name, &limits, call, e, live.store.data());
                 // The instance may be in any state: drop it (and its memory); the next call
                 // starts a fresh one.
                 self.live = None;

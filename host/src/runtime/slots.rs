@@ -65,6 +65,12 @@ pub struct AggregatorPlugin {
     sandbox: Sandbox<aggregator::Guest>,
 }
 
+impl std::fmt::Debug for AggregatorPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AggregatorPlugin").field("plugin", &self.sandbox.name()).finish()
+    }
+}
+
 impl AggregatorPlugin {
     pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
         Ok(AggregatorPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
@@ -128,6 +134,12 @@ impl AggregatorPlugin {
 /// A plugin in the client-objective slot.
 pub struct ObjectivePlugin {
     sandbox: Sandbox<client_objective::Guest>,
+}
+
+impl std::fmt::Debug for ObjectivePlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectivePlugin").field("plugin", &self.sandbox.name()).finish()
+    }
 }
 
 impl ObjectivePlugin {

@@ -1,0 +1,7 @@
+//! End-to-end tests of nereid: real components (built by `cargo xtask plugins`) in the real
+//! runtime, and the `nereid` binary. `cargo xtask test` builds the components first.
+mod cli;
+mod common;
+mod fedavg;
+mod fedprox;
+mod sandbox;
