@@ -63,7 +63,9 @@ pub fn run_round(
         };
         match plugin.accumulate(&update) {
             Ok(()) => accepted.push((i, update.client)),
-            Err(e @ PluginError::Rejected { .. }) => rejected.push(Rejection { update: update.client, reason: e.to_string() }),
+            Err(e @ PluginError::Rejected { .. }) => {
+                rejected.push(Rejection { update: update.client, reason: e.to_string() })
+            }
             Err(e) if e.instance_lost() => {
                 tracing::warn!(update = %update.client, "leaving the update out and replaying the round: {e}");
                 rejected.push(Rejection { update: update.client, reason: e.to_string() });

@@ -47,7 +47,8 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    let cache_dir = if cli.no_cache { None } else { cli.cache_dir.or_else(nereid::runtime::ComponentCache::default_dir) };
+    let cache_dir =
+        if cli.no_cache { None } else { cli.cache_dir.or_else(nereid::runtime::ComponentCache::default_dir) };
     let result = match cli.command {
         Command::Plugin(cmd) => cli::plugin::run(cmd, cache_dir),
         Command::Bench(cmd) => cli::bench::run(cmd, cache_dir),

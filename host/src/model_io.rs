@@ -44,7 +44,8 @@ fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
 /// Parses safetensors bytes; tensors come in the order of their data in the file. `origin` names
 /// the source in errors.
 pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError> {
-    let format = |e: safetensors::SafeTensorError| ModelIoError::Format { path: origin.to_path_buf(), message: e.to_string() };
+    let format =
+        |e: safetensors::SafeTensorError| ModelIoError::Format { path: origin.to_path_buf(), message: e.to_string() };
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(format)?;
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(format)?;
     metadata
@@ -58,9 +59,14 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError>
                 dtype: format!("{:?}", view.dtype()),
             })?;
             let shape: Vec<u64> = view.shape().iter().map(|d| *d as u64).collect();
-            let bad = |message: &str| ModelIoError::Format { path: origin.to_path_buf(), message: format!("tensor `{name}`: {message}") };
-            let (buffer, finite) = Buffer::from_le_bytes_checked(dtype, view.data()).ok_or_else(|| bad("data is not whole elements"))?;
-            let tensor = Tensor::with_finite(shape, buffer, Some(finite)).ok_or_else(|| bad("data does not match the shape"))?;
+            let bad = |message: &str| ModelIoError::Format {
+                path: origin.to_path_buf(),
+                message: format!("tensor `{name}`: {message}"),
+            };
+            let (buffer, finite) =
+                Buffer::from_le_bytes_checked(dtype, view.data()).ok_or_else(|| bad("data is not whole elements"))?;
+            let tensor =
+                Tensor::with_finite(shape, buffer, Some(finite)).ok_or_else(|| bad("data does not match the shape"))?;
             Ok((name, tensor))
         })
         .collect()
@@ -92,16 +98,24 @@ impl safetensors::View for View<'_> {
 }
 
 /// Serializes to safetensors bytes with `metadata` in the header.
-pub fn encode(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>, safetensors::SafeTensorError> {
-    let views = tensors.iter().map(|(name, t)| {
-        (name.as_str(), View { tensor: t, shape: t.shape().iter().map(|d| *d as usize).collect() })
-    });
+pub fn encode(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+    let views = tensors
+        .iter()
+        .map(|(name, t)| (name.as_str(), View { tensor: t, shape: t.shape().iter().map(|d| *d as usize).collect() }));
     safetensors::serialize(views, metadata)
 }
 
 /// Writes atomically (a temporary file renamed into place).
-pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<(), ModelIoError> {
-    let bytes = encode(tensors, metadata).map_err(|e| ModelIoError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), ModelIoError> {
+    let bytes = encode(tensors, metadata)
+        .map_err(|e| ModelIoError::Format { path: path.to_path_buf(), message: e.to_string() })?;
     let io = |source| ModelIoError::Io { path: path.to_path_buf(), source };
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, bytes).map_err(io)?;

@@ -141,7 +141,7 @@ impl Buffer {
 
     /// Parses little-endian bytes; `None` if the length is not a multiple of the element size.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Option<Buffer> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return None;
         }
         macro_rules! parse {
@@ -179,10 +179,15 @@ impl Buffer {
 
     /// Parses little-endian bytes and, in the same pass, finds whether every element is finite.
     pub fn from_le_bytes_checked(dtype: DType, bytes: &[u8]) -> Option<(Buffer, bool)> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return None;
         }
-        fn floats<T: Copy>(bytes: &[u8], parse: impl Fn(&[u8]) -> T, finite: impl Fn(T) -> bool, size: usize) -> (Vec<T>, bool) {
+        fn floats<T: Copy>(
+            bytes: &[u8],
+            parse: impl Fn(&[u8]) -> T,
+            finite: impl Fn(T) -> bool,
+            size: usize,
+        ) -> (Vec<T>, bool) {
             let mut out = Vec::with_capacity(bytes.len() / size);
             let mut ok = true;
             for block in bytes.chunks(size * 4096) {
@@ -357,10 +362,7 @@ impl Tensor {
         if self.shape == other.shape {
             Ok(())
         } else {
-            Err(TensorError::ShapeMismatch(format!(
-                "{op}: shapes {:?} and {:?} differ",
-                self.shape, other.shape
-            )))
+            Err(TensorError::ShapeMismatch(format!("{op}: shapes {:?} and {:?} differ", self.shape, other.shape)))
         }
     }
 
@@ -421,7 +423,7 @@ impl Tensor {
 
     /// Scales self so its L2 norm is at most `max_norm`; returns the factor applied.
     pub fn clip_by_norm(&mut self, max_norm: f64) -> Result<f64, TensorError> {
-        if !(max_norm >= 0.0) {
+        if max_norm.is_nan() || max_norm < 0.0 {
             return Err(TensorError::Unsupported(format!("clip-by-norm needs max-norm >= 0, got {max_norm}")));
         }
         let norm = self.l2_norm()?;
@@ -445,9 +447,7 @@ impl Tensor {
         }
         match offset.checked_add(count) {
             Some(end) if end <= len => Ok(offset as usize..end as usize),
-            _ => Err(TensorError::OutOfBounds(format!(
-                "elements [{offset}, {offset}+{count}) of a tensor of {len}"
-            ))),
+            _ => Err(TensorError::OutOfBounds(format!("elements [{offset}, {offset}+{count}) of a tensor of {len}"))),
         }
     }
 

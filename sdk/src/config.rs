@@ -70,8 +70,7 @@ pub struct Config {
 impl Config {
     /// Values as given, with defaults from `schema` for keys that were not.
     pub fn with_defaults(entries: Vec<ConfigEntry>, schema: &[ConfigField]) -> Self {
-        let mut values: BTreeMap<String, ConfigValue> =
-            entries.into_iter().map(|e| (e.key, e.value)).collect();
+        let mut values: BTreeMap<String, ConfigValue> = entries.into_iter().map(|e| (e.key, e.value)).collect();
         for field in schema {
             if let Some(default) = &field.default_value {
                 values.entry(field.key.clone()).or_insert_with(|| default.clone());
@@ -85,9 +84,7 @@ impl Config {
     }
 
     fn require(&self, key: &str) -> Result<&ConfigValue, PluginError> {
-        self.values
-            .get(key)
-            .ok_or_else(|| PluginError::invalid_config(key, "missing"))
+        self.values.get(key).ok_or_else(|| PluginError::invalid_config(key, "missing"))
     }
 
     /// A number (an integer is accepted where a float is asked for).

@@ -7,8 +7,8 @@ pub mod glue {
     use std::cell::RefCell;
 
     use crate::{
-        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Metric, Model, NamedTensor,
-        Plugin, PluginError, PluginInfo, RoundContext, Tensor,
+        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Metric, Model, NamedTensor, Plugin,
+        PluginError, PluginInfo, RoundContext, Tensor,
     };
 
     thread_local! {

@@ -63,8 +63,8 @@ pub use bindings::nereid::plugin::host::LogLevel;
 pub use bindings::nereid::plugin::model::{ClientUpdate, NamedTensor, UpdateKind};
 pub use bindings::nereid::plugin::tensors::{max_chunk, Tensor, TensorError};
 pub use bindings::nereid::plugin::types::{
-    ConfigEntry, ConfigField, ConfigKind, ConfigProblem, ConfigValue, Dtype as DType, Metric, PluginError,
-    PluginInfo, RoundContext,
+    ConfigEntry, ConfigField, ConfigKind, ConfigProblem, ConfigValue, Dtype as DType, Metric, PluginError, PluginInfo,
+    RoundContext,
 };
 pub use config::{Config, Info};
 pub use fold::WeightedMean;
@@ -77,8 +77,8 @@ pub use export::glue as __glue;
 /// The names a plugin usually needs: `use nereid_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Info, Layout,
-        Metric, Model, Plugin, PluginError, RoundContext, Tensor, Update, UpdateKind, WeightedMean,
+        log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Info, Layout, Metric, Model, Plugin,
+        PluginError, RoundContext, Tensor, Update, UpdateKind, WeightedMean,
     };
 }
 
@@ -95,10 +95,7 @@ impl PluginError {
 
     /// A configuration value is refused; `key` names it.
     pub fn invalid_config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        PluginError::InvalidConfig(ConfigProblem {
-            key: key.into(),
-            message: message.into(),
-        })
+        PluginError::InvalidConfig(ConfigProblem { key: key.into(), message: message.into() })
     }
 
     /// The call came at the wrong moment.

@@ -33,13 +33,7 @@ impl Model {
 
     /// The names, element types and shapes, in order.
     pub fn layout(&self) -> Layout {
-        Layout {
-            entries: self
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.value.dtype(), t.value.shape()))
-                .collect(),
-        }
+        Layout { entries: self.tensors.iter().map(|t| (t.name.clone(), t.value.dtype(), t.value.shape())).collect() }
     }
 
     /// Zeros of the same names and shapes; of `dtype` if given (e.g. an f64 accumulator).
@@ -152,19 +146,13 @@ impl Layout {
     /// Refuses a model whose tensors differ from this layout, naming the first difference.
     pub fn check(&self, model: &Model) -> Result<(), PluginError> {
         for (name, dtype, shape) in &self.entries {
-            let t = model
-                .get(name)
-                .ok_or_else(|| PluginError::rejected(format!("tensor `{name}` is missing")))?;
+            let t = model.get(name).ok_or_else(|| PluginError::rejected(format!("tensor `{name}` is missing")))?;
             let (d, s) = (t.dtype(), t.shape());
             if d != *dtype {
-                return Err(PluginError::rejected(format!(
-                    "tensor `{name}` has dtype {d}, expected {dtype}"
-                )));
+                return Err(PluginError::rejected(format!("tensor `{name}` has dtype {d}, expected {dtype}")));
             }
             if s != *shape {
-                return Err(PluginError::rejected(format!(
-                    "tensor `{name}` has shape {s:?}, expected {shape:?}"
-                )));
+                return Err(PluginError::rejected(format!("tensor `{name}` has shape {s:?}, expected {shape:?}")));
             }
         }
         if let Some((extra, _)) = model.iter().find(|(n, _)| !self.entries.iter().any(|e| e.0 == *n)) {

@@ -77,9 +77,20 @@ fn aggregate_runs_a_plugin_offline_over_safetensors_files() {
     let out = ok(nereid(
         d,
         &[
-            "plugin", "aggregate", "--plugin", plugin("fedprox").to_str().expect("utf-8"), "--config", "mu=0.5",
-            "--update", &format!("{a}=1"), "--update", &format!("{nan}=5"), "--update", &format!("{b}=3"),
-            "--output", out_path.to_str().expect("utf-8"),
+            "plugin",
+            "aggregate",
+            "--plugin",
+            plugin("fedprox").to_str().expect("utf-8"),
+            "--config",
+            "mu=0.5",
+            "--update",
+            &format!("{a}=1"),
+            "--update",
+            &format!("{nan}=5"),
+            "--update",
+            &format!("{b}=3"),
+            "--output",
+            out_path.to_str().expect("utf-8"),
         ],
     ));
     assert!(out.contains("accepted 2 of 3 updates"), "{out}");
@@ -91,7 +102,17 @@ fn aggregate_runs_a_plugin_offline_over_safetensors_files() {
     // JSON report; the second run's load hits the compile cache.
     let json = ok(nereid(
         d,
-        &["plugin", "aggregate", "--json", "--plugin", plugin("fedprox").to_str().expect("utf-8"), "--update", &format!("{a}=1"), "--output", out_path.to_str().expect("utf-8")],
+        &[
+            "plugin",
+            "aggregate",
+            "--json",
+            "--plugin",
+            plugin("fedprox").to_str().expect("utf-8"),
+            "--update",
+            &format!("{a}=1"),
+            "--output",
+            out_path.to_str().expect("utf-8"),
+        ],
     ));
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(v["plugin"], "fedprox");
@@ -131,18 +152,42 @@ fn aggregate_errors_name_what_is_wrong() {
     let d = dir.path();
     let out = d.join("o.safetensors").display().to_string();
     let fedprox = plugin("fedprox").display().to_string();
-    let err = fails(nereid(d, &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors", "--output", &out]));
+    let err =
+        fails(nereid(d, &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors", "--output", &out]));
     assert!(err.contains("--update `x.safetensors`: expected FILE.safetensors=NUM_EXAMPLES"), "{err}");
-    let err = fails(nereid(d, &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors=many", "--output", &out]));
+    let err = fails(nereid(
+        d,
+        &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors=many", "--output", &out],
+    ));
     assert!(err.contains("`many` is not a whole number"), "{err}");
-    let err = fails(nereid(d, &["plugin", "aggregate", "--plugin", &fedprox, "--config", "mu=-2", "--update", "x.safetensors=1", "--output", &out]));
+    let err = fails(nereid(
+        d,
+        &[
+            "plugin",
+            "aggregate",
+            "--plugin",
+            &fedprox,
+            "--config",
+            "mu=-2",
+            "--update",
+            "x.safetensors=1",
+            "--output",
+            &out,
+        ],
+    ));
     assert!(err.contains("key `mu`"), "{err}");
-    let err = fails(nereid(d, &["plugin", "aggregate", "--plugin", "missing.wasm", "--update", "x.safetensors=1", "--output", &out]));
+    let err = fails(nereid(
+        d,
+        &["plugin", "aggregate", "--plugin", "missing.wasm", "--update", "x.safetensors=1", "--output", &out],
+    ));
     assert!(err.contains("missing.wasm"), "{err}");
     let err = fails(nereid(d, &["plugin", "inspect", d.join("o.safetensors").to_str().expect("utf-8")]));
     assert!(err.contains("o.safetensors"), "{err}");
     // Every update unreadable: the round has nothing to average, and says so.
-    let err = fails(nereid(d, &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors=1", "--output", &out]));
+    let err = fails(nereid(
+        d,
+        &["plugin", "aggregate", "--plugin", &fedprox, "--update", "x.safetensors=1", "--output", &out],
+    ));
     assert!(err.contains("no update was accepted"), "{err}");
 }
 
@@ -168,7 +213,10 @@ fn demo_runs_both_plugins_and_checks_them() {
 #[test]
 fn bench_reports_ratios_against_the_native_loop() {
     let dir = tempfile::tempdir().expect("tmp");
-    let out = ok(nereid(dir.path(), &["bench", "aggregate", "--updates", "3", "--elements", "10000", "--repeat", "1", "--json"]));
+    let out = ok(nereid(
+        dir.path(),
+        &["bench", "aggregate", "--updates", "3", "--elements", "10000", "--repeat", "1", "--json"],
+    ));
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let timings = v["timings"].as_array().expect("timings");
     assert_eq!(timings.len(), 2);

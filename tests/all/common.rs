@@ -19,7 +19,11 @@ pub fn plugin_dir() -> PathBuf {
 
 pub fn plugin(name: &str) -> PathBuf {
     let path = plugin_dir().join(format!("nereid_{}.wasm", name.replace('-', "_")));
-    assert!(path.is_file(), "{} is missing: build the plugins with `cargo xtask plugins` (`cargo xtask test` does)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins with `cargo xtask plugins` (`cargo xtask test` does)",
+        path.display()
+    );
     path
 }
 

@@ -15,9 +15,24 @@ fn weighted_average_matches_hand_computation() {
     let mut agg = aggregator(&rt, "fedavg", &[]);
     agg.begin_round(&ctx(), None).expect("begin");
     // Unequal example counts 1, 2, 5 (total 8), two tensors, one of them 2-D.
-    agg.accumulate(&update("a", 1, model(&[("w", f32s(&[2, 2], &[1.0, 2.0, 3.0, 4.0])), ("b", f32s(&[2], &[8.0, 0.0]))]))).expect("a");
-    agg.accumulate(&update("b", 2, model(&[("w", f32s(&[2, 2], &[3.0, 0.0, 1.0, 2.0])), ("b", f32s(&[2], &[0.0, 4.0]))]))).expect("b");
-    agg.accumulate(&update("c", 5, model(&[("w", f32s(&[2, 2], &[-1.0, 4.0, 0.0, 0.75])), ("b", f32s(&[2], &[1.5, -1.5]))]))).expect("c");
+    agg.accumulate(&update(
+        "a",
+        1,
+        model(&[("w", f32s(&[2, 2], &[1.0, 2.0, 3.0, 4.0])), ("b", f32s(&[2], &[8.0, 0.0]))]),
+    ))
+    .expect("a");
+    agg.accumulate(&update(
+        "b",
+        2,
+        model(&[("w", f32s(&[2, 2], &[3.0, 0.0, 1.0, 2.0])), ("b", f32s(&[2], &[0.0, 4.0]))]),
+    ))
+    .expect("b");
+    agg.accumulate(&update(
+        "c",
+        5,
+        model(&[("w", f32s(&[2, 2], &[-1.0, 4.0, 0.0, 0.75])), ("b", f32s(&[2], &[1.5, -1.5]))]),
+    ))
+    .expect("c");
     let out = agg.finish().expect("finish");
     // w: (1*[1,2,3,4] + 2*[3,0,1,2] + 5*[-1,4,0,0.75]) / 8 = [2, 22, 5, 11.75]/8
     assert_eq!(get(&out.tensors, "w").as_f32(), Some(&[0.25, 2.75, 0.625, 1.46875][..]));
@@ -107,11 +122,36 @@ fn every_bad_update_is_rejected_by_name_and_the_others_still_count() {
     let good = |v: f32| model(&[("w", f32s(&[2], &[v, v])), ("b", f32s(&[1], &[v]))]);
     let cases: Vec<(&str, u64, _, &str)> = vec![
         ("missing", 1, model(&[("w", f32s(&[2], &[1.0, 1.0]))]), "tensor `b` is missing"),
-        ("extra", 1, model(&[("w", f32s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0])), ("x", f32s(&[1], &[1.0]))]), "unexpected extra tensor `x`"),
-        ("shape", 1, model(&[("w", f32s(&[3], &[1.0, 1.0, 1.0])), ("b", f32s(&[1], &[1.0]))]), "tensor `w` has shape [3], expected [2]"),
-        ("dtype", 1, model(&[("w", f64s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0]))]), "tensor `w` has dtype f64, expected f32"),
-        ("nan", 1, model(&[("w", f32s(&[2], &[1.0, f32::NAN])), ("b", f32s(&[1], &[1.0]))]), "tensor `w` contains NaN or Inf"),
-        ("inf", 1, model(&[("w", f32s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[f32::NEG_INFINITY]))]), "tensor `b` contains NaN or Inf"),
+        (
+            "extra",
+            1,
+            model(&[("w", f32s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0])), ("x", f32s(&[1], &[1.0]))]),
+            "unexpected extra tensor `x`",
+        ),
+        (
+            "shape",
+            1,
+            model(&[("w", f32s(&[3], &[1.0, 1.0, 1.0])), ("b", f32s(&[1], &[1.0]))]),
+            "tensor `w` has shape [3], expected [2]",
+        ),
+        (
+            "dtype",
+            1,
+            model(&[("w", f64s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0]))]),
+            "tensor `w` has dtype f64, expected f32",
+        ),
+        (
+            "nan",
+            1,
+            model(&[("w", f32s(&[2], &[1.0, f32::NAN])), ("b", f32s(&[1], &[1.0]))]),
+            "tensor `w` contains NaN or Inf",
+        ),
+        (
+            "inf",
+            1,
+            model(&[("w", f32s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[f32::NEG_INFINITY]))]),
+            "tensor `b` contains NaN or Inf",
+        ),
         ("zero", 0, good(5.0), "zero examples"),
     ];
     agg.begin_round(&ctx(), None).expect("begin");

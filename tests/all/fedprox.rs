@@ -7,7 +7,8 @@ use crate::common::*;
 
 fn objective(cfg: &[(&str, toml::Value)]) -> (ObjectivePlugin, tempfile::TempDir) {
     let (rt, dir) = runtime();
-    let p = ObjectivePlugin::load(&rt, &plugin("fedprox"), Limits::default(), &config(cfg)).expect("fedprox loads as client-objective");
+    let p = ObjectivePlugin::load(&rt, &plugin("fedprox"), Limits::default(), &config(cfg))
+        .expect("fedprox loads as client-objective");
     (p, dir)
 }
 
@@ -83,15 +84,21 @@ fn server_side_aggregates_like_fedavg_and_publishes_mu() {
 fn bad_mu_is_refused_naming_the_key() {
     let (rt, _dir) = runtime();
     let negative = config(&[("mu", toml::Value::Float(-1.0))]);
-    let err = nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &negative).expect_err("negative");
+    let err = nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &negative)
+        .expect_err("negative");
     assert!(matches!(&err, PluginError::InvalidConfig { key, .. } if key == "mu"), "{err}");
     assert!(err.to_string().contains(">= 0"), "{err}");
 
     let text: ConfigTable = config(&[("mu", toml::Value::String("big".into()))]);
-    let err = nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &text).expect_err("text");
-    assert_eq!(err.to_string(), "plugin `fedprox`: invalid configuration: key `mu`: expected a number, got string `\"big\"`");
+    let err =
+        nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &text).expect_err("text");
+    assert_eq!(
+        err.to_string(),
+        "plugin `fedprox`: invalid configuration: key `mu`: expected a number, got string `\"big\"`"
+    );
 
     let unknown = config(&[("nu", toml::Value::Float(1.0))]);
-    let err = nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &unknown).expect_err("unknown");
+    let err = nereid::runtime::AggregatorPlugin::load(&rt, &plugin("fedprox"), Limits::default(), &unknown)
+        .expect_err("unknown");
     assert!(err.to_string().contains("key `nu`: unknown option; this plugin accepts: mu"), "{err}");
 }

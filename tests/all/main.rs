@@ -5,3 +5,4 @@ mod common;
 mod fedavg;
 mod fedprox;
 mod sandbox;
+mod sdk;

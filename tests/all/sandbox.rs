@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use nereid::aggregate::run_round;
 use nereid::runtime::config::ConfigTable;
-use nereid::runtime::{AggregatorPlugin, CacheOutcome, Limits, ObjectivePlugin, PluginError, RoundContext, Runtime, Slot};
+use nereid::runtime::{
+    AggregatorPlugin, CacheOutcome, Limits, ObjectivePlugin, PluginError, RoundContext, Runtime, Slot,
+};
 
 use crate::common::*;
 
@@ -20,7 +22,8 @@ fn small(v: f32) -> nereid::model_io::NamedTensors {
 #[test]
 fn a_component_in_the_wrong_slot_is_refused_naming_both_worlds() {
     let (rt, _dir) = runtime();
-    let err = ObjectivePlugin::load(&rt, &plugin("fedavg"), Limits::default(), &ConfigTable::new()).err().expect("wrong slot");
+    let err =
+        ObjectivePlugin::load(&rt, &plugin("fedavg"), Limits::default(), &ConfigTable::new()).expect_err("wrong slot");
     match &err {
         PluginError::WrongSlot { expected, actual, .. } => {
             assert_eq!(*expected, "client-objective-plugin");
@@ -28,7 +31,10 @@ fn a_component_in_the_wrong_slot_is_refused_naming_both_worlds() {
         }
         other => panic!("expected WrongSlot, got {other}"),
     }
-    assert!(err.to_string().contains("nereid_fedavg.wasm: wrong slot: expected world `client-objective-plugin`"), "{err}");
+    assert!(
+        err.to_string().contains("nereid_fedavg.wasm: wrong slot: expected world `client-objective-plugin`"),
+        "{err}"
+    );
     // A strategy component fits both slots.
     let loaded = rt.load_file(&plugin("fedprox")).expect("load");
     assert_eq!(loaded.slots, vec![Slot::Aggregator, Slot::ClientObjective]);
@@ -122,7 +128,7 @@ fn a_plugin_gets_no_files_no_environment_no_network() {
 fn misbehaving_in_configure_fails_the_load_with_the_call_named() {
     let (rt, _dir) = runtime();
     let limits = Limits { call_timeout: Duration::from_millis(100), ..Limits::default() };
-    let err = misbehave(&rt, "spin", "configure", limits).err().expect("times out");
+    let err = misbehave(&rt, "spin", "configure", limits).expect_err("times out");
     assert!(matches!(err, PluginError::Timeout { call: "configure", .. }), "{err}");
 }
 

@@ -23,7 +23,8 @@ fn main() -> ExitCode {
     let result = match task {
         "setup" => setup(),
         "plugins" => plugins(),
-        "demo" => plugins().and_then(|()| cargo(&[&["run", "--release", "-p", "nereid", "--", "demo"], &strs(&rest)[..]].concat())),
+        "demo" => plugins()
+            .and_then(|()| cargo(&[&["run", "--release", "-p", "nereid", "--", "demo"], &strs(&rest)[..]].concat())),
         "test" => plugins().and_then(|()| cargo(&[&["test", "--release"], &strs(&rest)[..]].concat())),
         "bench" => plugins().and_then(|()| {
             cargo(&[&["run", "--release", "-p", "nereid", "--", "bench", "aggregate"], &strs(&rest)[..]].concat())
@@ -80,8 +81,11 @@ fn setup() -> Result<(), String> {
 fn plugin_packages() -> Result<Vec<String>, String> {
     let mut names = Vec::new();
     for dir in ["plugins", "tests/fixtures"] {
-        let Ok(entries) = std::fs::read_dir(root().join(dir)) else { continue };
-        let mut manifests: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("Cargo.toml")).filter(|p| p.is_file()).collect();
+        let Ok(entries) = std::fs::read_dir(root().join(dir)) else {
+            continue;
+        };
+        let mut manifests: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path().join("Cargo.toml")).filter(|p| p.is_file()).collect();
         manifests.sort();
         for manifest in manifests {
             let text = std::fs::read_to_string(&manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;

@@ -56,6 +56,9 @@ struct Report {
     repeat: usize,
     input_bytes: usize,
     max_abs_diff_plugin_vs_native: f64,
+    /// Largest |result - exact| / |exact| over elements, exact = the mean in f64.
+    max_relative_error_plugin: f64,
+    max_relative_error_flower: Option<f64>,
     timings: Vec<Timing>,
     flower: Option<String>,
 }
@@ -79,6 +82,30 @@ fn native_fedavg(updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
     }
     let scale = 1.0 / total;
     acc.iter().map(|a| (a * scale) as f32).collect()
+}
+
+/// The weighted mean in f64 (no rounding to f32), the reference for both results.
+fn exact_mean(updates: &[(Vec<f32>, u64)]) -> Vec<f64> {
+    let len = updates.first().map_or(0, |u| u.0.len());
+    let mut acc = vec![0f64; len];
+    let total: f64 = updates.iter().map(|u| u.1 as f64).sum();
+    for (w, n) in updates {
+        for (a, x) in acc.iter_mut().zip(w) {
+            *a += *n as f64 * *x as f64;
+        }
+    }
+    acc.iter_mut().for_each(|a| *a /= total);
+    acc
+}
+
+/// Largest relative error over elements whose exact value is not tiny (|x| > 1e-3), where a
+/// relative error says something.
+fn max_relative_error(got: &[f32], exact: &[f64]) -> f64 {
+    got.iter()
+        .zip(exact)
+        .filter(|(_, e)| e.abs() > 1e-3)
+        .map(|(g, e)| (*g as f64 - e).abs() / e.abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -145,7 +172,8 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
     }
     progress.finish_and_clear();
     let plugin_out = plugin_out.context("no repetition ran")?;
-    let plugin_w = plugin_out.tensors.first().and_then(|(_, t)| t.as_f32()).context("the plugin returned no f32 tensor")?;
+    let plugin_w =
+        plugin_out.tensors.first().and_then(|(_, t)| t.as_f32()).context("the plugin returned no f32 tensor")?;
     let max_diff = plugin_w.iter().zip(&native_out).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
 
     let input_bytes = args.updates * args.elements * 4;
@@ -157,20 +185,30 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
         input_gb_per_s: input_bytes as f64 / d.as_secs_f64() / 1e9,
         ratio_to_native: d.as_secs_f64() / native.as_secs_f64(),
     };
-    let mut timings = vec![timing("native loop (f64 accumulation)", native), timing("fedavg plugin (wasm + host tensor ops)", plugin_t)];
+    let mut timings = vec![
+        timing("native loop (f64 accumulation)", native),
+        timing("fedavg plugin (wasm + host tensor ops)", plugin_t),
+    ];
     let mut flower = None;
+    let mut flower_error = None;
     if args.flower {
         match time_flower(&data, args.repeat) {
-            Ok(d) => timings.push(timing("Flower aggregate (Python, numpy)", d)),
+            Ok((d, values)) => {
+                timings.push(timing("Flower aggregate (Python, numpy)", d));
+                flower_error = Some(max_relative_error(&values, &exact_mean(&data)));
+            }
             Err(e) => flower = Some(format!("not measured: {e:#}")),
         }
     }
+    let plugin_error = max_relative_error(plugin_w, &exact_mean(&data));
     let report = Report {
         updates: args.updates,
         elements: args.elements,
         repeat: args.repeat,
         input_bytes,
         max_abs_diff_plugin_vs_native: max_diff,
+        max_relative_error_plugin: plugin_error,
+        max_relative_error_flower: flower_error,
         timings,
         flower,
     };
@@ -193,6 +231,10 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
         println!("Flower: {f}");
     }
     println!("max |plugin - native| = {:e}", report.max_abs_diff_plugin_vs_native);
+    println!("max relative error vs the exact (f64) mean: plugin {:.1e}", report.max_relative_error_plugin);
+    if let Some(e) = report.max_relative_error_flower {
+        println!("max relative error vs the exact (f64) mean: Flower {e:.1e} (it accumulates in float32)");
+    }
     Ok(())
 }
 
@@ -206,14 +248,16 @@ results = [([raw[k]], counts[k]) for k in range(count)]
 times = []
 for _ in range(repeat):
     t = time.perf_counter()
-    aggregate(results)
+    out = aggregate(results)
     times.append(time.perf_counter() - t)
 times.sort()
+np.asarray(out[0], dtype="<f4").tofile(path + ".out")
 print(times[len(times) // 2])
 "#;
 
-/// Times Flower's `aggregate` on the same updates in a Python subprocess.
-fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<Duration> {
+/// Times Flower's `aggregate` on the same updates in a Python subprocess; returns the median
+/// time and Flower's result.
+fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<(Duration, Vec<f32>)> {
     let dir = std::env::temp_dir().join(format!("nereid-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("updates.f32");
@@ -234,10 +278,13 @@ fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<Durati
         .arg(counts.join(","))
         .output()
         .context("running python3")?;
+    let result = std::fs::read(path.with_extension("f32.out"));
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
         bail!("python3 with flwr failed (pip install flwr): {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().context("reading Flower's timing")?;
-    Ok(Duration::from_secs_f64(secs))
+    let result = result.context("reading Flower's result")?;
+    let values = result.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok((Duration::from_secs_f64(secs), values))
 }

@@ -57,7 +57,8 @@ struct DemoReport {
     fedprox_client_term: ProximalCheck,
 }
 
-const LAYOUT: [(&str, &[u64]); 4] = [("fc1.weight", &[64, 32]), ("fc1.bias", &[32]), ("fc2.weight", &[32, 10]), ("fc2.bias", &[10])];
+const LAYOUT: [(&str, &[u64]); 4] =
+    [("fc1.weight", &[64, 32]), ("fc1.bias", &[32]), ("fc2.weight", &[32, 10]), ("fc2.bias", &[10])];
 
 fn random_model(rng: &mut impl Rng, scale: f32) -> NamedTensors {
     LAYOUT
@@ -98,7 +99,8 @@ fn reference(updates: &[ClientUpdate]) -> Vec<Vec<f64>> {
 fn max_relative_error(result: &NamedTensors, expected: &[Vec<f64>]) -> anyhow::Result<f64> {
     let mut worst = 0f64;
     for ((name, _), exp) in LAYOUT.iter().zip(expected) {
-        let got = result.iter().find(|(n, _)| n == name).with_context(|| format!("the result has no tensor `{name}`"))?;
+        let got =
+            result.iter().find(|(n, _)| n == name).with_context(|| format!("the result has no tensor `{name}`"))?;
         for (g, e) in got.1.to_f64_vec().iter().zip(exp) {
             worst = worst.max((g - e).abs() / e.abs().max(1e-12));
         }
@@ -125,16 +127,37 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     // Updates the aggregators must refuse while counting the others.
     let mut poisoned = perturb(&global, &mut rng);
     poisoned[2].1 = Tensor::from_f32(vec![32, 10], vec![f32::NAN; 320]).expect("shape");
-    updates.push(ClientUpdate { client: "edge-nan".into(), kind: UpdateKind::Weights, tensors: poisoned, num_examples: 100, metrics: Vec::new() });
+    updates.push(ClientUpdate {
+        client: "edge-nan".into(),
+        kind: UpdateKind::Weights,
+        tensors: poisoned,
+        num_examples: 100,
+        metrics: Vec::new(),
+    });
     let mut misshapen = perturb(&global, &mut rng);
     misshapen[1].1 = Tensor::from_f32(vec![16], vec![0.0; 16]).expect("shape");
-    updates.push(ClientUpdate { client: "edge-shape".into(), kind: UpdateKind::Weights, tensors: misshapen, num_examples: 100, metrics: Vec::new() });
-    updates.push(ClientUpdate { client: "edge-empty".into(), kind: UpdateKind::Weights, tensors: perturb(&global, &mut rng), num_examples: 0, metrics: Vec::new() });
+    updates.push(ClientUpdate {
+        client: "edge-shape".into(),
+        kind: UpdateKind::Weights,
+        tensors: misshapen,
+        num_examples: 100,
+        metrics: Vec::new(),
+    });
+    updates.push(ClientUpdate {
+        client: "edge-empty".into(),
+        kind: UpdateKind::Weights,
+        tensors: perturb(&global, &mut rng),
+        num_examples: 0,
+        metrics: Vec::new(),
+    });
 
     let expected = reference(&good);
     let ctx = RoundContext { job: "demo".into(), round: 1, seed: args.seed };
     let mut runs = Vec::new();
-    for (name, config) in [("fedavg", ConfigTable::new()), ("fedprox", ConfigTable::from([("mu".to_string(), toml::Value::Float(args.mu))]))] {
+    for (name, config) in [
+        ("fedavg", ConfigTable::new()),
+        ("fedprox", ConfigTable::from([("mu".to_string(), toml::Value::Float(args.mu))])),
+    ] {
         let path = super::plugin_path(&dir, name);
         let mut plugin = AggregatorPlugin::load(&runtime, &path, Limits::default(), &config)
             .with_context(|| format!("loading {} (build the plugins with `cargo xtask plugins`)", path.display()))?;
@@ -156,8 +179,13 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     // FedProx on the client: penalty and gradient of mu/2 ||w - w_global||^2 on one local step.
     let fedprox = super::plugin_path(&dir, "fedprox");
     let mut objective = ObjectivePlugin::load(&runtime, &fedprox, Limits::default(), &ConfigTable::new())?;
-    let server = AggregatorPlugin::load(&runtime, &fedprox, Limits::default(), &ConfigTable::from([("mu".to_string(), toml::Value::Float(args.mu))]))?
-        .client_config()?;
+    let server = AggregatorPlugin::load(
+        &runtime,
+        &fedprox,
+        Limits::default(),
+        &ConfigTable::from([("mu".to_string(), toml::Value::Float(args.mu))]),
+    )?
+    .client_config()?;
     objective.begin_round(&ctx, &global, &server)?;
     let local = &good[0].tensors;
     let (mut penalty, mut by_hand, mut grad_err) = (0f64, 0f64, 0f64);
@@ -177,7 +205,12 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         clients: updates.iter().map(|u| (u.client.clone(), u.num_examples)).collect(),
         parameters: global.iter().map(|(_, t)| t.numel()).sum(),
         runs,
-        fedprox_client_term: ProximalCheck { mu: args.mu, penalty, penalty_by_hand: by_hand, max_gradient_error: grad_err },
+        fedprox_client_term: ProximalCheck {
+            mu: args.mu,
+            penalty,
+            penalty_by_hand: by_hand,
+            max_gradient_error: grad_err,
+        },
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -186,7 +219,11 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     for run in &report.runs {
         ensure!(run.accepted.len() == args.clients, "{}: expected {} accepted updates", run.plugin, args.clients);
-        ensure!(run.max_relative_error_vs_f64_reference <= 1e-6, "{}: result differs from the f64 reference", run.plugin);
+        ensure!(
+            run.max_relative_error_vs_f64_reference <= 1e-6,
+            "{}: result differs from the f64 reference",
+            run.plugin
+        );
     }
     ensure!((penalty - by_hand).abs() <= 1e-9 * by_hand.max(1.0), "fedprox penalty differs from the hand computation");
     ensure!(grad_err <= 1e-6, "fedprox gradient differs from the hand computation");
@@ -195,9 +232,15 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn print_report(r: &DemoReport) {
     println!("nereid demo: one aggregation round of a {}-parameter MLP (4 tensors, f32)", r.parameters);
-    println!("clients and example counts: {}", r.clients.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "clients and example counts: {}",
+        r.clients.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" ")
+    );
     println!();
-    println!("{:<10} {:>9} {:>9}  {:>26}  {}", "plugin", "accepted", "rejected", "max rel. error vs f64 ref", "published to clients");
+    println!(
+        "{:<10} {:>9} {:>9}  {:>26}  published to clients",
+        "plugin", "accepted", "rejected", "max rel. error vs f64 ref"
+    );
     for run in &r.runs {
         let published: Vec<String> = run.published_to_clients.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
@@ -218,6 +261,9 @@ fn print_report(r: &DemoReport) {
     }
     let p = &r.fedprox_client_term;
     println!();
-    println!("fedprox client term, mu = {}: penalty mu/2*||w - w_global||^2 = {:.6} (by hand {:.6}); gradient", p.mu, p.penalty, p.penalty_by_hand);
+    println!(
+        "fedprox client term, mu = {}: penalty mu/2*||w - w_global||^2 = {:.6} (by hand {:.6}); gradient",
+        p.mu, p.penalty, p.penalty_by_hand
+    );
     println!("  += mu*(w - w_global): max error {:.1e}", p.max_gradient_error);
 }

@@ -204,7 +204,8 @@ fn parse_update(spec: &str) -> anyhow::Result<(PathBuf, u64)> {
     let Some((file, n)) = spec.rsplit_once('=') else {
         bail!("--update `{spec}`: expected FILE.safetensors=NUM_EXAMPLES");
     };
-    let n: u64 = n.trim().parse().with_context(|| format!("--update `{spec}`: `{n}` is not a whole number of examples"))?;
+    let n: u64 =
+        n.trim().parse().with_context(|| format!("--update `{spec}`: `{n}` is not a whole number of examples"))?;
     Ok((PathBuf::from(file), n))
 }
 
@@ -253,10 +254,16 @@ fn aggregate(runtime: &Runtime, args: AggregateArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("aggregator {} {} ({}, {})", out.plugin, out.version, out.digest, match out.compile_cache {
-        runtime::CacheOutcome::Hit => "compile cache hit",
-        runtime::CacheOutcome::Compiled => "compiled",
-    });
+    println!(
+        "aggregator {} {} ({}, {})",
+        out.plugin,
+        out.version,
+        out.digest,
+        match out.compile_cache {
+            runtime::CacheOutcome::Hit => "compile cache hit",
+            runtime::CacheOutcome::Compiled => "compiled",
+        }
+    );
     println!("accepted {} of {} updates", out.accepted.len(), updates.len());
     for r in &out.rejected {
         println!("rejected {}: {}", r.update, r.reason);

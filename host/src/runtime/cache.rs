@@ -69,12 +69,16 @@ impl ComponentCache {
 
     fn entry(&self, engine: &Engine, digest: &str) -> Option<PathBuf> {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .as_ref()
-            .map(|d| d.join("compiled").join(format!("{hex}-{}.cwasm", engine_key(engine))))
+        self.dir.as_ref().map(|d| d.join("compiled").join(format!("{hex}-{}.cwasm", engine_key(engine))))
     }
 
-    pub fn load(&self, engine: &Engine, bytes: &[u8], digest: &str, origin: &str) -> Result<(Component, CacheOutcome), PluginError> {
+    pub fn load(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        digest: &str,
+        origin: &str,
+    ) -> Result<(Component, CacheOutcome), PluginError> {
         let entry = self.entry(engine, digest);
         if let Some(path) = entry.as_ref().filter(|p| p.is_file()) {
             // SAFETY: the file was written by `precompile_component` of an engine with the same
@@ -85,7 +89,8 @@ impl ComponentCache {
                 Err(e) => tracing::warn!(path = %path.display(), "ignoring unreadable compiled component: {e}"),
             }
         }
-        let compile = |e: wasmtime::Error| PluginError::Compile { origin: origin.to_string(), message: format!("{e:#}") };
+        let compile =
+            |e: wasmtime::Error| PluginError::Compile { origin: origin.to_string(), message: format!("{e:#}") };
         let compiled = engine.precompile_component(bytes).map_err(compile)?;
         if let Some(path) = entry {
             let io = |source| PluginError::Cache { path: path.clone(), source };

@@ -94,21 +94,35 @@ mod tests {
 
     fn schema() -> Vec<ConfigField> {
         vec![
-            ConfigField { key: "mu".into(), kind: ConfigKind::Float, required: false, default_value: Some(ConfigValue::Float(0.01)), description: "proximal".into() },
-            ConfigField { key: "k".into(), kind: ConfigKind::Integer, required: true, default_value: None, description: "count".into() },
+            ConfigField {
+                key: "mu".into(),
+                kind: ConfigKind::Float,
+                required: false,
+                default_value: Some(ConfigValue::Float(0.01)),
+                description: "proximal".into(),
+            },
+            ConfigField {
+                key: "k".into(),
+                kind: ConfigKind::Integer,
+                required: true,
+                default_value: None,
+                description: "count".into(),
+            },
         ]
     }
 
     #[test]
     fn accepts_and_converts() {
-        let table: ConfigTable = [("mu".to_string(), toml::Value::Integer(1)), ("k".to_string(), toml::Value::Integer(3))].into();
+        let table: ConfigTable =
+            [("mu".to_string(), toml::Value::Integer(1)), ("k".to_string(), toml::Value::Integer(3))].into();
         let entries = check(&schema(), &table).expect("valid");
         assert!(matches!(entries[1].value, ConfigValue::Float(v) if v == 1.0));
     }
 
     #[test]
     fn names_the_key_at_fault() {
-        let unknown: ConfigTable = [("k".to_string(), toml::Value::Integer(3)), ("nu".to_string(), toml::Value::Float(1.0))].into();
+        let unknown: ConfigTable =
+            [("k".to_string(), toml::Value::Integer(3)), ("nu".to_string(), toml::Value::Float(1.0))].into();
         let e = check(&schema(), &unknown).expect_err("unknown key");
         assert_eq!(e.key, "nu");
         assert!(e.message.contains("accepts: mu, k"), "{}", e.message);

@@ -155,12 +155,21 @@ impl tensors::HostTensor for PluginState {
         self.create(copy)
     }
 
-    fn cast(&mut self, this: Resource<TensorSlot>, dtype: types::Dtype) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+    fn cast(
+        &mut self,
+        this: Resource<TensorSlot>,
+        dtype: types::Dtype,
+    ) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
         let cast = self.get(&this)?.cast(dtype.into());
         self.create(cast)
     }
 
-    fn axpy(&mut self, this: Resource<TensorSlot>, alpha: f64, x: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+    fn axpy(
+        &mut self,
+        this: Resource<TensorSlot>,
+        alpha: f64,
+        x: Resource<TensorSlot>,
+    ) -> wasmtime::Result<TensorResult<()>> {
         self.binary(&this, &x, |a, b| a.axpy(alpha, b))
     }
 
@@ -192,19 +201,39 @@ impl tensors::HostTensor for PluginState {
         Ok(self.get(&this)?.all_finite())
     }
 
-    fn read(&mut self, this: Resource<TensorSlot>, offset: u64, count: u32) -> wasmtime::Result<TensorResult<Vec<f64>>> {
+    fn read(
+        &mut self,
+        this: Resource<TensorSlot>,
+        offset: u64,
+        count: u32,
+    ) -> wasmtime::Result<TensorResult<Vec<f64>>> {
         Ok(self.get(&this)?.read(offset, count, MAX_CHUNK).map_err(Into::into))
     }
 
-    fn write(&mut self, this: Resource<TensorSlot>, offset: u64, values: Vec<f64>) -> wasmtime::Result<TensorResult<()>> {
+    fn write(
+        &mut self,
+        this: Resource<TensorSlot>,
+        offset: u64,
+        values: Vec<f64>,
+    ) -> wasmtime::Result<TensorResult<()>> {
         self.unary(&this, |a| a.write(offset, &values, MAX_CHUNK))
     }
 
-    fn read_f32(&mut self, this: Resource<TensorSlot>, offset: u64, count: u32) -> wasmtime::Result<TensorResult<Vec<f32>>> {
+    fn read_f32(
+        &mut self,
+        this: Resource<TensorSlot>,
+        offset: u64,
+        count: u32,
+    ) -> wasmtime::Result<TensorResult<Vec<f32>>> {
         Ok(self.get(&this)?.read_f32(offset, count, MAX_CHUNK).map_err(Into::into))
     }
 
-    fn write_f32(&mut self, this: Resource<TensorSlot>, offset: u64, values: Vec<f32>) -> wasmtime::Result<TensorResult<()>> {
+    fn write_f32(
+        &mut self,
+        this: Resource<TensorSlot>,
+        offset: u64,
+        values: Vec<f32>,
+    ) -> wasmtime::Result<TensorResult<()>> {
         self.unary(&this, |a| a.write_f32(offset, &values, MAX_CHUNK))
     }
 

@@ -103,12 +103,11 @@ impl Slot {
 pub fn describe_worlds(slots: &[Slot]) -> String {
     match slots {
         [] => "no nereid slot (it exports no nereid:plugin slot interface)".to_string(),
-        [Slot::Aggregator, Slot::ClientObjective] => "world `strategy-plugin` (aggregator and client-objective)".to_string(),
+        [Slot::Aggregator, Slot::ClientObjective] => {
+            "world `strategy-plugin` (aggregator and client-objective)".to_string()
+        }
         [one] => format!("world `{}`", one.world()),
-        many => format!(
-            "the slots {}",
-            many.iter().map(|s| format!("`{}`", s.world())).collect::<Vec<_>>().join(", ")
-        ),
+        many => format!("the slots {}", many.iter().map(|s| format!("`{}`", s.world())).collect::<Vec<_>>().join(", ")),
     }
 }
 
@@ -149,8 +148,11 @@ impl Runtime {
 
         let mut linker = Linker::<PluginState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
-        bindings::HostBindings::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow::anyhow!("linking nereid host functions: {e:#}"))?;
+        bindings::HostBindings::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| anyhow::anyhow!("linking nereid host functions: {e:#}"))?;
         Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: ComponentCache::new(cache_dir) }) })
     }
 
@@ -179,15 +181,17 @@ impl Runtime {
         let exports: Vec<String> = ty.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         let slots = Slot::ALL.into_iter().filter(|s| exports.iter().any(|e| e == s.interface())).collect();
         let imports = ty.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
-        let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| PluginError::Instantiate {
-            origin: origin.to_string(),
-            message: format!("{e:#}"),
-        })?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Instantiate { origin: origin.to_string(), message: format!("{e:#}") })?;
         Ok(LoadedComponent { origin: origin.to_string(), digest, slots, imports, cache, component, pre })
     }
 
     pub(crate) fn store(&self, plugin: Arc<str>, limits: &Limits) -> Store<PluginState> {
-        let mut store = Store::new(&self.inner.engine, PluginState::new(plugin, limits.memory_bytes, limits.tensor_bytes));
+        let mut store =
+            Store::new(&self.inner.engine, PluginState::new(plugin, limits.memory_bytes, limits.tensor_bytes));
         store.limiter(|s| &mut s.memory);
         store
     }

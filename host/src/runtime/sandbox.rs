@@ -45,8 +45,10 @@ impl SlotGuest for client_objective::Guest {
 
 /// Instantiates `loaded` in whatever slot it implements and asks it to `describe` itself.
 pub fn describe(runtime: &Runtime, loaded: &LoadedComponent, limits: &Limits) -> Result<PluginInfo, PluginError> {
-    let fail = |call: &'static str, e: wasmtime::Error, state: &PluginState| classify(&loaded.origin, limits, call, e, state);
-    let instantiate = |e: wasmtime::Error| PluginError::Instantiate { origin: loaded.origin.clone(), message: format!("{e:#}") };
+    let fail =
+        |call: &'static str, e: wasmtime::Error, state: &PluginState| classify(&loaded.origin, limits, call, e, state);
+    let instantiate =
+        |e: wasmtime::Error| PluginError::Instantiate { origin: loaded.origin.clone(), message: format!("{e:#}") };
     let indices = plugin::GuestIndices::new(&loaded.pre).map_err(instantiate)?;
     let mut store = runtime.store(Arc::from(loaded.origin.as_str()), limits);
     store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
@@ -75,7 +77,13 @@ pub struct Sandbox<G: SlotGuest> {
     instantiations: u64,
 }
 
-fn classify(plugin: &str, limits: &Limits, call: &'static str, error: wasmtime::Error, state: &PluginState) -> PluginError {
+fn classify(
+    plugin: &str,
+    limits: &Limits,
+    call: &'static str,
+    error: wasmtime::Error,
+    state: &PluginState,
+) -> PluginError {
     let plugin = plugin.to_string();
     if state.memory.hit || error.downcast_ref::<MemoryLimitHit>().is_some() {
         return PluginError::OutOfMemory { plugin, call, limit: limits.memory_bytes };
@@ -94,7 +102,12 @@ fn classify(plugin: &str, limits: &Limits, call: &'static str, error: wasmtime::
 impl<G: SlotGuest> Sandbox<G> {
     /// Instantiates `loaded` into slot `G::SLOT`, asks it to describe itself, checks `table`
     /// against its schema and configures it. Refuses a component of another world.
-    pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, table: &ConfigTable) -> Result<Self, PluginError> {
+    pub fn new(
+        runtime: &Runtime,
+        loaded: LoadedComponent,
+        limits: Limits,
+        table: &ConfigTable,
+    ) -> Result<Self, PluginError> {
         if !loaded.slots.contains(&G::SLOT) {
             return Err(PluginError::WrongSlot {
                 origin: loaded.origin.clone(),
@@ -102,7 +115,8 @@ impl<G: SlotGuest> Sandbox<G> {
                 actual: describe_worlds(&loaded.slots),
             });
         }
-        let instantiate = |e: wasmtime::Error| PluginError::Instantiate { origin: loaded.origin.clone(), message: format!("{e:#}") };
+        let instantiate =
+            |e: wasmtime::Error| PluginError::Instantiate { origin: loaded.origin.clone(), message: format!("{e:#}") };
         let meta_indices = plugin::GuestIndices::new(&loaded.pre).map_err(instantiate)?;
         let slot_indices = G::indices(&loaded.pre).map_err(instantiate)?;
         let mut sandbox = Sandbox {
@@ -160,7 +174,9 @@ impl<G: SlotGuest> Sandbox<G> {
         if self.live.is_none() {
             let mut store = self.runtime.store(self.name.clone(), &self.limits);
             store.set_epoch_deadline(deadline_ticks(self.limits.call_timeout));
-            let fail = |e: wasmtime::Error, store: &Store<PluginState>| classify(&self.name, &self.limits, "instantiate", e, store.data());
+            let fail = |e: wasmtime::Error, store: &Store<PluginState>| {
+                classify(&self.name, &self.limits, "instantiate", e, store.data())
+            };
             let instance = self.loaded.pre.instantiate(&mut store).map_err(|e| fail(e, &store))?;
             let meta = self.meta_indices.load(&mut store, &instance).map_err(|e| fail(e, &store))?;
             let guest = G::load(&self.slot_indices, &mut store, &instance).map_err(|e| fail(e, &store))?;
@@ -226,14 +242,23 @@ impl<G: SlotGuest> Sandbox<G> {
     pub fn plugin_error(&self, call: &'static str, subject: &str, e: types::PluginError) -> PluginError {
         let plugin = self.name.to_string();
         match e {
-            types::PluginError::InvalidConfig(p) => PluginError::InvalidConfig { plugin, key: p.key, message: p.message },
-            types::PluginError::Rejected(message) => PluginError::Rejected { plugin, subject: subject.to_string(), message },
+            types::PluginError::InvalidConfig(p) => {
+                PluginError::InvalidConfig { plugin, key: p.key, message: p.message }
+            }
+            types::PluginError::Rejected(message) => {
+                PluginError::Rejected { plugin, subject: subject.to_string(), message }
+            }
             types::PluginError::BadState(message) => PluginError::BadState { plugin, call, message },
             types::PluginError::Internal(message) => PluginError::Internal { plugin, call, message },
         }
     }
 
-    pub fn check_plugin_result<T>(&self, call: &'static str, subject: &str, r: Result<T, types::PluginError>) -> Result<T, PluginError> {
+    pub fn check_plugin_result<T>(
+        &self,
+        call: &'static str,
+        subject: &str,
+        r: Result<T, types::PluginError>,
+    ) -> Result<T, PluginError> {
         r.map_err(|e| self.plugin_error(call, subject, e))
     }
 }

@@ -72,7 +72,12 @@ impl std::fmt::Debug for AggregatorPlugin {
 }
 
 impl AggregatorPlugin {
-    pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+    pub fn new(
+        runtime: &Runtime,
+        loaded: LoadedComponent,
+        limits: Limits,
+        config: &ConfigTable,
+    ) -> Result<Self, PluginError> {
         Ok(AggregatorPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
     }
 
@@ -105,7 +110,11 @@ impl AggregatorPlugin {
                 kind,
                 tensors: lend_all(store, &update.tensors)?,
                 num_examples: update.num_examples,
-                metrics: update.metrics.iter().map(|(name, value)| types::Metric { name: name.clone(), value: *value }).collect(),
+                metrics: update
+                    .metrics
+                    .iter()
+                    .map(|(name, value)| types::Metric { name: name.clone(), value: *value })
+                    .collect(),
             };
             g.call_accumulate(store, &wire)
         })?;
@@ -143,7 +152,12 @@ impl std::fmt::Debug for ObjectivePlugin {
 }
 
 impl ObjectivePlugin {
-    pub fn new(runtime: &Runtime, loaded: LoadedComponent, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+    pub fn new(
+        runtime: &Runtime,
+        loaded: LoadedComponent,
+        limits: Limits,
+        config: &ConfigTable,
+    ) -> Result<Self, PluginError> {
         Ok(ObjectivePlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
     }
 
@@ -187,7 +201,12 @@ impl ObjectivePlugin {
         let (r, adjusted) = self.sandbox.call("adjust-gradient", |g, store| {
             let w = store.data_mut().lend(weight.clone())?;
             let grad = store.data_mut().lend(gradient.clone())?;
-            let r = g.call_adjust_gradient(&mut *store, name, Resource::new_borrow(w.rep()), Resource::new_borrow(grad.rep()));
+            let r = g.call_adjust_gradient(
+                &mut *store,
+                name,
+                Resource::new_borrow(w.rep()),
+                Resource::new_borrow(grad.rep()),
+            );
             store.data_mut().take(w)?;
             let adjusted = store.data_mut().take(grad)?;
             Ok((r?, adjusted))

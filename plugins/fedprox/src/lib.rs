@@ -18,8 +18,12 @@ struct FedProx {
 
 impl Plugin for FedProx {
     fn info() -> Info {
-        Info::new("fedprox", env!("CARGO_PKG_VERSION"), "FedAvg aggregation with a proximal term mu/2 ||w - w_global||^2 on clients")
-            .float("mu", Some(0.01), "Proximal coefficient (>= 0); 0 is FedAvg")
+        Info::new(
+            "fedprox",
+            env!("CARGO_PKG_VERSION"),
+            "FedAvg aggregation with a proximal term mu/2 ||w - w_global||^2 on clients",
+        )
+        .float("mu", Some(0.01), "Proximal coefficient (>= 0); 0 is FedAvg")
     }
 
     fn configure(&mut self, config: &Config) -> Result<(), PluginError> {
