@@ -3,3 +3,4 @@ pub mod aggregate;
 pub mod model_io;
 pub mod runtime;
 pub mod tensor;
+pub mod train;

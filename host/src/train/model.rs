@@ -1,0 +1,260 @@
+//! Model architectures described in TOML: an MLP or a small CNN, their seeded initialisation and
+//! their forward pass on candle tensors.
+use candle_core::{DType as CDType, Device, Tensor as CTensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model_io::NamedTensors;
+use crate::tensor::Tensor;
+
+/// `[model]` of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// Fully connected layers with ReLU between them.
+    Mlp {
+        /// Features per example.
+        inputs: usize,
+        /// Widths of the hidden layers.
+        #[serde(default)]
+        hidden: Vec<usize>,
+        classes: usize,
+    },
+    /// 3x3 convolutions (padding 1) each followed by ReLU and 2x2 max pooling, then an MLP head.
+    Cnn {
+        /// Channels, height, width of one example.
+        input_shape: [usize; 3],
+        /// Output channels of each convolution.
+        conv: Vec<usize>,
+        #[serde(default)]
+        hidden: Vec<usize>,
+        classes: usize,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model: {0}")]
+    Spec(String),
+    #[error("model: tensor `{0}` is missing")]
+    Missing(String),
+    #[error("model: tensor `{name}` has shape {got:?}, the architecture needs {want:?}")]
+    Shape { name: String, got: Vec<u64>, want: Vec<u64> },
+    #[error("model: tensor `{0}` is not f32")]
+    Dtype(String),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelSpec {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let positive = |what: &str, v: usize| {
+            if v == 0 {
+                Err(ModelError::Spec(format!("{what} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            ModelSpec::Mlp { inputs, hidden, classes } => {
+                positive("inputs", *inputs)?;
+                positive("classes", *classes)?;
+                hidden.iter().try_for_each(|h| positive("a hidden width", *h))
+            }
+            ModelSpec::Cnn { input_shape, conv, hidden, classes } => {
+                input_shape.iter().try_for_each(|d| positive("input_shape", *d))?;
+                if conv.is_empty() {
+                    return Err(ModelError::Spec("a cnn needs at least one convolution".into()));
+                }
+                conv.iter().try_for_each(|c| positive("conv channels", *c))?;
+                hidden.iter().try_for_each(|h| positive("a hidden width", *h))?;
+                positive("classes", *classes)?;
+                let (h, w) = (input_shape[1] >> conv.len(), input_shape[2] >> conv.len());
+                if h == 0 || w == 0 {
+                    return Err(ModelError::Spec(format!(
+                        "{} poolings shrink a {}x{} input to nothing",
+                        conv.len(),
+                        input_shape[1],
+                        input_shape[2]
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Features of one example, flattened.
+    pub fn input_len(&self) -> usize {
+        match self {
+            ModelSpec::Mlp { inputs, .. } => *inputs,
+            ModelSpec::Cnn { input_shape, .. } => input_shape.iter().product(),
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        match self {
+            ModelSpec::Mlp { classes, .. } | ModelSpec::Cnn { classes, .. } => *classes,
+        }
+    }
+
+    /// Parameter names and shapes, in order.
+    pub fn parameters(&self) -> Vec<(String, Vec<u64>)> {
+        let mut params = Vec::new();
+        let dense_in = match self {
+            ModelSpec::Mlp { inputs, .. } => *inputs,
+            ModelSpec::Cnn { input_shape, conv, .. } => {
+                let mut c_in = input_shape[0];
+                for (i, c) in conv.iter().enumerate() {
+                    params.push((format!("conv.{i}.weight"), vec![*c as u64, c_in as u64, 3, 3]));
+                    params.push((format!("conv.{i}.bias"), vec![*c as u64]));
+                    c_in = *c;
+                }
+                c_in * (input_shape[1] >> conv.len()) * (input_shape[2] >> conv.len())
+            }
+        };
+        let (hidden, classes) = match self {
+            ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+        };
+        let mut width = dense_in;
+        for (i, out) in hidden.iter().copied().chain(std::iter::once(classes)).enumerate() {
+            params.push((format!("dense.{i}.weight"), vec![out as u64, width as u64]));
+            params.push((format!("dense.{i}.bias"), vec![out as u64]));
+            width = out;
+        }
+        params
+    }
+
+    /// Kaiming-uniform weights and zero biases from `seed`, as f32 tensors.
+    pub fn init(&self, seed: u64) -> NamedTensors {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        self.parameters()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: u64 = shape.iter().product();
+                let data: Vec<f32> = if name.ends_with(".bias") {
+                    vec![0.0; n as usize]
+                } else {
+                    let fan_in: u64 = shape[1..].iter().product();
+                    let bound = (6.0 / fan_in as f64).sqrt() as f32;
+                    (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+                };
+                (name, Tensor::from_f32(shape, data).expect("shape from the spec"))
+            })
+            .collect()
+    }
+
+    /// Checks that `model` has every parameter of this architecture with the right shape.
+    pub fn check(&self, model: &NamedTensors) -> Result<(), ModelError> {
+        for (name, want) in self.parameters() {
+            let (_, t) = model.iter().find(|(n, _)| *n == name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+            if t.shape() != want.as_slice() {
+                return Err(ModelError::Shape { name, got: t.shape().to_vec(), want });
+            }
+            if t.as_f32().is_none() {
+                return Err(ModelError::Dtype(name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A model's parameters as trainable candle variables, in the spec's order.
+pub struct Network {
+    pub spec: ModelSpec,
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Network {
+    pub fn from_tensors(spec: &ModelSpec, model: &NamedTensors) -> Result<Network, ModelError> {
+        spec.check(model)?;
+        let vars = spec
+            .parameters()
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = &model.iter().find(|(n, _)| *n == name).expect("checked above").1;
+                let dims: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+                let data = t.as_f32().expect("checked above");
+                Ok((name, Var::from_tensor(&CTensor::from_slice(data, dims.as_slice(), &Device::Cpu)?)?))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Network { spec: spec.clone(), vars })
+    }
+
+    pub fn to_tensors(&self) -> Result<NamedTensors, ModelError> {
+        self.vars
+            .iter()
+            .map(|(name, var)| {
+                let shape: Vec<u64> = var.dims().iter().map(|d| *d as u64).collect();
+                let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                Ok((name.clone(), Tensor::from_f32(shape, data).expect("shape of the var")))
+            })
+            .collect()
+    }
+
+    fn var(&self, name: &str) -> &CTensor {
+        self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor()).expect("parameter from the spec")
+    }
+
+    /// Logits of a batch `x` of shape [batch, input_len].
+    pub fn forward(&self, x: &CTensor) -> Result<CTensor, ModelError> {
+        let batch = x.dim(0)?;
+        let (mut h, hidden) = match &self.spec {
+            ModelSpec::Mlp { hidden, .. } => (x.clone(), hidden.len()),
+            ModelSpec::Cnn { input_shape, conv, hidden, .. } => {
+                let mut h = x.reshape((batch, input_shape[0], input_shape[1], input_shape[2]))?;
+                for i in 0..conv.len() {
+                    let w = self.var(&format!("conv.{i}.weight"));
+                    let b = self.var(&format!("conv.{i}.bias"));
+                    h = h.conv2d(w, 1, 1, 1, 1)?;
+                    h = h.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?.relu()?.max_pool2d(2)?;
+                }
+                (h.flatten_from(1)?, hidden.len())
+            }
+        };
+        for i in 0..=hidden {
+            let w = self.var(&format!("dense.{i}.weight"));
+            let b = self.var(&format!("dense.{i}.bias"));
+            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+            if i < hidden {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// Labels as the u32 tensor cross-entropy wants.
+pub fn labels(y: &[u32]) -> Result<CTensor, ModelError> {
+    Ok(CTensor::from_slice(y, y.len(), &Device::Cpu)?.to_dtype(CDType::U32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_follow_the_architecture() {
+        let mlp = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
+        let names: Vec<_> = mlp.parameters().into_iter().map(|(n, s)| format!("{n}{s:?}")).collect();
+        assert_eq!(names, ["dense.0.weight[32, 64]", "dense.0.bias[32]", "dense.1.weight[10, 32]", "dense.1.bias[10]"]);
+        let cnn = ModelSpec::Cnn { input_shape: [1, 8, 8], conv: vec![4, 8], hidden: vec![], classes: 10 };
+        let p = cnn.parameters();
+        assert_eq!(p[0], ("conv.0.weight".to_string(), vec![4, 1, 3, 3]));
+        assert_eq!(p[2], ("conv.1.weight".to_string(), vec![8, 4, 3, 3]));
+        assert_eq!(p[4], ("dense.0.weight".to_string(), vec![10, 8 * 2 * 2]));
+        assert!(ModelSpec::Cnn { input_shape: [1, 2, 2], conv: vec![4, 4], hidden: vec![], classes: 2 }
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn init_is_seeded_and_forward_has_the_right_shape() {
+        let cnn = ModelSpec::Cnn { input_shape: [1, 8, 8], conv: vec![4], hidden: vec![16], classes: 10 };
+        assert_eq!(cnn.init(3), cnn.init(3));
+        assert_ne!(cnn.init(3), cnn.init(4));
+        let net = Network::from_tensors(&cnn, &cnn.init(3)).expect("network");
+        let x = CTensor::zeros((5, 64), CDType::F32, &Device::Cpu).expect("x");
+        assert_eq!(net.forward(&x).expect("forward").dims(), &[5, 10]);
+        assert_eq!(net.to_tensors().expect("back"), cnn.init(3));
+    }
+}
