@@ -3,7 +3,7 @@
 //! (trap, timeout, out of memory), that update is left out and the round is rebuilt on a fresh
 //! instance by replaying `begin-round` and the updates accepted so far, so one bad update or one
 //! plugin bug does not lose the others.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model_io::NamedTensors;
 use crate::runtime::{AggregateResult, AggregatorPlugin, ClientUpdate, PluginError, RoundContext};
@@ -11,7 +11,7 @@ use crate::runtime::{AggregateResult, AggregatorPlugin, ClientUpdate, PluginErro
 /// How many lost instances one round tolerates before it gives up.
 pub const MAX_RESTARTS: u32 = 3;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rejection {
     pub update: String,
     pub reason: String,

@@ -1,6 +1,11 @@
 //! nereid: an edge-AI host in which every algorithm is a sandboxed WebAssembly component.
 pub mod aggregate;
+pub mod cloud;
+pub mod edge;
+pub mod job;
 pub mod model_io;
+pub mod protocol;
 pub mod runtime;
+pub mod store;
 pub mod tensor;
 pub mod train;

@@ -31,14 +31,33 @@ enum Command {
     /// Benchmarks, reported as ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
-    /// The demo: FedAvg and FedProx plugins over generated client updates, checked against a
-    /// float64 reference, and FedProx's client term on a local step.
+    /// The demo: a cloud and three edges on loopback train on the UCI digits, split non-IID,
+    /// with FedAvg and then FedProx.
     Demo(cli::demo::DemoArgs),
+    /// Run the cloud host (jobs, rounds, the API edges and operators use).
+    Cloud {
+        /// cloud.toml
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run an edge host (one node: local data, local training).
+    Edge {
+        /// edge.toml
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Federated-learning jobs on a cloud: apply, list, status, stop.
+    #[command(subcommand)]
+    Job(cli::serve::JobCommand),
+    /// Node tokens.
+    #[command(subcommand)]
+    Token(cli::serve::TokenCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.verbose {
+        0 if matches!(cli.command, Command::Cloud { .. } | Command::Edge { .. }) => "info",
         0 => "warn",
         1 => "debug",
         _ => "trace",
@@ -53,6 +72,10 @@ fn main() -> ExitCode {
         Command::Plugin(cmd) => cli::plugin::run(cmd, cache_dir),
         Command::Bench(cmd) => cli::bench::run(cmd, cache_dir),
         Command::Demo(args) => cli::demo::run(args, cache_dir),
+        Command::Cloud { config } => cli::serve::cloud(config, cache_dir),
+        Command::Edge { config } => cli::serve::edge(config, cache_dir),
+        Command::Job(cmd) => cli::serve::job(cmd, cache_dir),
+        Command::Token(cmd) => cli::serve::token(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,10 @@
 //! The subcommands of the `nereid` binary.
+pub mod api;
 pub mod bench;
 pub mod demo;
 pub mod plugin;
+pub mod plugin_demo;
+pub mod serve;
 
 use std::path::PathBuf;
 

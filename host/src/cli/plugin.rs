@@ -24,6 +24,9 @@ pub enum PluginCommand {
     },
     /// Run any aggregator plugin offline over safetensors files and write the aggregated model.
     Aggregate(AggregateArgs),
+    /// Run fedavg and fedprox over generated client updates, checked against a float64
+    /// reference and a hand computation of FedProx's client term.
+    Demo(super::plugin_demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -89,8 +92,12 @@ pub struct AggregateArgs {
 }
 
 pub fn run(cmd: PluginCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    if let PluginCommand::Demo(args) = cmd {
+        return super::plugin_demo::run(args, cache_dir);
+    }
     let runtime = Runtime::new(cache_dir)?;
     match cmd {
+        PluginCommand::Demo(_) => unreachable!("handled above"),
         PluginCommand::Inspect { component, json } => inspect(&runtime, &component, json),
         PluginCommand::Aggregate(args) => aggregate(&runtime, args),
     }

@@ -1,0 +1,173 @@
+//! `nereid cloud`, `nereid edge`, `nereid job ...` and `nereid token create`.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use nereid::protocol::{new_token, read_config, token_sha256, CloudConfig, EdgeConfig, JobStatus};
+use nereid::runtime::Runtime;
+use nereid::store::CloudStore;
+
+use super::api::Api;
+
+fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+pub fn cloud(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (cfg, base): (CloudConfig, _) = read_config(&config)?;
+    tokio()?.block_on(nereid::cloud::serve(cfg, &base, cache_dir))
+}
+
+pub fn edge(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (cfg, base): (EdgeConfig, _) = read_config(&config)?;
+    let edge = nereid::edge::Edge::new(cfg, &base, cache_dir)?;
+    tokio()?.block_on(edge.run())
+}
+
+#[derive(Args)]
+pub struct CloudArgs {
+    /// The cloud's base URL.
+    #[arg(long, env = "NEREID_CLOUD", default_value = "http://127.0.0.1:7000")]
+    cloud: String,
+    /// The operator (admin) token.
+    #[arg(long, env = "NEREID_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Validate a job file (keys, types, ranges, plugins and their configs) and start it.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        cloud: CloudArgs,
+        /// Only validate; do not contact the cloud.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The jobs on the cloud.
+    List {
+        #[command(flatten)]
+        cloud: CloudArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's round, participants, per-node state and metric history.
+    Status {
+        name: String,
+        #[command(flatten)]
+        cloud: CloudArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a job after its current round.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
+}
+
+pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let rt = tokio()?;
+    match cmd {
+        JobCommand::Apply { file, cloud, dry_run } => {
+            let runtime = Runtime::new(cache_dir)?;
+            let loaded = nereid::job::load(&file, &runtime)?;
+            if dry_run {
+                println!("{}: valid", file.display());
+                return Ok(());
+            }
+            let api = Api::new(&cloud.cloud, &cloud.token)?;
+            let s = rt.block_on(api.apply(loaded))?;
+            println!("job `{}` applied: {} ({} rounds at most)", s.name, s.status, s.max_rounds);
+        }
+        JobCommand::List { cloud, json } => {
+            let jobs = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.jobs())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                println!("{:<24} {:<9} {:>7}", "job", "status", "rounds");
+                for j in jobs {
+                    println!("{:<24} {:<9} {:>3}/{:<3}", j.name, j.status, j.rounds_done, j.max_rounds);
+                }
+            }
+        }
+        JobCommand::Status { name, cloud, json } => {
+            let status = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.status(&name))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        JobCommand::Stop { name, cloud } => {
+            let s = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.stop(&name))?;
+            println!("job `{}`: {}", s.name, s.status);
+        }
+    }
+    Ok(())
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+pub fn print_status(s: &JobStatus) {
+    println!("job        {}", s.name);
+    println!("status     {}{}", s.status, s.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
+    println!("rounds     {}/{}", s.rounds_done, s.max_rounds);
+    if let Some(c) = &s.current {
+        println!("round {}    selected {}; received {}", c.round, c.selected.join(", "), c.received.join(", "));
+    }
+    println!("nodes");
+    for n in &s.nodes {
+        println!("  {:<16} {}", n.name, n.state);
+    }
+    println!(
+        "{:>5} {:>12} {:>9} {:>9} {:>10} {:>10} {:>10}  closed by",
+        "round", "participants", "accuracy", "loss", "examples", "bytes up", "bytes down"
+    );
+    for h in &s.history {
+        println!(
+            "{:>5} {:>12} {:>9} {:>9} {:>10} {:>10} {:>10}  {}",
+            h.round,
+            h.participants.len(),
+            opt(h.accuracy),
+            opt(h.loss),
+            h.examples,
+            h.bytes_up,
+            h.bytes_down,
+            h.closed_by
+        );
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Issue a bearer token for node NODE (stored hashed in the cloud's state; printed once).
+    Create {
+        node: String,
+        /// The cloud's configuration (for its state database).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { node, config } => {
+            anyhow::ensure!(
+                !node.is_empty() && node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "a node name is letters, digits, '-' or '_'"
+            );
+            let (cfg, base): (CloudConfig, _) = read_config(&config)?;
+            let store = CloudStore::open(&base.join(&cfg.state)).context("opening the cloud's state")?;
+            let token = new_token();
+            store.set_node_token(&node, &token_sha256(&token))?;
+            println!("{token}");
+        }
+    }
+    Ok(())
+}

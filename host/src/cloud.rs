@@ -1,0 +1,677 @@
+//! The cloud host: jobs, rounds, the HTTP API edges and operators talk to, and Prometheus metrics.
+//!
+//! A round: select clients among the nodes that polled recently (seeded, so the same nodes give
+//! the same selection), publish the global model v(r-1), persist every accepted update before
+//! acknowledging it, close on quorum (every selected node uploaded) or at the deadline (if at least
+//! `min_clients` did), fold the updates into the aggregator in node-name order — so the same set
+//! of updates gives a bit-identical v(r) whatever the arrival order, and a restarted cloud replays
+//! exactly what it had — then commit v(r) and the round's summary in one transaction.
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::aggregate::{run_round, Rejection, RoundError};
+use crate::job::JobSpec;
+use crate::model_io;
+use crate::protocol::*;
+use crate::runtime::{content_digest, AggregatorPlugin, ClientUpdate, RoundContext, Runtime, UpdateKind};
+use crate::store::{now_ms, CloudStore, Inserted, JobRow, StoreError};
+
+/// An HTTP error with a JSON body.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
+
+#[derive(Default)]
+struct Counters {
+    updates_accepted: AtomicU64,
+    updates_duplicate: AtomicU64,
+    updates_refused: AtomicU64,
+    unauthorized: AtomicU64,
+    rounds_closed: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// Per (job, round): bytes sent and received, for the round summary.
+type Traffic = HashMap<(String, u32), (u64, u64)>;
+
+pub struct Cloud {
+    store: CloudStore,
+    runtime: Runtime,
+    admin_sha: String,
+    online_ms: i64,
+    counters: Counters,
+    traffic: Mutex<Traffic>,
+    /// A live aggregator instance and what it publishes, per job.
+    aggregators: Mutex<HashMap<String, Arc<Mutex<AggregatorPlugin>>>>,
+    client_config: Mutex<HashMap<String, crate::runtime::config::ConfigTable>>,
+    wake: tokio::sync::Notify,
+}
+
+enum Caller {
+    Admin,
+    Node(String),
+}
+
+impl Cloud {
+    fn caller(&self, headers: &HeaderMap) -> ApiResult<Caller> {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let refuse = || {
+            self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            err(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")
+        };
+        let Some(token) = token else { return Err(refuse()) };
+        let sha = token_sha256(token);
+        if sha == self.admin_sha {
+            return Ok(Caller::Admin);
+        }
+        match self.store.node_for_token(&sha)? {
+            Some(node) => {
+                self.store.touch_node(&node, now_ms())?;
+                Ok(Caller::Node(node))
+            }
+            None => Err(refuse()),
+        }
+    }
+
+    fn admin(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match self.caller(headers)? {
+            Caller::Admin => Ok(()),
+            Caller::Node(n) => Err(err(StatusCode::FORBIDDEN, format!("node `{n}` may not manage jobs"))),
+        }
+    }
+
+    fn node(&self, headers: &HeaderMap) -> ApiResult<String> {
+        match self.caller(headers)? {
+            Caller::Node(n) => Ok(n),
+            Caller::Admin => Err(err(StatusCode::FORBIDDEN, "this endpoint is for nodes")),
+        }
+    }
+
+    fn traffic(&self, job: &str, round: u32, up: u64, down: u64) {
+        if let Ok(mut t) = self.traffic.lock() {
+            let e = t.entry((job.to_string(), round)).or_default();
+            e.0 += up;
+            e.1 += down;
+        }
+        self.counters.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.counters.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// The job's aggregator, instantiated once and kept (the compile cache makes a restart cheap).
+    fn aggregator(&self, spec: &JobSpec) -> anyhow::Result<Arc<Mutex<AggregatorPlugin>>> {
+        let mut map = self.aggregators.lock().map_err(|_| anyhow::anyhow!("aggregator map poisoned"))?;
+        if let Some(a) = map.get(&spec.name) {
+            return Ok(a.clone());
+        }
+        let bytes = self
+            .store
+            .component(&spec.aggregator.digest)?
+            .ok_or_else(|| anyhow::anyhow!("component {} is not stored", spec.aggregator.digest))?;
+        let loaded = self.runtime.load_bytes(&bytes, &format!("{} aggregator", spec.name))?;
+        let mut plugin = AggregatorPlugin::new(&self.runtime, loaded, spec.aggregator.limits, &spec.aggregator.config)?;
+        let published = plugin.client_config()?;
+        if let Ok(mut c) = self.client_config.lock() {
+            c.insert(
+                spec.name.clone(),
+                published.iter().map(|e| (e.key.clone(), config_value_to_toml(&e.value))).collect(),
+            );
+        }
+        let plugin = Arc::new(Mutex::new(plugin));
+        map.insert(spec.name.clone(), plugin.clone());
+        Ok(plugin)
+    }
+}
+
+fn spec_of(row: &JobRow) -> ApiResult<JobSpec> {
+    serde_json::from_str(&row.spec).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("stored job spec: {e}")))
+}
+
+/// The seed of one node's training in one round.
+pub fn node_seed(job_seed: u64, round: u32, node: &str) -> u64 {
+    let mut h = sha2::Sha256::new();
+    use sha2::Digest;
+    h.update(job_seed.to_le_bytes());
+    h.update(round.to_le_bytes());
+    h.update(node.as_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("32-byte digest"))
+}
+
+// ---- handlers -------------------------------------------------------------------------------
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn task(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Json<TaskResponse>> {
+    let node = cloud.node(&headers)?;
+    for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
+        let Some(round) = cloud.store.round(&row.name, row.next_round)? else { continue };
+        if round.closed_ms.is_some() || !round.selected.contains(&node) {
+            continue;
+        }
+        if cloud.store.update_nodes(&row.name, round.round)?.contains(&node) {
+            continue;
+        }
+        let spec = spec_of(&row)?;
+        let server_config =
+            cloud.client_config.lock().ok().and_then(|c| c.get(&spec.name).cloned()).unwrap_or_default();
+        return Ok(Json(TaskResponse {
+            task: Some(Task {
+                job: spec.name.clone(),
+                round: round.round,
+                model_version: round.round - 1,
+                seed: node_seed(spec.seed, round.round, &node),
+                model: spec.model.clone(),
+                training: spec.training.for_node(&node),
+                client_objective: spec.client_objective.clone(),
+                server_config,
+                deadline_ms: round.deadline_ms,
+            }),
+        }));
+    }
+    Ok(Json(TaskResponse { task: None }))
+}
+
+async fn model(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    UrlPath((job, version)): UrlPath<(String, u32)>,
+) -> ApiResult<Vec<u8>> {
+    let caller = cloud.caller(&headers)?;
+    let bytes = cloud
+        .store
+        .model(&job, version)?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no model version {version}")))?;
+    if let Caller::Node(_) = caller {
+        // A node fetches v(r-1) to train round r.
+        cloud.traffic(&job, version + 1, 0, bytes.len() as u64);
+    }
+    Ok(bytes)
+}
+
+async fn component(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    UrlPath(digest): UrlPath<String>,
+) -> ApiResult<Vec<u8>> {
+    cloud.caller(&headers)?;
+    cloud.store.component(&digest)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no component {digest}")))
+}
+
+async fn put_component(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    cloud.admin(&headers)?;
+    let digest = content_digest(&body);
+    cloud.store.put_component(&digest, &body)?;
+    Ok(Json(serde_json::json!({ "digest": digest })))
+}
+
+async fn upload(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    UrlPath((job, round)): UrlPath<(String, u32)>,
+    body: Bytes,
+) -> ApiResult<Json<UploadResponse>> {
+    let node = cloud.node(&headers)?;
+    let refused = |status: StatusCode, message: String| {
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        err(status, message)
+    };
+    let row = cloud.store.job(&job)?.ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
+    let r = cloud
+        .store
+        .round(&job, round)?
+        .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
+    if r.closed_ms.is_some() {
+        if cloud.store.update(&job, round, &node)?.is_some() {
+            cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+            return Ok(Json(UploadResponse { status: "duplicate".into() }));
+        }
+        return Err(refused(
+            StatusCode::CONFLICT,
+            format!("round {round} of job `{job}` is closed; the job is at round {}", row.next_round),
+        ));
+    }
+    if !r.selected.contains(&node) {
+        return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+    }
+    let spec = spec_of(&row)?;
+    let tensors = model_io::decode(&body, Path::new(&format!("update from `{node}`")))
+        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if let Err(e) = spec.model.check(&tensors) {
+        return Err(refused(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}")));
+    }
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&body).map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let num_examples: u64 = meta
+        .get(META_NUM_EXAMPLES)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| refused(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`")))?;
+    let metrics = meta.get(META_METRICS).cloned().unwrap_or_else(|| "{}".into());
+    if serde_json::from_str::<UpdateMetrics>(&metrics).is_err() {
+        return Err(refused(StatusCode::BAD_REQUEST, format!("`{META_METRICS}` is not valid metrics JSON")));
+    }
+    // Persisted (synchronously) before the acknowledgement.
+    let inserted = cloud.store.insert_update(&job, round, &node, num_examples, &metrics, &body)?;
+    let status = match inserted {
+        Inserted::New => {
+            cloud.counters.updates_accepted.fetch_add(1, Ordering::Relaxed);
+            cloud.traffic(&job, round, body.len() as u64, 0);
+            cloud.wake.notify_waiters();
+            "accepted"
+        }
+        Inserted::Duplicate => {
+            cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+            "duplicate"
+        }
+    };
+    Ok(Json(UploadResponse { status: status.into() }))
+}
+
+async fn submit_job(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    Json(req): Json<SubmitJob>,
+) -> ApiResult<Json<JobSummary>> {
+    cloud.admin(&headers)?;
+    let spec = req.spec;
+    for p in std::iter::once(&spec.aggregator).chain(spec.client_objective.as_ref()) {
+        if cloud.store.component(&p.digest)?.is_none() {
+            return Err(err(StatusCode::BAD_REQUEST, format!("component {} was not uploaded", p.digest)));
+        }
+    }
+    spec.model.validate().map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let cloud2 = cloud.clone();
+    let spec2 = spec.clone();
+    tokio::task::spawn_blocking(move || cloud2.aggregator(&spec2).map(drop))
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("aggregator: {e:#}")))?;
+    let initial = model_io::encode(&spec.model.init(spec.seed), None)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let json = serde_json::to_string(&spec).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match cloud.store.insert_job(&spec.name, &json, &initial) {
+        Err(StoreError::JobExists(n)) => {
+            return Err(err(StatusCode::CONFLICT, format!("a job named `{n}` exists already")))
+        }
+        other => other?,
+    }
+    tracing::info!(job = %spec.name, "job applied");
+    tokio::spawn(run_job(cloud.clone(), spec.name.clone()));
+    Ok(Json(JobSummary { name: spec.name, status: "running".into(), rounds_done: 0, max_rounds: spec.stop.rounds }))
+}
+
+async fn list_jobs(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Json<Vec<JobSummary>>> {
+    cloud.admin(&headers)?;
+    let jobs = cloud
+        .store
+        .jobs()?
+        .iter()
+        .map(|row| {
+            let spec = spec_of(row)?;
+            Ok(JobSummary {
+                name: row.name.clone(),
+                status: row.status.clone(),
+                rounds_done: row.next_round - 1,
+                max_rounds: spec.stop.rounds,
+            })
+        })
+        .collect::<ApiResult<_>>()?;
+    Ok(Json(jobs))
+}
+
+fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
+    let row = cloud.store.job(name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
+    let spec = spec_of(&row)?;
+    let rounds = cloud.store.rounds(name)?;
+    let history =
+        rounds.iter().filter_map(|r| r.summary.as_deref()).filter_map(|s| serde_json::from_str(s).ok()).collect();
+    let current = match rounds.iter().find(|r| r.closed_ms.is_none()) {
+        Some(r) if row.status == "running" => Some(CurrentRound {
+            round: r.round,
+            selected: r.selected.clone(),
+            received: cloud.store.update_nodes(name, r.round)?,
+            deadline_ms: r.deadline_ms,
+        }),
+        _ => None,
+    };
+    let online_since = now_ms() - cloud.online_ms;
+    let nodes = cloud
+        .store
+        .nodes()?
+        .into_iter()
+        .map(|(n, seen)| {
+            let state = match &current {
+                Some(c) if c.received.contains(&n) => "uploaded",
+                Some(c) if c.selected.contains(&n) => "training",
+                _ if seen.is_none_or(|s| s < online_since) => "offline",
+                _ => "idle",
+            };
+            NodeStatus { name: n, last_seen_ms: seen, state: state.into() }
+        })
+        .collect();
+    Ok(JobStatus {
+        name: row.name.clone(),
+        status: row.status.clone(),
+        reason: row.reason.clone(),
+        rounds_done: row.next_round - 1,
+        max_rounds: spec.stop.rounds,
+        aggregator: spec.aggregator.digest.clone(),
+        current,
+        nodes,
+        history,
+    })
+}
+
+async fn get_job(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<JobStatus>> {
+    cloud.admin(&headers)?;
+    Ok(Json(job_status(&cloud, &name)?))
+}
+
+async fn stop_job(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<JobStatus>> {
+    cloud.admin(&headers)?;
+    cloud.store.job(&name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
+    cloud.store.finish_job(&name, "stopped", "stopped by an operator")?;
+    cloud.wake.notify_waiters();
+    Ok(Json(job_status(&cloud, &name)?))
+}
+
+async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String> {
+    let c = &cloud.counters;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: &AtomicU64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
+    };
+    counter("nereid_updates_accepted_total", "Client updates persisted and acknowledged.", &c.updates_accepted);
+    counter("nereid_updates_duplicate_total", "Uploads of an update the cloud already had.", &c.updates_duplicate);
+    counter("nereid_updates_refused_total", "Uploads refused (malformed, late, not selected).", &c.updates_refused);
+    counter("nereid_unauthorized_requests_total", "Requests without a valid token.", &c.unauthorized);
+    counter("nereid_rounds_closed_total", "Rounds closed.", &c.rounds_closed);
+    counter("nereid_upload_bytes_total", "Bytes of accepted updates.", &c.bytes_up);
+    counter("nereid_download_bytes_total", "Bytes of global models sent.", &c.bytes_down);
+    out.push_str("# HELP nereid_job_round Rounds closed per job.\n# TYPE nereid_job_round gauge\n");
+    out.push_str("# HELP nereid_job_accuracy Accuracy of the newest evaluated global model per job.\n# TYPE nereid_job_accuracy gauge\n");
+    for row in cloud.store.jobs()? {
+        out.push_str(&format!("nereid_job_round{{job=\"{}\"}} {}\n", row.name, row.next_round - 1));
+        let last = cloud.store.rounds(&row.name)?.into_iter().rev().find_map(|r| r.summary);
+        if let Some(acc) = last.and_then(|s| serde_json::from_str::<RoundSummary>(&s).ok()).and_then(|s| s.accuracy) {
+            out.push_str(&format!("nereid_job_accuracy{{job=\"{}\"}} {acc}\n", row.name));
+        }
+    }
+    Ok(out)
+}
+
+// ---- the round loop ---------------------------------------------------------------------------
+
+fn parse_metrics(json: &str) -> UpdateMetrics {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+/// Folds round `round`'s stored updates (in node-name order) into v(round).
+fn aggregate(
+    cloud: &Cloud,
+    spec: &JobSpec,
+    round: u32,
+    closed_by: &str,
+    opened_ms: i64,
+) -> anyhow::Result<(Vec<u8>, RoundSummary)> {
+    let global_bytes = cloud
+        .store
+        .model(&spec.name, round - 1)?
+        .ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?;
+    let global = model_io::decode(&global_bytes, Path::new("global model"))?;
+    let nodes = cloud.store.update_nodes(&spec.name, round)?;
+    let plugin = cloud.aggregator(spec)?;
+    let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
+    let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
+    let metrics_of: HashMap<String, (u64, UpdateMetrics)> = nodes
+        .iter()
+        .filter_map(|n| cloud.store.update(&spec.name, round, n).ok().flatten())
+        .map(|u| (u.node.clone(), (u.num_examples, parse_metrics(&u.metrics))))
+        .collect();
+    let load = |i: usize| {
+        let node = &nodes[i];
+        let reject = |reason: String| Rejection { update: node.clone(), reason };
+        let row = cloud
+            .store
+            .update(&spec.name, round, node)
+            .map_err(|e| reject(e.to_string()))?
+            .ok_or_else(|| reject("gone".into()))?;
+        let tensors = model_io::decode(&row.bytes, Path::new(node)).map_err(|e| reject(e.to_string()))?;
+        Ok(ClientUpdate {
+            client: node.clone(),
+            kind: UpdateKind::Weights,
+            tensors,
+            num_examples: row.num_examples,
+            metrics: Vec::new(),
+        })
+    };
+    let (model, accepted, rejected, agg_metrics) = match run_round(&mut plugin, &ctx, Some(&global), nodes.len(), load)
+    {
+        Ok(report) => (
+            model_io::encode(&report.result.tensors, None)?,
+            report.accepted,
+            report.rejected,
+            report.result.metrics.into_iter().collect(),
+        ),
+        // Nothing usable arrived: the global model stays as it was.
+        Err(RoundError::NothingAccepted(rejected)) => (global_bytes, Vec::new(), rejected, BTreeMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let weighted = |f: &dyn Fn(&UpdateMetrics) -> f64, w: &dyn Fn(&(u64, UpdateMetrics)) -> u64| {
+        let total: u64 = accepted.iter().filter_map(|n| metrics_of.get(n)).map(w).sum();
+        (total > 0).then(|| {
+            accepted.iter().filter_map(|n| metrics_of.get(n)).map(|m| f(&m.1) * w(m) as f64).sum::<f64>() / total as f64
+        })
+    };
+    let (up, down) =
+        cloud.traffic.lock().ok().and_then(|t| t.get(&(spec.name.clone(), round)).copied()).unwrap_or_default();
+    let summary = RoundSummary {
+        round,
+        examples: accepted.iter().filter_map(|n| metrics_of.get(n)).map(|m| m.0).sum(),
+        accuracy: weighted(&|m| m.eval_accuracy, &|m| m.1.eval_examples),
+        loss: weighted(&|m| m.eval_loss, &|m| m.1.eval_examples),
+        train_loss: weighted(&|m| m.train_loss, &|m| m.0),
+        participants: accepted,
+        rejected,
+        bytes_up: up,
+        bytes_down: down,
+        closed_by: closed_by.into(),
+        aggregator_metrics: agg_metrics,
+        duration_ms: now_ms() - opened_ms,
+    };
+    Ok((model, summary))
+}
+
+async fn run_job(cloud: Arc<Cloud>, name: String) {
+    if let Err(e) = job_loop(&cloud, &name).await {
+        tracing::error!(job = %name, "job failed: {e:#}");
+        let _ = cloud.store.finish_job(&name, "failed", &format!("{e:#}"));
+    }
+}
+
+async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
+    let progress = indicatif::ProgressBar::new(0);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} updates {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let Some(row) = cloud.store.job(name)? else { return Ok(()) };
+        if row.status != "running" {
+            progress.finish_and_clear();
+            return Ok(());
+        }
+        let spec: JobSpec = serde_json::from_str(&row.spec)?;
+        let r = row.next_round;
+        if r > spec.stop.rounds {
+            cloud.store.finish_job(name, "done", &format!("ran {} rounds", spec.stop.rounds))?;
+            continue;
+        }
+        if spec.stop.wall_secs.is_some_and(|w| (now_ms() - row.created_ms) as f64 > w * 1000.0) {
+            cloud.store.finish_job(name, "done", "wall time limit reached")?;
+            continue;
+        }
+        let round = match cloud.store.round(name, r)? {
+            Some(round) => round,
+            None => {
+                let online = cloud.store.nodes_seen_since(now_ms() - cloud.online_ms)?;
+                if online.len() < spec.rounds.min_clients {
+                    wait(cloud).await;
+                    continue;
+                }
+                let count = ((online.len() as f64 * spec.rounds.fraction).ceil() as usize)
+                    .clamp(spec.rounds.min_clients, online.len());
+                let mut chosen = online.clone();
+                chosen.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ (r as u64).rotate_left(32)));
+                chosen.truncate(count);
+                chosen.sort();
+                let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
+                cloud.store.open_round(name, r, &chosen, deadline)?;
+                tracing::info!(job = name, round = r, selected = ?chosen, "round opened");
+                continue;
+            }
+        };
+        let received = cloud.store.update_nodes(name, r)?;
+        progress.set_prefix(format!("{name} round {r}"));
+        progress.set_length(round.selected.len() as u64);
+        progress.set_position(received.len() as u64);
+        let quorum = round.selected.iter().all(|n| received.contains(n));
+        let late = now_ms() >= round.deadline_ms;
+        let closed_by = if quorum {
+            "quorum"
+        } else if late && received.len() >= spec.rounds.min_clients {
+            "deadline"
+        } else {
+            if late {
+                progress.set_message(format!("past the deadline, waiting for {} updates", spec.rounds.min_clients));
+            }
+            wait(cloud).await;
+            continue;
+        };
+        let cloud2 = cloud.clone();
+        let spec2 = spec.clone();
+        let closed_by = closed_by.to_string();
+        let opened = round.opened_ms;
+        let (model, summary) =
+            tokio::task::spawn_blocking(move || aggregate(&cloud2, &spec2, r, &closed_by, opened)).await??;
+        let summary_json = serde_json::to_string(&summary)?;
+        cloud.store.close_round(name, r, &model, &summary_json)?;
+        cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut t) = cloud.traffic.lock() {
+            t.remove(&(name.to_string(), r));
+        }
+        tracing::info!(
+            job = name,
+            round = r,
+            participants = summary.participants.len(),
+            accuracy = summary.accuracy,
+            closed_by = summary.closed_by,
+            "round closed"
+        );
+        if let (Some(target), Some(acc)) = (spec.stop.target_accuracy, summary.accuracy) {
+            if acc >= target {
+                cloud.store.finish_job(name, "done", &format!("accuracy {acc:.4} reached the target {target}"))?;
+            }
+        }
+    }
+}
+
+async fn wait(cloud: &Cloud) {
+    let _ = tokio::time::timeout(Duration::from_millis(100), cloud.wake.notified()).await;
+}
+
+/// Opens the state, registers the configured node tokens, resumes running jobs and serves the
+/// API until the process ends.
+pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let store = CloudStore::open(&base.join(&config.state))?;
+    for (node, entry) in &config.nodes {
+        store.set_node_token(node, &token_sha256(&entry.token))?;
+    }
+    let cloud = Arc::new(Cloud {
+        store,
+        runtime: Runtime::new(cache_dir)?,
+        admin_sha: token_sha256(&config.admin_token),
+        online_ms: (config.online_secs * 1000.0) as i64,
+        counters: Counters::default(),
+        traffic: Mutex::new(HashMap::new()),
+        aggregators: Mutex::new(HashMap::new()),
+        client_config: Mutex::new(HashMap::new()),
+        wake: tokio::sync::Notify::new(),
+    });
+    for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
+        let spec: JobSpec = serde_json::from_str(&row.spec)?;
+        let c = cloud.clone();
+        tokio::task::spawn_blocking(move || c.aggregator(&spec).map(drop)).await??;
+        tracing::info!(job = %row.name, round = row.next_round, "resuming job");
+        tokio::spawn(run_job(cloud.clone(), row.name.clone()));
+    }
+    let app = router(cloud, config.max_upload_mib << 20);
+    let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    tracing::info!("cloud listening on {}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/task", get(task))
+        .route("/v1/components", post(put_component))
+        .route("/v1/components/{digest}", get(component))
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs/{job}", get(get_job))
+        .route("/v1/jobs/{job}/stop", post(stop_job))
+        .route("/v1/jobs/{job}/models/{version}", get(model))
+        .route("/v1/jobs/{job}/rounds/{round}/update", post(upload))
+        .layer(DefaultBodyLimit::max(max_upload))
+        .with_state(cloud)
+}

@@ -1,0 +1,189 @@
+//! The edge host: asks the cloud for work, evaluates the global model on its local test split,
+//! trains on its local data with the job's client-objective plugin, stores the update, uploads it.
+//!
+//! A trained update is stored before it is uploaded and marked once the cloud acknowledged it,
+//! so an edge killed at any point either re-sends the same update (the cloud counts it once) or,
+//! killed mid-training, trains again from the same global model and seed (the same update).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use reqwest::StatusCode;
+
+use crate::model_io;
+use crate::protocol::*;
+use crate::runtime::{content_digest, ObjectivePlugin, RoundContext, Runtime};
+use crate::store::EdgeStore;
+use crate::train::{self, Dataset};
+
+pub struct Edge {
+    config: EdgeConfig,
+    http: reqwest::Client,
+    store: EdgeStore,
+    runtime: Runtime,
+    train: Dataset,
+    test: Dataset,
+    /// Client-objective plugins by digest, kept across rounds.
+    objectives: HashMap<String, ObjectivePlugin>,
+}
+
+enum Upload {
+    Done,
+    Retry,
+}
+
+impl Edge {
+    pub fn new(config: EdgeConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<Edge> {
+        let data = base.join(&config.data);
+        let train = Dataset::load(&data, "train")?;
+        let test = Dataset::load(&data, "test")?;
+        let store = EdgeStore::open(&base.join(&config.state))?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+        Ok(Edge { config, http, store, runtime: Runtime::new(cache_dir)?, train, test, objectives: HashMap::new() })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.config.cloud.trim_end_matches('/'), path)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self.http.get(self.url(path)).bearer_auth(&self.config.token).send().await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!("GET {path}: {status}: {body}");
+        }
+        Ok(resp)
+    }
+
+    /// Serves until the process ends; a cloud that is down is retried.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let poll = Duration::from_millis(self.config.poll_ms);
+        tracing::info!(node = %self.config.name, train = self.train.len(), test = self.test.len(), "edge started");
+        loop {
+            match self.step().await {
+                Ok(true) => {}
+                Ok(false) => tokio::time::sleep(poll).await,
+                Err(e) => {
+                    tracing::warn!(node = %self.config.name, "{e:#}");
+                    tokio::time::sleep(poll).await;
+                }
+            }
+        }
+    }
+
+    /// One poll; true if it did work.
+    async fn step(&mut self) -> anyhow::Result<bool> {
+        let resp: TaskResponse = self.get("/v1/task").await?.json().await?;
+        let Some(task) = resp.task else { return Ok(false) };
+        if let Some(row) = self.store.trained(&task.job, task.round)? {
+            if !row.uploaded {
+                self.upload(&task, row.bytes).await?;
+            }
+            return Ok(false);
+        }
+        let bytes = self.train_round(&task).await?;
+        self.upload(&task, bytes).await?;
+        Ok(true)
+    }
+
+    async fn objective(&mut self, plugin: &crate::job::PluginRef) -> anyhow::Result<ObjectivePlugin> {
+        if let Some(p) = self.objectives.remove(&plugin.digest) {
+            return Ok(p);
+        }
+        let bytes = self.get(&format!("/v1/components/{}", plugin.digest)).await?.bytes().await?;
+        let digest = content_digest(&bytes);
+        anyhow::ensure!(digest == plugin.digest, "component digest mismatch: expected {}, got {digest}", plugin.digest);
+        let loaded = self.runtime.load_bytes(&bytes, &format!("client objective {digest}"))?;
+        Ok(ObjectivePlugin::new(&self.runtime, loaded, plugin.limits, &plugin.config)?)
+    }
+
+    async fn train_round(&mut self, task: &Task) -> anyhow::Result<Vec<u8>> {
+        let global_bytes =
+            self.get(&format!("/v1/jobs/{}/models/{}", task.job, task.model_version)).await?.bytes().await?;
+        let global = model_io::decode(&global_bytes, Path::new("global model"))?;
+        task.model.check(&global)?;
+        self.train.check(&format!("{} train data", self.config.name), task.model.input_len(), task.model.classes())?;
+        self.test.check(&format!("{} test data", self.config.name), task.model.input_len(), task.model.classes())?;
+        let mut objective = match &task.client_objective {
+            Some(p) => Some(self.objective(p).await?),
+            None => None,
+        };
+        let ctx = RoundContext { job: task.job.clone(), round: task.round, seed: task.seed };
+        if let Some(obj) = objective.as_mut() {
+            obj.begin_round(&ctx, &global, &table_to_entries(&task.server_config))?;
+        }
+        let (spec, params, seed) = (task.model.clone(), task.training.clone(), task.seed);
+        let (train_set, test_set) = (self.train.clone(), self.test.clone());
+        let label = format!("{} round {}", self.config.name, task.round);
+        let (objective, outcome, eval) = tokio::task::spawn_blocking(move || {
+            let eval = train::evaluate(&spec, &global, &test_set)?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} steps")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(label);
+            let mut objective = objective;
+            let outcome = train::train(&spec, &global, &train_set, &params, seed, objective.as_mut(), |s, t| {
+                bar.set_length(t);
+                bar.set_position(s);
+            });
+            bar.finish_and_clear();
+            Ok::<_, anyhow::Error>((objective, outcome?, eval))
+        })
+        .await??;
+        if let (Some(p), Some(obj)) = (&task.client_objective, objective) {
+            self.objectives.insert(p.digest.clone(), obj);
+        }
+        let metrics = UpdateMetrics {
+            eval_accuracy: eval.accuracy,
+            eval_loss: eval.loss,
+            eval_examples: eval.examples,
+            train_loss: outcome.loss,
+            penalty: outcome.penalty,
+            steps: outcome.steps,
+        };
+        let metrics_json = serde_json::to_string(&metrics)?;
+        let meta = HashMap::from([
+            (META_NUM_EXAMPLES.to_string(), outcome.examples.to_string()),
+            (META_METRICS.to_string(), metrics_json.clone()),
+        ]);
+        let bytes = model_io::encode(&outcome.model, Some(meta))?;
+        // Stored before it is sent: a restart re-sends this very update.
+        self.store.save_trained(&task.job, task.round, outcome.examples, &metrics_json, &bytes)?;
+        tracing::info!(node = %self.config.name, job = %task.job, round = task.round, eval_accuracy = eval.accuracy, train_loss = outcome.loss, "trained");
+        Ok(bytes)
+    }
+
+    async fn upload(&self, task: &Task, bytes: Vec<u8>) -> anyhow::Result<Upload> {
+        let path = format!("/v1/jobs/{}/rounds/{}/update", task.job, task.round);
+        let resp = self
+            .http
+            .post(self.url(&path))
+            .bearer_auth(&self.config.token)
+            .body(bytes)
+            .send()
+            .await
+            .with_context(|| format!("uploading to {path}"))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        match status {
+            s if s.is_success() => {
+                self.store.mark_uploaded(&task.job, task.round)?;
+                Ok(Upload::Done)
+            }
+            // Too late (the round closed without us) or refused for good: nothing to resend.
+            StatusCode::CONFLICT | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::PAYLOAD_TOO_LARGE => {
+                tracing::warn!(node = %self.config.name, round = task.round, "the cloud refused the update: {status}: {body}");
+                self.store.mark_uploaded(&task.job, task.round)?;
+                Ok(Upload::Done)
+            }
+            _ => {
+                tracing::warn!(node = %self.config.name, round = task.round, "upload failed, will retry: {status}: {body}");
+                Ok(Upload::Retry)
+            }
+        }
+    }
+}

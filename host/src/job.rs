@@ -1,0 +1,382 @@
+//! Federated-learning jobs in TOML: the schema, and validation whose errors name the file, the
+//! line and the key (syntax, unknown keys, types, ranges, plugin files, plugin configurations).
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::runtime::config::ConfigTable;
+use crate::runtime::{content_digest, AggregatorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
+use crate::train::{ModelSpec, OptimizerKind, TrainParams};
+
+/// A job file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub job: JobSection,
+    #[serde(default)]
+    pub rounds: RoundsSection,
+    pub stop: StopSection,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub training: TrainingSection,
+    pub aggregator: PluginSection,
+    pub client_objective: Option<PluginSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Unique name of the job on its cloud.
+    pub name: String,
+    /// Seed of the initial model, client selection and local shuffling.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundsSection {
+    /// Fewest clients a round runs with.
+    pub min_clients: usize,
+    /// Share of the available clients selected each round (at least `min_clients`).
+    pub fraction: f64,
+    /// Seconds after which a round closes with the updates that arrived (if at least
+    /// `min_clients` did).
+    pub deadline_secs: f64,
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        RoundsSection { min_clients: 1, fraction: 1.0, deadline_secs: 60.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StopSection {
+    /// Rounds to run at most.
+    pub rounds: u32,
+    /// Stop once the clients' weighted accuracy of the global model reaches this.
+    pub target_accuracy: Option<f64>,
+    /// Stop after this many seconds of wall time.
+    pub wall_secs: Option<f64>,
+}
+
+/// Training parameters, and per-node overrides (heterogeneous devices).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSection {
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub optimizer: OptimizerKind,
+    pub nodes: BTreeMap<String, TrainingOverride>,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        let d = TrainParams::default();
+        TrainingSection {
+            epochs: d.epochs,
+            batch_size: d.batch_size,
+            learning_rate: d.learning_rate,
+            optimizer: d.optimizer,
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingOverride {
+    pub epochs: Option<u32>,
+    pub batch_size: Option<usize>,
+    pub learning_rate: Option<f64>,
+    pub optimizer: Option<OptimizerKind>,
+}
+
+impl TrainingSection {
+    /// The parameters node `node` trains with.
+    pub fn for_node(&self, node: &str) -> TrainParams {
+        let o = self.nodes.get(node).cloned().unwrap_or_default();
+        TrainParams {
+            epochs: o.epochs.unwrap_or(self.epochs),
+            batch_size: o.batch_size.unwrap_or(self.batch_size),
+            learning_rate: o.learning_rate.unwrap_or(self.learning_rate),
+            optimizer: o.optimizer.unwrap_or(self.optimizer),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    /// Path of the component, relative to the job file.
+    pub plugin: Spanned<String>,
+    /// The plugin's own options, checked against its schema and by the plugin.
+    #[serde(default)]
+    pub config: BTreeMap<Spanned<String>, toml::Value>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mib: Option<usize>,
+}
+
+/// A plugin as the cloud and the edges get it: pinned by digest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PluginRef {
+    pub digest: String,
+    pub config: ConfigTable,
+    pub limits: Limits,
+}
+
+/// A validated job, as sent to the cloud.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub name: String,
+    pub seed: u64,
+    pub rounds: RoundsSection,
+    pub stop: StopSection,
+    pub model: ModelSpec,
+    pub training: TrainingSection,
+    pub aggregator: PluginRef,
+    pub client_objective: Option<PluginRef>,
+}
+
+/// A job file's error: where, which key, what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if let Some(key) = &self.key {
+            write!(f, "key `{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// 1-based line and column of byte `offset` in `source`.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+/// The dotted key written on the line holding `offset` (with its table header), if any.
+fn key_at(source: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(source.len());
+    let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = source[start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
+    let table = source[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(_), None) if line.trim().starts_with('[') => {
+            Some(line.trim().trim_matches(|c| c == '[' || c == ']').to_string())
+        }
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, offset: usize, key: Option<String>, message: impl Into<String>) -> JobError {
+        let (line, column) = line_col(self.text, offset);
+        JobError { file: self.path.to_path_buf(), line, column, key, message: message.into() }
+    }
+
+    /// An error at the first line that sets `key` (a dotted path), else at the start.
+    fn error_at_key(&self, key: &str, message: impl Into<String>) -> JobError {
+        let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+        let mut current = String::new();
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim();
+            if t.starts_with('[') {
+                current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            } else if current == table && t.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == leaf) {
+                return self.error(offset + (line.len() - line.trim_start().len()), Some(key.to_string()), message);
+            }
+            offset += line.len();
+        }
+        self.error(0, Some(key.to_string()), message)
+    }
+}
+
+fn check_ranges(job: &JobFile, src: &Source) -> Result<(), JobError> {
+    let bad = |key: &str, message: &str| Err(src.error_at_key(key, message));
+    if job.job.name.is_empty() || !job.job.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return bad("job.name", "must be letters, digits, '-' or '_'");
+    }
+    if job.rounds.min_clients == 0 {
+        return bad("rounds.min_clients", "must be at least 1");
+    }
+    if !(job.rounds.fraction > 0.0 && job.rounds.fraction <= 1.0) {
+        return bad("rounds.fraction", "must be in (0, 1]");
+    }
+    if !(job.rounds.deadline_secs.is_finite() && job.rounds.deadline_secs > 0.0) {
+        return bad("rounds.deadline_secs", "must be a positive number of seconds");
+    }
+    if job.stop.rounds == 0 {
+        return bad("stop.rounds", "must be at least 1");
+    }
+    if job.stop.target_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+        return bad("stop.target_accuracy", "must be in (0, 1]");
+    }
+    if job.stop.wall_secs.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
+        return bad("stop.wall_secs", "must be a positive number of seconds");
+    }
+    if let Err(e) = job.model.validate() {
+        return Err(src.error_at_key("model.kind", e.to_string()));
+    }
+    let check_params = |prefix: &str, p: &TrainParams| {
+        if p.epochs == 0 {
+            return Err(src.error_at_key(&format!("{prefix}.epochs"), "must be at least 1"));
+        }
+        if p.batch_size == 0 {
+            return Err(src.error_at_key(&format!("{prefix}.batch_size"), "must be at least 1"));
+        }
+        if !(p.learning_rate.is_finite() && p.learning_rate > 0.0) {
+            return Err(src.error_at_key(&format!("{prefix}.learning_rate"), "must be a positive number"));
+        }
+        Ok(())
+    };
+    check_params("training", &job.training.for_node(""))?;
+    for node in job.training.nodes.keys() {
+        check_params(&format!("training.nodes.{node}"), &job.training.for_node(node))?;
+    }
+    Ok(())
+}
+
+/// A job file read and checked, with the bytes of its plugins.
+pub struct LoadedJob {
+    pub spec: JobSpec,
+    /// Component bytes by digest.
+    pub components: BTreeMap<String, Vec<u8>>,
+}
+
+fn limits(section: &PluginSection) -> Limits {
+    let d = Limits::default();
+    Limits {
+        call_timeout: section.timeout_ms.map_or(d.call_timeout, Duration::from_millis),
+        memory_bytes: section.memory_mib.map_or(d.memory_bytes, |m| m << 20),
+        tensor_bytes: d.tensor_bytes,
+    }
+}
+
+fn read(path: &Path) -> Result<String, JobError> {
+    std::fs::read_to_string(path).map_err(|e| JobError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        key: None,
+        message: e.to_string(),
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(src: &Source) -> Result<T, JobError> {
+    toml::from_str(src.text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        src.error(offset, key_at(src.text, offset), e.message().trim().to_string())
+    })
+}
+
+/// Reads a TOML file into `T` (syntax, unknown keys and types checked), with errors naming the
+/// file, the line and the key.
+pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JobError> {
+    let text = read(path)?;
+    parse(&Source { path, text: &text })
+}
+
+/// Parses and validates the job file at `path`, loading its plugins into `runtime` to check
+/// their slots and configurations.
+pub fn load(path: &Path, runtime: &Runtime) -> Result<LoadedJob, JobError> {
+    let text = read(path)?;
+    let src = Source { path, text: &text };
+    let file: JobFile = parse(&src)?;
+    check_ranges(&file, &src)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut components = BTreeMap::new();
+    let mut load_plugin = |section: &PluginSection, table: &str| -> Result<PluginRef, JobError> {
+        let at_plugin =
+            |message: String| src.error(section.plugin.span().start, Some(format!("{table}.plugin")), message);
+        let file_path = base.join(section.plugin.get_ref());
+        let bytes =
+            std::fs::read(&file_path).map_err(|e| at_plugin(format!("cannot read {}: {e}", file_path.display())))?;
+        let config: ConfigTable = section.config.iter().map(|(k, v)| (k.get_ref().clone(), v.clone())).collect();
+        let limits = limits(section);
+        let loaded =
+            runtime.load_bytes(&bytes, &file_path.display().to_string()).map_err(|e| at_plugin(e.to_string()))?;
+        let checked = match table {
+            "aggregator" => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
+            _ => ObjectivePlugin::new(runtime, loaded, limits, &config).map(drop),
+        };
+        if let Err(e) = checked {
+            return Err(match e {
+                PluginError::InvalidConfig { key, message, plugin } => {
+                    let offset = section.config.keys().find(|k| *k.get_ref() == key).map(|k| k.span().start);
+                    let full = format!("{table}.config.{key}");
+                    let message = format!("plugin `{plugin}` refuses it: {message}");
+                    match offset {
+                        Some(o) => src.error(o, Some(full), message),
+                        None => src.error(section.plugin.span().start, Some(full), message),
+                    }
+                }
+                other => at_plugin(other.to_string()),
+            });
+        }
+        let digest = content_digest(&bytes);
+        components.insert(digest.clone(), bytes);
+        Ok(PluginRef { digest, config, limits })
+    };
+    let aggregator = load_plugin(&file.aggregator, "aggregator")?;
+    let client_objective = file.client_objective.as_ref().map(|s| load_plugin(s, "client_objective")).transpose()?;
+    let spec = JobSpec {
+        name: file.job.name,
+        seed: file.job.seed,
+        rounds: file.rounds,
+        stop: file.stop,
+        model: file.model,
+        training: file.training,
+        aggregator,
+        client_objective,
+    };
+    Ok(LoadedJob { spec, components })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_and_keys() {
+        let src = "[job]\nname = \"a\"\n\n[rounds]\nfraction = 2\n";
+        assert_eq!(line_col(src, src.find("fraction").expect("present")), (5, 1));
+        assert_eq!(key_at(src, src.find("2").expect("present")).as_deref(), Some("rounds.fraction"));
+        assert_eq!(key_at(src, 0).as_deref(), Some("job"));
+    }
+}

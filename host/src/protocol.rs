@@ -1,0 +1,228 @@
+//! What cloud and edges say to each other over HTTP (JSON for control, safetensors for tensors),
+//! and the configuration files of both roles.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::aggregate::Rejection;
+use crate::job::{JobError, JobSpec, PluginRef};
+use crate::runtime::bindings::types::{ConfigEntry, ConfigValue};
+use crate::runtime::config::ConfigTable;
+use crate::train::{ModelSpec, TrainParams};
+
+/// Safetensors header keys of an uploaded update.
+pub const META_NUM_EXAMPLES: &str = "nereid.num_examples";
+pub const META_METRICS: &str = "nereid.metrics";
+
+/// What a node should do now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Task {
+    pub job: String,
+    pub round: u32,
+    /// The global model to start from (version = round - 1).
+    pub model_version: u32,
+    /// Seed of this node's local training in this round.
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub training: TrainParams,
+    pub client_objective: Option<PluginRef>,
+    /// What the aggregator publishes to clients (FedProx's `mu`).
+    pub server_config: ConfigTable,
+    pub deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskResponse {
+    pub task: Option<Task>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UploadResponse {
+    /// "accepted", or "duplicate" for an update the cloud had already.
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Metrics an edge reports with its update.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UpdateMetrics {
+    /// Accuracy and loss of the round's global model on the node's local test split.
+    pub eval_accuracy: f64,
+    pub eval_loss: f64,
+    pub eval_examples: u64,
+    /// Training loss (last epoch) and the client objective's extra loss.
+    pub train_loss: f64,
+    pub penalty: f64,
+    pub steps: u64,
+}
+
+/// One closed round, as the cloud records it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundSummary {
+    pub round: u32,
+    pub participants: Vec<String>,
+    pub rejected: Vec<Rejection>,
+    /// Example-weighted accuracy of the round's starting model on the participants' test splits.
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub examples: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub closed_by: String,
+    pub aggregator_metrics: BTreeMap<String, f64>,
+    pub duration_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CurrentRound {
+    pub round: u32,
+    pub selected: Vec<String>,
+    pub received: Vec<String>,
+    pub deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub last_seen_ms: Option<i64>,
+    /// "uploaded", "training" (selected, no update yet), "idle" (not selected), or "offline".
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    pub name: String,
+    pub status: String,
+    pub reason: Option<String>,
+    /// Rounds closed so far (the newest model's version).
+    pub rounds_done: u32,
+    pub max_rounds: u32,
+    pub aggregator: String,
+    pub current: Option<CurrentRound>,
+    pub nodes: Vec<NodeStatus>,
+    pub history: Vec<RoundSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSummary {
+    pub name: String,
+    pub status: String,
+    pub rounds_done: u32,
+    pub max_rounds: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubmitJob {
+    pub spec: JobSpec,
+}
+
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token (32 bytes, hex).
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+pub fn config_value_to_toml(v: &ConfigValue) -> toml::Value {
+    match v {
+        ConfigValue::Boolean(b) => toml::Value::Boolean(*b),
+        ConfigValue::Integer(i) => toml::Value::Integer(*i),
+        ConfigValue::Float(f) => toml::Value::Float(*f),
+        ConfigValue::Text(t) => toml::Value::String(t.clone()),
+    }
+}
+
+/// Scalars of a table as plugin config entries (other values are skipped).
+pub fn table_to_entries(table: &ConfigTable) -> Vec<ConfigEntry> {
+    table
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                toml::Value::Boolean(b) => ConfigValue::Boolean(*b),
+                toml::Value::Integer(i) => ConfigValue::Integer(*i),
+                toml::Value::Float(f) => ConfigValue::Float(*f),
+                toml::Value::String(s) => ConfigValue::Text(s.clone()),
+                _ => return None,
+            };
+            Some(ConfigEntry { key: k.clone(), value })
+        })
+        .collect()
+}
+
+fn default_upload_mib() -> usize {
+    64
+}
+
+fn default_online_secs() -> f64 {
+    10.0
+}
+
+/// `cloud.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Address to listen on, e.g. "127.0.0.1:7000".
+    pub listen: String,
+    /// SQLite database of the cloud's state (relative to the config file).
+    pub state: PathBuf,
+    /// Bearer token of operators (`nereid job ...`).
+    pub admin_token: String,
+    /// Largest upload body, in MiB.
+    #[serde(default = "default_upload_mib")]
+    pub max_upload_mib: usize,
+    /// A node counts as available for selection if it polled within this many seconds.
+    #[serde(default = "default_online_secs")]
+    pub online_secs: f64,
+    /// Nodes and their tokens (more with `nereid token create`).
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub token: String,
+}
+
+fn default_poll_ms() -> u64 {
+    200
+}
+
+/// `edge.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// This node's name (as the cloud knows it).
+    pub name: String,
+    /// The cloud's base URL, e.g. "http://127.0.0.1:7000".
+    pub cloud: String,
+    /// This node's bearer token.
+    pub token: String,
+    /// Directory of the local data (see the README for its layout; relative to the config file).
+    pub data: PathBuf,
+    /// SQLite database of the edge's state (relative to the config file).
+    pub state: PathBuf,
+    /// How often to ask the cloud for work, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+/// Reads a TOML file into `T`, with errors naming the file, the line and the key; relative paths
+/// in it are resolved by the caller against the returned directory.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, PathBuf), JobError> {
+    let value = crate::job::parse_file(path)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((value, base))
+}

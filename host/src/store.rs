@@ -1,0 +1,376 @@
+//! State that must survive a crash, in SQLite (WAL, synchronous commits): the cloud's jobs,
+//! rounds, accepted updates, model versions, node tokens and components; an edge's trained
+//! updates. Everything is written before it is acknowledged.
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database: a job named `{0}` exists already")]
+    JobExists(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn open(path: &Path, schema: &str) -> Result<Connection> {
+    let fail = |source| StoreError::Open { path: path.display().to_string(), source };
+    let conn = Connection::open(path).map_err(fail)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(fail)?;
+    conn.execute_batch(schema).map_err(fail)?;
+    Ok(conn)
+}
+
+const CLOUD_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, last_seen_ms INTEGER);
+CREATE TABLE IF NOT EXISTS components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+    next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER);
+CREATE TABLE IF NOT EXISTS models (job TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL, PRIMARY KEY (job, version));
+CREATE TABLE IF NOT EXISTS rounds (
+    job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL, opened_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, PRIMARY KEY (job, round));
+CREATE TABLE IF NOT EXISTS updates (
+    job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL, bytes BLOB NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+";
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub name: String,
+    pub spec: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub next_round: u32,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundRow {
+    pub round: u32,
+    pub selected: Vec<String>,
+    pub opened_ms: i64,
+    pub deadline_ms: i64,
+    pub closed_ms: Option<i64>,
+    pub summary: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpdateRow {
+    pub node: String,
+    pub num_examples: u64,
+    pub metrics: String,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    Duplicate,
+}
+
+pub struct CloudStore {
+    conn: Mutex<Connection>,
+}
+
+impl CloudStore {
+    pub fn open(path: &Path) -> Result<CloudStore> {
+        Ok(CloudStore { conn: Mutex::new(open(path, CLOUD_SCHEMA)?) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_node_token(&self, node: &str, token_sha256: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO nodes (name, token_sha256) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
+            params![node, token_sha256],
+        )?;
+        Ok(())
+    }
+
+    pub fn node_for_token(&self, token_sha256: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT name FROM nodes WHERE token_sha256 = ?1", [token_sha256], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn touch_node(&self, node: &str, now: i64) -> Result<()> {
+        self.conn().execute("UPDATE nodes SET last_seen_ms = ?2 WHERE name = ?1", params![node, now])?;
+        Ok(())
+    }
+
+    /// Nodes seen at or after `since_ms`, by name.
+    pub fn nodes_seen_since(&self, since_ms: i64) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM nodes WHERE last_seen_ms >= ?1 ORDER BY name")?;
+        let rows = stmt.query_map([since_ms], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// All nodes with when they were last seen.
+    pub fn nodes(&self) -> Result<Vec<(String, Option<i64>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, last_seen_ms FROM nodes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        self.conn()
+            .execute("INSERT OR IGNORE INTO components (digest, bytes) VALUES (?1, ?2)", params![digest, bytes])?;
+        Ok(())
+    }
+
+    pub fn component(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT bytes FROM components WHERE digest = ?1", [digest], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Creates a job with its initial model (version 0), atomically.
+    pub fn insert_job(&self, name: &str, spec_json: &str, initial_model: &[u8]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM jobs WHERE name = ?1)", [name], |r| r.get(0))?;
+        if exists {
+            return Err(StoreError::JobExists(name.to_string()));
+        }
+        tx.execute(
+            "INSERT INTO jobs (name, spec, status, next_round, created_ms) VALUES (?1, ?2, 'running', 1, ?3)",
+            params![name, spec_json, now_ms()],
+        )?;
+        tx.execute("INSERT INTO models (job, version, bytes) VALUES (?1, 0, ?2)", params![name, initial_model])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            name: r.get(0)?,
+            spec: r.get(1)?,
+            status: r.get(2)?,
+            reason: r.get(3)?,
+            next_round: r.get(4)?,
+            created_ms: r.get(5)?,
+            finished_ms: r.get(6)?,
+        })
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, spec, status, reason, next_round, created_ms, finished_ms FROM jobs ORDER BY created_ms",
+        )?;
+        let rows = stmt.query_map([], Self::job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<JobRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, spec, status, reason, next_round, created_ms, finished_ms FROM jobs WHERE name = ?1",
+                [name],
+                Self::job_row,
+            )
+            .optional()?)
+    }
+
+    pub fn finish_job(&self, name: &str, status: &str, reason: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET status = ?2, reason = ?3, finished_ms = ?4 WHERE name = ?1 AND status = 'running'",
+            params![name, status, reason, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn model(&self, job: &str, version: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT bytes FROM models WHERE job = ?1 AND version = ?2", params![job, version], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn open_round(&self, job: &str, round: u32, selected: &[String], deadline_ms: i64) -> Result<()> {
+        let selected = serde_json::to_string(selected).expect("strings serialize");
+        self.conn().execute(
+            "INSERT OR IGNORE INTO rounds (job, round, selected, opened_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job, round, selected, now_ms(), deadline_ms],
+        )?;
+        Ok(())
+    }
+
+    fn round_row(r: &rusqlite::Row) -> rusqlite::Result<RoundRow> {
+        let selected: String = r.get(1)?;
+        Ok(RoundRow {
+            round: r.get(0)?,
+            selected: serde_json::from_str(&selected).unwrap_or_default(),
+            opened_ms: r.get(2)?,
+            deadline_ms: r.get(3)?,
+            closed_ms: r.get(4)?,
+            summary: r.get(5)?,
+        })
+    }
+
+    pub fn round(&self, job: &str, round: u32) -> Result<Option<RoundRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 AND round = ?2",
+                params![job, round],
+                Self::round_row,
+            )
+            .optional()?)
+    }
+
+    pub fn rounds(&self, job: &str) -> Result<Vec<RoundRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 ORDER BY round",
+        )?;
+        let rows = stmt.query_map([job], Self::round_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Persists an update; a second upload of the same (job, round, node) changes nothing.
+    pub fn insert_update(
+        &self,
+        job: &str,
+        round: u32,
+        node: &str,
+        num_examples: u64,
+        metrics: &str,
+        bytes: &[u8],
+    ) -> Result<Inserted> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO updates (job, round, node, num_examples, metrics, bytes, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![job, round, node, num_examples as i64, metrics, bytes, now_ms()],
+        )?;
+        Ok(if n == 1 { Inserted::New } else { Inserted::Duplicate })
+    }
+
+    /// Nodes with an update in a round, by name (the canonical fold order).
+    pub fn update_nodes(&self, job: &str, round: u32) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node FROM updates WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn update(&self, job: &str, round: u32, node: &str) -> Result<Option<UpdateRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT node, num_examples, metrics, bytes FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3",
+                params![job, round, node],
+                |r| {
+                    Ok(UpdateRow {
+                        node: r.get(0)?,
+                        num_examples: r.get::<_, i64>(1)? as u64,
+                        metrics: r.get(2)?,
+                        bytes: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Commits round `round`'s model as version `round`, closes the round and moves the job on,
+    /// in one transaction.
+    pub fn close_round(&self, job: &str, round: u32, model: &[u8], summary: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO models (job, version, bytes) VALUES (?1, ?2, ?3)",
+            params![job, round, model],
+        )?;
+        tx.execute(
+            "UPDATE rounds SET closed_ms = ?3, summary = ?4 WHERE job = ?1 AND round = ?2",
+            params![job, round, now_ms(), summary],
+        )?;
+        tx.execute("UPDATE jobs SET next_round = ?2 WHERE name = ?1", params![job, round + 1])?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+const EDGE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS trained (
+    job TEXT NOT NULL, round INTEGER NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
+    bytes BLOB NOT NULL, uploaded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job, round));
+";
+
+/// An edge's own state: the updates it trained, and whether the cloud acknowledged them.
+pub struct EdgeStore {
+    conn: Mutex<Connection>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainedRow {
+    pub num_examples: u64,
+    pub metrics: String,
+    pub bytes: Vec<u8>,
+    pub uploaded: bool,
+}
+
+impl EdgeStore {
+    pub fn open(path: &Path) -> Result<EdgeStore> {
+        Ok(EdgeStore { conn: Mutex::new(open(path, EDGE_SCHEMA)?) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn trained(&self, job: &str, round: u32) -> Result<Option<TrainedRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT num_examples, metrics, bytes, uploaded FROM trained WHERE job = ?1 AND round = ?2",
+                params![job, round],
+                |r| {
+                    Ok(TrainedRow {
+                        num_examples: r.get::<_, i64>(0)? as u64,
+                        metrics: r.get(1)?,
+                        bytes: r.get(2)?,
+                        uploaded: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn save_trained(&self, job: &str, round: u32, num_examples: u64, metrics: &str, bytes: &[u8]) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO trained (job, round, num_examples, metrics, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job, round, num_examples as i64, metrics, bytes],
+        )?;
+        Ok(())
+    }
+
+    pub fn mark_uploaded(&self, job: &str, round: u32) -> Result<()> {
+        self.conn().execute("UPDATE trained SET uploaded = 1 WHERE job = ?1 AND round = ?2", params![job, round])?;
+        Ok(())
+    }
+}
