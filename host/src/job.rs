@@ -180,6 +180,9 @@ fn key_at(source: &str, offset: usize) -> Option<String> {
     let offset = offset.min(source.len());
     let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = source[start..].lines().next().unwrap_or("");
+    if line.trim().starts_with('[') {
+        return Some(line.trim().trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    }
     let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
     let table = source[..start]
         .lines()

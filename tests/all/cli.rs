@@ -194,7 +194,7 @@ fn aggregate_errors_name_what_is_wrong() {
 #[test]
 fn demo_runs_both_plugins_and_checks_them() {
     let dir = tempfile::tempdir().expect("tmp");
-    let out = ok(nereid(dir.path(), &["demo", "--json"]));
+    let out = ok(nereid(dir.path(), &["plugin", "demo", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let runs = v["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2);
@@ -206,7 +206,7 @@ fn demo_runs_both_plugins_and_checks_them() {
     assert_eq!(runs[1]["published_to_clients"], serde_json::json!([["mu", "0.1"]]));
     let prox = &v["fedprox_client_term"];
     assert!((prox["penalty"].as_f64().expect("p") - prox["penalty_by_hand"].as_f64().expect("h")).abs() < 1e-9);
-    let human = ok(nereid(dir.path(), &["demo"]));
+    let human = ok(nereid(dir.path(), &["plugin", "demo"]));
     assert!(human.contains("fedavg") && human.contains("edge-nan"), "{human}");
 }
 

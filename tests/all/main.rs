@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod fedavg;
+mod federated;
 mod fedprox;
 mod sandbox;
 mod sdk;

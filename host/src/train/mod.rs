@@ -89,6 +89,20 @@ fn to_candle(t: &Tensor, dims: &[usize]) -> Result<CTensor, TrainError> {
     Ok(CTensor::from_slice(data, dims, &Device::Cpu)?)
 }
 
+enum Optim {
+    Sgd(SGD),
+    Adam(AdamW),
+}
+
+impl Optim {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        match self {
+            Optim::Sgd(o) => o.step(grads),
+            Optim::Adam(o) => o.step(grads),
+        }
+    }
+}
+
 /// Accuracy and mean cross-entropy of `model` on `data`.
 pub fn evaluate(spec: &ModelSpec, model: &NamedTensors, data: &Dataset) -> Result<Evaluation, TrainError> {
     if data.is_empty() {
@@ -131,20 +145,13 @@ pub fn train(
     }
     let net = Network::from_tensors(spec, global)?;
     let vars: Vec<_> = net.vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut optimizer: Box<dyn FnMut(&candle_core::backprop::GradStore) -> candle_core::Result<()>> =
-        match params.optimizer {
-            OptimizerKind::Sgd => {
-                let mut sgd = SGD::new(vars, params.learning_rate)?;
-                Box::new(move |g| sgd.step(g))
-            }
-            OptimizerKind::Adam => {
-                let mut adam = AdamW::new(
-                    vars,
-                    ParamsAdamW { lr: params.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() },
-                )?;
-                Box::new(move |g| adam.step(g))
-            }
-        };
+    let mut optimizer = match params.optimizer {
+        OptimizerKind::Sgd => Optim::Sgd(SGD::new(vars, params.learning_rate)?),
+        OptimizerKind::Adam => Optim::Adam(AdamW::new(
+            vars,
+            ParamsAdamW { lr: params.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() },
+        )?),
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let batches_per_epoch = data.len().div_ceil(params.batch_size) as u64;
     let total = batches_per_epoch * params.epochs as u64;
@@ -166,7 +173,7 @@ pub fn train(
                     grads.insert(var.as_tensor(), to_candle(&host_grad, var.dims())?);
                 }
             }
-            optimizer(&grads)?;
+            optimizer.step(&grads)?;
             step += 1;
             on_step(step, total);
         }

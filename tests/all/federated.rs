@@ -1,0 +1,493 @@
+//! Federated learning across processes on loopback: a cloud and edge hosts (this package's
+//! binary), faults (kill -9, a stopped process), and the API's refusals.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nereid::model_io;
+use nereid::protocol::{token_sha256, JobStatus, META_METRICS, META_NUM_EXAMPLES};
+use nereid::train::{Dataset, ModelSpec};
+use serde_json::Value;
+
+use crate::common::*;
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio").block_on(f)
+}
+
+/// (status, body) of an HTTP request.
+fn http(method: &str, url: &str, token: Option<&str>, body: Vec<u8>) -> (u16, Vec<u8>) {
+    block(async {
+        let client = reqwest::Client::new();
+        let mut req = client.request(method.parse().expect("method"), url).body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) => (r.status().as_u16(), r.bytes().await.map(|b| b.to_vec()).unwrap_or_default()),
+            Err(_) => (0, Vec::new()),
+        }
+    })
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    admin: String,
+    nodes: Vec<(String, String)>,
+    cloud: Option<Child>,
+    edges: Vec<Option<Child>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.cloud.iter_mut().chain(self.edges.iter_mut().flatten()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NEREID_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn nereid")
+}
+
+impl Cluster {
+    /// A cloud config and `edges` nodes with the digits split non-IID among them (fixed seeds).
+    fn new(edges: usize, cloud_extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let admin = "admin-secret".to_string();
+        let mut cloud = format!("listen = \"127.0.0.1:{port}\"\nstate = \"cloud.db\"\nadmin_token = \"{admin}\"\nonline_secs = 5\n{cloud_extra}\n");
+        let (pool, _) = Dataset::digits().holdout(0.2, 1);
+        let mut nodes = Vec::new();
+        for (i, part) in pool.dirichlet_split(edges, 1.0, 5).into_iter().enumerate() {
+            let name = format!("edge-{}", i + 1);
+            let token = format!("token-of-{name}");
+            let data = dir.path().join(&name).join("data");
+            std::fs::create_dir_all(&data).expect("mkdir");
+            let (tr, te) = part.holdout(0.2, i as u64);
+            tr.write_csv(&data.join("train.csv")).expect("csv");
+            te.write_csv(&data.join("test.csv")).expect("csv");
+            cloud.push_str(&format!("[nodes.{name}]\ntoken = \"{token}\"\n"));
+            std::fs::write(
+                dir.path().join(&name).join("edge.toml"),
+                format!("name = \"{name}\"\ncloud = \"http://127.0.0.1:{port}\"\ntoken = \"{token}\"\ndata = \"data\"\nstate = \"edge.db\"\npoll_ms = 50\n"),
+            )
+            .expect("edge.toml");
+            nodes.push((name, token));
+        }
+        std::fs::write(dir.path().join("cloud.toml"), cloud).expect("cloud.toml");
+        Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect() }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn start_cloud(&mut self) {
+        let log = self.path(&format!("cloud-{}.log", Instant::now().elapsed().as_nanos()));
+        self.cloud = Some(spawn(&["cloud"], &self.path("cloud.toml"), &log, &self.path("cache")));
+        let t = Instant::now();
+        while http("GET", &self.url("/v1/health"), None, Vec::new()).0 != 200 {
+            assert!(t.elapsed() < Duration::from_secs(30), "the cloud did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill_cloud(&mut self) {
+        let mut c = self.cloud.take().expect("cloud running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    fn start_edge(&mut self, i: usize) {
+        let name = &self.nodes[i].0;
+        let cfg = self.path(&format!("{name}/edge.toml"));
+        let log = self.path(&format!("{name}.log"));
+        self.edges[i] = Some(spawn(&["edge"], &cfg, &log, &self.path("cache")));
+    }
+
+    fn kill_edge(&mut self, i: usize) {
+        let mut c = self.edges[i].take().expect("edge running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    fn signal_edge(&self, i: usize, signal: &str) {
+        let pid = self.edges[i].as_ref().expect("edge running").id();
+        assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());
+    }
+
+    fn nereid(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nereid"))
+            .args(args)
+            .env("NEREID_CLOUD", self.url(""))
+            .env("NEREID_TOKEN", &self.admin)
+            .env("NEREID_CACHE_DIR", self.path("cache"))
+            .output()
+            .expect("run nereid")
+    }
+
+    fn apply(&self, name: &str, job: &str) {
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, job).expect("job file");
+        let out = self.nereid(&["job", "apply", path.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn status(&self, job: &str) -> JobStatus {
+        let (code, body) = http("GET", &self.url(&format!("/v1/jobs/{job}")), Some(&self.admin), Vec::new());
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("status json")
+    }
+
+    fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
+        let t = Instant::now();
+        loop {
+            let s = self.status(job);
+            if done(&s) {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "timed out waiting for {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn wait_done(&self, job: &str) -> JobStatus {
+        let s = self.wait_until(job, "the job to end", |s| s.status != "running");
+        assert_eq!(s.status, "done", "{s:?}");
+        s
+    }
+
+    fn model(&self, job: &str, version: u32) -> model_io::NamedTensors {
+        let (code, body) =
+            http("GET", &self.url(&format!("/v1/jobs/{job}/models/{version}")), Some(&self.admin), Vec::new());
+        assert_eq!(code, 200);
+        model_io::decode(&body, Path::new("model")).expect("model")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http("GET", &self.url("/metrics"), None, Vec::new());
+        let text = String::from_utf8(body).expect("utf-8");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+fn job_toml(name: &str, strategy: &str, rounds: u32, min_clients: usize, deadline: f64) -> String {
+    let plugin = plugin(strategy).display().to_string();
+    let objective =
+        if strategy == "fedprox" { format!("\n[client_objective]\nplugin = {plugin:?}\n") } else { String::new() };
+    format!(
+        "[job]\nname = \"{name}\"\nseed = 7\n\n[rounds]\nmin_clients = {min_clients}\nfraction = 1.0\ndeadline_secs = {deadline}\n\n\
+         [stop]\nrounds = {rounds}\n\n[model]\nkind = \"mlp\"\ninputs = 64\nhidden = [16]\nclasses = 10\n\n\
+         [training]\nepochs = 1\nbatch_size = 16\nlearning_rate = 0.1\noptimizer = \"sgd\"\n\n\
+         [training.nodes.edge-2]\nepochs = 2\n\n[aggregator]\nplugin = {plugin:?}\n{objective}"
+    )
+}
+
+/// A clean run of `rounds` rounds with 3 edges: the reference for the fault tests.
+fn reference_run(rounds: u32) -> model_io::NamedTensors {
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    c.apply("ref", &job_toml("digits", "fedavg", rounds, 3, 60.0));
+    c.wait_done("digits");
+    c.model("digits", rounds)
+}
+
+#[test]
+fn a_full_job_runs_across_processes_and_is_visible() {
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    c.apply("job", &job_toml("digits", "fedprox", 4, 3, 60.0));
+    let s = c.wait_done("digits");
+    assert_eq!((s.rounds_done, s.history.len()), (4, 4));
+    for h in &s.history {
+        assert_eq!(h.participants, vec!["edge-1", "edge-2", "edge-3"], "round {}", h.round);
+        assert!(h.bytes_up > 0 && h.bytes_down > 0 && h.examples > 0);
+        assert_eq!(h.closed_by, "quorum");
+    }
+    let acc: Vec<f64> = s.history.iter().map(|h| h.accuracy.expect("accuracy")).collect();
+    assert!(acc[3] > acc[0], "the global model improves: {acc:?}");
+    assert_eq!(s.history[0].aggregator_metrics.get("mu"), Some(&0.01), "fedprox's metrics reach the summary");
+    // Prometheus metrics and the CLI.
+    assert_eq!(c.metric("nereid_updates_accepted_total"), 12.0);
+    assert_eq!(c.metric("nereid_rounds_closed_total"), 4.0);
+    let out = c.nereid(&["job", "status", "digits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("rounds     4/4") && text.contains("edge-2"), "{text}");
+    let list = String::from_utf8_lossy(&c.nereid(&["job", "list", "--json"]).stdout).to_string();
+    let v: Value = serde_json::from_str(&list).expect("json");
+    assert_eq!(v[0]["status"], "done");
+}
+
+#[test]
+fn killing_the_cloud_mid_round_loses_nothing_and_changes_nothing() {
+    let rounds = 5;
+    let reference = reference_run(rounds);
+
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    c.apply("job", &job_toml("digits", "fedavg", rounds, 3, 60.0));
+    // Kill -9 while round 3 has some but not all updates, or as close to that as we get.
+    let before = c.wait_until("digits", "round 3 to receive an update", |s| {
+        s.current.as_ref().is_some_and(|r| r.round == 3 && !r.received.is_empty()) || s.rounds_done >= 3
+    });
+    c.kill_cloud();
+    assert!(before.rounds_done < rounds, "killed while the job was running: {before:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_cloud();
+    let s = c.wait_done("digits");
+    assert_eq!(s.rounds_done, rounds);
+    for h in &s.history {
+        assert_eq!(h.participants.len(), 3, "round {}: every update counted once", h.round);
+    }
+    assert_eq!(c.model("digits", rounds), reference, "bit-identical to the run without the crash");
+}
+
+#[test]
+fn an_edge_killed_mid_job_rejoins_and_the_result_is_unchanged() {
+    let rounds = 4;
+    let reference = reference_run(rounds);
+
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    c.apply("job", &job_toml("digits", "fedavg", rounds, 3, 60.0));
+    let before =
+        c.wait_until("digits", "round 2", |s| s.current.as_ref().is_some_and(|r| r.round == 2) || s.rounds_done >= 2);
+    c.kill_edge(1);
+    assert!(before.rounds_done < rounds, "killed while the job was running: {before:?}");
+    std::thread::sleep(Duration::from_millis(400));
+    c.start_edge(1);
+    let s = c.wait_done("digits");
+    assert!(s.history.iter().all(|h| h.participants.len() == 3));
+    assert_eq!(c.model("digits", rounds), reference);
+}
+
+#[test]
+fn a_straggler_is_left_out_after_the_deadline_and_catches_up() {
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    c.apply("job", &job_toml("digits", "fedavg", 5, 2, 1.5));
+    c.wait_until("digits", "round 1 to close", |s| s.rounds_done >= 1);
+    c.signal_edge(2, "-STOP");
+    c.wait_until("digits", "a round without edge-3", |s| s.history.iter().any(|h| h.closed_by == "deadline"));
+    c.signal_edge(2, "-CONT");
+    let s = c.wait_done("digits");
+    let late = s.history.iter().find(|h| h.closed_by == "deadline").expect("a deadline round");
+    assert_eq!(late.participants, vec!["edge-1", "edge-2"], "closed without the straggler");
+    let last = s.history.last().expect("rounds");
+    assert_eq!(last.participants.len(), 3, "the straggler is back: {:?}", s.history);
+}
+
+/// The test plays two nodes by hand against a cloud.
+#[test]
+fn duplicates_replays_unauthorized_oversized_and_malformed_uploads() {
+    let mut c = Cluster::new(2, "max_upload_mib = 1");
+    c.start_cloud();
+    c.apply("job", &job_toml("digits", "fedavg", 1, 2, 60.0));
+    let (a, b) = (c.nodes[0].1.clone(), c.nodes[1].1.clone());
+    // Both nodes poll until the round opens with them.
+    let t = Instant::now();
+    loop {
+        let (_, ta) = http("GET", &c.url("/v1/task"), Some(&a), Vec::new());
+        http("GET", &c.url("/v1/task"), Some(&b), Vec::new());
+        let v: Value = serde_json::from_slice(&ta).expect("task");
+        if !v["task"].is_null() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no task");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![16], classes: 10 };
+    let update = |n: u64| {
+        let meta = std::collections::HashMap::from([
+            (META_NUM_EXAMPLES.to_string(), n.to_string()),
+            (META_METRICS.to_string(), "{\"eval_accuracy\":0.5,\"eval_loss\":1.0,\"eval_examples\":10,\"train_loss\":1.0,\"penalty\":0.0,\"steps\":1}".to_string()),
+        ]);
+        model_io::encode(&spec.init(n), Some(meta)).expect("encode")
+    };
+    let up = c.url("/v1/jobs/digits/rounds/1/update");
+    let accepted = || c.metric("nereid_updates_accepted_total");
+
+    assert_eq!(http("POST", &up, None, update(10)).0, 401, "no token");
+    assert_eq!(http("POST", &up, Some("forged"), update(10)).0, 401, "wrong token");
+    assert_eq!(http("POST", &up, Some(&c.admin), update(10)).0, 403, "the operator is not a node");
+    assert_eq!(http("POST", &up, Some(&a), vec![0u8; 2 << 20]).0, 413, "over max_upload_mib");
+    let (code, body) = http("POST", &up, Some(&a), b"not safetensors".to_vec());
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    let wrong =
+        model_io::encode(&ModelSpec::Mlp { inputs: 64, hidden: vec![8], classes: 10 }.init(1), None).expect("encode");
+    let (code, body) = http("POST", &up, Some(&a), wrong);
+    assert_eq!(code, 400);
+    assert!(String::from_utf8_lossy(&body).contains("dense.0.weight"), "{}", String::from_utf8_lossy(&body));
+    assert_eq!(accepted(), 0.0, "refused requests change nothing");
+
+    let (code, body) = http("POST", &up, Some(&a), update(10));
+    assert_eq!((code, String::from_utf8_lossy(&body).contains("accepted")), (200, true));
+    let (code, body) = http("POST", &up, Some(&a), update(10));
+    assert_eq!((code, String::from_utf8_lossy(&body).contains("duplicate")), (200, true), "a retry is acknowledged");
+    assert_eq!(accepted(), 1.0);
+    assert_eq!(http("POST", &up, Some(&b), update(30)).0, 200);
+    let s = c.wait_done("digits");
+    assert_eq!(s.history[0].participants, vec!["edge-1", "edge-2"]);
+    assert_eq!(s.history[0].examples, 40, "10 + 30: the duplicate counted once");
+    // A replay after the round closed is still only acknowledged.
+    let (code, body) = http("POST", &up, Some(&a), update(10));
+    assert_eq!((code, String::from_utf8_lossy(&body).contains("duplicate")), (200, true));
+    assert_eq!(accepted(), 2.0);
+    assert_eq!(c.metric("nereid_unauthorized_requests_total"), 2.0);
+    // Tokens can also be issued by the CLI into the cloud's state.
+    let out = c.nereid(&["token", "create", "edge-9", "--config", c.path("cloud.toml").to_str().expect("utf-8")]);
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(token.len(), 64);
+    assert_eq!(http("GET", &c.url("/v1/task"), Some(&token), Vec::new()).0, 200);
+    assert_ne!(token_sha256(&token), token);
+}
+
+fn apply_error(job: &str) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, job).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(["job", "apply", "--dry-run", "--token", "x"])
+        .arg(&path)
+        .env("NEREID_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "should fail: {job}");
+    String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "job.toml")
+}
+
+#[test]
+fn bad_job_files_are_refused_naming_file_line_and_key() {
+    let good = job_toml("digits", "fedprox", 3, 2, 10.0);
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, &good).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(["job", "apply", "--dry-run", "--token", "x"])
+        .arg(&path)
+        .env("NEREID_CACHE_DIR", dir.path().join("cache"))
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let line_of = |needle: &str, text: &str| text.lines().position(|l| l.contains(needle)).expect("needle") + 1;
+    let unknown = good.replace("fraction = 1.0", "fraction = 1.0\nfractoin = 0.5");
+    let e = apply_error(&unknown);
+    assert!(
+        e.contains(&format!(
+            "job.toml:{}:1: key `rounds.fractoin`: unknown field `fractoin`",
+            line_of("fractoin", &unknown)
+        )),
+        "{e}"
+    );
+
+    let wrong_type = good.replace("rounds = 3", "rounds = \"three\"");
+    let e = apply_error(&wrong_type);
+    assert!(
+        e.contains(&format!("job.toml:{}:", line_of("\"three\"", &wrong_type))) && e.contains("key `stop.rounds`"),
+        "{e}"
+    );
+
+    let range = good.replace("fraction = 1.0", "fraction = 1.5");
+    let e = apply_error(&range);
+    assert!(
+        e.contains(&format!("job.toml:{}:1: key `rounds.fraction`: must be in (0, 1]", line_of("fraction", &range))),
+        "{e}"
+    );
+
+    let missing = good.replacen(&plugin("fedprox").display().to_string(), "/nonexistent/agg.wasm", 1);
+    let e = apply_error(&missing);
+    assert!(
+        e.contains(&format!("job.toml:{}:", line_of("nonexistent", &missing)))
+            && e.contains("key `aggregator.plugin`: cannot read /nonexistent/agg.wasm"),
+        "{e}"
+    );
+
+    let rejected = good.replace("[client_objective]", "[aggregator.config]\nmu = -1.0\n\n[client_objective]");
+    let e = apply_error(&rejected);
+    assert!(
+        e.contains(&format!(
+            "job.toml:{}:1: key `aggregator.config.mu`: plugin `fedprox` refuses it",
+            line_of("mu = -1.0", &rejected)
+        )),
+        "{e}"
+    );
+
+    let fedprox = format!("{:?}", plugin("fedprox").display().to_string());
+    let fedavg = format!("{:?}", plugin("fedavg").display().to_string());
+    let wrong_slot = good
+        .replace(&format!("[client_objective]\nplugin = {fedprox}"), &format!("[client_objective]\nplugin = {fedavg}"));
+    let e = apply_error(&wrong_slot);
+    assert!(
+        e.contains("key `client_objective.plugin`") && e.contains("expected world `client-objective-plugin`"),
+        "{e}"
+    );
+
+    let e = apply_error(&good.replace("kind = \"mlp\"", "kind = \"transformer\""));
+    assert!(e.contains("key `model.kind`"), "{e}");
+}
+
+#[test]
+fn fedprox_client_term_changes_local_training() {
+    use nereid::runtime::bindings::types::{ConfigEntry, ConfigValue};
+    use nereid::runtime::{Limits, ObjectivePlugin, RoundContext};
+    use nereid::train::{train, OptimizerKind, TrainParams};
+
+    let (data, _) = Dataset::digits().holdout(0.5, 3);
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![16], classes: 10 };
+    let global = spec.init(1);
+    let params = TrainParams { epochs: 3, batch_size: 16, learning_rate: 0.1, optimizer: OptimizerKind::Sgd };
+    let (rt, _dir) = runtime();
+    let run = |mu: Option<f64>| {
+        let mut obj = mu.map(|mu| {
+            let mut p = ObjectivePlugin::load(&rt, &plugin("fedprox"), Limits::default(), &Default::default())
+                .expect("fedprox");
+            let server = vec![ConfigEntry { key: "mu".into(), value: ConfigValue::Float(mu) }];
+            p.begin_round(&RoundContext::default(), &global, &server).expect("begin");
+            p
+        });
+        train(&spec, &global, &data, &params, 11, obj.as_mut(), |_, _| {}).expect("train")
+    };
+    let distance = |m: &model_io::NamedTensors| -> f64 {
+        m.iter()
+            .zip(&global)
+            .map(|((_, a), (_, b))| {
+                a.to_f64_vec().iter().zip(b.to_f64_vec()).map(|(x, y)| (x - y).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let plain = run(None);
+    assert_eq!(run(Some(0.0)).model, plain.model, "mu = 0 is plain training");
+    let prox = run(Some(1.0));
+    assert_ne!(prox.model, plain.model);
+    assert!(
+        distance(&prox.model) < 0.8 * distance(&plain.model),
+        "the proximal term keeps w near w_global: {} vs {}",
+        distance(&prox.model),
+        distance(&plain.model)
+    );
+    assert!(prox.penalty > 0.0);
+}
