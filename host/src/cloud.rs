@@ -75,7 +75,14 @@ pub struct Cloud {
     aggregators: Mutex<HashMap<String, Arc<Mutex<AggregatorPlugin>>>>,
     client_config: Mutex<HashMap<String, crate::runtime::config::ConfigTable>>,
     wake: tokio::sync::Notify,
+    /// Upload bodies held in memory at once; further uploads wait (TCP backpressure), which
+    /// bounds the cloud's memory whatever the number of clients.
+    upload_slots: tokio::sync::Semaphore,
+    max_upload: usize,
 }
+
+/// Upload bodies read at once.
+const UPLOAD_SLOTS: usize = 4;
 
 enum Caller {
     Admin,
@@ -247,9 +254,10 @@ async fn upload(
     State(cloud): State<Arc<Cloud>>,
     headers: HeaderMap,
     UrlPath((job, round)): UrlPath<(String, u32)>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<UploadResponse>> {
     let node = cloud.node(&headers)?;
+    let _slot = cloud.upload_slots.acquire().await.map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let refused = |status: StatusCode, message: String| {
         cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
         err(status, message)
@@ -259,11 +267,11 @@ async fn upload(
         .store
         .round(&job, round)?
         .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
+    if cloud.store.update(&job, round, &node)?.is_some() {
+        cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+        return Ok(Json(UploadResponse { status: "duplicate".into() }));
+    }
     if r.closed_ms.is_some() {
-        if cloud.store.update(&job, round, &node)?.is_some() {
-            cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
-            return Ok(Json(UploadResponse { status: "duplicate".into() }));
-        }
         return Err(refused(
             StatusCode::CONFLICT,
             format!("round {round} of job `{job}` is closed; the job is at round {}", row.next_round),
@@ -273,28 +281,48 @@ async fn upload(
         return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
     }
     let spec = spec_of(&row)?;
-    let tensors = model_io::decode(&body, Path::new(&format!("update from `{node}`")))
-        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
-    if let Err(e) = spec.model.check(&tensors) {
-        return Err(refused(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}")));
+    // Streamed to its file and fsynced: the cloud holds no more than a chunk of an update.
+    let path = cloud.store.new_update_file(&job, round, &node);
+    let written = receive(body, &path, cloud.max_upload).await;
+    let fail = |e: ApiError| {
+        let _ = std::fs::remove_file(&path);
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        e
+    };
+    let len = written.map_err(fail)?;
+    let origin = format!("update from `{node}`");
+    let header = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut f =
+                std::fs::File::open(&path).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            model_io::read_header(&mut f, len, Path::new(&origin))
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))
+        })
+        .await
+        .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+        .map_err(fail)?
+    };
+    let layout: Vec<_> = header.tensors.iter().map(|(n, d, s, _)| (n.clone(), *d, s.clone())).collect();
+    if let Err(e) = spec.model.check_layout(&layout) {
+        return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
     }
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&body).map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let num_examples: u64 = meta
+    let num_examples: u64 = header
+        .metadata
         .get(META_NUM_EXAMPLES)
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| refused(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`")))?;
-    let metrics = meta.get(META_METRICS).cloned().unwrap_or_else(|| "{}".into());
+        .ok_or_else(|| fail(err(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`"))))?;
+    let metrics = header.metadata.get(META_METRICS).cloned().unwrap_or_else(|| "{}".into());
     if serde_json::from_str::<UpdateMetrics>(&metrics).is_err() {
-        return Err(refused(StatusCode::BAD_REQUEST, format!("`{META_METRICS}` is not valid metrics JSON")));
+        return Err(fail(err(StatusCode::BAD_REQUEST, format!("`{META_METRICS}` is not valid metrics JSON"))));
     }
-    // Persisted (synchronously) before the acknowledgement.
-    let inserted = cloud.store.insert_update(&job, round, &node, num_examples, &metrics, &body)?;
+    // The file is durable; committing its row makes the update accepted.
+    let inserted = cloud.store.insert_update(&job, round, &node, num_examples, &metrics, &path)?;
+    let body_len = len;
     let status = match inserted {
         Inserted::New => {
             cloud.counters.updates_accepted.fetch_add(1, Ordering::Relaxed);
-            cloud.traffic(&job, round, body.len() as u64, 0);
+            cloud.traffic(&job, round, body_len, 0);
             cloud.wake.notify_waiters();
             "accepted"
         }
@@ -304,6 +332,29 @@ async fn upload(
         }
     };
     Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// Streams a request body into `path` (at most `max` bytes) and fsyncs it; returns its length.
+async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let internal = |e: std::io::Error| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")))?;
+        total += chunk.len();
+        if total > max {
+            return Err(err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the update is larger than the cloud's limit of {max} bytes"),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.sync_all().await.map_err(internal)?;
+    Ok(total as u64)
 }
 
 async fn submit_job(
@@ -466,14 +517,16 @@ fn aggregate(
         .model(&spec.name, round - 1)?
         .ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?;
     let global = model_io::decode(&global_bytes, Path::new("global model"))?;
+    drop(global_bytes);
     let nodes = cloud.store.update_nodes(&spec.name, round)?;
     let plugin = cloud.aggregator(spec)?;
     let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
     let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
-    let metrics_of: HashMap<String, (u64, UpdateMetrics)> = nodes
-        .iter()
-        .filter_map(|n| cloud.store.update(&spec.name, round, n).ok().flatten())
-        .map(|u| (u.node.clone(), (u.num_examples, parse_metrics(&u.metrics))))
+    let metrics_of: HashMap<String, (u64, UpdateMetrics)> = cloud
+        .store
+        .update_metrics(&spec.name, round)?
+        .into_iter()
+        .map(|(node, n, metrics)| (node, (n, parse_metrics(&metrics))))
         .collect();
     let load = |i: usize| {
         let node = &nodes[i];
@@ -483,7 +536,7 @@ fn aggregate(
             .update(&spec.name, round, node)
             .map_err(|e| reject(e.to_string()))?
             .ok_or_else(|| reject("gone".into()))?;
-        let tensors = model_io::decode(&row.bytes, Path::new(node)).map_err(|e| reject(e.to_string()))?;
+        let tensors = model_io::read(&row.file).map_err(|e| reject(e.to_string()))?;
         Ok(ClientUpdate {
             client: node.clone(),
             kind: UpdateKind::Weights,
@@ -501,7 +554,9 @@ fn aggregate(
             report.result.metrics.into_iter().collect(),
         ),
         // Nothing usable arrived: the global model stays as it was.
-        Err(RoundError::NothingAccepted(rejected)) => (global_bytes, Vec::new(), rejected, BTreeMap::new()),
+        Err(RoundError::NothingAccepted(rejected)) => {
+            (model_io::encode(&global, None)?, Vec::new(), rejected, BTreeMap::new())
+        }
         Err(e) => return Err(e.into()),
     };
     let weighted = |f: &dyn Fn(&UpdateMetrics) -> f64, w: &dyn Fn(&(u64, UpdateMetrics)) -> u64| {
@@ -604,6 +659,8 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let summary_json = serde_json::to_string(&summary)?;
         cloud.store.close_round(name, r, &model, &summary_json)?;
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
+        let c = cloud.clone();
+        tokio::task::spawn_blocking(move || c.store.collect_update_files()).await??;
         if let Ok(mut t) = cloud.traffic.lock() {
             t.remove(&(name.to_string(), r));
         }
@@ -630,10 +687,12 @@ async fn wait(cloud: &Cloud) {
 /// Opens the state, registers the configured node tokens, resumes running jobs and serves the
 /// API until the process ends.
 pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    return_large_buffers_to_the_os();
     let store = CloudStore::open(&base.join(&config.state))?;
     for (node, entry) in &config.nodes {
         store.set_node_token(node, &token_sha256(&entry.token))?;
     }
+    store.collect_update_files()?;
     let cloud = Arc::new(Cloud {
         store,
         runtime: Runtime::new(cache_dir)?,
@@ -644,6 +703,8 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
         aggregators: Mutex::new(HashMap::new()),
         client_config: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
+        upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
+        max_upload: config.max_upload_mib << 20,
     });
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -652,12 +713,24 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
         tracing::info!(job = %row.name, round = row.next_round, "resuming job");
         tokio::spawn(run_job(cloud.clone(), row.name.clone()));
     }
-    let app = router(cloud, config.max_upload_mib << 20);
+    let app = router(cloud.clone(), cloud.max_upload);
     let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     tracing::info!("cloud listening on {}", listener.local_addr()?);
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// Model-sized buffers come and go every round; glibc would keep freed ones in per-thread
+/// arenas (RSS that never shrinks). Serving them with mmap returns them to the OS on free.
+fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before other threads
+    // allocate model-sized buffers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {

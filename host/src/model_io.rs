@@ -72,9 +72,138 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError>
         .collect()
 }
 
+/// Names, element types and shapes from the header alone (no element is read).
+pub fn layout(bytes: &[u8], origin: &Path) -> Result<Vec<(String, DType, Vec<u64>)>, ModelIoError> {
+    let format =
+        |e: safetensors::SafeTensorError| ModelIoError::Format { path: origin.to_path_buf(), message: e.to_string() };
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(format)?;
+    let infos = metadata.tensors();
+    metadata
+        .offset_keys()
+        .into_iter()
+        .map(|name| {
+            let info = infos[&name];
+            let dtype = from_safetensors(info.dtype).ok_or_else(|| ModelIoError::UnsupportedDtype {
+                path: origin.to_path_buf(),
+                tensor: name.clone(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+            Ok((name, dtype, info.shape.iter().map(|d| *d as u64).collect()))
+        })
+        .collect()
+}
+
+/// The header of a safetensors file: each tensor's name, type, shape and byte range (relative to
+/// the data section), in data order; the metadata; where the data section starts.
+pub struct Header {
+    pub tensors: Vec<(String, DType, Vec<u64>, std::ops::Range<usize>)>,
+    pub metadata: HashMap<String, String>,
+    pub data_start: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (usize, usize),
+}
+
+fn dtype_named(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F64" => DType::F64,
+        "I32" => DType::I32,
+        "I64" => DType::I64,
+        "U8" => DType::U8,
+        "I8" => DType::I8,
+        _ => return None,
+    })
+}
+
+/// Reads and checks the header of the safetensors file `file` of `len` bytes, leaving the
+/// reader at the start of the data.
+pub fn read_header(file: &mut impl std::io::Read, len: u64, origin: &Path) -> Result<Header, ModelIoError> {
+    let bad = |message: String| ModelIoError::Format { path: origin.to_path_buf(), message };
+    let io = |source| ModelIoError::Io { path: origin.to_path_buf(), source };
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > len {
+        return Err(bad(format!("a header of {n} bytes does not fit a file of {len}")));
+    }
+    let mut json = vec![0u8; n as usize];
+    file.read_exact(&mut json).map_err(io)?;
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
+    let mut metadata = HashMap::new();
+    let mut tensors = Vec::new();
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(value).map_err(|e| bad(format!("__metadata__: {e}")))?;
+            continue;
+        }
+        let e: RawEntry = serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let dtype = dtype_named(&e.dtype).ok_or_else(|| ModelIoError::UnsupportedDtype {
+            path: origin.to_path_buf(),
+            tensor: name.clone(),
+            dtype: e.dtype.clone(),
+        })?;
+        let want = crate::tensor::numel(&e.shape).and_then(|c| c.checked_mul(dtype.size() as u64));
+        let (start, end) = e.data_offsets;
+        if end < start || want != Some((end - start) as u64) {
+            return Err(bad(format!("tensor `{name}`: its byte range does not match its shape")));
+        }
+        tensors.push((name, dtype, e.shape, start..end));
+    }
+    tensors.sort_by_key(|t| t.3.start);
+    let data_len = len - 8 - n;
+    let mut expected = 0;
+    for t in &tensors {
+        if t.3.start != expected {
+            return Err(bad(format!("tensor `{}`: the data is not contiguous", t.0)));
+        }
+        expected = t.3.end;
+    }
+    if expected as u64 != data_len {
+        return Err(bad(format!("the data section has {data_len} bytes, the tensors take {expected}")));
+    }
+    Ok(Header { tensors, metadata, data_start: 8 + n as usize })
+}
+
+/// Reads a safetensors file tensor by tensor, in bounded chunks: memory for the decoded tensors
+/// only, and the all-finite flag found on the way.
 pub fn read(path: &Path) -> Result<NamedTensors, ModelIoError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelIoError::Io { path: path.to_path_buf(), source })?;
-    decode(&bytes, path)
+    use std::io::Read;
+    let io = |source| ModelIoError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let header = read_header(&mut reader, len, path)?;
+    let mut chunk = vec![0u8; 1 << 16];
+    header
+        .tensors
+        .into_iter()
+        .map(|(name, dtype, shape, range)| {
+            let mut bytes_left = range.len();
+            let mut buffer = Buffer::with_capacity(dtype, range.len() / dtype.size());
+            let mut finite = true;
+            // Chunks are a multiple of every element size, so elements never straddle two.
+            while bytes_left > 0 {
+                let take = bytes_left.min(chunk.len());
+                reader.read_exact(&mut chunk[..take]).map_err(io)?;
+                finite &= buffer.append_le(&chunk[..take]).ok_or_else(|| ModelIoError::Format {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: data is not whole elements"),
+                })?;
+                bytes_left -= take;
+            }
+            let tensor = Tensor::with_finite(shape, buffer, Some(finite)).ok_or_else(|| ModelIoError::Format {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: data does not match the shape"),
+            })?;
+            Ok((name, tensor))
+        })
+        .collect()
 }
 
 struct View<'a> {
@@ -90,7 +219,7 @@ impl safetensors::View for View<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.tensor.buffer().to_le_bytes())
+        self.tensor.buffer().le_bytes()
     }
     fn data_len(&self) -> usize {
         self.tensor.byte_len()

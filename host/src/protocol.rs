@@ -49,8 +49,9 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Metrics an edge reports with its update.
+/// Metrics an edge reports with its update (each optional).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct UpdateMetrics {
     /// Accuracy and loss of the round's global model on the node's local test split.
     pub eval_accuracy: f64,

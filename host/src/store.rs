@@ -1,7 +1,7 @@
 //! State that must survive a crash, in SQLite (WAL, synchronous commits): the cloud's jobs,
 //! rounds, accepted updates, model versions, node tokens and components; an edge's trained
 //! updates. Everything is written before it is acknowledged.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -14,6 +14,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("state database: a job named `{0}` exists already")]
     JobExists(String),
+    #[error("update files {path}: {source}")]
+    Files { path: PathBuf, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -45,7 +47,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, PRIMARY KEY (job, round));
 CREATE TABLE IF NOT EXISTS updates (
     job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
-    metrics TEXT NOT NULL, bytes BLOB NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+    metrics TEXT NOT NULL, file TEXT NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
 ";
 
 #[derive(Debug, Clone)]
@@ -74,7 +76,8 @@ pub struct UpdateRow {
     pub node: String,
     pub num_examples: u64,
     pub metrics: String,
-    pub bytes: Vec<u8>,
+    /// The update's safetensors file, under the store's update directory.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +86,19 @@ pub enum Inserted {
     Duplicate,
 }
 
+/// The cloud's state: SQLite for everything but the updates' tensors, which are files next to it
+/// (written and fsynced before their row commits), as SQLite advises for large blobs.
 pub struct CloudStore {
     conn: Mutex<Connection>,
+    updates_dir: PathBuf,
 }
 
 impl CloudStore {
     pub fn open(path: &Path) -> Result<CloudStore> {
-        Ok(CloudStore { conn: Mutex::new(open(path, CLOUD_SCHEMA)?) })
+        let updates_dir = path.with_extension("updates");
+        std::fs::create_dir_all(&updates_dir)
+            .map_err(|e| StoreError::Files { path: updates_dir.clone(), source: e })?;
+        Ok(CloudStore { conn: Mutex::new(open(path, CLOUD_SCHEMA)?), updates_dir })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -252,7 +261,14 @@ impl CloudStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Persists an update; a second upload of the same (job, round, node) changes nothing.
+    /// A fresh path for an arriving update's file.
+    pub fn new_update_file(&self, job: &str, round: u32, node: &str) -> PathBuf {
+        use rand::RngCore;
+        self.updates_dir.join(format!("{job}.{round}.{node}.{:016x}.safetensors", rand::rngs::OsRng.next_u64()))
+    }
+
+    /// Records an update whose file (from `new_update_file`) is written and fsynced; a second
+    /// upload of the same (job, round, node) changes nothing and its file is removed.
     pub fn insert_update(
         &self,
         job: &str,
@@ -260,14 +276,44 @@ impl CloudStore {
         node: &str,
         num_examples: u64,
         metrics: &str,
-        bytes: &[u8],
+        file: &Path,
     ) -> Result<Inserted> {
+        let name = file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let n = self.conn().execute(
-            "INSERT OR IGNORE INTO updates (job, round, node, num_examples, metrics, bytes, received_ms)
+            "INSERT OR IGNORE INTO updates (job, round, node, num_examples, metrics, file, received_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![job, round, node, num_examples as i64, metrics, bytes, now_ms()],
+            params![job, round, node, num_examples as i64, metrics, name, now_ms()],
         )?;
-        Ok(if n == 1 { Inserted::New } else { Inserted::Duplicate })
+        if n == 1 {
+            Ok(Inserted::New)
+        } else {
+            let _ = std::fs::remove_file(file);
+            Ok(Inserted::Duplicate)
+        }
+    }
+
+    /// Deletes update files no row refers to (left by a crash between a file and its row) and
+    /// the files of closed rounds (their models are committed).
+    pub fn collect_update_files(&self) -> Result<usize> {
+        let keep: std::collections::HashSet<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(
+                "SELECT u.file FROM updates u JOIN rounds r ON r.job = u.job AND r.round = u.round WHERE r.closed_ms IS NULL",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut removed = 0;
+        let entries = std::fs::read_dir(&self.updates_dir)
+            .map_err(|e| StoreError::Files { path: self.updates_dir.clone(), source: e })?;
+        for entry in entries.flatten() {
+            if !keep.contains(&entry.file_name().to_string_lossy().to_string())
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Nodes with an update in a round, by name (the canonical fold order).
@@ -282,18 +328,27 @@ impl CloudStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT node, num_examples, metrics, bytes FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3",
+                "SELECT node, num_examples, metrics, file FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3",
                 params![job, round, node],
                 |r| {
                     Ok(UpdateRow {
                         node: r.get(0)?,
                         num_examples: r.get::<_, i64>(1)? as u64,
                         metrics: r.get(2)?,
-                        bytes: r.get(3)?,
+                        file: self.updates_dir.join(r.get::<_, String>(3)?),
                     })
                 },
             )
             .optional()?)
+    }
+
+    /// (node, examples, metrics JSON) of a round's updates, without their tensors.
+    pub fn update_metrics(&self, job: &str, round: u32) -> Result<Vec<(String, u64, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT node, num_examples, metrics FROM updates WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Commits round `round`'s model as version `round`, closes the round and moves the job on,

@@ -139,6 +139,51 @@ impl Buffer {
         with_vec!(self, v => v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
+    /// Little-endian bytes, borrowed without a copy on little-endian machines.
+    pub fn le_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(with_vec!(self, v => bytemuck::cast_slice(v)))
+        } else {
+            std::borrow::Cow::Owned(self.to_le_bytes())
+        }
+    }
+
+    /// An empty buffer with room for `len` elements.
+    pub fn with_capacity(dtype: DType, len: usize) -> Buffer {
+        match dtype {
+            DType::F32 => Buffer::F32(Vec::with_capacity(len)),
+            DType::F64 => Buffer::F64(Vec::with_capacity(len)),
+            DType::I32 => Buffer::I32(Vec::with_capacity(len)),
+            DType::I64 => Buffer::I64(Vec::with_capacity(len)),
+            DType::U8 => Buffer::U8(Vec::with_capacity(len)),
+            DType::I8 => Buffer::I8(Vec::with_capacity(len)),
+        }
+    }
+
+    /// Appends little-endian elements; returns whether they are all finite, or None if the bytes
+    /// are not whole elements.
+    pub fn append_le(&mut self, bytes: &[u8]) -> Option<bool> {
+        let size = self.dtype().size();
+        if !bytes.len().is_multiple_of(size) {
+            return None;
+        }
+        macro_rules! append {
+            ($v:ident, $t:ty) => {{
+                let start = $v.len();
+                $v.extend(bytes.chunks_exact(size).map(|c| <$t>::from_le_bytes(c.try_into().expect("whole elements"))));
+                $v[start..].iter().fold(true, |ok, x| ok & Element::to_f64(*x).is_finite())
+            }};
+        }
+        Some(match self {
+            Buffer::F32(v) => append!(v, f32),
+            Buffer::F64(v) => append!(v, f64),
+            Buffer::I32(v) => append!(v, i32),
+            Buffer::I64(v) => append!(v, i64),
+            Buffer::U8(v) => append!(v, u8),
+            Buffer::I8(v) => append!(v, i8),
+        })
+    }
+
     /// Parses little-endian bytes; `None` if the length is not a multiple of the element size.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Option<Buffer> {
         if !bytes.len().is_multiple_of(dtype.size()) {

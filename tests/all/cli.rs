@@ -211,6 +211,25 @@ fn demo_runs_both_plugins_and_checks_them() {
 }
 
 #[test]
+fn the_demo_trains_across_processes_to_at_least_90_percent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = ok(nereid(dir.path(), &["demo", "--json", "--rounds", "12"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    for (run, name) in runs.iter().zip(["fedavg", "fedprox"]) {
+        assert_eq!(run["strategy"], name);
+        let rounds = run["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 12);
+        for key in ["round", "accuracy", "loss", "participants", "bytes_up", "bytes_down"] {
+            assert!(!rounds[0][key].is_null(), "{key}");
+        }
+        assert!(run["final_accuracy"].as_f64().expect("accuracy") >= 0.90, "{name}: {}", run["final_accuracy"]);
+    }
+    assert_eq!(v["nodes"].as_array().expect("nodes").len(), 3);
+}
+
+#[test]
 fn bench_reports_ratios_against_the_native_loop() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = ok(nereid(

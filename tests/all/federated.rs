@@ -491,3 +491,26 @@ fn fedprox_client_term_changes_local_training() {
     );
     assert!(prox.penalty > 0.0);
 }
+
+#[test]
+fn a_job_stops_at_its_target_accuracy_or_when_an_operator_stops_it() {
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    let early = job_toml("early", "fedavg", 30, 3, 60.0).replace("rounds = 30", "rounds = 30\ntarget_accuracy = 0.6");
+    c.apply("early", &early);
+    let s = c.wait_done("early");
+    assert!(s.rounds_done < 30, "{s:?}");
+    assert!(s.reason.as_deref().is_some_and(|r| r.contains("reached the target 0.6")), "{s:?}");
+    assert!(s.history.last().and_then(|h| h.accuracy).is_some_and(|a| a >= 0.6));
+
+    c.apply("long", &job_toml("long", "fedavg", 1000, 3, 60.0));
+    c.wait_until("long", "a round", |s| s.rounds_done >= 1);
+    let out = c.nereid(&["job", "stop", "long"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = c.wait_until("long", "the stop", |s| s.status != "running");
+    assert_eq!(s.status, "stopped");
+    let done = s.rounds_done;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.status("long").rounds_done, done, "no round runs after the stop");
+}

@@ -17,6 +17,8 @@ use nereid::tensor::Tensor;
 pub enum BenchCommand {
     /// FedAvg of N updates x M f32: plugin vs native loop (vs Flower, with --flower).
     Aggregate(AggregateBench),
+    /// The cloud's cost of a round with many simulated clients (no training), and its peak RSS.
+    Round(super::bench_round::RoundBench),
 }
 
 #[derive(Args)]
@@ -111,6 +113,7 @@ fn max_relative_error(got: &[f32], exact: &[f64]) -> f64 {
 pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Aggregate(args) => aggregate(args, cache_dir),
+        BenchCommand::Round(args) => super::bench_round::run(args, cache_dir),
     }
 }
 

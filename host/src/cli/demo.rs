@@ -3,10 +3,9 @@
 //! with FedAvg, then with FedProx; every committed global model is evaluated on a held-out test
 //! set the edges never see.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
@@ -16,6 +15,7 @@ use nereid::runtime::Runtime;
 use nereid::train::{self, Dataset, ModelSpec};
 
 use super::api::Api;
+use super::fleet::{free_port, spawn, Fleet};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -78,36 +78,6 @@ struct Report {
     held_out_test_examples: usize,
     nodes: Vec<NodeData>,
     runs: Vec<StrategyRun>,
-}
-
-/// Child processes, killed when the demo ends however it ends.
-struct Fleet(Vec<Child>);
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(role: &str, config: &Path, log: &Path, cache: &Path) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(log)?;
-    Command::new(exe)
-        .args([role, "--config"])
-        .arg(config)
-        .env("NEREID_CACHE_DIR", cache)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting `nereid {role}`"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
 //! The subcommands of the `nereid` binary.
 pub mod api;
 pub mod bench;
+pub mod bench_round;
 pub mod demo;
+pub mod fleet;
 pub mod plugin;
 pub mod plugin_demo;
 pub mod serve;

@@ -143,6 +143,21 @@ impl ModelSpec {
             .collect()
     }
 
+    /// As `check`, on a layout read from a file's header.
+    pub fn check_layout(&self, layout: &[(String, crate::tensor::DType, Vec<u64>)]) -> Result<(), ModelError> {
+        for (name, want) in self.parameters() {
+            let (_, dtype, shape) =
+                layout.iter().find(|(n, _, _)| *n == name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+            if *shape != want {
+                return Err(ModelError::Shape { name, got: shape.clone(), want });
+            }
+            if *dtype != crate::tensor::DType::F32 {
+                return Err(ModelError::Dtype(name));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that `model` has every parameter of this architecture with the right shape.
     pub fn check(&self, model: &NamedTensors) -> Result<(), ModelError> {
         for (name, want) in self.parameters() {

@@ -1,0 +1,35 @@
+//! Child `nereid` processes (a cloud, edges) for the demo and the benchmarks.
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+/// Child processes, killed when the owner ends however it ends.
+pub struct Fleet(pub Vec<Child>);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn spawn(role: &str, config: &Path, log: &Path, cache: &Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(log)?;
+    Command::new(exe)
+        .args([role, "--config"])
+        .arg(config)
+        .env("NEREID_CACHE_DIR", cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting `nereid {role}`"))
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
