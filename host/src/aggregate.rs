@@ -40,6 +40,89 @@ fn list_rejections(rejected: &[Rejection]) -> String {
     rejected.iter().map(|r| format!("\n  {}: {}", r.update, r.reason)).collect()
 }
 
+/// A round being folded incrementally: updates are fed in the order of their indices (the
+/// caller's canonical order), possibly with gaps, as they become available.
+pub struct RoundFold {
+    ctx: RoundContext,
+    accepted: Vec<(usize, String)>,
+    rejected: Vec<Rejection>,
+    restarts: u32,
+    last: Option<usize>,
+}
+
+impl RoundFold {
+    /// Begins the round on `plugin`. `global` is read again only if the plugin's instance is lost.
+    pub fn begin(
+        plugin: &mut AggregatorPlugin,
+        ctx: RoundContext,
+        global: Option<&NamedTensors>,
+    ) -> Result<RoundFold, RoundError> {
+        plugin.begin_round(&ctx, global.map(|g| g.as_slice()))?;
+        Ok(RoundFold { ctx, accepted: Vec::new(), rejected: Vec::new(), restarts: 0, last: None })
+    }
+
+    pub fn accepted(&self) -> impl Iterator<Item = &str> {
+        self.accepted.iter().map(|(_, n)| n.as_str())
+    }
+
+    /// Folds update `i` (greater than every index fed before). `load(j)` reads update j, again
+    /// for the replay after a lost instance; `global` gives the global model for that replay.
+    pub fn feed(
+        &mut self,
+        plugin: &mut AggregatorPlugin,
+        i: usize,
+        load: &dyn Fn(usize) -> Result<ClientUpdate, Rejection>,
+        global: &dyn Fn() -> Result<Option<NamedTensors>, RoundError>,
+    ) -> Result<(), RoundError> {
+        debug_assert!(self.last.is_none_or(|l| i > l), "updates are fed in increasing order");
+        self.last = Some(i);
+        let update = match load(i) {
+            Ok(u) => u,
+            Err(r) => {
+                self.rejected.push(r);
+                return Ok(());
+            }
+        };
+        match plugin.accumulate(&update) {
+            Ok(()) => self.accepted.push((i, update.client)),
+            Err(e @ PluginError::Rejected { .. }) => {
+                self.rejected.push(Rejection { update: update.client, reason: e.to_string() })
+            }
+            Err(e) if e.instance_lost() => {
+                tracing::warn!(update = %update.client, "leaving the update out and replaying the round: {e}");
+                self.rejected.push(Rejection { update: update.client, reason: e.to_string() });
+                self.restarts += 1;
+                if self.restarts > MAX_RESTARTS {
+                    return Err(e.into());
+                }
+                let global = global()?;
+                plugin.begin_round(&self.ctx, global.as_ref().map(|g| g.as_slice()))?;
+                drop(global);
+                for (j, name) in &self.accepted {
+                    let again = load(*j).map_err(|r| RoundError::Replay { update: name.clone(), reason: r.reason })?;
+                    plugin.accumulate(&again)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Ends the round with the next global model.
+    pub fn finish(self, plugin: &mut AggregatorPlugin) -> Result<RoundReport, RoundError> {
+        if self.accepted.is_empty() {
+            return Err(RoundError::NothingAccepted(self.rejected));
+        }
+        let result = plugin.finish()?;
+        Ok(RoundReport {
+            result,
+            accepted: self.accepted.into_iter().map(|(_, n)| n).collect(),
+            rejected: self.rejected,
+            restarts: self.restarts,
+        })
+    }
+}
+
 /// Runs a round over `count` updates; `load(i)` reads update i (again, on a replay). An update
 /// that cannot be read is rejected with the reason `load` gives.
 pub fn run_round(
@@ -49,42 +132,9 @@ pub fn run_round(
     count: usize,
     load: impl Fn(usize) -> Result<ClientUpdate, Rejection>,
 ) -> Result<RoundReport, RoundError> {
-    plugin.begin_round(ctx, global.map(|g| g.as_slice()))?;
-    let mut accepted: Vec<(usize, String)> = Vec::new();
-    let mut rejected = Vec::new();
-    let mut restarts = 0;
+    let mut fold = RoundFold::begin(plugin, ctx.clone(), global)?;
     for i in 0..count {
-        let update = match load(i) {
-            Ok(u) => u,
-            Err(r) => {
-                rejected.push(r);
-                continue;
-            }
-        };
-        match plugin.accumulate(&update) {
-            Ok(()) => accepted.push((i, update.client)),
-            Err(e @ PluginError::Rejected { .. }) => {
-                rejected.push(Rejection { update: update.client, reason: e.to_string() })
-            }
-            Err(e) if e.instance_lost() => {
-                tracing::warn!(update = %update.client, "leaving the update out and replaying the round: {e}");
-                rejected.push(Rejection { update: update.client, reason: e.to_string() });
-                restarts += 1;
-                if restarts > MAX_RESTARTS {
-                    return Err(e.into());
-                }
-                plugin.begin_round(ctx, global.map(|g| g.as_slice()))?;
-                for (j, name) in &accepted {
-                    let again = load(*j).map_err(|r| RoundError::Replay { update: name.clone(), reason: r.reason })?;
-                    plugin.accumulate(&again)?;
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+        fold.feed(plugin, i, &load, &|| Ok(global.cloned()))?;
     }
-    if accepted.is_empty() {
-        return Err(RoundError::NothingAccepted(rejected));
-    }
-    let result = plugin.finish()?;
-    Ok(RoundReport { result, accepted: accepted.into_iter().map(|(_, n)| n).collect(), rejected, restarts })
+    fold.finish(plugin)
 }

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::aggregate::{run_round, Rejection, RoundError};
+use crate::aggregate::{Rejection, RoundError, RoundFold};
 use crate::job::JobSpec;
 use crate::model_io;
 use crate::protocol::*;
@@ -73,6 +73,10 @@ pub struct Cloud {
     traffic: Mutex<Traffic>,
     /// A live aggregator instance and what it publishes, per job.
     aggregators: Mutex<HashMap<String, Arc<Mutex<AggregatorPlugin>>>>,
+    /// The newest model each job served, shared by every download of it.
+    served: Mutex<HashMap<String, (u32, Bytes)>>,
+    /// The fold of each job's open round, as far as it got.
+    folds: Mutex<HashMap<String, ActiveFold>>,
     client_config: Mutex<HashMap<String, crate::runtime::config::ConfigTable>>,
     wake: tokio::sync::Notify,
     /// Upload bodies held in memory at once; further uploads wait (TCP backpressure), which
@@ -83,6 +87,17 @@ pub struct Cloud {
 
 /// Upload bodies read at once.
 const UPLOAD_SLOTS: usize = 4;
+
+/// A round's fold in progress. Updates are fed in node-name order (the round's selection,
+/// sorted): each one as soon as it and every selected node before it have arrived, like a
+/// reorder buffer, so folding goes on while uploads arrive and the result is the same whatever
+/// the arrival order. Updates waiting for an earlier node wait on disk.
+struct ActiveFold {
+    round: u32,
+    order: Vec<String>,
+    next: usize,
+    fold: RoundFold,
+}
 
 enum Caller {
     Admin,
@@ -217,12 +232,25 @@ async fn model(
     State(cloud): State<Arc<Cloud>>,
     headers: HeaderMap,
     UrlPath((job, version)): UrlPath<(String, u32)>,
-) -> ApiResult<Vec<u8>> {
+) -> ApiResult<Bytes> {
     let caller = cloud.caller(&headers)?;
-    let bytes = cloud
-        .store
-        .model(&job, version)?
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no model version {version}")))?;
+    let cached =
+        cloud.served.lock().ok().and_then(|m| m.get(&job).filter(|(v, _)| *v == version).map(|(_, b)| b.clone()));
+    let bytes = match cached {
+        Some(b) => b,
+        None => {
+            let b =
+                Bytes::from(cloud.store.model(&job, version)?.ok_or_else(|| {
+                    err(StatusCode::NOT_FOUND, format!("job `{job}` has no model version {version}"))
+                })?);
+            if let Ok(mut m) = cloud.served.lock() {
+                if m.get(&job).is_none_or(|(v, _)| *v < version) {
+                    m.insert(job.clone(), (version, b.clone()));
+                }
+            }
+            b
+        }
+    };
     if let Caller::Node(_) = caller {
         // A node fetches v(r-1) to train round r.
         cloud.traffic(&job, version + 1, 0, bytes.len() as u64);
@@ -340,6 +368,9 @@ async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64,
     use tokio::io::AsyncWriteExt;
     let internal = |e: std::io::Error| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    // tokio buffers up to 2 MiB per file before handing a write to its blocking pool; with
+    // UPLOAD_SLOTS uploads at once that would add up.
+    file.set_max_buf_size(1 << 18);
     let mut stream = body.into_data_stream();
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
@@ -420,6 +451,7 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
             round: r.round,
             selected: r.selected.clone(),
             received: cloud.store.update_nodes(name, r.round)?,
+            folded: folded(cloud, name, r.round),
             deadline_ms: r.deadline_ms,
         }),
         _ => None,
@@ -504,49 +536,101 @@ fn parse_metrics(json: &str) -> UpdateMetrics {
     serde_json::from_str(json).unwrap_or_default()
 }
 
-/// Folds round `round`'s stored updates (in node-name order) into v(round).
-fn aggregate(
+fn load_update(cloud: &Cloud, job: &str, round: u32, node: &str) -> Result<ClientUpdate, Rejection> {
+    let reject = |reason: String| Rejection { update: node.to_string(), reason };
+    let row = cloud
+        .store
+        .update(job, round, node)
+        .map_err(|e| reject(e.to_string()))?
+        .ok_or_else(|| reject("gone".into()))?;
+    let tensors = model_io::read(&row.file).map_err(|e| reject(e.to_string()))?;
+    Ok(ClientUpdate {
+        client: node.to_string(),
+        kind: UpdateKind::Weights,
+        tensors,
+        num_examples: row.num_examples,
+        metrics: Vec::new(),
+    })
+}
+
+fn global_model(cloud: &Cloud, job: &str, round: u32) -> anyhow::Result<model_io::NamedTensors> {
+    let bytes =
+        cloud.store.model(job, round - 1)?.ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?;
+    Ok(model_io::decode(&bytes, Path::new("global model"))?)
+}
+
+/// Feeds the round's fold every update that can go in now: the next ones in node-name order that
+/// have arrived; with `closing`, also those after nodes that never sent one.
+fn advance(cloud: &Cloud, spec: &JobSpec, round: u32, selected: &[String], closing: bool) -> anyhow::Result<()> {
+    let plugin = cloud.aggregator(spec)?;
+    let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
+    let mut folds = cloud.folds.lock().map_err(|_| anyhow::anyhow!("fold map poisoned"))?;
+    let stale = folds.get(&spec.name).is_none_or(|f| f.round != round);
+    if stale {
+        // A new round, or a restarted cloud: begin again from the persisted state.
+        let mut order = selected.to_vec();
+        order.sort();
+        let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
+        let global = global_model(cloud, &spec.name, round)?;
+        let fold = RoundFold::begin(&mut plugin, ctx, Some(&global))?;
+        folds.insert(spec.name.clone(), ActiveFold { round, order, next: 0, fold });
+    }
+    let active = folds.get_mut(&spec.name).expect("inserted above");
+    let received = cloud.store.update_nodes(&spec.name, round)?;
+    let order = active.order.clone();
+    let load = |j: usize| load_update(cloud, &spec.name, round, &order[j]);
+    let global = || {
+        global_model(cloud, &spec.name, round)
+            .map(Some)
+            .map_err(|e| RoundError::Replay { update: "the global model".into(), reason: e.to_string() })
+    };
+    while active.next < order.len() {
+        let node = &order[active.next];
+        if received.contains(node) {
+            active.fold.feed(&mut plugin, active.next, &load, &global)?;
+        } else if !closing {
+            break;
+        }
+        active.next += 1;
+    }
+    Ok(())
+}
+
+/// Nodes whose updates the open round's fold took in so far.
+fn folded(cloud: &Cloud, job: &str, round: u32) -> Vec<String> {
+    cloud
+        .folds
+        .lock()
+        .ok()
+        .and_then(|f| f.get(job).filter(|a| a.round == round).map(|a| a.fold.accepted().map(str::to_string).collect()))
+        .unwrap_or_default()
+}
+
+/// Folds what is left of round `round` and ends it: v(round) and the round's summary.
+fn close(
     cloud: &Cloud,
     spec: &JobSpec,
     round: u32,
+    selected: &[String],
     closed_by: &str,
     opened_ms: i64,
 ) -> anyhow::Result<(Vec<u8>, RoundSummary)> {
-    let global_bytes = cloud
-        .store
-        .model(&spec.name, round - 1)?
-        .ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?;
-    let global = model_io::decode(&global_bytes, Path::new("global model"))?;
-    drop(global_bytes);
-    let nodes = cloud.store.update_nodes(&spec.name, round)?;
+    advance(cloud, spec, round, selected, true)?;
+    let active = cloud
+        .folds
+        .lock()
+        .map_err(|_| anyhow::anyhow!("fold map poisoned"))?
+        .remove(&spec.name)
+        .ok_or_else(|| anyhow::anyhow!("round {round} has no fold"))?;
     let plugin = cloud.aggregator(spec)?;
     let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
-    let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
     let metrics_of: HashMap<String, (u64, UpdateMetrics)> = cloud
         .store
         .update_metrics(&spec.name, round)?
         .into_iter()
         .map(|(node, n, metrics)| (node, (n, parse_metrics(&metrics))))
         .collect();
-    let load = |i: usize| {
-        let node = &nodes[i];
-        let reject = |reason: String| Rejection { update: node.clone(), reason };
-        let row = cloud
-            .store
-            .update(&spec.name, round, node)
-            .map_err(|e| reject(e.to_string()))?
-            .ok_or_else(|| reject("gone".into()))?;
-        let tensors = model_io::read(&row.file).map_err(|e| reject(e.to_string()))?;
-        Ok(ClientUpdate {
-            client: node.clone(),
-            kind: UpdateKind::Weights,
-            tensors,
-            num_examples: row.num_examples,
-            metrics: Vec::new(),
-        })
-    };
-    let (model, accepted, rejected, agg_metrics) = match run_round(&mut plugin, &ctx, Some(&global), nodes.len(), load)
-    {
+    let (model, accepted, rejected, agg_metrics) = match active.fold.finish(&mut plugin) {
         Ok(report) => (
             model_io::encode(&report.result.tensors, None)?,
             report.accepted,
@@ -554,9 +638,15 @@ fn aggregate(
             report.result.metrics.into_iter().collect(),
         ),
         // Nothing usable arrived: the global model stays as it was.
-        Err(RoundError::NothingAccepted(rejected)) => {
-            (model_io::encode(&global, None)?, Vec::new(), rejected, BTreeMap::new())
-        }
+        Err(RoundError::NothingAccepted(rejected)) => (
+            cloud
+                .store
+                .model(&spec.name, round - 1)?
+                .ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?,
+            Vec::new(),
+            rejected,
+            BTreeMap::new(),
+        ),
         Err(e) => return Err(e.into()),
     };
     let weighted = |f: &dyn Fn(&UpdateMetrics) -> f64, w: &dyn Fn(&(u64, UpdateMetrics)) -> u64| {
@@ -601,6 +691,12 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let Some(row) = cloud.store.job(name)? else { return Ok(()) };
         if row.status != "running" {
             progress.finish_and_clear();
+            if let Ok(mut f) = cloud.folds.lock() {
+                f.remove(name);
+            }
+            if let Ok(mut m) = cloud.served.lock() {
+                m.remove(name);
+            }
             return Ok(());
         }
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -633,6 +729,10 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 continue;
             }
         };
+        {
+            let (c, spec2, selected) = (cloud.clone(), spec.clone(), round.selected.clone());
+            tokio::task::spawn_blocking(move || advance(&c, &spec2, r, &selected, false)).await??;
+        }
         let received = cloud.store.update_nodes(name, r)?;
         progress.set_prefix(format!("{name} round {r}"));
         progress.set_length(round.selected.len() as u64);
@@ -654,8 +754,9 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let spec2 = spec.clone();
         let closed_by = closed_by.to_string();
         let opened = round.opened_ms;
+        let selected = round.selected.clone();
         let (model, summary) =
-            tokio::task::spawn_blocking(move || aggregate(&cloud2, &spec2, r, &closed_by, opened)).await??;
+            tokio::task::spawn_blocking(move || close(&cloud2, &spec2, r, &selected, &closed_by, opened)).await??;
         let summary_json = serde_json::to_string(&summary)?;
         cloud.store.close_round(name, r, &model, &summary_json)?;
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
@@ -702,6 +803,8 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
         traffic: Mutex::new(HashMap::new()),
         aggregators: Mutex::new(HashMap::new()),
         client_config: Mutex::new(HashMap::new()),
+        folds: Mutex::new(HashMap::new()),
+        served: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
         upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
         max_upload: config.max_upload_mib << 20,

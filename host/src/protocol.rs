@@ -86,6 +86,9 @@ pub struct CurrentRound {
     pub round: u32,
     pub selected: Vec<String>,
     pub received: Vec<String>,
+    /// Updates the aggregator took in already (in node-name order, as they become contiguous).
+    #[serde(default)]
+    pub folded: Vec<String>,
     pub deadline_ms: i64,
 }
 

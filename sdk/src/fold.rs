@@ -65,6 +65,11 @@ impl WeightedMean {
         sum.axpy(weight, &update.model)?;
         self.layout.get_or_insert_with(|| update.model.layout());
         self.kind = Some(update.kind);
+        if update.kind == UpdateKind::Weights {
+            // Only deltas need the global model, and a round does not mix kinds: let the host
+            // free it now.
+            self.global = None;
+        }
         self.total_weight += weight;
         self.accepted += 1;
         Ok(())

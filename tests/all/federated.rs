@@ -299,18 +299,19 @@ fn a_straggler_is_left_out_after_the_deadline_and_catches_up() {
     assert_eq!(last.participants.len(), 3, "the straggler is back: {:?}", s.history);
 }
 
-/// The test plays two nodes by hand against a cloud.
+/// The test plays three nodes by hand against a cloud.
 #[test]
 fn duplicates_replays_unauthorized_oversized_and_malformed_uploads() {
-    let mut c = Cluster::new(2, "max_upload_mib = 1");
+    let mut c = Cluster::new(3, "max_upload_mib = 1");
     c.start_cloud();
-    c.apply("job", &job_toml("digits", "fedavg", 1, 2, 60.0));
-    let (a, b) = (c.nodes[0].1.clone(), c.nodes[1].1.clone());
-    // Both nodes poll until the round opens with them.
+    c.apply("job", &job_toml("digits", "fedavg", 1, 3, 60.0));
+    let (a, b, n3) = (c.nodes[0].1.clone(), c.nodes[1].1.clone(), c.nodes[2].1.clone());
+    // The nodes poll until the round opens with them.
     let t = Instant::now();
     loop {
         let (_, ta) = http("GET", &c.url("/v1/task"), Some(&a), Vec::new());
         http("GET", &c.url("/v1/task"), Some(&b), Vec::new());
+        http("GET", &c.url("/v1/task"), Some(&n3), Vec::new());
         let v: Value = serde_json::from_slice(&ta).expect("task");
         if !v["task"].is_null() {
             break;
@@ -342,19 +343,27 @@ fn duplicates_replays_unauthorized_oversized_and_malformed_uploads() {
     assert!(String::from_utf8_lossy(&body).contains("dense.0.weight"), "{}", String::from_utf8_lossy(&body));
     assert_eq!(accepted(), 0.0, "refused requests change nothing");
 
+    // The fold takes updates in node-name order as soon as they are contiguous: edge-3's waits
+    // (on disk) for edge-1 and edge-2; edge-1's goes in at once.
+    let folded = |c: &Cluster| c.status("digits").current.map(|r| (r.received, r.folded)).unwrap_or_default();
+    assert_eq!(http("POST", &up, Some(&n3), update(5)).0, 200);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(folded(&c), (vec!["edge-3".to_string()], vec![]));
     let (code, body) = http("POST", &up, Some(&a), update(10));
     assert_eq!((code, String::from_utf8_lossy(&body).contains("accepted")), (200, true));
+    c.wait_until("digits", "edge-1 folded", |s| s.current.as_ref().is_some_and(|r| r.folded == ["edge-1"]));
     let (code, body) = http("POST", &up, Some(&a), update(10));
     assert_eq!((code, String::from_utf8_lossy(&body).contains("duplicate")), (200, true), "a retry is acknowledged");
-    assert_eq!(accepted(), 1.0);
+    assert_eq!(accepted(), 2.0);
+    assert_eq!(folded(&c).1, vec!["edge-1"], "edge-3 still waits for edge-2");
     assert_eq!(http("POST", &up, Some(&b), update(30)).0, 200);
     let s = c.wait_done("digits");
-    assert_eq!(s.history[0].participants, vec!["edge-1", "edge-2"]);
-    assert_eq!(s.history[0].examples, 40, "10 + 30: the duplicate counted once");
+    assert_eq!(s.history[0].participants, vec!["edge-1", "edge-2", "edge-3"]);
+    assert_eq!(s.history[0].examples, 45, "10 + 30 + 5: the duplicate counted once");
     // A replay after the round closed is still only acknowledged.
     let (code, body) = http("POST", &up, Some(&a), update(10));
     assert_eq!((code, String::from_utf8_lossy(&body).contains("duplicate")), (200, true));
-    assert_eq!(accepted(), 2.0);
+    assert_eq!(accepted(), 3.0);
     assert_eq!(c.metric("nereid_unauthorized_requests_total"), 2.0);
     // Tokens can also be issued by the CLI into the cloud's state.
     let out = c.nereid(&["token", "create", "edge-9", "--config", c.path("cloud.toml").to_str().expect("utf-8")]);
