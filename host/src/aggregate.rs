@@ -96,7 +96,7 @@ impl RoundFold {
                     return Err(e.into());
                 }
                 let global = global()?;
-                plugin.begin_round(&self.ctx, global.as_ref().map(|g| g.as_slice()))?;
+                plugin.begin_round(&self.ctx, global.as_deref())?;
                 drop(global);
                 for (j, name) in &self.accepted {
                     let again = load(*j).map_err(|r| RoundError::Replay { update: name.clone(), reason: r.reason })?;
