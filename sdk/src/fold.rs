@@ -58,6 +58,11 @@ impl WeightedMean {
         }
         update.model.check_finite()?;
         // Validated: from here on the update counts.
+        if update.kind == UpdateKind::Weights {
+            // Only deltas need the global model, and a round does not mix kinds: let the host
+            // free it before the accumulator is allocated.
+            self.global = None;
+        }
         let sum = match &self.sum {
             Some(sum) => sum,
             None => self.sum.insert(update.model.zeros_like(Some(DType::F64))?),
@@ -65,11 +70,6 @@ impl WeightedMean {
         sum.axpy(weight, &update.model)?;
         self.layout.get_or_insert_with(|| update.model.layout());
         self.kind = Some(update.kind);
-        if update.kind == UpdateKind::Weights {
-            // Only deltas need the global model, and a round does not mix kinds: let the host
-            // free it now.
-            self.global = None;
-        }
         self.total_weight += weight;
         self.accepted += 1;
         Ok(())
