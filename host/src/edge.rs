@@ -28,11 +28,6 @@ pub struct Edge {
     objectives: HashMap<String, ObjectivePlugin>,
 }
 
-enum Upload {
-    Done,
-    Retry,
-}
-
 impl Edge {
     pub fn new(config: EdgeConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<Edge> {
         let data = base.join(&config.data);
@@ -157,7 +152,9 @@ impl Edge {
         Ok(bytes)
     }
 
-    async fn upload(&self, task: &Task, bytes: Vec<u8>) -> anyhow::Result<Upload> {
+    /// Sends a stored update. A refusal for good marks it done; any other failure leaves it for
+    /// the next poll to send again.
+    async fn upload(&self, task: &Task, bytes: Vec<u8>) -> anyhow::Result<()> {
         let path = format!("/v1/jobs/{}/rounds/{}/update", task.job, task.round);
         let resp = self
             .http
@@ -172,18 +169,16 @@ impl Edge {
         match status {
             s if s.is_success() => {
                 self.store.mark_uploaded(&task.job, task.round)?;
-                Ok(Upload::Done)
             }
             // Too late (the round closed without us) or refused for good: nothing to resend.
             StatusCode::CONFLICT | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::PAYLOAD_TOO_LARGE => {
                 tracing::warn!(node = %self.config.name, round = task.round, "the cloud refused the update: {status}: {body}");
                 self.store.mark_uploaded(&task.job, task.round)?;
-                Ok(Upload::Done)
             }
             _ => {
-                tracing::warn!(node = %self.config.name, round = task.round, "upload failed, will retry: {status}: {body}");
-                Ok(Upload::Retry)
+                tracing::warn!(node = %self.config.name, round = task.round, "upload failed, will retry: {status}: {body}")
             }
         }
+        Ok(())
     }
 }
