@@ -70,6 +70,9 @@ pub struct Cloud {
     admin_sha: String,
     online_ms: i64,
     counters: Counters,
+    /// When each node last made a request. Soft state, kept in memory: it is refreshed by every
+    /// poll, so writing it to disk (an fsync per request) would buy nothing.
+    last_seen: Mutex<HashMap<String, i64>>,
     traffic: Mutex<Traffic>,
     /// A live aggregator instance and what it publishes, per job.
     aggregators: Mutex<HashMap<String, Arc<Mutex<AggregatorPlugin>>>>,
@@ -122,7 +125,9 @@ impl Cloud {
         }
         match self.store.node_for_token(&sha)? {
             Some(node) => {
-                self.store.touch_node(&node, now_ms())?;
+                if let Ok(mut seen) = self.last_seen.lock() {
+                    seen.insert(node.clone(), now_ms());
+                }
                 Ok(Caller::Node(node))
             }
             None => Err(refuse()),
@@ -141,6 +146,17 @@ impl Cloud {
             Caller::Node(n) => Ok(n),
             Caller::Admin => Err(err(StatusCode::FORBIDDEN, "this endpoint is for nodes")),
         }
+    }
+
+    /// Nodes that made a request since `since_ms`, sorted.
+    fn online_since(&self, since_ms: i64) -> Vec<String> {
+        let mut online: Vec<String> = self
+            .last_seen
+            .lock()
+            .map(|seen| seen.iter().filter(|(_, t)| **t >= since_ms).map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        online.sort();
+        online
     }
 
     fn traffic(&self, job: &str, round: u32, up: u64, down: u64) {
@@ -457,11 +473,13 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         _ => None,
     };
     let online_since = now_ms() - cloud.online_ms;
+    let last_seen = cloud.last_seen.lock().map(|m| m.clone()).unwrap_or_default();
     let nodes = cloud
         .store
         .nodes()?
         .into_iter()
-        .map(|(n, seen)| {
+        .map(|n| {
+            let seen = last_seen.get(&n).copied();
             let state = match &current {
                 Some(c) if c.received.contains(&n) => "uploaded",
                 Some(c) if c.selected.contains(&n) => "training",
@@ -712,7 +730,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let round = match cloud.store.round(name, r)? {
             Some(round) => round,
             None => {
-                let online = cloud.store.nodes_seen_since(now_ms() - cloud.online_ms)?;
+                let online = cloud.online_since(now_ms() - cloud.online_ms);
                 if online.len() < spec.rounds.min_clients {
                     wait(cloud).await;
                     continue;
@@ -800,6 +818,7 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
         admin_sha: token_sha256(&config.admin_token),
         online_ms: (config.online_secs * 1000.0) as i64,
         counters: Counters::default(),
+        last_seen: Mutex::new(HashMap::new()),
         traffic: Mutex::new(HashMap::new()),
         aggregators: Mutex::new(HashMap::new()),
         client_config: Mutex::new(HashMap::new()),

@@ -72,27 +72,6 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError>
         .collect()
 }
 
-/// Names, element types and shapes from the header alone (no element is read).
-pub fn layout(bytes: &[u8], origin: &Path) -> Result<Vec<(String, DType, Vec<u64>)>, ModelIoError> {
-    let format =
-        |e: safetensors::SafeTensorError| ModelIoError::Format { path: origin.to_path_buf(), message: e.to_string() };
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(format)?;
-    let infos = metadata.tensors();
-    metadata
-        .offset_keys()
-        .into_iter()
-        .map(|name| {
-            let info = infos[&name];
-            let dtype = from_safetensors(info.dtype).ok_or_else(|| ModelIoError::UnsupportedDtype {
-                path: origin.to_path_buf(),
-                tensor: name.clone(),
-                dtype: format!("{:?}", info.dtype),
-            })?;
-            Ok((name, dtype, info.shape.iter().map(|d| *d as u64).collect()))
-        })
-        .collect()
-}
-
 /// The header of a safetensors file: each tensor's name, type, shape and byte range (relative to
 /// the data section), in data order; the metadata; where the data section starts.
 pub struct Header {

@@ -36,7 +36,7 @@ fn open(path: &Path, schema: &str) -> Result<Connection> {
 }
 
 const CLOUD_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, last_seen_ms INTEGER);
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
@@ -122,24 +122,11 @@ impl CloudStore {
             .optional()?)
     }
 
-    pub fn touch_node(&self, node: &str, now: i64) -> Result<()> {
-        self.conn().execute("UPDATE nodes SET last_seen_ms = ?2 WHERE name = ?1", params![node, now])?;
-        Ok(())
-    }
-
-    /// Nodes seen at or after `since_ms`, by name.
-    pub fn nodes_seen_since(&self, since_ms: i64) -> Result<Vec<String>> {
+    /// All node names, sorted.
+    pub fn nodes(&self) -> Result<Vec<String>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name FROM nodes WHERE last_seen_ms >= ?1 ORDER BY name")?;
-        let rows = stmt.query_map([since_ms], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// All nodes with when they were last seen.
-    pub fn nodes(&self) -> Result<Vec<(String, Option<i64>)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, last_seen_ms FROM nodes ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = conn.prepare("SELECT name FROM nodes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

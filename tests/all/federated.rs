@@ -89,6 +89,14 @@ impl Cluster {
         Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect() }
     }
 
+    /// A cluster with its cloud and every edge started.
+    fn running(edges: usize) -> Cluster {
+        let mut c = Cluster::new(edges, "");
+        c.start_cloud();
+        (0..edges).for_each(|i| c.start_edge(i));
+        c
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
@@ -202,9 +210,7 @@ fn job_toml(name: &str, strategy: &str, rounds: u32, min_clients: usize, deadlin
 
 /// A clean run of `rounds` rounds with 3 edges: the reference for the fault tests.
 fn reference_run(rounds: u32) -> model_io::NamedTensors {
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let c = Cluster::running(3);
     c.apply("ref", &job_toml("digits", "fedavg", rounds, 3, 60.0));
     c.wait_done("digits");
     c.model("digits", rounds)
@@ -212,9 +218,7 @@ fn reference_run(rounds: u32) -> model_io::NamedTensors {
 
 #[test]
 fn a_full_job_runs_across_processes_and_is_visible() {
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let c = Cluster::running(3);
     c.apply("job", &job_toml("digits", "fedprox", 4, 3, 60.0));
     let s = c.wait_done("digits");
     assert_eq!((s.rounds_done, s.history.len()), (4, 4));
@@ -242,9 +246,7 @@ fn killing_the_cloud_mid_round_loses_nothing_and_changes_nothing() {
     let rounds = 5;
     let reference = reference_run(rounds);
 
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let mut c = Cluster::running(3);
     c.apply("job", &job_toml("digits", "fedavg", rounds, 3, 60.0));
     // Kill -9 while round 3 has some but not all updates, or as close to that as we get.
     let before = c.wait_until("digits", "round 3 to receive an update", |s| {
@@ -267,9 +269,7 @@ fn an_edge_killed_mid_job_rejoins_and_the_result_is_unchanged() {
     let rounds = 4;
     let reference = reference_run(rounds);
 
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let mut c = Cluster::running(3);
     c.apply("job", &job_toml("digits", "fedavg", rounds, 3, 60.0));
     let before =
         c.wait_until("digits", "round 2", |s| s.current.as_ref().is_some_and(|r| r.round == 2) || s.rounds_done >= 2);
@@ -284,9 +284,7 @@ fn an_edge_killed_mid_job_rejoins_and_the_result_is_unchanged() {
 
 #[test]
 fn a_straggler_is_left_out_after_the_deadline_and_catches_up() {
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let c = Cluster::running(3);
     c.apply("job", &job_toml("digits", "fedavg", 5, 2, 1.5));
     c.wait_until("digits", "round 1 to close", |s| s.rounds_done >= 1);
     c.signal_edge(2, "-STOP");
@@ -503,9 +501,7 @@ fn fedprox_client_term_changes_local_training() {
 
 #[test]
 fn a_job_stops_at_its_target_accuracy_or_when_an_operator_stops_it() {
-    let mut c = Cluster::new(3, "");
-    c.start_cloud();
-    (0..3).for_each(|i| c.start_edge(i));
+    let c = Cluster::running(3);
     let early = job_toml("early", "fedavg", 30, 3, 60.0).replace("rounds = 30", "rounds = 30\ntarget_accuracy = 0.6");
     c.apply("early", &early);
     let s = c.wait_done("early");

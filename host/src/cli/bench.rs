@@ -70,8 +70,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// The baseline: the same computation as the fedavg plugin, in a plain loop.
-fn native_fedavg(updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
+/// sum_k n_k * w_k in f64, and sum_k n_k: FedAvg's accumulation, in a plain loop.
+fn weighted_sum(updates: &[(Vec<f32>, u64)]) -> (Vec<f64>, f64) {
     let len = updates.first().map_or(0, |u| u.0.len());
     let mut acc = vec![0f64; len];
     let mut total = 0f64;
@@ -82,22 +82,20 @@ fn native_fedavg(updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
         }
         total += n;
     }
+    (acc, total)
+}
+
+/// The baseline: the same computation as the fedavg plugin, in a plain loop.
+fn native_fedavg(updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
+    let (acc, total) = weighted_sum(updates);
     let scale = 1.0 / total;
     acc.iter().map(|a| (a * scale) as f32).collect()
 }
 
 /// The weighted mean in f64 (no rounding to f32), the reference for both results.
 fn exact_mean(updates: &[(Vec<f32>, u64)]) -> Vec<f64> {
-    let len = updates.first().map_or(0, |u| u.0.len());
-    let mut acc = vec![0f64; len];
-    let total: f64 = updates.iter().map(|u| u.1 as f64).sum();
-    for (w, n) in updates {
-        for (a, x) in acc.iter_mut().zip(w) {
-            *a += *n as f64 * *x as f64;
-        }
-    }
-    acc.iter_mut().for_each(|a| *a /= total);
-    acc
+    let (acc, total) = weighted_sum(updates);
+    acc.iter().map(|a| a / total).collect()
 }
 
 /// Largest relative error over elements whose exact value is not tiny (|x| > 1e-3), where a

@@ -15,7 +15,7 @@ use nereid::runtime::{AggregatorPlugin, ClientUpdate, Limits, RoundContext, Runt
 use nereid::train::ModelSpec;
 
 use super::api::Api;
-use super::fleet::{free_port, spawn, Fleet};
+use super::fleet::{free_port, start_cloud};
 
 #[derive(Args)]
 pub struct RoundBench {
@@ -94,17 +94,10 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     );
     std::fs::write(work.path().join("job.toml"), job)?;
 
-    let fleet = Fleet(vec![spawn("cloud", &work.path().join("cloud.toml"), &work.path().join("cloud.log"), &cache)?]);
-    let pid = fleet.0[0].id();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let api = Api::new(&url, &admin)?;
-    let t = Instant::now();
-    while !rt.block_on(api.health()) {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the cloud did not start; see {}", work.path().join("cloud.log").display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let fleet = start_cloud(work.path(), &cache, &api, &rt)?;
+    let pid = fleet.0[0].id();
 
     // The clients' updates, made before any timing (this is "training").
     let spec = ModelSpec::Mlp { inputs: args.width, hidden: vec![], classes: args.width };

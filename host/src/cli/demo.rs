@@ -15,7 +15,7 @@ use nereid::runtime::Runtime;
 use nereid::train::{self, Dataset, ModelSpec};
 
 use super::api::Api;
-use super::fleet::{free_port, spawn, Fleet};
+use super::fleet::{free_port, spawn, start_cloud};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -120,17 +120,9 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     std::fs::write(work.join("cloud.toml"), cloud_toml)?;
 
-    let mut fleet = Fleet(Vec::new());
-    fleet.0.push(spawn("cloud", &work.join("cloud.toml"), &work.join("cloud.log"), &cache)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let api = Api::new(&url, &admin)?;
-    let started = Instant::now();
-    while !rt.block_on(api.health()) {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the cloud did not come up; see {}", work.join("cloud.log").display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut fleet = start_cloud(&work, &cache, &api, &rt)?;
     for (n, cfg) in nodes.iter().zip(&edge_configs) {
         fleet.0.push(spawn("edge", cfg, &work.join(format!("{}.log", n.name)), &cache)?);
     }

@@ -2,7 +2,11 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use anyhow::Context;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::api::Api;
 
 /// Child processes, killed when the owner ends however it ends.
 pub struct Fleet(pub Vec<Child>);
@@ -32,4 +36,19 @@ pub fn spawn(role: &str, config: &Path, log: &Path, cache: &Path) -> anyhow::Res
 
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `nereid cloud` with `work/cloud.toml` (logging to `work/cloud.log`) and waits until it
+/// answers on `api`.
+pub fn start_cloud(work: &Path, cache: &Path, api: &Api, rt: &tokio::runtime::Runtime) -> anyhow::Result<Fleet> {
+    let log = work.join("cloud.log");
+    let fleet = Fleet(vec![spawn("cloud", &work.join("cloud.toml"), &log, cache)?]);
+    let started = Instant::now();
+    while !rt.block_on(api.health()) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the cloud did not come up; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(fleet)
 }
