@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use reqwest::StatusCode;
 
+use crate::components::Components;
 use crate::model_io;
 use crate::protocol::*;
 use crate::runtime::{content_digest, ObjectivePlugin, RoundContext, Runtime};
@@ -24,18 +25,26 @@ pub struct Edge {
     runtime: Runtime,
     train: Dataset,
     test: Dataset,
-    /// Client-objective plugins by digest, kept across rounds.
-    objectives: HashMap<String, ObjectivePlugin>,
+    /// The client-objective plugin of the newest task (by digest), kept across rounds; a task
+    /// naming another one replaces (and drops) it.
+    objective: Option<(String, ObjectivePlugin)>,
+    components: Components,
 }
 
 impl Edge {
-    pub fn new(config: EdgeConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<Edge> {
+    pub fn new(
+        config: EdgeConfig,
+        base: &Path,
+        cache_dir: Option<PathBuf>,
+        registry_cache: PathBuf,
+    ) -> anyhow::Result<Edge> {
         let data = base.join(&config.data);
         let train = Dataset::load(&data, "train")?;
         let test = Dataset::load(&data, "test")?;
         let store = EdgeStore::open(&base.join(&config.state))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(Edge { config, http, store, runtime: Runtime::new(cache_dir)?, train, test, objectives: HashMap::new() })
+        let components = Components::new(registry_cache, &config.registries)?;
+        Ok(Edge { config, http, store, runtime: Runtime::new(cache_dir)?, train, test, objective: None, components })
     }
 
     fn url(&self, path: &str) -> String {
@@ -83,14 +92,32 @@ impl Edge {
         Ok(true)
     }
 
+    /// The task's client objective: the one kept from earlier rounds if it is the same plugin
+    /// with the same config, else a new instance (the old one is dropped: no ghost instances).
+    /// A registry plugin is pulled from the registry by its pinned digest, others from the cloud.
     async fn objective(&mut self, plugin: &crate::job::PluginRef) -> anyhow::Result<ObjectivePlugin> {
-        if let Some(p) = self.objectives.remove(&plugin.digest) {
-            return Ok(p);
+        let key = serde_json::to_string(plugin)?;
+        match self.objective.take() {
+            Some((k, p)) if k == key => return Ok(p),
+            Some(_) => {
+                tracing::info!(node = %self.config.name, to = %plugin.pinned.as_deref().unwrap_or(&plugin.digest), "client objective swapped")
+            }
+            None => {}
         }
-        let bytes = self.get(&format!("/v1/components/{}", plugin.digest)).await?.bytes().await?;
-        let digest = content_digest(&bytes);
-        anyhow::ensure!(digest == plugin.digest, "component digest mismatch: expected {}, got {digest}", plugin.digest);
-        let loaded = self.runtime.load_bytes(&bytes, &format!("client objective {digest}"))?;
+        let (bytes, origin) = match &plugin.pinned {
+            Some(pinned) => (self.components.fetch_pinned(pinned, &plugin.digest).await?.bytes, pinned.clone()),
+            None => {
+                let bytes = self.get(&format!("/v1/components/{}", plugin.digest)).await?.bytes().await?.to_vec();
+                let digest = content_digest(&bytes);
+                anyhow::ensure!(
+                    digest == plugin.digest,
+                    "component digest mismatch: expected {}, got {digest}",
+                    plugin.digest
+                );
+                (bytes, format!("client objective {digest}"))
+            }
+        };
+        let loaded = self.runtime.load_bytes(&bytes, &origin)?;
         Ok(ObjectivePlugin::new(&self.runtime, loaded, plugin.limits, &plugin.config)?)
     }
 
@@ -103,7 +130,10 @@ impl Edge {
         self.test.check(&format!("{} test data", self.config.name), task.model.input_len(), task.model.classes())?;
         let mut objective = match &task.client_objective {
             Some(p) => Some(self.objective(p).await?),
-            None => None,
+            None => {
+                self.objective = None;
+                None
+            }
         };
         let ctx = RoundContext { job: task.job.clone(), round: task.round, seed: task.seed };
         if let Some(obj) = objective.as_mut() {
@@ -130,7 +160,7 @@ impl Edge {
         })
         .await??;
         if let (Some(p), Some(obj)) = (&task.client_objective, objective) {
-            self.objectives.insert(p.digest.clone(), obj);
+            self.objective = Some((serde_json::to_string(p)?, obj));
         }
         let metrics = UpdateMetrics {
             eval_accuracy: eval.accuracy,

@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::components::{ComponentError, Fetched};
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{content_digest, AggregatorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
+use crate::runtime::{AggregatorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
 use crate::train::{ModelSpec, OptimizerKind, TrainParams};
 
 /// A job file as written.
@@ -115,8 +116,11 @@ impl TrainingSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSection {
-    /// Path of the component, relative to the job file.
+    /// The component: a path relative to the job file, or `oci://host[:port]/repo:tag` /
+    /// `oci://host[:port]/repo@sha256:<hex>`.
     pub plugin: Spanned<String>,
+    /// With an `oci://` tag: swap the plugin when the tag moves (checked at each round boundary).
+    pub follow_tag: Option<Spanned<bool>>,
     /// The plugin's own options, checked against its schema and by the plugin.
     #[serde(default)]
     pub config: BTreeMap<Spanned<String>, toml::Value>,
@@ -127,7 +131,17 @@ pub struct PluginSection {
 /// A plugin as the cloud and the edges get it: pinned by digest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PluginRef {
+    /// The component's content digest.
     pub digest: String,
+    /// The `oci://` reference as the job names it (absent for a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `source` pinned to a manifest digest: what every node pulls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Re-resolve `source` at each round boundary and swap when it moved.
+    #[serde(default)]
+    pub follow_tag: bool,
     pub config: ConfigTable,
     pub limits: Limits,
 }
@@ -278,9 +292,13 @@ fn check_ranges(job: &JobFile, src: &Source) -> Result<(), JobError> {
 /// A job file read and checked, with the bytes of its plugins.
 pub struct LoadedJob {
     pub spec: JobSpec,
-    /// Component bytes by digest.
+    /// Bytes of the components given as files, by digest (registry components are pulled by
+    /// every node itself).
     pub components: BTreeMap<String, Vec<u8>>,
 }
+
+/// Fetches a plugin as a job names it (`oci://` reference, or path relative to the given base).
+pub type Fetch<'a> = &'a dyn Fn(&str, &Path) -> Result<Fetched, ComponentError>;
 
 fn limits(section: &PluginSection) -> Limits {
     let d = Limits::default();
@@ -317,7 +335,7 @@ pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JobE
 
 /// Parses and validates the job file at `path`, loading its plugins into `runtime` to check
 /// their slots and configurations.
-pub fn load(path: &Path, runtime: &Runtime) -> Result<LoadedJob, JobError> {
+pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, JobError> {
     let text = read(path)?;
     let src = Source { path, text: &text };
     let file: JobFile = parse(&src)?;
@@ -327,13 +345,20 @@ pub fn load(path: &Path, runtime: &Runtime) -> Result<LoadedJob, JobError> {
     let mut load_plugin = |section: &PluginSection, table: &str| -> Result<PluginRef, JobError> {
         let at_plugin =
             |message: String| src.error(section.plugin.span().start, Some(format!("{table}.plugin")), message);
-        let file_path = base.join(section.plugin.get_ref());
-        let bytes =
-            std::fs::read(&file_path).map_err(|e| at_plugin(format!("cannot read {}: {e}", file_path.display())))?;
+        let source = section.plugin.get_ref();
+        let is_reference = nereid_registry::is_reference(source);
+        let follow_tag = section.follow_tag.as_ref().is_some_and(|f| *f.get_ref());
+        if let (true, Some(flag)) = (follow_tag && !(is_reference && !source.contains('@')), &section.follow_tag) {
+            return Err(src.error(
+                flag.span().start,
+                Some(format!("{table}.follow_tag")),
+                "only a plugin given as an oci:// tag can follow it",
+            ));
+        }
+        let fetched = fetch(source, base).map_err(|e| at_plugin(e.to_string()))?;
         let config: ConfigTable = section.config.iter().map(|(k, v)| (k.get_ref().clone(), v.clone())).collect();
         let limits = limits(section);
-        let loaded =
-            runtime.load_bytes(&bytes, &file_path.display().to_string()).map_err(|e| at_plugin(e.to_string()))?;
+        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at_plugin(e.to_string()))?;
         let checked = match table {
             "aggregator" => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
             _ => ObjectivePlugin::new(runtime, loaded, limits, &config).map(drop),
@@ -352,9 +377,18 @@ pub fn load(path: &Path, runtime: &Runtime) -> Result<LoadedJob, JobError> {
                 other => at_plugin(other.to_string()),
             });
         }
-        let digest = content_digest(&bytes);
-        components.insert(digest.clone(), bytes);
-        Ok(PluginRef { digest, config, limits })
+        let digest = fetched.digest.clone();
+        if !is_reference {
+            components.insert(digest.clone(), fetched.bytes);
+        }
+        Ok(PluginRef {
+            digest,
+            source: is_reference.then(|| source.clone()),
+            pinned: fetched.pinned,
+            follow_tag,
+            config,
+            limits,
+        })
     };
     let aggregator = load_plugin(&file.aggregator, "aggregator")?;
     let client_objective = file.client_objective.as_ref().map(|s| load_plugin(s, "client_objective")).transpose()?;

@@ -1,6 +1,7 @@
 //! nereid: an edge-AI host in which every algorithm is a sandboxed WebAssembly component.
 pub mod aggregate;
 pub mod cloud;
+pub mod components;
 pub mod edge;
 pub mod job;
 pub mod model_io;

@@ -9,11 +9,11 @@ mod cli;
 #[derive(Parser)]
 #[command(name = "nereid", version, about = "Edge AI with every algorithm a sandboxed WebAssembly component")]
 struct Cli {
-    /// Directory of the compiled-component cache [default: $NEREID_CACHE_DIR, else
-    /// $XDG_CACHE_HOME/nereid, else ~/.cache/nereid].
+    /// Directory of the caches (compiled components; pulled components under oci/) [default:
+    /// $NEREID_CACHE_DIR, else $XDG_CACHE_HOME/nereid, else ~/.cache/nereid].
     #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
-    /// Compile components on every load instead of using the cache.
+    /// Compile components on every load instead of using the compile cache.
     #[arg(long, global = true)]
     no_cache: bool,
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
@@ -52,12 +52,22 @@ enum Command {
     /// Node tokens.
     #[command(subcommand)]
     Token(cli::serve::TokenCommand),
+    /// Push a component to an OCI registry (the CNCF Wasm artifact layout `wkg` uses).
+    Push(cli::oci::PushArgs),
+    /// Pull a component from an OCI registry (verified, through the local cache).
+    Pull(cli::oci::PullArgs),
+    /// The local cache of pulled components: list, garbage-collect.
+    #[command(subcommand)]
+    Cache(cli::oci::CacheCommand),
+    /// The embedded OCI registry, and tag listing.
+    #[command(subcommand)]
+    Registry(cli::oci::RegistryCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.verbose {
-        0 if matches!(cli.command, Command::Cloud { .. } | Command::Edge { .. }) => "info",
+        0 if matches!(cli.command, Command::Cloud { .. } | Command::Edge { .. } | Command::Registry(_)) => "info",
         0 => "warn",
         1 => "debug",
         _ => "trace",
@@ -66,8 +76,9 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    let cache_dir =
-        if cli.no_cache { None } else { cli.cache_dir.or_else(nereid::runtime::ComponentCache::default_dir) };
+    // The registry cache lives under the same directory; --no-cache concerns compiled code only.
+    let cache_root = cli.cache_dir.clone().or_else(nereid::runtime::ComponentCache::default_dir);
+    let cache_dir = if cli.no_cache { None } else { cache_root.clone() };
     let result = match cli.command {
         Command::Plugin(cmd) => cli::plugin::run(cmd, cache_dir),
         Command::Bench(cmd) => cli::bench::run(cmd, cache_dir),
@@ -76,6 +87,10 @@ fn main() -> ExitCode {
         Command::Edge { config } => cli::serve::edge(config, cache_dir),
         Command::Job(cmd) => cli::serve::job(cmd, cache_dir),
         Command::Token(cmd) => cli::serve::token(cmd),
+        Command::Push(args) => cli::oci::push(args, cache_root.as_deref()),
+        Command::Pull(args) => cli::oci::pull(args, cache_root.as_deref()),
+        Command::Cache(cmd) => cli::oci::cache(cmd, cache_root.as_deref()),
+        Command::Registry(cmd) => cli::oci::registry(cmd, cache_root.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

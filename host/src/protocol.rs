@@ -79,6 +79,9 @@ pub struct RoundSummary {
     pub closed_by: String,
     pub aggregator_metrics: BTreeMap<String, f64>,
     pub duration_ms: i64,
+    /// The aggregator instance that folded this round (pinned reference or digest).
+    #[serde(default)]
+    pub aggregator: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,7 +111,15 @@ pub struct JobStatus {
     /// Rounds closed so far (the newest model's version).
     pub rounds_done: u32,
     pub max_rounds: u32,
+    /// The job's aggregator (pinned reference or digest).
     pub aggregator: String,
+    pub client_objective: Option<String>,
+    /// Whether a re-applied job's plugins wait for the next round boundary.
+    #[serde(default)]
+    pub swap_pending: bool,
+    /// Plugin swaps so far, and refused ones (with the error).
+    #[serde(default)]
+    pub swaps: Vec<crate::store::SwapRow>,
     pub current: Option<CurrentRound>,
     pub nodes: Vec<NodeStatus>,
     pub history: Vec<RoundSummary>,
@@ -120,6 +131,9 @@ pub struct JobSummary {
     pub status: String,
     pub rounds_done: u32,
     pub max_rounds: u32,
+    /// What an apply did beyond the status (e.g. when new plugins take over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -192,6 +206,10 @@ pub struct CloudConfig {
     /// Nodes and their tokens (more with `nereid token create`).
     #[serde(default)]
     pub nodes: BTreeMap<String, NodeEntry>,
+    /// Registries of `oci://` plugins: `[registries."host:port"]` with `insecure`, `username`,
+    /// `password` / `password_env`, `token` / `token_env`.
+    #[serde(default)]
+    pub registries: BTreeMap<String, nereid_registry::HostSettings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +239,9 @@ pub struct EdgeConfig {
     /// How often to ask the cloud for work, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// Registries of `oci://` plugins, as in `cloud.toml`.
+    #[serde(default)]
+    pub registries: BTreeMap<String, nereid_registry::HostSettings>,
 }
 
 /// Reads a TOML file into `T`, with errors naming the file, the line and the key; relative paths

@@ -40,7 +40,10 @@ CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, token_sha256 TEXT NOT N
 CREATE TABLE IF NOT EXISTS components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
-    next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER);
+    next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER, pending_spec TEXT);
+CREATE TABLE IF NOT EXISTS swaps (
+    job TEXT NOT NULL, round INTEGER NOT NULL, slot TEXT NOT NULL, from_plugin TEXT NOT NULL,
+    to_plugin TEXT NOT NULL, error TEXT, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS models (job TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL, PRIMARY KEY (job, version));
 CREATE TABLE IF NOT EXISTS rounds (
     job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL, opened_ms INTEGER NOT NULL,
@@ -59,6 +62,21 @@ pub struct JobRow {
     pub next_round: u32,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
+    /// A spec applied to the running job, waiting for the next round boundary.
+    pub pending_spec: Option<String>,
+}
+
+/// A plugin swap (or a refused one) on a job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SwapRow {
+    /// The first round the new plugin serves (or would have).
+    pub round: u32,
+    pub slot: String,
+    pub from: String,
+    pub to: String,
+    /// Why the new plugin was refused (the old one kept running).
+    pub error: Option<String>,
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -169,13 +187,14 @@ impl CloudStore {
             next_round: r.get(4)?,
             created_ms: r.get(5)?,
             finished_ms: r.get(6)?,
+            pending_spec: r.get(7)?,
         })
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, spec, status, reason, next_round, created_ms, finished_ms FROM jobs ORDER BY created_ms",
+            "SELECT name, spec, status, reason, next_round, created_ms, finished_ms, pending_spec FROM jobs ORDER BY created_ms",
         )?;
         let rows = stmt.query_map([], Self::job_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -185,11 +204,64 @@ impl CloudStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, spec, status, reason, next_round, created_ms, finished_ms FROM jobs WHERE name = ?1",
+                "SELECT name, spec, status, reason, next_round, created_ms, finished_ms, pending_spec FROM jobs WHERE name = ?1",
                 [name],
                 Self::job_row,
             )
             .optional()?)
+    }
+
+    /// Sets the spec a running job switches to at its next round boundary.
+    pub fn set_pending_spec(&self, name: &str, spec_json: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET pending_spec = ?2 WHERE name = ?1 AND status = 'running'",
+            params![name, spec_json],
+        )?;
+        Ok(())
+    }
+
+    /// Makes the pending spec (if any) the job's spec; returns it.
+    pub fn promote_pending_spec(&self, name: &str) -> Result<Option<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let pending: Option<String> =
+            tx.query_row("SELECT pending_spec FROM jobs WHERE name = ?1", [name], |r| r.get(0)).optional()?.flatten();
+        if let Some(spec) = &pending {
+            tx.execute("UPDATE jobs SET spec = ?2, pending_spec = NULL WHERE name = ?1", params![name, spec])?;
+        }
+        tx.commit()?;
+        Ok(pending)
+    }
+
+    pub fn set_spec(&self, name: &str, spec_json: &str) -> Result<()> {
+        self.conn().execute("UPDATE jobs SET spec = ?2 WHERE name = ?1", params![name, spec_json])?;
+        Ok(())
+    }
+
+    pub fn record_swap(&self, job: &str, swap: &SwapRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO swaps (job, round, slot, from_plugin, to_plugin, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![job, swap.round, swap.slot, swap.from, swap.to, swap.error, swap.at_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn swaps(&self, job: &str) -> Result<Vec<SwapRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT round, slot, from_plugin, to_plugin, error, at_ms FROM swaps WHERE job = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([job], |r| {
+            Ok(SwapRow {
+                round: r.get(0)?,
+                slot: r.get(1)?,
+                from: r.get(2)?,
+                to: r.get(3)?,
+                error: r.get(4)?,
+                at_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn finish_job(&self, name: &str, status: &str, reason: &str) -> Result<()> {

@@ -1,9 +1,11 @@
 //! End-to-end tests of nereid: real components (built by `cargo xtask plugins`) in the real
 //! runtime, and the `nereid` binary. `cargo xtask test` builds the components first.
 mod cli;
+mod cluster;
 mod common;
 mod fedavg;
 mod federated;
 mod fedprox;
+mod oci;
 mod sandbox;
 mod sdk;

@@ -118,7 +118,10 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let parameters: u64 = spec.parameters().iter().map(|(_, s)| s.iter().product::<u64>()).sum();
 
     let runtime = Runtime::new(Some(cache.clone()))?;
-    rt.block_on(api.apply(nereid::job::load(&work.path().join("job.toml"), &runtime)?))?;
+    let components = super::components(Some(&cache))?;
+    let job =
+        nereid::job::load(&work.path().join("job.toml"), &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
+    rt.block_on(api.apply(job))?;
     // The fixed overhead: the cloud with the job applied (aggregator compiled and instantiated),
     // before any round; then the peak is measured from here on.
     std::thread::sleep(Duration::from_millis(200));

@@ -141,6 +141,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
     let runtime = Runtime::new(Some(cache.clone()))?;
+    let components = super::components(Some(&cache))?;
     let mut runs = Vec::new();
     for strategy in ["fedavg", "fedprox"] {
         let plugin = super::plugin_path(&plugins, strategy);
@@ -163,7 +164,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         );
         let job_path = work.join(format!("{strategy}.toml"));
         std::fs::write(&job_path, job)?;
-        let loaded = nereid::job::load(&job_path, &runtime)?;
+        let loaded = nereid::job::load(&job_path, &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
         let name = loaded.spec.name.clone();
         let t0 = Instant::now();
         rt.block_on(api.apply(loaded))?;

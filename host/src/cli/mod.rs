@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_round;
 pub mod demo;
 pub mod fleet;
+pub mod oci;
 pub mod plugin;
 pub mod plugin_demo;
 pub mod serve;
@@ -25,4 +26,23 @@ pub fn default_plugin_dir() -> PathBuf {
 /// The built component of plugin crate `name` (e.g. "fedavg" -> nereid_fedavg.wasm).
 pub fn plugin_path(dir: &std::path::Path, name: &str) -> PathBuf {
     dir.join(format!("nereid_{}.wasm", name.replace('-', "_")))
+}
+
+/// A job loader's fetcher: files relative to the job, `oci://` references through the registry
+/// cache under `cache_dir`.
+pub fn fetcher(
+    rt: &tokio::runtime::Runtime,
+    components: &nereid::components::Components,
+    source: &str,
+    base: &std::path::Path,
+) -> Result<nereid::components::Fetched, nereid::components::ComponentError> {
+    rt.block_on(components.fetch(source, base, None))
+}
+
+/// The components fetcher of a CLI command (registry settings from the file and environment).
+pub fn components(cache_dir: Option<&std::path::Path>) -> anyhow::Result<nereid::components::Components> {
+    Ok(nereid::components::Components::new(
+        nereid::components::Components::cache_root(cache_dir),
+        &std::collections::BTreeMap::new(),
+    )?)
 }

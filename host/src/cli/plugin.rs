@@ -16,8 +16,8 @@ use nereid::runtime::{self, AggregatorPlugin, ClientUpdate, Limits, RoundContext
 pub enum PluginCommand {
     /// Show a component's slot (world), name, version, config schema and imports.
     Inspect {
-        /// The component (.wasm).
-        component: PathBuf,
+        /// The component: a .wasm file, or oci://host[:port]/repo:tag (or @sha256:<hex>).
+        component: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -95,10 +95,11 @@ pub fn run(cmd: PluginCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()>
     if let PluginCommand::Demo(args) = cmd {
         return super::plugin_demo::run(args, cache_dir);
     }
+    let registry_cache = cache_dir.clone();
     let runtime = Runtime::new(cache_dir)?;
     match cmd {
         PluginCommand::Demo(_) => unreachable!("handled above"),
-        PluginCommand::Inspect { component, json } => inspect(&runtime, &component, json),
+        PluginCommand::Inspect { component, json } => inspect(&runtime, &component, json, registry_cache.as_deref()),
         PluginCommand::Aggregate(args) => aggregate(&runtime, args),
     }
 }
@@ -116,6 +117,9 @@ struct ConfigFieldReport {
 struct InspectReport {
     component: String,
     digest: String,
+    /// For a registry component: the reference pinned to its manifest digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pinned: Option<String>,
     world: String,
     slots: Vec<runtime::Slot>,
     name: String,
@@ -125,12 +129,20 @@ struct InspectReport {
     imports: Vec<String>,
 }
 
-fn inspect(runtime: &Runtime, path: &Path, json: bool) -> anyhow::Result<()> {
-    let loaded = runtime.load_file(path)?;
+fn inspect(runtime: &Runtime, component: &str, json: bool, cache_dir: Option<&Path>) -> anyhow::Result<()> {
+    let (loaded, pinned) = if nereid_registry::is_reference(component) {
+        let components = super::components(cache_dir)?;
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let fetched = rt.block_on(components.fetch(component, Path::new("."), None))?;
+        (runtime.load_bytes(&fetched.bytes, component)?, fetched.pinned)
+    } else {
+        (runtime.load_file(Path::new(component))?, None)
+    };
     let info = runtime::describe(runtime, &loaded, &Limits::default())?;
     let report = InspectReport {
         component: loaded.origin.clone(),
         digest: loaded.digest.clone(),
+        pinned,
         world: runtime::describe_worlds(&loaded.slots),
         slots: loaded.slots.clone(),
         name: info.name,
@@ -155,6 +167,9 @@ fn inspect(runtime: &Runtime, path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("component    {}", report.component);
     println!("digest       {}", report.digest);
+    if let Some(p) = &report.pinned {
+        println!("pinned       {p}");
+    }
     println!("implements   {}", report.world);
     println!("name         {}", report.name);
     println!("version      {}", report.version);

@@ -16,12 +16,14 @@ fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn cloud(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (cfg, base): (CloudConfig, _) = read_config(&config)?;
-    tokio()?.block_on(nereid::cloud::serve(cfg, &base, cache_dir))
+    let registry_cache = nereid::components::Components::cache_root(cache_dir.as_deref());
+    tokio()?.block_on(nereid::cloud::serve(cfg, &base, cache_dir, registry_cache))
 }
 
 pub fn edge(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (cfg, base): (EdgeConfig, _) = read_config(&config)?;
-    let edge = nereid::edge::Edge::new(cfg, &base, cache_dir)?;
+    let registry_cache = nereid::components::Components::cache_root(cache_dir.as_deref());
+    let edge = nereid::edge::Edge::new(cfg, &base, cache_dir, registry_cache)?;
     tokio()?.block_on(edge.run())
 }
 
@@ -73,8 +75,9 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let rt = tokio()?;
     match cmd {
         JobCommand::Apply { file, cloud, dry_run } => {
+            let components = super::components(cache_dir.as_deref())?;
             let runtime = Runtime::new(cache_dir)?;
-            let loaded = nereid::job::load(&file, &runtime)?;
+            let loaded = nereid::job::load(&file, &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
             if dry_run {
                 println!("{}: valid", file.display());
                 return Ok(());
@@ -82,6 +85,9 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             let api = Api::new(&cloud.cloud, &cloud.token)?;
             let s = rt.block_on(api.apply(loaded))?;
             println!("job `{}` applied: {} ({} rounds at most)", s.name, s.status, s.max_rounds);
+            if let Some(note) = &s.note {
+                println!("{note}");
+            }
         }
         JobCommand::List { cloud, json } => {
             let jobs = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.jobs())?;

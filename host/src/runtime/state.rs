@@ -120,6 +120,20 @@ impl StdoutStream for StderrTail {
     }
 }
 
+/// Plugin instances (stores) alive in this process: a swapped-out plugin must not linger.
+static LIVE_INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many plugin instances are alive in this process now.
+pub fn live_instances() -> usize {
+    LIVE_INSTANCES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for PluginState {
+    fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The data of one plugin instance's store.
 pub struct PluginState {
     pub plugin: Arc<str>,
@@ -135,6 +149,7 @@ impl PluginState {
     /// A sandbox with no ambient authority: no preopened directories, no environment, no
     /// arguments, no network, no stdin; stdout is discarded, stderr kept for error reports.
     pub fn new(plugin: Arc<str>, memory_limit: usize, tensor_limit: usize) -> Self {
+        LIVE_INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr = StderrTail::default();
         let wasi = WasiCtx::builder()
             .stdout(std::io::empty())

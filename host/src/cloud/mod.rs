@@ -22,12 +22,16 @@ use axum::{Json, Router};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+mod plugins;
+
 use crate::aggregate::{Rejection, RoundError, RoundFold};
+use crate::components::Components;
 use crate::job::JobSpec;
 use crate::model_io;
 use crate::protocol::*;
-use crate::runtime::{content_digest, AggregatorPlugin, ClientUpdate, RoundContext, Runtime, UpdateKind};
+use crate::runtime::{content_digest, ClientUpdate, RoundContext, Runtime, UpdateKind};
 use crate::store::{now_ms, CloudStore, Inserted, JobRow, StoreError};
+use plugins::{JobPlugins, LiveAggregator};
 
 /// An HTTP error with a JSON body.
 pub struct ApiError(StatusCode, String);
@@ -66,7 +70,7 @@ type Traffic = HashMap<(String, u32), (u64, u64)>;
 
 pub struct Cloud {
     store: CloudStore,
-    runtime: Runtime,
+    plugins: JobPlugins,
     admin_sha: String,
     online_ms: i64,
     counters: Counters,
@@ -74,13 +78,10 @@ pub struct Cloud {
     /// poll, so writing it to disk (an fsync per request) would buy nothing.
     last_seen: Mutex<HashMap<String, i64>>,
     traffic: Mutex<Traffic>,
-    /// A live aggregator instance and what it publishes, per job.
-    aggregators: Mutex<HashMap<String, Arc<Mutex<AggregatorPlugin>>>>,
     /// The newest model each job served, shared by every download of it.
     served: Mutex<HashMap<String, (u32, Bytes)>>,
     /// The fold of each job's open round, as far as it got.
     folds: Mutex<HashMap<String, ActiveFold>>,
-    client_config: Mutex<HashMap<String, crate::runtime::config::ConfigTable>>,
     wake: tokio::sync::Notify,
     /// Upload bodies held in memory at once; further uploads wait (TCP backpressure), which
     /// bounds the cloud's memory whatever the number of clients.
@@ -97,6 +98,8 @@ const UPLOAD_SLOTS: usize = 4;
 /// the arrival order. Updates waiting for an earlier node wait on disk.
 struct ActiveFold {
     round: u32,
+    /// The aggregator this round began with; a swap takes effect at the next round.
+    aggregator: LiveAggregator,
     order: Vec<String>,
     next: usize,
     fold: RoundFold,
@@ -168,30 +171,6 @@ impl Cloud {
         self.counters.bytes_up.fetch_add(up, Ordering::Relaxed);
         self.counters.bytes_down.fetch_add(down, Ordering::Relaxed);
     }
-
-    /// The job's aggregator, instantiated once and kept (the compile cache makes a restart cheap).
-    fn aggregator(&self, spec: &JobSpec) -> anyhow::Result<Arc<Mutex<AggregatorPlugin>>> {
-        let mut map = self.aggregators.lock().map_err(|_| anyhow::anyhow!("aggregator map poisoned"))?;
-        if let Some(a) = map.get(&spec.name) {
-            return Ok(a.clone());
-        }
-        let bytes = self
-            .store
-            .component(&spec.aggregator.digest)?
-            .ok_or_else(|| anyhow::anyhow!("component {} is not stored", spec.aggregator.digest))?;
-        let loaded = self.runtime.load_bytes(&bytes, &format!("{} aggregator", spec.name))?;
-        let mut plugin = AggregatorPlugin::new(&self.runtime, loaded, spec.aggregator.limits, &spec.aggregator.config)?;
-        let published = plugin.client_config()?;
-        if let Ok(mut c) = self.client_config.lock() {
-            c.insert(
-                spec.name.clone(),
-                published.iter().map(|e| (e.key.clone(), config_value_to_toml(&e.value))).collect(),
-            );
-        }
-        let plugin = Arc::new(Mutex::new(plugin));
-        map.insert(spec.name.clone(), plugin.clone());
-        Ok(plugin)
-    }
 }
 
 fn spec_of(row: &JobRow) -> ApiResult<JobSpec> {
@@ -225,8 +204,7 @@ async fn task(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<
             continue;
         }
         let spec = spec_of(&row)?;
-        let server_config =
-            cloud.client_config.lock().ok().and_then(|c| c.get(&spec.name).cloned()).unwrap_or_default();
+        let server_config = cloud.plugins.published(&spec.name);
         return Ok(Json(TaskResponse {
             task: Some(Task {
                 job: spec.name.clone(),
@@ -404,22 +382,70 @@ async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64,
     Ok(total as u64)
 }
 
+/// Applies a job: creates it, or — for a running job whose plugins changed — checks the new
+/// plugins and switches to them at the next round boundary (the old ones keep serving until then,
+/// and for good if the new ones are refused).
 async fn submit_job(
     State(cloud): State<Arc<Cloud>>,
     headers: HeaderMap,
     Json(req): Json<SubmitJob>,
 ) -> ApiResult<Json<JobSummary>> {
     cloud.admin(&headers)?;
-    let spec = req.spec;
+    let mut spec = req.spec;
+    spec.model.validate().map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // Registry plugins are resolved here, once: every node gets the same pinned digest.
+    cloud.plugins.resolve(&cloud.store, &mut spec).await.map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     for p in std::iter::once(&spec.aggregator).chain(spec.client_objective.as_ref()) {
         if cloud.store.component(&p.digest)?.is_none() {
             return Err(err(StatusCode::BAD_REQUEST, format!("component {} was not uploaded", p.digest)));
         }
     }
-    spec.model.validate().map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let cloud2 = cloud.clone();
-    let spec2 = spec.clone();
-    tokio::task::spawn_blocking(move || cloud2.aggregator(&spec2).map(drop))
+    let summary = |status: &str, note: Option<String>| JobSummary {
+        name: spec.name.clone(),
+        status: status.into(),
+        rounds_done: 0,
+        max_rounds: spec.stop.rounds,
+        note,
+    };
+    if let Some(row) = cloud.store.job(&spec.name)? {
+        if row.status != "running" {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!("a job named `{}` exists already ({})", row.name, row.status),
+            ));
+        }
+        let current = spec_of(&row)?;
+        let changed = changed_fields(&current, &spec);
+        if !changed.is_empty() {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!(
+                    "job `{}` is running: only its plugins ([aggregator], [client_objective]) can change, not {}",
+                    spec.name,
+                    changed.join(", ")
+                ),
+            ));
+        }
+        if current == spec {
+            return Ok(Json(JobSummary {
+                rounds_done: row.next_round - 1,
+                ..summary("running", Some("unchanged".into()))
+            }));
+        }
+        let (c, cur, new) = (cloud.clone(), current.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || c.plugins.prepare(&c.store, &cur, &new))
+            .await
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| err(StatusCode::BAD_REQUEST, format!("{e:#}; the running plugins are unchanged")))?;
+        let json = serde_json::to_string(&spec).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        cloud.store.set_pending_spec(&spec.name, &json)?;
+        tracing::info!(job = %spec.name, "new plugins applied; they take over at the next round boundary");
+        cloud.wake.notify_waiters();
+        let note = "the new plugins take over at the next round boundary".to_string();
+        return Ok(Json(JobSummary { rounds_done: row.next_round - 1, ..summary("running", Some(note)) }));
+    }
+    let (c, s2) = (cloud.clone(), spec.clone());
+    tokio::task::spawn_blocking(move || c.plugins.aggregator(&c.store, &s2).map(drop))
         .await
         .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| err(StatusCode::BAD_REQUEST, format!("aggregator: {e:#}")))?;
@@ -434,7 +460,24 @@ async fn submit_job(
     }
     tracing::info!(job = %spec.name, "job applied");
     tokio::spawn(run_job(cloud.clone(), spec.name.clone()));
-    Ok(Json(JobSummary { name: spec.name, status: "running".into(), rounds_done: 0, max_rounds: spec.stop.rounds }))
+    Ok(Json(summary("running", None)))
+}
+
+/// The parts of a job other than its plugins that differ between `a` and `b`.
+fn changed_fields(a: &JobSpec, b: &JobSpec) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("job.seed", a.seed == b.seed);
+    check("[rounds]", a.rounds == b.rounds);
+    check("[stop]", a.stop == b.stop);
+    check("[model]", a.model == b.model);
+    check("[training]", a.training == b.training);
+    check("[client_objective] (added or removed)", a.client_objective.is_some() == b.client_objective.is_some());
+    out
 }
 
 async fn list_jobs(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Json<Vec<JobSummary>>> {
@@ -450,6 +493,7 @@ async fn list_jobs(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiRe
                 status: row.status.clone(),
                 rounds_done: row.next_round - 1,
                 max_rounds: spec.stop.rounds,
+                note: None,
             })
         })
         .collect::<ApiResult<_>>()?;
@@ -495,7 +539,10 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         reason: row.reason.clone(),
         rounds_done: row.next_round - 1,
         max_rounds: spec.stop.rounds,
-        aggregator: spec.aggregator.digest.clone(),
+        aggregator: plugins::label(&spec.aggregator),
+        client_objective: spec.client_objective.as_ref().map(plugins::label),
+        swap_pending: row.pending_spec.is_some(),
+        swaps: cloud.store.swaps(name)?,
         current,
         nodes,
         history,
@@ -536,6 +583,11 @@ async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String> {
     counter("nereid_rounds_closed_total", "Rounds closed.", &c.rounds_closed);
     counter("nereid_upload_bytes_total", "Bytes of accepted updates.", &c.bytes_up);
     counter("nereid_download_bytes_total", "Bytes of global models sent.", &c.bytes_down);
+    counter("nereid_plugin_swaps_total", "Plugins swapped in running jobs.", &cloud.plugins.swaps);
+    out.push_str(&format!(
+        "# HELP nereid_plugin_instances Plugin instances alive in this process.\n# TYPE nereid_plugin_instances gauge\nnereid_plugin_instances {}\n",
+        crate::runtime::state::live_instances()
+    ));
     out.push_str("# HELP nereid_job_round Rounds closed per job.\n# TYPE nereid_job_round gauge\n");
     out.push_str("# HELP nereid_job_accuracy Accuracy of the newest evaluated global model per job.\n# TYPE nereid_job_accuracy gauge\n");
     for row in cloud.store.jobs()? {
@@ -580,20 +632,23 @@ fn global_model(cloud: &Cloud, job: &str, round: u32) -> anyhow::Result<model_io
 /// Feeds the round's fold every update that can go in now: the next ones in node-name order that
 /// have arrived; with `closing`, also those after nodes that never sent one.
 fn advance(cloud: &Cloud, spec: &JobSpec, round: u32, selected: &[String], closing: bool) -> anyhow::Result<()> {
-    let plugin = cloud.aggregator(spec)?;
-    let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
     let mut folds = cloud.folds.lock().map_err(|_| anyhow::anyhow!("fold map poisoned"))?;
     let stale = folds.get(&spec.name).is_none_or(|f| f.round != round);
     if stale {
+        let aggregator = cloud.plugins.aggregator(&cloud.store, spec)?;
+        let mut plugin = aggregator.plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
         // A new round, or a restarted cloud: begin again from the persisted state.
         let mut order = selected.to_vec();
         order.sort();
         let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
         let global = global_model(cloud, &spec.name, round)?;
         let fold = RoundFold::begin(&mut plugin, ctx, Some(&global))?;
-        folds.insert(spec.name.clone(), ActiveFold { round, order, next: 0, fold });
+        drop(plugin);
+        folds.insert(spec.name.clone(), ActiveFold { round, aggregator, order, next: 0, fold });
     }
     let active = folds.get_mut(&spec.name).expect("inserted above");
+    let instance = active.aggregator.plugin.clone();
+    let mut plugin = instance.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
     let received = cloud.store.update_nodes(&spec.name, round)?;
     let order = active.order.clone();
     let load = |j: usize| load_update(cloud, &spec.name, round, &order[j]);
@@ -640,8 +695,7 @@ fn close(
         .map_err(|_| anyhow::anyhow!("fold map poisoned"))?
         .remove(&spec.name)
         .ok_or_else(|| anyhow::anyhow!("round {round} has no fold"))?;
-    let plugin = cloud.aggregator(spec)?;
-    let mut plugin = plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
+    let mut plugin = active.aggregator.plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
     let metrics_of: HashMap<String, (u64, UpdateMetrics)> = cloud
         .store
         .update_metrics(&spec.name, round)?
@@ -688,6 +742,7 @@ fn close(
         closed_by: closed_by.into(),
         aggregator_metrics: agg_metrics,
         duration_ms: now_ms() - opened_ms,
+        aggregator: active.aggregator.label.clone(),
     };
     Ok((model, summary))
 }
@@ -715,6 +770,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
             if let Ok(mut m) = cloud.served.lock() {
                 m.remove(name);
             }
+            cloud.plugins.forget(name);
             return Ok(());
         }
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -730,6 +786,9 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let round = match cloud.store.round(name, r)? {
             Some(round) => round,
             None => {
+                if cloud.plugins.at_round_boundary(&cloud.store, &spec, r).await? {
+                    continue;
+                }
                 let online = cloud.online_since(now_ms() - cloud.online_ms);
                 if online.len() < spec.rounds.min_clients {
                     wait(cloud).await;
@@ -805,7 +864,12 @@ async fn wait(cloud: &Cloud) {
 
 /// Opens the state, registers the configured node tokens, resumes running jobs and serves the
 /// API until the process ends.
-pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn serve(
+    config: CloudConfig,
+    base: &Path,
+    cache_dir: Option<PathBuf>,
+    registry_cache: PathBuf,
+) -> anyhow::Result<()> {
     return_large_buffers_to_the_os();
     let store = CloudStore::open(&base.join(&config.state))?;
     for (node, entry) in &config.nodes {
@@ -814,14 +878,12 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
     store.collect_update_files()?;
     let cloud = Arc::new(Cloud {
         store,
-        runtime: Runtime::new(cache_dir)?,
+        plugins: JobPlugins::new(Runtime::new(cache_dir)?, Components::new(registry_cache, &config.registries)?),
         admin_sha: token_sha256(&config.admin_token),
         online_ms: (config.online_secs * 1000.0) as i64,
         counters: Counters::default(),
         last_seen: Mutex::new(HashMap::new()),
         traffic: Mutex::new(HashMap::new()),
-        aggregators: Mutex::new(HashMap::new()),
-        client_config: Mutex::new(HashMap::new()),
         folds: Mutex::new(HashMap::new()),
         served: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
@@ -831,7 +893,7 @@ pub async fn serve(config: CloudConfig, base: &Path, cache_dir: Option<PathBuf>)
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
         let c = cloud.clone();
-        tokio::task::spawn_blocking(move || c.aggregator(&spec).map(drop)).await??;
+        tokio::task::spawn_blocking(move || c.plugins.aggregator(&c.store, &spec).map(drop)).await??;
         tracing::info!(job = %row.name, round = row.next_round, "resuming job");
         tokio::spawn(run_job(cloud.clone(), row.name.clone()));
     }

@@ -1,0 +1,251 @@
+//! The plugins of the cloud's jobs: one live aggregator instance per running job, resolution of
+//! `oci://` plugins to pinned digests, and hot swap at round boundaries (a re-applied job, or a
+//! followed tag that moved), where a new plugin that fails to load, is of the wrong slot or
+//! refuses its config leaves the old one running.
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nereid_registry::Reference;
+
+use crate::components::Components;
+use crate::job::{JobSpec, PluginRef};
+use crate::protocol::config_value_to_toml;
+use crate::runtime::config::ConfigTable;
+use crate::runtime::{AggregatorPlugin, ObjectivePlugin, Runtime};
+use crate::store::{now_ms, CloudStore, SwapRow};
+
+/// A job's aggregator instance and what to call it (its pinned reference or digest).
+#[derive(Clone)]
+pub struct LiveAggregator {
+    pub plugin: Arc<Mutex<AggregatorPlugin>>,
+    pub label: String,
+}
+
+pub struct JobPlugins {
+    runtime: Runtime,
+    components: Components,
+    live: Mutex<HashMap<String, LiveAggregator>>,
+    /// Aggregators an apply validated, waiting for their job's next round boundary.
+    pending: Mutex<HashMap<String, AggregatorPlugin>>,
+    /// What each job's aggregator publishes to clients (FedProx's `mu`).
+    published: Mutex<HashMap<String, ConfigTable>>,
+    /// The round at whose boundary each job's followed tags were last checked.
+    tags_checked: Mutex<HashMap<String, u32>>,
+    /// Pinned references already refused, so a bad tag is reported once.
+    refused: Mutex<HashSet<String>>,
+    pub swaps: AtomicU64,
+}
+
+/// What to call a plugin in summaries: its pinned reference, else its digest.
+pub fn label(p: &PluginRef) -> String {
+    p.pinned.clone().unwrap_or_else(|| p.digest.clone())
+}
+
+impl JobPlugins {
+    pub fn new(runtime: Runtime, components: Components) -> JobPlugins {
+        JobPlugins {
+            runtime,
+            components,
+            live: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            tags_checked: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashSet::new()),
+            swaps: AtomicU64::new(0),
+        }
+    }
+
+    fn build_aggregator(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<AggregatorPlugin> {
+        let bytes =
+            store.component(&p.digest)?.ok_or_else(|| anyhow::anyhow!("component {} is not stored", p.digest))?;
+        let loaded = self.runtime.load_bytes(&bytes, &format!("{job} aggregator {}", label(p)))?;
+        Ok(AggregatorPlugin::new(&self.runtime, loaded, p.limits, &p.config)?)
+    }
+
+    fn check_objective(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<()> {
+        let bytes =
+            store.component(&p.digest)?.ok_or_else(|| anyhow::anyhow!("component {} is not stored", p.digest))?;
+        let loaded = self.runtime.load_bytes(&bytes, &format!("{job} client objective {}", label(p)))?;
+        ObjectivePlugin::new(&self.runtime, loaded, p.limits, &p.config)?;
+        Ok(())
+    }
+
+    /// Makes `plugin` the job's aggregator; the one it replaces is dropped once the round that
+    /// holds it (if any) lets go of it.
+    fn install(&self, job: &str, mut plugin: AggregatorPlugin, label: String) -> anyhow::Result<LiveAggregator> {
+        let published = plugin.client_config()?;
+        if let Ok(mut p) = self.published.lock() {
+            p.insert(
+                job.to_string(),
+                published.iter().map(|e| (e.key.clone(), config_value_to_toml(&e.value))).collect(),
+            );
+        }
+        let live = LiveAggregator { plugin: Arc::new(Mutex::new(plugin)), label };
+        if let Ok(mut map) = self.live.lock() {
+            map.insert(job.to_string(), live.clone());
+        }
+        Ok(live)
+    }
+
+    /// The job's aggregator, instantiated once and kept (the compile cache makes a restart cheap).
+    pub fn aggregator(&self, store: &CloudStore, spec: &JobSpec) -> anyhow::Result<LiveAggregator> {
+        if let Some(a) = self.live.lock().ok().and_then(|m| m.get(&spec.name).cloned()) {
+            return Ok(a);
+        }
+        let plugin = self.build_aggregator(store, &spec.name, &spec.aggregator)?;
+        self.install(&spec.name, plugin, label(&spec.aggregator))
+    }
+
+    pub fn published(&self, job: &str) -> ConfigTable {
+        self.published.lock().ok().and_then(|c| c.get(job).cloned()).unwrap_or_default()
+    }
+
+    /// Drops the instances of a job that ended.
+    pub fn forget(&self, job: &str) {
+        if let Ok(mut m) = self.live.lock() {
+            m.remove(job);
+        }
+        if let Ok(mut m) = self.pending.lock() {
+            m.remove(job);
+        }
+    }
+
+    /// Pins each `oci://` plugin of `spec` to the manifest digest its reference names now, pulls
+    /// it (verified) and keeps its bytes, so the job never depends on the tag again.
+    pub async fn resolve(&self, store: &CloudStore, spec: &mut JobSpec) -> Result<(), String> {
+        let slots = std::iter::once(("aggregator", &mut spec.aggregator))
+            .chain(spec.client_objective.as_mut().map(|p| ("client_objective", p)));
+        for (slot, p) in slots {
+            let Some(source) = p.source.clone() else { continue };
+            let reference = Reference::parse(&source).map_err(|e| format!("{slot}: {e}"))?;
+            let fetched =
+                self.components.fetch_reference(&reference, None).await.map_err(|e| format!("{slot}: {e}"))?;
+            store.put_component(&fetched.digest, &fetched.bytes).map_err(|e| e.to_string())?;
+            p.digest = fetched.digest;
+            p.pinned = fetched.pinned;
+        }
+        Ok(())
+    }
+
+    /// Checks the plugins of `new` that differ from `current` (load, slot, config) and keeps a
+    /// new aggregator ready for the round boundary. Errors leave everything as it was.
+    pub fn prepare(&self, store: &CloudStore, current: &JobSpec, new: &JobSpec) -> anyhow::Result<()> {
+        if let Some(p) = new.client_objective.as_ref().filter(|_| new.client_objective != current.client_objective) {
+            self.check_objective(store, &new.name, p).map_err(|e| e.context("client_objective"))?;
+        }
+        if new.aggregator != current.aggregator {
+            let plugin =
+                self.build_aggregator(store, &new.name, &new.aggregator).map_err(|e| e.context("aggregator"))?;
+            if let Ok(mut pending) = self.pending.lock() {
+                pending.insert(new.name.clone(), plugin);
+            }
+        }
+        Ok(())
+    }
+
+    /// At the boundary before round `round`: switches to a pending spec, or to a followed tag's
+    /// new digest. Returns true if the job's spec changed.
+    pub async fn at_round_boundary(&self, store: &CloudStore, spec: &JobSpec, round: u32) -> anyhow::Result<bool> {
+        let name = &spec.name;
+        if let Some(json) = store.promote_pending_spec(name)? {
+            let new: JobSpec = serde_json::from_str(&json)?;
+            let prepared = self.pending.lock().ok().and_then(|mut p| p.remove(name));
+            self.switch(store, spec, &new, round, prepared)?;
+            return Ok(true);
+        }
+        let first_check = self.tags_checked.lock().ok().and_then(|mut c| c.insert(name.clone(), round)) != Some(round);
+        if !first_check {
+            return Ok(false);
+        }
+        let mut new = spec.clone();
+        let mut moved = false;
+        for (slot, p) in std::iter::once(("aggregator", &mut new.aggregator))
+            .chain(new.client_objective.as_mut().map(|p| ("client_objective", p)))
+        {
+            let Some(source) = p.source.clone().filter(|_| p.follow_tag) else { continue };
+            let Ok(reference) = Reference::parse(&source) else { continue };
+            let pinned_ref = match self.components.pin(&reference).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(job = %name, %source, "cannot check the followed tag: {e}");
+                    continue;
+                }
+            };
+            let pinned = pinned_ref.to_string();
+            if Some(&pinned) == p.pinned.as_ref() || self.refused.lock().is_ok_and(|r| r.contains(&pinned)) {
+                continue;
+            }
+            let refuse = |error: String| {
+                tracing::warn!(job = %name, slot, to = %pinned, "the moved tag's plugin is refused; the old one keeps running: {error}");
+                if let Ok(mut r) = self.refused.lock() {
+                    r.insert(pinned.clone());
+                }
+                let swap = SwapRow {
+                    round,
+                    slot: slot.into(),
+                    from: label(p),
+                    to: pinned.clone(),
+                    error: Some(error),
+                    at_ms: now_ms(),
+                };
+                store.record_swap(name, &swap)
+            };
+            let fetched = match self.components.fetch_reference(&pinned_ref, None).await {
+                Ok(f) => f,
+                Err(e) => {
+                    refuse(e.to_string())?;
+                    continue;
+                }
+            };
+            store.put_component(&fetched.digest, &fetched.bytes)?;
+            let candidate = PluginRef { digest: fetched.digest, pinned: fetched.pinned, ..p.clone() };
+            let checked = match slot {
+                "aggregator" => self.build_aggregator(store, name, &candidate).map(drop),
+                _ => self.check_objective(store, name, &candidate),
+            };
+            if let Err(e) = checked {
+                refuse(format!("{e:#}"))?;
+                continue;
+            }
+            *p = candidate;
+            moved = true;
+        }
+        if !moved {
+            return Ok(false);
+        }
+        store.set_spec(name, &serde_json::to_string(&new)?)?;
+        self.switch(store, spec, &new, round, None)?;
+        Ok(true)
+    }
+
+    /// Records and performs the switch from `old` to `new` (whose plugins were checked).
+    fn switch(
+        &self,
+        store: &CloudStore,
+        old: &JobSpec,
+        new: &JobSpec,
+        round: u32,
+        prepared: Option<AggregatorPlugin>,
+    ) -> anyhow::Result<()> {
+        let record = |slot: &str, from: String, to: String| {
+            tracing::info!(job = %new.name, round, slot, %from, %to, "plugin swapped");
+            self.swaps.fetch_add(1, Ordering::Relaxed);
+            store.record_swap(&new.name, &SwapRow { round, slot: slot.into(), from, to, error: None, at_ms: now_ms() })
+        };
+        if new.aggregator != old.aggregator {
+            let plugin = match prepared {
+                Some(p) => p,
+                None => self.build_aggregator(store, &new.name, &new.aggregator)?,
+            };
+            self.install(&new.name, plugin, label(&new.aggregator))?;
+            record("aggregator", label(&old.aggregator), label(&new.aggregator))?;
+        }
+        if new.client_objective != old.client_objective {
+            let name = |p: &Option<PluginRef>| p.as_ref().map_or_else(|| "none".to_string(), label);
+            // Edges switch when they take round `round`'s task, which carries the new plugin.
+            record("client_objective", name(&old.client_objective), name(&new.client_objective))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! Where plugin components come from: a file next to a job, or an OCI registry (through the
+//! node's content-addressed cache, so a node that has a component keeps working offline).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use nereid_registry::{
+    ComponentCache, HostSettings, Progress, Reference, RegistryClient, RegistryError, RegistrySettings,
+};
+
+use crate::runtime::content_digest;
+
+/// A component's bytes and where they came from.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    /// The component's content digest (`sha256:<hex>` of its bytes).
+    pub digest: String,
+    /// For a registry component: the reference pinned to its manifest digest.
+    pub pinned: Option<String>,
+    /// What to call it in messages: the file or the reference.
+    pub origin: String,
+}
+
+/// Fetches components for one node.
+pub struct Components {
+    client: RegistryClient,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot read {}: {source}", path.display())]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: expected component {expected}, got {actual}")]
+    Digest { origin: String, expected: String, actual: String },
+}
+
+impl Components {
+    /// A fetcher whose registry cache is `cache_root`, with `given` registry settings completed
+    /// by the settings file and the environment.
+    pub fn new(cache_root: PathBuf, given: &BTreeMap<String, HostSettings>) -> Result<Components, RegistryError> {
+        let settings = RegistrySettings::load(given)?;
+        Ok(Components { client: RegistryClient::new(settings, ComponentCache::new(cache_root)) })
+    }
+
+    /// The registry cache below a node's cache directory.
+    pub fn cache_root(cache_dir: Option<&Path>) -> PathBuf {
+        cache_dir
+            .map(Path::to_path_buf)
+            .or_else(crate::runtime::ComponentCache::default_dir)
+            .unwrap_or_else(|| PathBuf::from(".nereid-cache"))
+            .join("oci")
+    }
+
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    /// The manifest digest a reference names now, as a pinned reference.
+    pub async fn pin(&self, reference: &Reference) -> Result<Reference, RegistryError> {
+        Ok(reference.pinned(&self.client.resolve(reference).await?))
+    }
+
+    /// The component `source` names: an `oci://` reference, or a path relative to `base`.
+    pub async fn fetch(
+        &self,
+        source: &str,
+        base: &Path,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Fetched, ComponentError> {
+        if nereid_registry::is_reference(source) {
+            let reference = Reference::parse(source).map_err(RegistryError::from)?;
+            return self.fetch_reference(&reference, progress).await;
+        }
+        let path = base.join(source);
+        let bytes =
+            tokio::fs::read(&path).await.map_err(|source| ComponentError::File { path: path.clone(), source })?;
+        Ok(Fetched { digest: content_digest(&bytes), bytes, pinned: None, origin: path.display().to_string() })
+    }
+
+    pub async fn fetch_reference(
+        &self,
+        reference: &Reference,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Fetched, ComponentError> {
+        let pulled = self.client.pull(reference, progress).await?;
+        let bytes = tokio::fs::read(&pulled.path)
+            .await
+            .map_err(|source| ComponentError::File { path: pulled.path.clone(), source })?;
+        let digest = content_digest(&bytes);
+        if digest != pulled.layer_digest {
+            return Err(ComponentError::Digest {
+                origin: pulled.reference,
+                expected: pulled.layer_digest,
+                actual: digest,
+            });
+        }
+        Ok(Fetched { bytes, digest, origin: reference.to_string(), pinned: Some(pulled.reference) })
+    }
+
+    /// A pinned component whose content digest must be `digest` (what the cloud tells an edge).
+    pub async fn fetch_pinned(&self, pinned: &str, digest: &str) -> Result<Fetched, ComponentError> {
+        let reference = Reference::parse(pinned).map_err(RegistryError::from)?;
+        let fetched = self.fetch_reference(&reference, None).await?;
+        if fetched.digest != digest {
+            return Err(ComponentError::Digest {
+                origin: pinned.to_string(),
+                expected: digest.to_string(),
+                actual: fetched.digest,
+            });
+        }
+        Ok(fetched)
+    }
+}

@@ -1,0 +1,750 @@
+//! The embedded registry: the OCI distribution spec's pull, push (monolithic, chunked, cross-repo
+//! mount) and content discovery (tags list, catalog) on a directory, so a fleet needs no external
+//! registry. Errors use the spec's bodies (`{"errors":[{"code","message","detail"}]}`).
+//!
+//! Layout under the root:
+//! - `blobs/sha256/<hex>`: every blob and manifest, content-addressed, written once verified;
+//! - `repositories/<name>/_layers/<hex>`: blobs linked into a repository;
+//! - `repositories/<name>/_manifests/<hex>`: manifests of a repository (the file holds the media type);
+//! - `repositories/<name>/_tags/<tag>`: the manifest digest of a tag;
+//! - `uploads/<id>`: uploads in progress.
+//!
+//! With users configured, every request needs credentials: HTTP basic, or a bearer token from the
+//! token endpoint `/token` (the registry token flow real registries use: a 401 names the realm,
+//! the client trades its basic credentials there for a token). `anonymous_pull` lets anyone pull.
+// Handlers return the error response itself; boxing it would only add an allocation per error.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use base64::Engine as _;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::reference::is_path_component;
+use crate::{sha256_hex, RegistryError};
+
+/// Largest manifest accepted (the distribution registry's limit).
+const MAX_MANIFEST: usize = 4 << 20;
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// `users.toml`: `[users.<name>] password_sha256 = "<hex of sha256(password)>"`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    #[serde(default)]
+    pub users: BTreeMap<String, UserEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub password_sha256: String,
+}
+
+impl UsersFile {
+    pub fn read(path: &Path) -> Result<UsersFile, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
+        let file: UsersFile = toml::from_str(&text)
+            .map_err(|e| RegistryError::Settings { path: path.to_path_buf(), message: e.to_string() })?;
+        for (name, u) in &file.users {
+            if u.password_sha256.len() != 64 || hex::decode(&u.password_sha256).is_err() {
+                return Err(RegistryError::Settings {
+                    path: path.to_path_buf(),
+                    message: format!("users.{name}.password_sha256 must be 64 hex digits"),
+                });
+            }
+        }
+        Ok(file)
+    }
+}
+
+pub struct ServerOptions {
+    pub root: PathBuf,
+    pub users: UsersFile,
+    pub anonymous_pull: bool,
+}
+
+struct Token {
+    push: bool,
+    expires: Instant,
+}
+
+pub struct Registry {
+    root: PathBuf,
+    users: BTreeMap<String, String>,
+    anonymous_pull: bool,
+    tokens: Mutex<HashMap<String, Token>>,
+}
+
+type Reply = Result<Response, Response>;
+
+fn oci_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "errors": [{ "code": code, "message": message.into(), "detail": null }] });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+}
+
+fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn new_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.split('/').all(is_path_component)
+}
+
+fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// The API endpoints under `/v2/`, parsed from the right (a repository name may contain `/`).
+enum Route {
+    Catalog,
+    Tags { name: String },
+    Manifest { name: String, reference: String },
+    Upload { name: String, id: Option<String> },
+    Blob { name: String, digest: String },
+}
+
+fn route(path: &str) -> Option<Route> {
+    if path == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    let r = if let Some(name) = path.strip_suffix("/tags/list") {
+        Route::Tags { name: name.into() }
+    } else if let Some((name, reference)) = path.rsplit_once("/manifests/") {
+        Route::Manifest { name: name.into(), reference: reference.into() }
+    } else if let Some(name) = path.strip_suffix("/blobs/uploads/").or_else(|| path.strip_suffix("/blobs/uploads")) {
+        Route::Upload { name: name.into(), id: None }
+    } else if let Some((name, id)) = path.rsplit_once("/blobs/uploads/") {
+        Route::Upload { name: name.into(), id: Some(id.into()) }
+    } else if let Some((name, digest)) = path.rsplit_once("/blobs/") {
+        Route::Blob { name: name.into(), digest: digest.into() }
+    } else {
+        return None;
+    };
+    Some(r)
+}
+
+impl Registry {
+    pub fn new(options: ServerOptions) -> Result<Registry, RegistryError> {
+        for dir in ["blobs/sha256", "repositories", "uploads"] {
+            let d = options.root.join(dir);
+            std::fs::create_dir_all(&d).map_err(RegistryError::io(&d))?;
+        }
+        Ok(Registry {
+            root: options.root,
+            users: options.users.users.into_iter().map(|(n, u)| (n, u.password_sha256.to_lowercase())).collect(),
+            anonymous_pull: options.anonymous_pull,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        sha256_hex(digest).map(|h| self.root.join("blobs/sha256").join(h))
+    }
+
+    fn repo(&self, name: &str) -> PathBuf {
+        self.root.join("repositories").join(name)
+    }
+
+    fn layer_link(&self, name: &str, digest: &str) -> Option<PathBuf> {
+        sha256_hex(digest).map(|h| self.repo(name).join("_layers").join(h))
+    }
+
+    fn manifest_link(&self, name: &str, digest: &str) -> Option<PathBuf> {
+        sha256_hex(digest).map(|h| self.repo(name).join("_manifests").join(h))
+    }
+
+    fn tag_path(&self, name: &str, tag: &str) -> PathBuf {
+        self.repo(name).join("_tags").join(tag)
+    }
+
+    fn upload_path(&self, id: &str) -> Option<PathBuf> {
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| self.root.join("uploads").join(id))
+    }
+
+    fn check_password(&self, user: &str, password: &str) -> bool {
+        self.users.get(user).is_some_and(|sha| *sha == hex::encode(Sha256::digest(password.as_bytes())))
+    }
+
+    fn basic_user(&self, headers: &HeaderMap) -> Option<bool> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let encoded = value.strip_prefix("Basic ")?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':')?;
+        Some(self.check_password(user, password))
+    }
+
+    fn issue_token(&self, push: bool) -> String {
+        let token = new_id();
+        if let Ok(mut tokens) = self.tokens.lock() {
+            let now = Instant::now();
+            tokens.retain(|_, t| t.expires > now);
+            tokens.insert(token.clone(), Token { push, expires: now + TOKEN_LIFETIME });
+        }
+        token
+    }
+
+    /// Ok if the request may pull (or push); else the 401 that starts the token flow.
+    fn authorize(&self, headers: &HeaderMap, push: bool, scope: &str) -> Result<(), Response> {
+        if self.users.is_empty() {
+            return Ok(());
+        }
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let allowed = match bearer {
+            Some(t) => self
+                .tokens
+                .lock()
+                .ok()
+                .and_then(|tokens| tokens.get(t).map(|tok| tok.expires > Instant::now() && (tok.push || !push)))
+                .unwrap_or(false),
+            None => self.basic_user(headers).unwrap_or(false) || (!push && self.anonymous_pull),
+        };
+        if allowed {
+            return Ok(());
+        }
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"nereid-registry\",scope=\"{scope}\"");
+        let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        Err(resp)
+    }
+}
+
+/// Serves the registry on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, options: ServerOptions) -> Result<(), RegistryError> {
+    let root = options.root.clone();
+    let registry = Arc::new(Registry::new(options)?);
+    axum::serve(listener, router(registry)).await.map_err(RegistryError::io(root))
+}
+
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v2", get(base))
+        .route("/v2/", get(base))
+        .route("/token", get(token))
+        .route("/v2/{*path}", any(dispatch))
+        .with_state(registry)
+}
+
+fn api_version(mut resp: Response) -> Response {
+    resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+/// The version check. With users configured it always asks for credentials (even when anyone
+/// may pull), as real registries do: that 401 is how clients learn the token realm.
+async fn base(State(reg): State<Arc<Registry>>, headers: HeaderMap) -> Response {
+    let anonymous = !headers.contains_key(header::AUTHORIZATION);
+    let checked = if anonymous && !reg.users.is_empty() {
+        reg.authorize(&headers, true, "registry:catalog:*")
+    } else {
+        reg.authorize(&headers, false, "registry:catalog:*")
+    };
+    api_version(match checked {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        Err(e) => e,
+    })
+}
+
+async fn token(State(reg): State<Arc<Registry>>, headers: HeaderMap) -> Response {
+    let push = match reg.basic_user(&headers) {
+        Some(true) => true,
+        Some(false) => return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "wrong user name or password"),
+        None if reg.anonymous_pull || reg.users.is_empty() => false,
+        None => return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "credentials required"),
+    };
+    let token = reg.issue_token(push);
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": TOKEN_LIFETIME.as_secs(),
+        "issued_at": chrono::Utc::now().to_rfc3339(),
+    });
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn dispatch(
+    State(reg): State<Arc<Registry>>,
+    method: Method,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let reply = match route(&path) {
+        None => Err(oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", format!("no endpoint /v2/{path}"))),
+        Some(r) => handle(&reg, method, r, &query, &headers, body).await,
+    };
+    api_version(reply.unwrap_or_else(|e| e))
+}
+
+async fn handle(
+    reg: &Registry,
+    method: Method,
+    route: Route,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Reply {
+    let push = !matches!(method, Method::GET | Method::HEAD);
+    let name = match &route {
+        Route::Catalog => {
+            reg.authorize(headers, false, "registry:catalog:*")?;
+            return catalog(reg, query);
+        }
+        Route::Tags { name } | Route::Manifest { name, .. } | Route::Upload { name, .. } | Route::Blob { name, .. } => {
+            name.clone()
+        }
+    };
+    if !valid_name(&name) {
+        return Err(oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", format!("invalid repository name `{name}`")));
+    }
+    let scope = format!("repository:{name}:{}", if push { "pull,push" } else { "pull" });
+    reg.authorize(headers, push, &scope)?;
+    match (route, method) {
+        (Route::Tags { name }, Method::GET) => tags(reg, &name, query),
+        (Route::Manifest { name, reference }, m @ (Method::GET | Method::HEAD)) => {
+            get_manifest(reg, &name, &reference, m == Method::HEAD).await
+        }
+        (Route::Manifest { name, reference }, Method::PUT) => put_manifest(reg, &name, &reference, headers, body).await,
+        (Route::Manifest { name, reference }, Method::DELETE) => delete_manifest(reg, &name, &reference),
+        (Route::Blob { name, digest }, m @ (Method::GET | Method::HEAD)) => {
+            get_blob(reg, &name, &digest, m == Method::HEAD).await
+        }
+        (Route::Blob { name, digest }, Method::DELETE) => {
+            let link = reg.layer_link(&name, &digest).filter(|l| l.exists()).ok_or_else(|| blob_unknown(&digest))?;
+            std::fs::remove_file(link).map_err(internal)?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::Upload { name, id: None }, Method::POST) => start_upload(reg, &name, query, body).await,
+        (Route::Upload { name, id: Some(id) }, Method::PATCH) => patch_upload(reg, &name, &id, headers, body).await,
+        (Route::Upload { name, id: Some(id) }, Method::PUT) => finish_upload(reg, &name, &id, query, body).await,
+        (Route::Upload { name, id: Some(id) }, Method::GET) => {
+            let size = upload_size(reg, &id)?;
+            Ok(upload_accepted(&name, &id, size, StatusCode::NO_CONTENT))
+        }
+        (Route::Upload { id: Some(id), .. }, Method::DELETE) => {
+            let path = reg.upload_path(&id).filter(|p| p.exists()).ok_or_else(|| upload_unknown(&id))?;
+            std::fs::remove_file(path).map_err(internal)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (_, m) => Err(oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", format!("{m} is not supported here"))),
+    }
+}
+
+fn blob_unknown(digest: &str) -> Response {
+    oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {digest} is unknown to this repository"))
+}
+
+fn upload_unknown(id: &str) -> Response {
+    oci_error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", format!("no upload {id}"))
+}
+
+fn manifest_unknown(reference: &str) -> Response {
+    oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", format!("manifest {reference} is unknown"))
+}
+
+fn catalog(reg: &Registry, query: &HashMap<String, String>) -> Reply {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('_') || !e.path().is_dir() {
+                continue;
+            }
+            let name = if prefix.is_empty() { n.clone() } else { format!("{prefix}/{n}") };
+            if e.path().join("_manifests").is_dir() {
+                out.push(name.clone());
+            }
+            walk(&e.path(), &name, out);
+        }
+    }
+    let mut repos = Vec::new();
+    walk(&reg.root.join("repositories"), "", &mut repos);
+    repos.sort();
+    Ok(paginate("repositories", None, repos, query, "/v2/_catalog"))
+}
+
+/// A sorted list, after `last` and at most `n` long, with the spec's `Link` header if cut short.
+fn paginate(
+    key: &str,
+    name: Option<&str>,
+    items: Vec<String>,
+    query: &HashMap<String, String>,
+    path: &str,
+) -> Response {
+    let mut items: Vec<String> = match query.get("last") {
+        Some(last) => items.into_iter().filter(|t| t > last).collect(),
+        None => items,
+    };
+    let mut link = None;
+    if let Some(n) = query.get("n").and_then(|n| n.parse::<usize>().ok()) {
+        if items.len() > n {
+            items.truncate(n);
+            if let Some(last) = items.last() {
+                link = Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""));
+            }
+        }
+    }
+    let mut body = serde_json::Map::new();
+    if let Some(name) = name {
+        body.insert("name".into(), name.into());
+    }
+    body.insert(key.into(), items.into());
+    let mut resp =
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], serde_json::Value::Object(body).to_string())
+            .into_response();
+    if let Some(l) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(header::LINK, l);
+    }
+    resp
+}
+
+fn tags(reg: &Registry, name: &str, query: &HashMap<String, String>) -> Reply {
+    let dir = reg.repo(name).join("_tags");
+    if !reg.repo(name).join("_manifests").is_dir() {
+        return Err(oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("repository `{name}` is unknown")));
+    }
+    let mut tags: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    tags.retain(|t| !t.starts_with('.'));
+    tags.sort();
+    Ok(paginate("tags", Some(name), tags, query, &format!("/v2/{name}/tags/list")))
+}
+
+/// The manifest digest `reference` (a tag or a digest) names in repository `name`.
+fn manifest_digest(reg: &Registry, name: &str, reference: &str) -> Result<String, Response> {
+    if reference.starts_with("sha256:") {
+        let link = reg.manifest_link(name, reference).ok_or_else(|| {
+            oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("unsupported digest {reference}"))
+        })?;
+        return if link.exists() { Ok(reference.to_string()) } else { Err(manifest_unknown(reference)) };
+    }
+    if !valid_tag(reference) {
+        return Err(oci_error(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag `{reference}`")));
+    }
+    std::fs::read_to_string(reg.tag_path(name, reference))
+        .map(|d| d.trim().to_string())
+        .map_err(|_| manifest_unknown(reference))
+}
+
+async fn get_manifest(reg: &Registry, name: &str, reference: &str, head: bool) -> Reply {
+    let digest = manifest_digest(reg, name, reference)?;
+    let media_type = reg
+        .manifest_link(name, &digest)
+        .and_then(|l| std::fs::read_to_string(l).ok())
+        .ok_or_else(|| manifest_unknown(reference))?;
+    let path = reg.blob_path(&digest).ok_or_else(|| manifest_unknown(reference))?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| manifest_unknown(reference))?;
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, media_type.trim())
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .header("Docker-Content-Digest", &digest);
+    if !head {
+        return resp.body(Body::from(bytes)).map_err(internal);
+    }
+    resp = resp.header(header::ETAG, format!("\"{digest}\""));
+    resp.body(Body::empty()).map_err(internal)
+}
+
+/// Writes `bytes` as blob `digest` (known to match) unless it is there already.
+fn store_blob(reg: &Registry, digest: &str, bytes: &[u8]) -> Result<(), Response> {
+    let path = reg.blob_path(digest).ok_or_else(|| internal("bad digest"))?;
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = reg.root.join("uploads").join(format!("{}.tmp", new_id()));
+    std::fs::write(&tmp, bytes).map_err(internal)?;
+    std::fs::rename(&tmp, &path).map_err(internal)
+}
+
+fn write_file(path: &Path, content: &str) -> Result<(), Response> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(internal)?;
+    }
+    let tmp = path.with_extension(format!("{}.tmp", new_id()));
+    std::fs::write(&tmp, content).map_err(internal)?;
+    std::fs::rename(&tmp, path).map_err(internal)
+}
+
+async fn put_manifest(reg: &Registry, name: &str, reference: &str, headers: &HeaderMap, body: Body) -> Reply {
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST).await.map_err(|_| {
+        oci_error(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", format!("a manifest is at most {MAX_MANIFEST} bytes"))
+    })?;
+    let digest = digest_of(&bytes);
+    let is_digest = reference.starts_with("sha256:");
+    if is_digest && reference != digest {
+        return Err(oci_error(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("the manifest's digest is {digest}, not {reference}"),
+        ));
+    }
+    if !is_digest && !valid_tag(reference) {
+        return Err(oci_error(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag `{reference}`")));
+    }
+    let invalid = |m: String| oci_error(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m);
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("the manifest is not JSON: {e}")))?;
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| json.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+        .ok_or_else(|| invalid("no Content-Type and no mediaType".into()))?;
+    // Every blob an image manifest names, and every manifest an index names, must be here.
+    let descriptors = |key: &str| -> Vec<String> {
+        json.get(key)
+            .map(|v| match v {
+                serde_json::Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                other => vec![other],
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| d.get("digest").and_then(|d| d.as_str()).map(str::to_string))
+            .collect()
+    };
+    for d in descriptors("config").into_iter().chain(descriptors("layers")) {
+        if !reg.layer_link(name, &d).is_some_and(|l| l.exists()) {
+            return Err(oci_error(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                format!("blob {d} is not in repository `{name}`"),
+            ));
+        }
+    }
+    for d in descriptors("manifests") {
+        if !reg.manifest_link(name, &d).is_some_and(|l| l.exists()) {
+            return Err(oci_error(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                format!("manifest {d} is not in repository `{name}`"),
+            ));
+        }
+    }
+    store_blob(reg, &digest, &bytes)?;
+    let link = reg.manifest_link(name, &digest).ok_or_else(|| internal("bad digest"))?;
+    write_file(&link, &media_type)?;
+    if !is_digest {
+        write_file(&reg.tag_path(name, reference), &digest)?;
+    }
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
+        .header("Docker-Content-Digest", &digest)
+        .body(Body::empty())
+        .map_err(internal)
+}
+
+fn delete_manifest(reg: &Registry, name: &str, reference: &str) -> Reply {
+    if !reference.starts_with("sha256:") {
+        let tag = reg.tag_path(name, reference);
+        if !valid_tag(reference) || !tag.exists() {
+            return Err(manifest_unknown(reference));
+        }
+        std::fs::remove_file(tag).map_err(internal)?;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let digest = manifest_digest(reg, name, reference)?;
+    let tags_dir = reg.repo(name).join("_tags");
+    for e in std::fs::read_dir(&tags_dir).into_iter().flatten().flatten() {
+        if std::fs::read_to_string(e.path()).is_ok_and(|d| d.trim() == digest) {
+            std::fs::remove_file(e.path()).map_err(internal)?;
+        }
+    }
+    if let Some(link) = reg.manifest_link(name, &digest) {
+        std::fs::remove_file(link).map_err(internal)?;
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+async fn get_blob(reg: &Registry, name: &str, digest: &str, head: bool) -> Reply {
+    let linked = reg.layer_link(name, digest).is_some_and(|l| l.exists())
+        || reg.manifest_link(name, digest).is_some_and(|l| l.exists());
+    let path = reg.blob_path(digest).filter(|p| linked && p.exists()).ok_or_else(|| blob_unknown(digest))?;
+    let file = tokio::fs::File::open(&path).await.map_err(internal)?;
+    let len = file.metadata().await.map_err(internal)?.len();
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header("Docker-Content-Digest", digest);
+    let body = if head { Body::empty() } else { Body::from_stream(tokio_util::io::ReaderStream::new(file)) };
+    resp.body(body).map_err(internal)
+}
+
+fn upload_accepted(name: &str, id: &str, size: u64, status: StatusCode) -> Response {
+    let mut resp = status.into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v2/{name}/blobs/uploads/{id}")) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("0-{}", size.saturating_sub(1))) {
+        h.insert(header::RANGE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("Docker-Upload-UUID", v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    resp
+}
+
+fn upload_size(reg: &Registry, id: &str) -> Result<u64, Response> {
+    let path = reg.upload_path(id).ok_or_else(|| upload_unknown(id))?;
+    std::fs::metadata(path).map(|m| m.len()).map_err(|_| upload_unknown(id))
+}
+
+/// Appends a request body to upload file `path`; returns the new size.
+async fn append(path: &Path, body: Body) -> Result<u64, Response> {
+    let mut file = tokio::fs::OpenOptions::new().append(true).open(path).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            oci_error(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", format!("the body broke off: {e}"))
+        })?;
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(file.metadata().await.map_err(internal)?.len())
+}
+
+fn link_blob(reg: &Registry, name: &str, digest: &str) -> Result<(), Response> {
+    let link = reg.layer_link(name, digest).ok_or_else(|| internal("bad digest"))?;
+    write_file(&link, "")
+}
+
+fn blob_created(name: &str, digest: &str) -> Reply {
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/blobs/{digest}"))
+        .header("Docker-Content-Digest", digest)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .map_err(internal)
+}
+
+async fn start_upload(reg: &Registry, name: &str, query: &HashMap<String, String>, body: Body) -> Reply {
+    // Cross-repository mount: the blob is linked without being sent again.
+    if let (Some(digest), Some(from)) = (query.get("mount"), query.get("from")) {
+        let there = valid_name(from)
+            && reg.layer_link(from, digest).is_some_and(|l| l.exists())
+            && reg.blob_path(digest).is_some_and(|p| p.exists());
+        if there {
+            link_blob(reg, name, digest)?;
+            return blob_created(name, digest);
+        }
+    }
+    let id = new_id();
+    let path = reg.upload_path(&id).ok_or_else(|| internal("upload id"))?;
+    std::fs::File::create(&path).map_err(internal)?;
+    // Monolithic upload: POST with ?digest= and the whole blob.
+    if query.contains_key("digest") {
+        return finish_upload(reg, name, &id, query, body).await;
+    }
+    Ok(upload_accepted(name, &id, 0, StatusCode::ACCEPTED))
+}
+
+async fn patch_upload(reg: &Registry, name: &str, id: &str, headers: &HeaderMap, body: Body) -> Reply {
+    let size = upload_size(reg, id)?;
+    if let Some(range) = headers.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
+        let start = range.trim_start_matches("bytes ").split('-').next().and_then(|s| s.trim().parse::<u64>().ok());
+        if start != Some(size) {
+            let mut resp = oci_error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UPLOAD_INVALID",
+                format!("chunk starts at {range}, the upload has {size} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("0-{}", size.saturating_sub(1))) {
+                resp.headers_mut().insert(header::RANGE, v);
+            }
+            return Err(resp);
+        }
+    }
+    let path = reg.upload_path(id).ok_or_else(|| upload_unknown(id))?;
+    let size = append(&path, body).await?;
+    Ok(upload_accepted(name, id, size, StatusCode::ACCEPTED))
+}
+
+async fn finish_upload(reg: &Registry, name: &str, id: &str, query: &HashMap<String, String>, body: Body) -> Reply {
+    let path = reg.upload_path(id).filter(|p| p.exists()).ok_or_else(|| upload_unknown(id))?;
+    let Some(digest) = query.get("digest").filter(|d| sha256_hex(d).is_some()) else {
+        return Err(oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "a sha256 ?digest= is required"));
+    };
+    append(&path, body).await?;
+    let actual = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut hasher = Sha256::new();
+            std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+            Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?
+    };
+    if actual != *digest {
+        let _ = std::fs::remove_file(&path);
+        return Err(oci_error(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("the upload's digest is {actual}, not {digest}"),
+        ));
+    }
+    let blob = reg.blob_path(digest).ok_or_else(|| internal("bad digest"))?;
+    std::fs::rename(&path, &blob).map_err(internal)?;
+    link_blob(reg, name, digest)?;
+    blob_created(name, digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_from_the_right() {
+        assert!(
+            matches!(route("a/blobs/b/manifests/v1"), Some(Route::Manifest { name, reference }) if name == "a/blobs/b" && reference == "v1")
+        );
+        assert!(matches!(route("ns/x/blobs/uploads/"), Some(Route::Upload { name, id: None }) if name == "ns/x"));
+        assert!(matches!(route("ns/x/blobs/uploads/abc"), Some(Route::Upload { id: Some(id), .. }) if id == "abc"));
+        assert!(matches!(route("ns/x/blobs/sha256:00"), Some(Route::Blob { digest, .. }) if digest == "sha256:00"));
+        assert!(matches!(route("ns/x/tags/list"), Some(Route::Tags { name }) if name == "ns/x"));
+        assert!(route("ns/x/other").is_none());
+    }
+}

@@ -1,0 +1,193 @@
+//! A cloud and edge hosts (this package's binary) on loopback, for the end-to-end tests.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nereid::model_io;
+use nereid::protocol::JobStatus;
+use nereid::train::Dataset;
+
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio").block_on(f)
+}
+
+/// (status, body) of an HTTP request.
+pub fn http(method: &str, url: &str, token: Option<&str>, body: Vec<u8>) -> (u16, Vec<u8>) {
+    block(async {
+        let client = reqwest::Client::new();
+        let mut req = client.request(method.parse().expect("method"), url).body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) => (r.status().as_u16(), r.bytes().await.map(|b| b.to_vec()).unwrap_or_default()),
+            Err(_) => (0, Vec::new()),
+        }
+    })
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub admin: String,
+    pub nodes: Vec<(String, String)>,
+    pub cloud: Option<Child>,
+    pub edges: Vec<Option<Child>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.cloud.iter_mut().chain(self.edges.iter_mut().flatten()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn spawn(args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NEREID_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn nereid")
+}
+
+impl Cluster {
+    /// A cloud config and `edges` nodes with the digits split non-IID among them (fixed seeds).
+    pub fn new(edges: usize, cloud_extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let admin = "admin-secret".to_string();
+        let mut cloud = format!("listen = \"127.0.0.1:{port}\"\nstate = \"cloud.db\"\nadmin_token = \"{admin}\"\nonline_secs = 5\n{cloud_extra}\n");
+        let (pool, _) = Dataset::digits().holdout(0.2, 1);
+        let mut nodes = Vec::new();
+        for (i, part) in pool.dirichlet_split(edges, 1.0, 5).into_iter().enumerate() {
+            let name = format!("edge-{}", i + 1);
+            let token = format!("token-of-{name}");
+            let data = dir.path().join(&name).join("data");
+            std::fs::create_dir_all(&data).expect("mkdir");
+            let (tr, te) = part.holdout(0.2, i as u64);
+            tr.write_csv(&data.join("train.csv")).expect("csv");
+            te.write_csv(&data.join("test.csv")).expect("csv");
+            cloud.push_str(&format!("[nodes.{name}]\ntoken = \"{token}\"\n"));
+            std::fs::write(
+                dir.path().join(&name).join("edge.toml"),
+                format!("name = \"{name}\"\ncloud = \"http://127.0.0.1:{port}\"\ntoken = \"{token}\"\ndata = \"data\"\nstate = \"edge.db\"\npoll_ms = 50\n"),
+            )
+            .expect("edge.toml");
+            nodes.push((name, token));
+        }
+        std::fs::write(dir.path().join("cloud.toml"), cloud).expect("cloud.toml");
+        Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect() }
+    }
+
+    /// A cluster with its cloud and every edge started.
+    pub fn running(edges: usize) -> Cluster {
+        let mut c = Cluster::new(edges, "");
+        c.start_cloud();
+        (0..edges).for_each(|i| c.start_edge(i));
+        c
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn start_cloud(&mut self) {
+        let log = self.path(&format!("cloud-{}.log", Instant::now().elapsed().as_nanos()));
+        self.cloud = Some(spawn(&["cloud"], &self.path("cloud.toml"), &log, &self.path("cache")));
+        let t = Instant::now();
+        while http("GET", &self.url("/v1/health"), None, Vec::new()).0 != 200 {
+            assert!(t.elapsed() < Duration::from_secs(30), "the cloud did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill_cloud(&mut self) {
+        let mut c = self.cloud.take().expect("cloud running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    pub fn start_edge(&mut self, i: usize) {
+        let name = &self.nodes[i].0;
+        let cfg = self.path(&format!("{name}/edge.toml"));
+        let log = self.path(&format!("{name}.log"));
+        self.edges[i] = Some(spawn(&["edge"], &cfg, &log, &self.path("cache")));
+    }
+
+    pub fn kill_edge(&mut self, i: usize) {
+        let mut c = self.edges[i].take().expect("edge running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    pub fn signal_edge(&self, i: usize, signal: &str) {
+        let pid = self.edges[i].as_ref().expect("edge running").id();
+        assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());
+    }
+
+    pub fn nereid(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nereid"))
+            .args(args)
+            .env("NEREID_CLOUD", self.url(""))
+            .env("NEREID_TOKEN", &self.admin)
+            .env("NEREID_CACHE_DIR", self.path("cache"))
+            .output()
+            .expect("run nereid")
+    }
+
+    pub fn apply(&self, name: &str, job: &str) {
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, job).expect("job file");
+        let out = self.nereid(&["job", "apply", path.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn status(&self, job: &str) -> JobStatus {
+        let (code, body) = http("GET", &self.url(&format!("/v1/jobs/{job}")), Some(&self.admin), Vec::new());
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("status json")
+    }
+
+    pub fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
+        let t = Instant::now();
+        loop {
+            let s = self.status(job);
+            if done(&s) {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "timed out waiting for {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn wait_done(&self, job: &str) -> JobStatus {
+        let s = self.wait_until(job, "the job to end", |s| s.status != "running");
+        assert_eq!(s.status, "done", "{s:?}");
+        s
+    }
+
+    pub fn model(&self, job: &str, version: u32) -> model_io::NamedTensors {
+        let (code, body) =
+            http("GET", &self.url(&format!("/v1/jobs/{job}/models/{version}")), Some(&self.admin), Vec::new());
+        assert_eq!(code, 200);
+        model_io::decode(&body, Path::new("model")).expect("model")
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http("GET", &self.url("/metrics"), None, Vec::new());
+        let text = String::from_utf8(body).expect("utf-8");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
