@@ -121,7 +121,8 @@ impl Cluster {
         let name = &self.nodes[i].0;
         let cfg = self.path(&format!("{name}/edge.toml"));
         let log = self.path(&format!("{name}.log"));
-        self.edges[i] = Some(spawn(&["edge"], &cfg, &log, &self.path("cache")));
+        // Each node has its own caches, as on separate machines.
+        self.edges[i] = Some(spawn(&["edge"], &cfg, &log, &self.path(&format!("{name}/cache"))));
     }
 
     pub fn kill_edge(&mut self, i: usize) {

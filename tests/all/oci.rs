@@ -379,3 +379,329 @@ fn a_pulled_component_keeps_working_offline_until_gc() {
     let err = failure(nereid(c, &["pull", &r, "-o", o], &[]));
     assert!(err.contains("cannot reach registry"), "{err}");
 }
+
+/// (status, headers, body) of a raw request.
+fn raw(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    block(async {
+        let mut req = reqwest::Client::new().request(method.parse().expect("method"), url).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request");
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        (status, headers, resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
+    })
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| panic!("not an error body: {}", String::from_utf8_lossy(body)));
+    v["errors"][0]["code"].as_str().expect("errors[0].code").to_string()
+}
+
+fn location(host: &str, headers: &reqwest::header::HeaderMap) -> String {
+    let l = headers["location"].to_str().expect("ascii");
+    if l.starts_with("http") {
+        l.to_string()
+    } else {
+        format!("http://{host}{l}")
+    }
+}
+
+fn with_query(url: &str, q: &str) -> String {
+    format!("{url}{}{q}", if url.contains('?') { '&' } else { '?' })
+}
+
+/// The distribution spec's push paths, HEAD, errors and discovery, by raw HTTP; run against the
+/// distribution registry too, so the test itself is checked against the reference.
+fn spec_checks(reg: &Registry, strict: bool) {
+    let h = &reg.host;
+    let v2 = format!("http://{h}/v2");
+    let blob = b"a monolithic blob".to_vec();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)));
+    // Monolithic: POST then one PUT ?digest= with the whole body.
+    let (s, hd, _) = raw("POST", &format!("{v2}/spec/a/blobs/uploads/"), &[], Vec::new());
+    assert_eq!(s, 202);
+    let octets = [("content-type", "application/octet-stream")];
+    let (s, hd, _) = raw("PUT", &with_query(&location(h, &hd), &format!("digest={digest}")), &octets, blob.clone());
+    assert_eq!(s, 201);
+    assert_eq!(hd["docker-content-digest"], digest.as_str());
+    // The single-POST form (POST ?digest= with the body) is optional in the spec: a registry
+    // without it answers 202 and the client finishes with a PUT.
+    let (s, hd, _) = raw("POST", &format!("{v2}/spec/e/blobs/uploads/?digest={digest}"), &octets, blob.clone());
+    match s {
+        201 => assert_eq!(hd["docker-content-digest"], digest.as_str()),
+        202 => {
+            let url = with_query(&location(h, &hd), &format!("digest={digest}"));
+            assert_eq!(raw("PUT", &url, &octets, blob.clone()).0, 201);
+        }
+        other => panic!("POST ?digest=: {other}"),
+    }
+    assert_eq!(raw("HEAD", &format!("{v2}/spec/e/blobs/{digest}"), &[], Vec::new()).0, 200);
+    let (s, hd, body) = raw("HEAD", &format!("{v2}/spec/a/blobs/{digest}"), &[], Vec::new());
+    assert_eq!((s, hd["content-length"].to_str().expect("len")), (200, blob.len().to_string().as_str()));
+    assert!(body.is_empty());
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/a/blobs/{digest}"), &[], Vec::new());
+    assert_eq!((s, body), (200, blob.clone()));
+
+    // Chunked: POST, PATCH with Content-Range, a chunk out of order is refused (416), PUT ?digest=.
+    let chunks: [&[u8]; 2] = [b"first half, ", b"second half"];
+    let whole: Vec<u8> = chunks.concat();
+    let whole_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&whole)));
+    let (s, hd, _) = raw("POST", &format!("{v2}/spec/b/blobs/uploads/"), &[], Vec::new());
+    assert_eq!(s, 202);
+    let mut url = location(h, &hd);
+    let (s, hd, _) = raw(
+        "PATCH",
+        &url,
+        &[("content-type", "application/octet-stream"), ("content-range", &format!("0-{}", chunks[0].len() - 1))],
+        chunks[0].to_vec(),
+    );
+    assert_eq!(s, 202);
+    assert_eq!(hd["range"], format!("0-{}", chunks[0].len() - 1).as_str());
+    url = location(h, &hd);
+    if strict {
+        // The spec's 416 for a chunk that does not continue the upload (distribution 2.8 does
+        // not check), on a session of its own.
+        let (_, other, _) = raw("POST", &format!("{v2}/spec/b/blobs/uploads/"), &[], Vec::new());
+        let range = [("content-type", "application/octet-stream"), ("content-range", "100-110")];
+        let (s, _, body) = raw("PATCH", &location(h, &other), &range, chunks[1].to_vec());
+        assert_eq!((s, error_code(&body)), (416, "BLOB_UPLOAD_INVALID".to_string()));
+    }
+    let start = chunks[0].len();
+    let range = format!("{start}-{}", whole.len() - 1);
+    let (s, hd, _) = raw(
+        "PATCH",
+        &url,
+        &[("content-type", "application/octet-stream"), ("content-range", &range)],
+        chunks[1].to_vec(),
+    );
+    assert_eq!(s, 202);
+    url = location(h, &hd);
+    let (s, _, _) = raw("PUT", &with_query(&url, &format!("digest={whole_digest}")), &[], Vec::new());
+    assert_eq!(s, 201);
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/b/blobs/{whole_digest}"), &[], Vec::new());
+    assert_eq!((s, body), (200, whole.clone()));
+
+    // A wrong digest is refused and stores nothing.
+    let (_, hd, _) = raw("POST", &format!("{v2}/spec/c/blobs/uploads/"), &[], Vec::new());
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let (s, _, body) = raw(
+        "PUT",
+        &with_query(&location(h, &hd), &format!("digest={wrong}")),
+        &[("content-type", "application/octet-stream")],
+        b"x".to_vec(),
+    );
+    assert_eq!((s, error_code(&body)), (400, "DIGEST_INVALID".to_string()));
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/c/blobs/{wrong}"), &[], Vec::new());
+    assert_eq!((s, error_code(&body)), (404, "BLOB_UNKNOWN".to_string()));
+
+    // Cross-repository mount.
+    let (s, _, _) = raw("POST", &format!("{v2}/spec/d/blobs/uploads/?mount={digest}&from=spec/a"), &[], Vec::new());
+    assert_eq!(s, 201);
+    assert_eq!(raw("HEAD", &format!("{v2}/spec/d/blobs/{digest}"), &[], Vec::new()).0, 200);
+
+    // Manifests: unknown blobs are refused, then tags and pagination.
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = |config: &str, layer: &str| {
+        serde_json::json!({
+            "schemaVersion": 2, "mediaType": mt,
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": config, "size": blob.len()},
+            "layers": [{"mediaType": "application/wasm", "digest": layer, "size": whole.len()}],
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let (s, _, body) =
+        raw("PUT", &format!("{v2}/spec/a/manifests/v1"), &[("content-type", mt)], manifest(&digest, &whole_digest));
+    assert_eq!((s, error_code(&body)), (400, "MANIFEST_BLOB_UNKNOWN".to_string()), "spec/a has no {whole_digest}");
+    let (_, hd, _) =
+        raw("POST", &format!("{v2}/spec/a/blobs/uploads/?mount={whole_digest}&from=spec/b"), &[], Vec::new());
+    let _ = hd;
+    let m = manifest(&digest, &whole_digest);
+    let m_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&m)));
+    for tag in ["v1", "v2", "v3"] {
+        let (s, hd, _) = raw("PUT", &format!("{v2}/spec/a/manifests/{tag}"), &[("content-type", mt)], m.clone());
+        assert_eq!(s, 201);
+        assert_eq!(hd["docker-content-digest"], m_digest.as_str());
+    }
+    let (s, hd, body) = raw("GET", &format!("{v2}/spec/a/manifests/v2"), &[("accept", mt)], Vec::new());
+    assert_eq!((s, hd["content-type"].to_str().expect("ascii"), body), (200, mt, m.clone()));
+    assert_eq!(raw("HEAD", &format!("{v2}/spec/a/manifests/{m_digest}"), &[("accept", mt)], Vec::new()).0, 200);
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/a/manifests/nope"), &[("accept", mt)], Vec::new());
+    assert_eq!((s, error_code(&body)), (404, "MANIFEST_UNKNOWN".to_string()));
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/a/tags/list"), &[], Vec::new());
+    let all: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!((s, all["name"].as_str(), &all["tags"]), (200, Some("spec/a"), &serde_json::json!(["v1", "v2", "v3"])));
+    if strict {
+        // Pagination with `n` and `last` (distribution 2.8 ignores `n`).
+        let (s, hd, body) = raw("GET", &format!("{v2}/spec/a/tags/list?n=2"), &[], Vec::new());
+        let page: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!((s, &page["tags"]), (200, &serde_json::json!(["v1", "v2"])));
+        assert!(hd["link"].to_str().expect("ascii").contains("last=v2"), "{:?}", hd["link"]);
+        let (_, _, body) = raw("GET", &format!("{v2}/spec/a/tags/list?n=2&last=v2"), &[], Vec::new());
+        assert_eq!(serde_json::from_slice::<Value>(&body).expect("json")["tags"], serde_json::json!(["v3"]));
+    }
+    let (s, _, body) = raw("GET", &format!("{v2}/spec/none/tags/list"), &[], Vec::new());
+    assert_eq!((s, error_code(&body)), (404, "NAME_UNKNOWN".to_string()));
+    let (s, _, _) = raw("DELETE", &format!("{v2}/spec/a/manifests/{m_digest}"), &[], Vec::new());
+    assert_eq!(s, 202);
+    assert_eq!(raw("GET", &format!("{v2}/spec/a/manifests/v1"), &[("accept", mt)], Vec::new()).0, 404);
+}
+
+#[test]
+fn the_embedded_registry_speaks_the_distribution_spec_like_the_reference() {
+    spec_checks(&distribution(None), false);
+    spec_checks(&embedded(None, false), true);
+}
+
+fn swap_job(name: &str, aggregator: &str, follow_tag: bool, objective: Option<(&str, f64)>) -> String {
+    let objective = objective
+        .map(|(r, mu)| format!("\n[client_objective]\nplugin = \"{r}\"\n[client_objective.config]\nmu = {mu}\n"))
+        .unwrap_or_default();
+    format!(
+        "[job]\nname = \"{name}\"\nseed = 3\n\n[rounds]\nmin_clients = 2\ndeadline_secs = 30\n\n[stop]\nrounds = 1000\n\n\
+         [model]\nkind = \"mlp\"\ninputs = 64\nhidden = [8]\nclasses = 10\n\n[training]\nepochs = 1\nbatch_size = 64\n\n\
+         [aggregator]\nplugin = \"{aggregator}\"\nfollow_tag = {follow_tag}\n{objective}"
+    )
+}
+
+/// The labels (pinned aggregator references) of the rounds closed so far.
+fn aggregators(s: &nereid::protocol::JobStatus) -> Vec<String> {
+    s.history.iter().map(|h| h.aggregator.clone()).collect()
+}
+
+/// Waits for `more` rounds folded by `label` after the ones there are now.
+fn wait_rounds_by(c: &Cluster, job: &str, label: &str, more: usize) -> nereid::protocol::JobStatus {
+    let before = aggregators(&c.status(job)).iter().filter(|l| *l == label).count();
+    c.wait_until(job, &format!("{more} more rounds by {label}"), |s| {
+        aggregators(s).iter().filter(|l| *l == label).count() >= before + more
+    })
+}
+
+fn push(cache: &Path, component: &Path, reference: &str) -> String {
+    let pushed = ok_json(nereid(cache, &["push", component.to_str().expect("utf-8"), reference, "--json"], &[]));
+    pushed["reference"].as_str().expect("pinned reference").to_string()
+}
+
+/// Pushes, by raw HTTP, an artifact that looks like a component but is not one.
+fn push_garbage(host: &str, repo: &str, tag: &str) -> String {
+    let v2 = format!("http://{host}/v2/{repo}");
+    let put = |bytes: &[u8]| {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+        let (s, hd, _) = raw("POST", &format!("{v2}/blobs/uploads/"), &[], Vec::new());
+        assert_eq!(s, 202);
+        let url = with_query(&location(host, &hd), &format!("digest={digest}"));
+        assert_eq!(raw("PUT", &url, &[("content-type", "application/octet-stream")], bytes.to_vec()).0, 201);
+        (digest, bytes.len())
+    };
+    let layer = put(b"\0asm but not really a component");
+    let config = put(
+        format!(
+            "{{\"created\":\"2026-01-01T00:00:00Z\",\"author\":null,\"architecture\":\"wasm\",\"os\":\"wasip2\",\"layerDigests\":[\"{}\"],\"component\":null}}",
+            layer.0
+        )
+        .as_bytes(),
+    );
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": mt,
+        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": config.0, "size": config.1},
+        "layers": [{"mediaType": "application/wasm", "digest": layer.0, "size": layer.1}],
+    })
+    .to_string();
+    let (s, hd, _) = raw("PUT", &format!("{v2}/manifests/{tag}"), &[("content-type", mt)], manifest.into_bytes());
+    assert_eq!(s, 201);
+    format!("oci://{host}/{repo}@{}", hd["docker-content-digest"].to_str().expect("ascii"))
+}
+
+#[test]
+fn a_live_job_swaps_plugins_at_round_boundaries_and_keeps_the_old_one_when_the_new_is_bad() {
+    let reg = embedded(None, false);
+    let h = reg.host.clone();
+    let c = Cluster::running(2);
+    let cli_cache = c.path("cache");
+    let v1 = push(&cli_cache, &plugin("fedavg"), &format!("oci://{h}/ns/agg:v1"));
+    let v2 = push(&cli_cache, &plugin("clipped-mean"), &format!("oci://{h}/ns/agg:v2"));
+    let fedprox = format!("oci://{h}/ns/fedprox:1");
+    push(&cli_cache, &plugin("fedprox"), &fedprox);
+
+    // 1. Re-applying a running job with another aggregator and objective config.
+    c.apply("swap", &swap_job("swap", &format!("oci://{h}/ns/agg:v1"), false, Some((&fedprox, 0.01))));
+    c.wait_until("swap", "two rounds", |s| s.rounds_done >= 2);
+    let path = c.path("swap-v2.toml");
+    std::fs::write(&path, swap_job("swap", &format!("oci://{h}/ns/agg:v2"), false, Some((&fedprox, 0.02))))
+        .expect("job");
+    let out = c.nereid(&["job", "apply", path.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("next round boundary"));
+    let s = wait_rounds_by(&c, "swap", &v2, 2);
+    let labels = aggregators(&s);
+    let first_new = labels.iter().position(|l| *l == v2).expect("a round by the new plugin");
+    assert!(first_new >= 2, "{labels:?}");
+    assert!(labels[..first_new].iter().all(|l| *l == v1) && labels[first_new..].iter().all(|l| *l == v2), "{labels:?}");
+    assert_eq!(s.aggregator, v2);
+    let swapped: Vec<(&str, &str, &str)> =
+        s.swaps.iter().map(|w| (w.slot.as_str(), w.from.as_str(), w.to.as_str())).collect();
+    assert!(swapped.contains(&("aggregator", v1.as_str(), v2.as_str())), "{swapped:?}");
+    assert!(s.swaps.iter().any(|w| w.slot == "client_objective" && w.error.is_none()), "{:?}", s.swaps);
+    // Every edge pulled the objective from the registry itself and swapped it.
+    for (name, _) in &c.nodes {
+        let cached = c.path(&format!("{name}/cache/oci/manifests/{h}/ns/fedprox"));
+        assert!(cached.is_dir(), "{name} pulled nothing into {}", cached.display());
+        c.wait_until("swap", "the edges to train with the new objective", |_| {
+            std::fs::read_to_string(c.path(&format!("{name}.log")))
+                .unwrap_or_default()
+                .contains("client objective swapped")
+        });
+    }
+
+    // 2. A new aggregator that refuses its config (sent straight to the cloud's API): the cloud
+    // says why and the running plugin stays.
+    let (runtime, _dir) = runtime();
+    let components = nereid::components::Components::new(c.path("api-cache"), &Default::default()).expect("components");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+    let mut loaded =
+        nereid::job::load(&path, &runtime, &|s, b| rt.block_on(components.fetch(s, b, None))).expect("job");
+    loaded.spec.aggregator.source = Some(format!("oci://{h}/ns/agg:v1"));
+    loaded.spec.aggregator.config.insert("max_norm".into(), toml::Value::Float(1.0));
+    let body = serde_json::to_vec(&nereid::protocol::SubmitJob { spec: loaded.spec }).expect("json");
+    let (code, reply) = block(async {
+        let resp = reqwest::Client::new()
+            .post(c.url("/v1/jobs"))
+            .bearer_auth(&c.admin)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("apply");
+        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    });
+    assert_eq!(code, 400, "{reply}");
+    assert!(reply.contains("max_norm") && reply.contains("unchanged"), "{reply}");
+    let s = wait_rounds_by(&c, "swap", &v2, 2);
+    assert!(!s.swap_pending && s.swaps.iter().all(|w| w.to != v1));
+    // The swapped-out instance is gone: one aggregator instance for one job.
+    assert_eq!(c.metric("nereid_plugin_instances "), 1.0);
+    let out = c.nereid(&["job", "stop", "swap"]);
+    assert!(out.status.success());
+
+    // 3. A job following a tag: a moved tag swaps; a tag moved to something that is not a
+    // component is refused, reported, and the old plugin keeps running.
+    let live = format!("oci://{h}/ns/live:stable");
+    let first = push(&cli_cache, &plugin("fedavg"), &live);
+    c.apply("follow", &swap_job("follow", &live, true, None));
+    c.wait_until("follow", "two rounds", |s| s.rounds_done >= 2);
+    let second = push(&cli_cache, &plugin("clipped-mean"), &live);
+    let s = wait_rounds_by(&c, "follow", &second, 2);
+    assert!(aggregators(&s).starts_with(&[first.clone(), first.clone()]), "{:?}", aggregators(&s));
+    let bad = push_garbage(&h, "ns/live", "stable");
+    let s = c.wait_until("follow", "the refusal to be reported", |s| s.swaps.iter().any(|w| w.error.is_some()));
+    let refusal = s.swaps.iter().find(|w| w.error.is_some()).expect("refusal");
+    assert_eq!((refusal.from.as_str(), refusal.to.as_str()), (second.as_str(), bad.as_str()));
+    let s = wait_rounds_by(&c, "follow", &second, 3);
+    assert!(aggregators(&s).iter().all(|l| *l != bad));
+    assert_eq!(s.swaps.iter().filter(|w| w.error.is_some()).count(), 1, "a refusal is reported once: {:?}", s.swaps);
+    assert_eq!(c.metric("nereid_plugin_instances "), 1.0);
+    assert!(c.nereid(&["job", "stop", "follow"]).status.success());
+}
