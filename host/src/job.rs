@@ -348,7 +348,8 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
         let source = section.plugin.get_ref();
         let is_reference = nereid_registry::is_reference(source);
         let follow_tag = section.follow_tag.as_ref().is_some_and(|f| *f.get_ref());
-        if let (true, Some(flag)) = (follow_tag && !(is_reference && !source.contains('@')), &section.follow_tag) {
+        let is_tag = is_reference && !source.contains('@');
+        if let (true, Some(flag)) = (follow_tag && !is_tag, &section.follow_tag) {
             return Err(src.error(
                 flag.span().start,
                 Some(format!("{table}.follow_tag")),

@@ -227,6 +227,22 @@ fn the_demo_trains_across_processes_to_at_least_90_percent() {
         assert!(run["final_accuracy"].as_f64().expect("accuracy") >= 0.90, "{name}: {}", run["final_accuracy"]);
     }
     assert_eq!(v["nodes"].as_array().expect("nodes").len(), 3);
+    // The plugins came from the embedded registry, pinned by digest.
+    let components = v["components"].as_array().expect("components");
+    assert_eq!(components.len(), 2);
+    for c in components {
+        assert!(c.as_str().expect("reference").contains("@sha256:"), "{c}");
+    }
+}
+
+#[test]
+fn bench_swap_reports_warm_swap_against_a_cold_pull() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = ok(nereid(dir.path(), &["bench", "swap", "--swaps", "6", "--cold", "1", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let (warm, cold) = (v["warm_swap_median_ms"].as_f64().expect("warm"), v["cold_total_ms"].as_f64().expect("cold"));
+    assert!(warm > 0.0 && cold > 0.0, "{v}");
+    assert!((v["warm_over_cold"].as_f64().expect("ratio") - warm / cold).abs() < 1e-9);
 }
 
 #[test]

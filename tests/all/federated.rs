@@ -269,6 +269,25 @@ fn bad_job_files_are_refused_naming_file_line_and_key() {
 
     let e = apply_error(&good.replace("kind = \"mlp\"", "kind = \"transformer\""));
     assert!(e.contains("key `model.kind`"), "{e}");
+
+    // Registry plugins: a malformed reference, an unreachable registry, follow_tag on a file.
+    let bad_ref = good.replacen(&fedprox, "\"oci://localhost/Agg:1\"", 1);
+    let e = apply_error(&bad_ref);
+    assert!(
+        e.contains(&format!("job.toml:{}:", line_of("oci://", &bad_ref)))
+            && e.contains("key `aggregator.plugin`: invalid component reference `oci://localhost/Agg:1`"),
+        "{e}"
+    );
+    let unreachable = good.replacen(&fedprox, "\"oci://127.0.0.1:1/ns/agg:1\"", 1);
+    let e = apply_error(&unreachable);
+    assert!(e.contains("key `aggregator.plugin`") && e.contains("cannot reach registry 127.0.0.1:1"), "{e}");
+    let follow = good.replacen(&format!("plugin = {fedprox}"), &format!("plugin = {fedprox}\nfollow_tag = true"), 1);
+    let e = apply_error(&follow);
+    assert!(
+        e.contains(&format!("job.toml:{}:", line_of("follow_tag", &follow)))
+            && e.contains("key `aggregator.follow_tag`: only a plugin given as an oci:// tag can follow it"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -5,11 +5,20 @@ use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extra arguments]
 
-  setup     install the wasm32-wasip2 Rust target if it is missing
+  setup     install what is missing: the wasm32-wasip2 Rust target and the Debian packages the
+            build needs (libssl-dev, pkg-config)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
-  test      plugins, then run the whole test suite (cargo test --release)
+  test      plugins and the test tools (Debian's docker-registry and apache2-utils, `cargo install
+            wkg`), then run the whole test suite (cargo test --release)
   bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)";
+
+/// Debian packages the build needs (oci-client's TLS through OpenSSL, like wkg).
+const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
+/// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth.
+const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils"];
+/// The wkg the interop tests run against.
+const WKG_VERSION: &str = "0.16.1";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,7 +34,9 @@ fn main() -> ExitCode {
         "plugins" => plugins(),
         "demo" => plugins()
             .and_then(|()| cargo(&[&["run", "--release", "-p", "nereid", "--", "demo"], &strs(&rest)[..]].concat())),
-        "test" => plugins().and_then(|()| cargo(&[&["test", "--release"], &strs(&rest)[..]].concat())),
+        "test" => plugins()
+            .and_then(|()| test_tools())
+            .and_then(|()| cargo(&[&["test", "--release"], &strs(&rest)[..]].concat())),
         "bench" => plugins().and_then(|()| {
             cargo(&[&["run", "--release", "-p", "nereid", "--", "bench", "aggregate"], &strs(&rest)[..]].concat())
         }),
@@ -74,7 +85,47 @@ fn setup() -> Result<(), String> {
     if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
     }
-    Ok(())
+    debian_packages(BUILD_PACKAGES)
+}
+
+/// Installs the Debian packages of `wanted` that are missing (apt-get; as root or through sudo).
+fn debian_packages(wanted: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| {
+        let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    let install = [&["install", "-y", "--no-install-recommends"][..], &missing].concat();
+    // A fresh machine may have no package lists yet.
+    apt(&install).or_else(|_| apt(&["update"]).and_then(|()| apt(&install)))
+}
+
+/// The tools the test suite drives: a real registry, htpasswd, and wkg for the interop tests.
+fn test_tools() -> Result<(), String> {
+    debian_packages(TEST_PACKAGES)?;
+    let version = Command::new("wkg").arg("--version").output().or_else(|_| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        Command::new(home.join(".cargo/bin/wkg")).arg("--version").output()
+    });
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(WKG_VERSION)) {
+        return Ok(());
+    }
+    cargo(&["install", "wkg", "--locked", "--version", WKG_VERSION])
 }
 
 /// Package names of the crates under `plugins/` and `tests/fixtures/`.

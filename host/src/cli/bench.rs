@@ -19,6 +19,9 @@ pub enum BenchCommand {
     Aggregate(AggregateBench),
     /// The cloud's cost of a round with many simulated clients (no training), and its peak RSS.
     Round(super::bench_round::RoundBench),
+    /// A plugin swap with the component cached and compiled, against a cold pull and first
+    /// instantiation from the embedded registry.
+    Swap(super::bench_swap::SwapBench),
 }
 
 #[derive(Args)]
@@ -112,6 +115,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
     match cmd {
         BenchCommand::Aggregate(args) => aggregate(args, cache_dir),
         BenchCommand::Round(args) => super::bench_round::run(args, cache_dir),
+        BenchCommand::Swap(args) => super::bench_swap::run(args),
     }
 }
 

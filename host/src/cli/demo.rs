@@ -1,7 +1,8 @@
 //! `nereid demo`: federated learning on loopback. One cloud and three edge hosts (separate
 //! processes of this binary) train an MLP on the UCI digits split non-IID among the edges, first
 //! with FedAvg, then with FedProx; every committed global model is evaluated on a held-out test
-//! set the edges never see.
+//! set the edges never see. The plugins are pushed to the embedded OCI registry first, and the
+//! jobs name them by `oci://` reference: the cloud pins each to a digest, every edge pulls it.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use nereid::runtime::Runtime;
 use nereid::train::{self, Dataset, ModelSpec};
 
 use super::api::Api;
-use super::fleet::{free_port, spawn, start_cloud};
+use super::fleet::{free_port, spawn, start_cloud, start_registry};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -74,6 +75,9 @@ struct StrategyRun {
 
 #[derive(Serialize)]
 struct Report {
+    /// The embedded registry's address, and the pinned reference of each plugin pushed to it.
+    registry: String,
+    components: Vec<String>,
     alpha: f64,
     held_out_test_examples: usize,
     nodes: Vec<NodeData>,
@@ -112,6 +116,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         let token = new_token();
         cloud_toml.push_str(&format!("\n[nodes.{}]\ntoken = \"{token}\"\n", n.name));
         let path = work.join(&n.name).join("edge.toml");
+        // Each edge has caches of its own, as on separate machines: it pulls the plugins itself.
         std::fs::write(
             &path,
             format!("name = \"{}\"\ncloud = \"{url}\"\ntoken = \"{token}\"\ndata = \"data\"\nstate = \"edge.db\"\npoll_ms = 100\n", n.name),
@@ -122,9 +127,21 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let api = Api::new(&url, &admin)?;
+    let (registry, host) = start_registry(&work.join("registry"), &work.join("registry.log"))?;
     let mut fleet = start_cloud(&work, &cache, &api, &rt)?;
+    fleet.0.push(registry);
     for (n, cfg) in nodes.iter().zip(&edge_configs) {
-        fleet.0.push(spawn("edge", cfg, &work.join(format!("{}.log", n.name)), &cache)?);
+        let edge_cache = work.join(&n.name).join("cache");
+        fleet.0.push(spawn("edge", cfg, &work.join(format!("{}.log", n.name)), &edge_cache)?);
+    }
+    let components = super::components(Some(&cache))?;
+    let mut pushed = Vec::new();
+    for strategy in ["fedavg", "fedprox"] {
+        let bytes = std::fs::read(super::plugin_path(&plugins, strategy))
+            .map_err(|e| anyhow::anyhow!("{strategy}: {e}; build the plugins with `cargo xtask plugins`"))?;
+        let reference = nereid_registry::Reference::parse(&format!("oci://{host}/nereid/{strategy}:0.1.0"))?;
+        let p = rt.block_on(components.client().push(bytes, &reference, None))?;
+        pushed.push(p.reference);
     }
 
     if !args.json {
@@ -137,19 +154,19 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             println!("  {}: {} train / {} test examples, per class {:?}", n.name, n.train, n.test, n.class_counts);
         }
         println!("  held-out test set: {} examples; work directory {}", held_out.len(), work.display());
+        println!("  plugins pushed to the embedded OCI registry on {host}; each edge pulls them itself:");
+        for p in &pushed {
+            println!("    {p}");
+        }
     }
 
     let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
     let runtime = Runtime::new(Some(cache.clone()))?;
-    let components = super::components(Some(&cache))?;
     let mut runs = Vec::new();
     for strategy in ["fedavg", "fedprox"] {
-        let plugin = super::plugin_path(&plugins, strategy);
-        let objective = if strategy == "fedprox" {
-            format!("\n[client_objective]\nplugin = {:?}\n", plugin.display().to_string())
-        } else {
-            String::new()
-        };
+        let plugin = format!("oci://{host}/nereid/{strategy}:0.1.0");
+        let objective =
+            if strategy == "fedprox" { format!("\n[client_objective]\nplugin = {plugin:?}\n") } else { String::new() };
         let config =
             if strategy == "fedprox" { format!("\n[aggregator.config]\nmu = {}\n", args.mu) } else { String::new() };
         let job = format!(
@@ -160,7 +177,6 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             seed = args.seed,
             n = nodes.len(),
             rounds = args.rounds,
-            plugin = plugin.display().to_string(),
         );
         let job_path = work.join(format!("{strategy}.toml"));
         std::fs::write(&job_path, job)?;
@@ -216,7 +232,14 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     drop(fleet);
 
-    let report = Report { alpha: args.alpha, held_out_test_examples: held_out.len(), nodes, runs };
+    let report = Report {
+        registry: host,
+        components: pushed,
+        alpha: args.alpha,
+        held_out_test_examples: held_out.len(),
+        nodes,
+        runs,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

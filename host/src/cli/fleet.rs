@@ -52,3 +52,29 @@ pub fn start_cloud(work: &Path, cache: &Path, api: &Api, rt: &tokio::runtime::Ru
     }
     Ok(fleet)
 }
+
+/// Starts the embedded registry (`nereid registry serve`) on a free loopback port, serving
+/// `root`, and waits until it answers; returns the process and its `host:port`.
+pub fn start_registry(root: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
+    let host = format!("127.0.0.1:{}", free_port()?);
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["registry", "serve", "--root"])
+        .arg(root)
+        .args(["--addr", &host])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("starting `nereid registry serve`")?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&host).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the registry exited ({status}); see {}", log.display());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the registry did not come up; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, host))
+}

@@ -2,6 +2,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_round;
+pub mod bench_swap;
 pub mod demo;
 pub mod fleet;
 pub mod oci;
