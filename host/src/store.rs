@@ -116,7 +116,18 @@ impl CloudStore {
         let updates_dir = path.with_extension("updates");
         std::fs::create_dir_all(&updates_dir)
             .map_err(|e| StoreError::Files { path: updates_dir.clone(), source: e })?;
-        Ok(CloudStore { conn: Mutex::new(open(path, CLOUD_SCHEMA)?), updates_dir })
+        let conn = open(path, CLOUD_SCHEMA)?;
+        // A state written before hot swap existed has no `pending_spec` column yet.
+        let has_pending: bool = conn
+            .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'pending_spec'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        if !has_pending {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN pending_spec TEXT")
+                .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        }
+        Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -486,5 +497,32 @@ impl EdgeStore {
     pub fn mark_uploaded(&self, job: &str, round: u32) -> Result<()> {
         self.conn().execute("UPDATE trained SET uploaded = 1 WHERE job = ?1 AND round = ?2", params![job, round])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_from_before_hot_swap_gains_the_pending_spec_column() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cloud.db");
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch(
+            "CREATE TABLE jobs (name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+             next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER);
+             INSERT INTO jobs VALUES ('j', '{}', 'running', NULL, 1, 0, NULL);",
+        )
+        .expect("old schema");
+        drop(old);
+        let store = CloudStore::open(&path).expect("migrated");
+        store.set_pending_spec("j", "{\"new\":1}").expect("pending");
+        assert_eq!(store.job("j").expect("row").expect("job").pending_spec.as_deref(), Some("{\"new\":1}"));
+        assert_eq!(store.promote_pending_spec("j").expect("promote").as_deref(), Some("{\"new\":1}"));
+        let row = store.job("j").expect("row").expect("job");
+        assert_eq!((row.spec.as_str(), row.pending_spec), ("{\"new\":1}", None));
+        drop(store);
+        CloudStore::open(&path).expect("a second open changes nothing");
     }
 }

@@ -124,6 +124,19 @@ pub fn print_status(s: &JobStatus) {
     println!("job        {}", s.name);
     println!("status     {}{}", s.status, s.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
     println!("rounds     {}/{}", s.rounds_done, s.max_rounds);
+    println!("aggregator {}", s.aggregator);
+    if let Some(o) = &s.client_objective {
+        println!("objective  {o}");
+    }
+    if s.swap_pending {
+        println!("swap       new plugins take over at the next round boundary");
+    }
+    for w in &s.swaps {
+        match &w.error {
+            None => println!("swapped    {} before round {}: {} -> {}", w.slot, w.round, w.from, w.to),
+            Some(e) => println!("refused    {} before round {}: {} (kept {}): {e}", w.slot, w.round, w.to, w.from),
+        }
+    }
     if let Some(c) = &s.current {
         println!("round {}    selected {}; received {}", c.round, c.selected.join(", "), c.received.join(", "));
     }
