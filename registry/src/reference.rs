@@ -32,7 +32,7 @@ pub(crate) fn is_path_component(c: &str) -> bool {
         && bytes.iter().all(|b| alnum(*b) || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn is_tag(t: &str) -> bool {
+pub(crate) fn is_tag(t: &str) -> bool {
     let b = t.as_bytes();
     !b.is_empty()
         && b.len() <= 128

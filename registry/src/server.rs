@@ -32,7 +32,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::reference::is_path_component;
+use crate::reference::{is_path_component, is_tag};
 use crate::{sha256_hex, RegistryError};
 
 /// Largest manifest accepted (the distribution registry's limit).
@@ -112,14 +112,6 @@ fn new_id() -> String {
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.split('/').all(is_path_component)
-}
-
-fn valid_tag(tag: &str) -> bool {
-    let b = tag.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 /// The API endpoints under `/v2/`, parsed from the right (a repository name may contain `/`).
@@ -463,7 +455,7 @@ fn manifest_digest(reg: &Registry, name: &str, reference: &str) -> Result<String
         })?;
         return if link.exists() { Ok(reference.to_string()) } else { Err(manifest_unknown(reference)) };
     }
-    if !valid_tag(reference) {
+    if !is_tag(reference) {
         return Err(oci_error(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag `{reference}`")));
     }
     std::fs::read_to_string(reg.tag_path(name, reference))
@@ -524,7 +516,7 @@ async fn put_manifest(reg: &Registry, name: &str, reference: &str, headers: &Hea
             format!("the manifest's digest is {digest}, not {reference}"),
         ));
     }
-    if !is_digest && !valid_tag(reference) {
+    if !is_digest && !is_tag(reference) {
         return Err(oci_error(StatusCode::BAD_REQUEST, "TAG_INVALID", format!("invalid tag `{reference}`")));
     }
     let invalid = |m: String| oci_error(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m);
@@ -583,7 +575,7 @@ async fn put_manifest(reg: &Registry, name: &str, reference: &str, headers: &Hea
 fn delete_manifest(reg: &Registry, name: &str, reference: &str) -> Reply {
     if !reference.starts_with("sha256:") {
         let tag = reg.tag_path(name, reference);
-        if !valid_tag(reference) || !tag.exists() {
+        if !is_tag(reference) || !tag.exists() {
             return Err(manifest_unknown(reference));
         }
         std::fs::remove_file(tag).map_err(internal)?;
