@@ -39,7 +39,8 @@ pub struct CloudArgs {
 
 #[derive(Subcommand)]
 pub enum JobCommand {
-    /// Validate a job file (keys, types, ranges, plugins and their configs) and start it.
+    /// Validate a job file (keys, types, ranges, plugins and their configs) and start it; for a
+    /// running job of that name, swap in its new plugins at the next round boundary.
     Apply {
         file: PathBuf,
         #[command(flatten)]
