@@ -56,7 +56,7 @@ struct Report {
     peak_rss_above_fixed_over_model_size: f64,
 }
 
-fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc (Linux only)")?;
     status
         .lines()

@@ -39,6 +39,10 @@ struct SwapReport {
     switch_median_us: f64,
     warm_over_cold: f64,
     target_ms: f64,
+    /// Resident memory of this process before and after the timed swaps (after a warm-up): a
+    /// swapped-out instance that lingered would show here.
+    rss_before_swaps_kib: u64,
+    rss_after_swaps_kib: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -111,7 +115,7 @@ pub fn run(args: SwapBench) -> anyhow::Result<()> {
     }
     let slot = Mutex::new(live.ok_or_else(|| anyhow::anyhow!("nothing loaded"))?);
     let (mut swaps, mut switches) = (Vec::new(), Vec::new());
-    for i in 0..args.swaps {
+    let swap = |i: usize| -> anyhow::Result<(Duration, Duration)> {
         let t = Instant::now();
         let (plugin, _, _) = rt.block_on(load(&components, &runtime, &pinned[i % 2]))?;
         let s = Instant::now();
@@ -120,11 +124,22 @@ pub fn run(args: SwapBench) -> anyhow::Result<()> {
             Arc::new(Mutex::new(plugin)),
         );
         drop(old);
-        switches.push(s.elapsed());
-        swaps.push(t.elapsed());
+        Ok((t.elapsed(), s.elapsed()))
+    };
+    // Warm-up: allocator pools and caches reach their steady size first.
+    for i in 0..20 {
+        swap(i)?;
+    }
+    let pid = std::process::id();
+    let rss_before = super::bench_round::rss_kib(pid, "VmRSS:")?;
+    for i in 0..args.swaps {
+        let (total, switch) = swap(i)?;
+        swaps.push(total);
+        switches.push(switch);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let rss_after = super::bench_round::rss_kib(pid, "VmRSS:")?;
     check_live_instances(1)?;
 
     let cold_total = quantile(totals, 0.5);
@@ -139,6 +154,8 @@ pub fn run(args: SwapBench) -> anyhow::Result<()> {
         switch_median_us: quantile(switches, 0.5).as_secs_f64() * 1e6,
         warm_over_cold: warm.as_secs_f64() / cold_total.as_secs_f64(),
         target_ms: 5.0,
+        rss_before_swaps_kib: rss_before,
+        rss_after_swaps_kib: rss_after,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -155,6 +172,12 @@ pub fn run(args: SwapBench) -> anyhow::Result<()> {
     );
     println!("  of which the switch itself       {:>8.2} us", report.switch_median_us);
     println!("warm / cold                       {:>8.3}x", report.warm_over_cold);
+    println!(
+        "resident memory over the swaps    {} -> {} KiB ({:+} KiB); plugin instances alive after: 1",
+        report.rss_before_swaps_kib,
+        report.rss_after_swaps_kib,
+        report.rss_after_swaps_kib as i64 - report.rss_before_swaps_kib as i64
+    );
     Ok(())
 }
 
