@@ -56,6 +56,7 @@ pub struct PullArgs {
 pub enum CacheCommand {
     /// The components in the local registry cache.
     Ls {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -67,6 +68,7 @@ pub enum CacheCommand {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -96,6 +98,7 @@ pub enum RegistryCommand {
         reference: String,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
