@@ -5,18 +5,23 @@ use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extra arguments]
 
-  setup     install what is missing: the wasm32-wasip2 Rust target and the Debian packages the
-            build needs (libssl-dev, pkg-config)
+  setup     install what is missing: the wasm32-wasip2 Rust target, the Debian packages the
+            build needs (libssl-dev, pkg-config), and ONNX Runtime's shared library from the
+            `onnxruntime` PyPI wheel (into target/onnxruntime/)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry and apache2-utils, `cargo install
-            wkg`), then run the whole test suite (cargo test --release)
+            wkg`, the `onnx` Python package), then run the whole test suite (cargo test --release)
   bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)";
 
 /// Debian packages the build needs (oci-client's TLS through OpenSSL, like wkg).
 const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
 /// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth.
 const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils"];
+/// The ONNX Runtime the `ort` crate (2.0.0-rc.10) is built for, from its PyPI wheel.
+const ONNXRUNTIME_VERSION: &str = "1.22.1";
+/// The `onnx` Python package the inference tests build their ONNX models with.
+const ONNX_PYTHON_VERSION: &str = "1.17.0";
 /// The wkg the interop tests run against.
 const WKG_VERSION: &str = "0.16.1";
 
@@ -85,7 +90,47 @@ fn setup() -> Result<(), String> {
     if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
     }
-    debian_packages(BUILD_PACKAGES)
+    debian_packages(BUILD_PACKAGES)?;
+    onnxruntime()
+}
+
+/// Where the setup puts ONNX Runtime's shared library (the host finds it there, next to its
+/// own target directory).
+fn onnxruntime_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    target.join("onnxruntime")
+}
+
+/// Fetches `libonnxruntime.so` from the `onnxruntime` wheel on PyPI (pip download; the wheel is
+/// a zip) unless it is there already. Debian has no package of it.
+fn onnxruntime() -> Result<(), String> {
+    let dir = onnxruntime_dir();
+    let versioned = format!("libonnxruntime.so.{ONNXRUNTIME_VERSION}");
+    if dir.join(&versioned).is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let wheels = dir.join("wheel");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d"])
+        .arg(&wheels)
+        .arg(format!("onnxruntime=={ONNXRUNTIME_VERSION}")))?;
+    let extract = format!(
+        "import glob, sys, zipfile\n\
+         wheel = glob.glob(sys.argv[1] + '/onnxruntime-{ONNXRUNTIME_VERSION}-*.whl')[0]\n\
+         data = zipfile.ZipFile(wheel).read('onnxruntime/capi/{versioned}')\n\
+         open(sys.argv[2], 'wb').write(data)\n"
+    );
+    let tmp = dir.join(format!("{versioned}.part"));
+    run(Command::new("python3").args(["-c", &extract]).arg(&wheels).arg(&tmp))?;
+    std::fs::rename(&tmp, dir.join(&versioned)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for link in ["libonnxruntime.so.1", "libonnxruntime.so"] {
+        let path = dir.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&versioned, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&wheels);
+    Ok(())
 }
 
 /// Installs the Debian packages of `wanted` that are missing (apt-get; as root or through sudo).
@@ -118,6 +163,16 @@ fn debian_packages(wanted: &[&str]) -> Result<(), String> {
 /// The tools the test suite drives: a real registry, htpasswd, and wkg for the interop tests.
 fn test_tools() -> Result<(), String> {
     debian_packages(TEST_PACKAGES)?;
+    let onnx = Command::new("python3").args(["-c", "import onnx; print(onnx.__version__)"]).output();
+    if !onnx.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ONNX_PYTHON_VERSION) {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("onnx=={ONNX_PYTHON_VERSION}"),
+        ]))?;
+    }
     let version = Command::new("wkg").arg("--version").output().or_else(|_| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
         Command::new(home.join(".cargo/bin/wkg")).arg("--version").output()

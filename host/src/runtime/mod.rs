@@ -5,6 +5,7 @@ mod cache;
 pub mod config;
 mod error;
 mod host_impl;
+pub mod nn;
 mod sandbox;
 mod slots;
 pub mod state;
@@ -129,6 +130,7 @@ struct Inner {
     engine: Engine,
     linker: Linker<PluginState>,
     cache: ComponentCache,
+    models: nn::Models,
 }
 
 /// The engine, the linker with nereid's host functions and WASI, and the compile cache.
@@ -141,6 +143,11 @@ pub struct Runtime {
 impl Runtime {
     /// A runtime whose compiled components are cached under `cache_dir` (None: no cache).
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        Runtime::with_models(cache_dir, nn::Models::default())
+    }
+
+    /// A runtime whose plugins can run `models` through wasi-nn (`load-by-name`).
+    pub fn with_models(cache_dir: Option<PathBuf>, models: nn::Models) -> anyhow::Result<Runtime> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("creating the wasmtime engine: {e:#}"))?;
@@ -153,7 +160,11 @@ impl Runtime {
             |s| s,
         )
         .map_err(|e| anyhow::anyhow!("linking nereid host functions: {e:#}"))?;
-        Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: ComponentCache::new(cache_dir) }) })
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut PluginState| {
+            wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
+        })
+        .map_err(|e| anyhow::anyhow!("linking wasi-nn: {e:#}"))?;
+        Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: ComponentCache::new(cache_dir), models }) })
     }
 
     /// A runtime with the default cache directory (see [`ComponentCache::default_dir`]).
@@ -189,9 +200,15 @@ impl Runtime {
         Ok(LoadedComponent { origin: origin.to_string(), digest, slots, imports, cache, component, pre })
     }
 
-    pub(crate) fn store(&self, plugin: Arc<str>, limits: &Limits) -> Store<PluginState> {
-        let mut store =
-            Store::new(&self.inner.engine, PluginState::new(plugin, limits.memory_bytes, limits.tensor_bytes));
+    /// The linker plugins are instantiated with (WASI p2, nereid's host functions, wasi-nn).
+    pub fn linker(&self) -> &Linker<PluginState> {
+        &self.inner.linker
+    }
+
+    /// A fresh store for one instance of `plugin`, with its memory limit and wasi-nn context.
+    pub fn store(&self, plugin: Arc<str>, limits: &Limits) -> Store<PluginState> {
+        let state = PluginState::new(plugin, limits.memory_bytes, limits.tensor_bytes, self.inner.models.context());
+        let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.memory);
         store
     }

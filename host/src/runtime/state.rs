@@ -143,12 +143,19 @@ pub struct PluginState {
     pub tensor_bytes: usize,
     pub tensor_limit: usize,
     pub stderr: StderrTail,
+    /// wasi-nn: the inference backends and the node's models.
+    pub nn: wasmtime_wasi_nn::wit::WasiNnCtx,
 }
 
 impl PluginState {
     /// A sandbox with no ambient authority: no preopened directories, no environment, no
     /// arguments, no network, no stdin; stdout is discarded, stderr kept for error reports.
-    pub fn new(plugin: Arc<str>, memory_limit: usize, tensor_limit: usize) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        memory_limit: usize,
+        tensor_limit: usize,
+        nn: wasmtime_wasi_nn::wit::WasiNnCtx,
+    ) -> Self {
         LIVE_INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr = StderrTail::default();
         let wasi = WasiCtx::builder()
@@ -166,6 +173,7 @@ impl PluginState {
             tensor_bytes: 0,
             tensor_limit,
             stderr,
+            nn,
         }
     }
 }
