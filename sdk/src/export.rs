@@ -7,8 +7,8 @@ pub mod glue {
     use std::cell::RefCell;
 
     use crate::{
-        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Metric, Model, NamedTensor, Plugin,
-        PluginError, PluginInfo, RoundContext, Tensor,
+        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, Metric, Model, NamedTensor, Plugin,
+        PluginError, PluginInfo, RoundContext, Router, Tensor,
     };
 
     thread_local! {
@@ -76,6 +76,10 @@ pub mod glue {
         gradient: &Tensor,
     ) -> Result<(), PluginError> {
         with::<T, _>(|p| p.adjust_gradient(&name, weight, gradient))
+    }
+
+    pub fn router_decide<T: Router>(output: &Tensor) -> Result<Decision, PluginError> {
+        with::<T, _>(|p| p.decide(output))
     }
 }
 
@@ -187,6 +191,32 @@ macro_rules! export_strategy {
         $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
         $crate::__nereid_impl_aggregator!(NereidPluginExport, $t);
         $crate::__nereid_impl_client_objective!(NereidPluginExport, $t);
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (a [`Router`](crate::Router)) as a component of world `router-plugin`. Use once,
+/// at the crate root.
+#[macro_export]
+macro_rules! export_router {
+    ($t:ty) => {
+        $crate::__nereid_generate!("router-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        impl exports::nereid::plugin::router::Guest for NereidPluginExport {
+            fn decide(
+                output: &$crate::Tensor,
+            ) -> ::core::result::Result<exports::nereid::plugin::router::Decision, $crate::PluginError> {
+                use exports::nereid::plugin::router::{Decision, Route};
+                $crate::__glue::router_decide::<$t>(output).map(|d| Decision {
+                    route: match d.route {
+                        $crate::Route::Edge => Route::Edge,
+                        $crate::Route::Cloud => Route::Cloud,
+                    },
+                    score: d.score,
+                })
+            }
+        }
         export!(NereidPluginExport);
     };
 }

@@ -69,7 +69,7 @@ pub use bindings::nereid::plugin::types::{
 pub use config::{Config, Info};
 pub use fold::WeightedMean;
 pub use model::{Aggregate, Layout, Model, Update};
-pub use plugin::{Aggregator, ClientObjective, Plugin};
+pub use plugin::{Aggregator, ClientObjective, Decision, Plugin, Route, Router};
 
 #[doc(hidden)]
 pub use export::glue as __glue;
@@ -77,8 +77,8 @@ pub use export::glue as __glue;
 /// The names a plugin usually needs: `use nereid_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Info, Layout, Metric, Model, Plugin,
-        PluginError, RoundContext, Tensor, Update, UpdateKind, WeightedMean,
+        log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Decision, Info, Layout, Metric, Model,
+        Plugin, PluginError, RoundContext, Route, Router, Tensor, Update, UpdateKind, WeightedMean,
     };
 }
 

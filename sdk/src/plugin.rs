@@ -44,3 +44,25 @@ pub trait ClientObjective: Plugin {
     /// Adds the extra term's gradient for parameter `name` to `gradient` in place.
     fn adjust_gradient(&mut self, name: &str, weight: &Tensor, gradient: &Tensor) -> Result<(), PluginError>;
 }
+
+/// Where an inference is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The edge's own result stands.
+    Edge,
+    /// A hard example: the cloud's bigger model answers it.
+    Cloud,
+}
+
+/// A router's decision, with the policy's score (e.g. a confidence) for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub route: Route,
+    pub score: f64,
+}
+
+/// Slot `router` (joint inference): decides from the edge model's output whether the edge's
+/// answer stands or the example goes to the cloud.
+pub trait Router: Plugin {
+    fn decide(&mut self, output: &Tensor) -> Result<Decision, PluginError>;
+}

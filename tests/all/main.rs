@@ -8,5 +8,6 @@ mod federated;
 mod fedprox;
 mod nn;
 mod oci;
+mod router;
 mod sandbox;
 mod sdk;

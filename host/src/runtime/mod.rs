@@ -21,7 +21,10 @@ pub use cache::{content_digest, CacheOutcome, ComponentCache};
 pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
 pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
-pub use slots::{AggregateResult, AggregatorPlugin, ClientUpdate, ObjectivePlugin, RoundContext, UpdateKind};
+pub use slots::{
+    AggregateResult, AggregatorPlugin, ClientUpdate, Decision, ObjectivePlugin, RoundContext, Route, RouterPlugin,
+    UpdateKind,
+};
 use state::PluginState;
 
 /// How often the engine's epoch advances; time limits are counted in these ticks.

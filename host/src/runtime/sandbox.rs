@@ -5,7 +5,7 @@ use std::sync::Arc;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 
-use super::bindings::{aggregator, client_objective, plugin, types};
+use super::bindings::{aggregator, client_objective, plugin, router, types};
 use super::config::{self, ConfigTable};
 use super::state::{MemoryLimitHit, PluginState};
 use super::{deadline_ticks, describe_worlds, Limits, LoadedComponent, PluginError, Runtime, Slot};
@@ -26,6 +26,17 @@ impl SlotGuest for aggregator::Guest {
     type Indices = aggregator::GuestIndices;
     fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
         aggregator::GuestIndices::new(pre)
+    }
+    fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
+        indices.load(store, instance)
+    }
+}
+
+impl SlotGuest for router::Guest {
+    const SLOT: Slot = Slot::Router;
+    type Indices = router::GuestIndices;
+    fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
+        router::GuestIndices::new(pre)
     }
     fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
         indices.load(store, instance)

@@ -4,7 +4,7 @@ use std::path::Path;
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{aggregator, client_objective, model, types};
+use super::bindings::{aggregator, client_objective, model, router, types};
 use super::config::ConfigTable;
 use super::state::{PluginState, TensorSlot};
 use super::{Limits, LoadedComponent, PluginError, Runtime, Sandbox};
@@ -214,5 +214,66 @@ impl ObjectivePlugin {
         self.sandbox.check_plugin_result("adjust-gradient", &format!("parameter `{name}`"), r)?;
         *gradient = adjusted;
         Ok(())
+    }
+}
+
+/// Where an inference is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    Edge,
+    Cloud,
+}
+
+/// A router's decision and the policy's score (e.g. a confidence).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Decision {
+    pub route: Route,
+    pub score: f64,
+}
+
+/// A plugin in the router slot (joint inference: edge answer or hard example for the cloud).
+pub struct RouterPlugin {
+    sandbox: Sandbox<router::Guest>,
+}
+
+impl std::fmt::Debug for RouterPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterPlugin").field("plugin", &self.sandbox.name()).finish()
+    }
+}
+
+impl RouterPlugin {
+    pub fn new(
+        runtime: &Runtime,
+        loaded: LoadedComponent,
+        limits: Limits,
+        config: &ConfigTable,
+    ) -> Result<Self, PluginError> {
+        Ok(RouterPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
+    }
+
+    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+        Self::new(runtime, runtime.load_file(path)?, limits, config)
+    }
+
+    pub fn sandbox(&self) -> &Sandbox<router::Guest> {
+        &self.sandbox
+    }
+
+    /// Decides from the edge model's output.
+    pub fn decide(&mut self, output: &Tensor) -> Result<Decision, PluginError> {
+        let r = self.sandbox.call("decide", |g, store| {
+            let t: Resource<TensorSlot> = store.data_mut().lend(output.clone())?;
+            let r = g.call_decide(&mut *store, Resource::new_borrow(t.rep()));
+            store.data_mut().take(t)?;
+            r
+        })?;
+        let d = self.sandbox.check_plugin_result("decide", "the edge model's output", r)?;
+        let route = match d.route {
+            router::Route::Edge => Route::Edge,
+            router::Route::Cloud => Route::Cloud,
+        };
+        Ok(Decision { route, score: d.score })
     }
 }
