@@ -60,35 +60,50 @@ fn take_all(store: &mut Store<PluginState>, tensors: Vec<model::NamedTensor>) ->
     tensors.into_iter().map(|t| Ok((t.name, store.data_mut().take(t.value)?))).collect()
 }
 
-/// A plugin in the aggregator slot.
-pub struct AggregatorPlugin {
-    sandbox: Sandbox<aggregator::Guest>,
+/// What every slot's front-end shares: the struct around its sandbox, `Debug` (the plugin's
+/// name), construction from a loaded component and loading from a file.
+macro_rules! slot_front_end {
+    ($(#[$doc:meta])* $name:ident, $guest:ty) => {
+        $(#[$doc])*
+        pub struct $name {
+            sandbox: Sandbox<$guest>,
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).field("plugin", &self.sandbox.name()).finish()
+            }
+        }
+
+        impl $name {
+            /// Instantiates `loaded` in this slot and configures it with `config`.
+            pub fn new(
+                runtime: &Runtime,
+                loaded: LoadedComponent,
+                limits: Limits,
+                config: &ConfigTable,
+            ) -> Result<Self, PluginError> {
+                Ok($name { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
+            }
+
+            pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
+                Self::new(runtime, runtime.load_file(path)?, limits, config)
+            }
+
+            pub fn sandbox(&self) -> &Sandbox<$guest> {
+                &self.sandbox
+            }
+        }
+    };
 }
 
-impl std::fmt::Debug for AggregatorPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AggregatorPlugin").field("plugin", &self.sandbox.name()).finish()
-    }
-}
+slot_front_end!(
+    /// A plugin in the aggregator slot.
+    AggregatorPlugin,
+    aggregator::Guest
+);
 
 impl AggregatorPlugin {
-    pub fn new(
-        runtime: &Runtime,
-        loaded: LoadedComponent,
-        limits: Limits,
-        config: &ConfigTable,
-    ) -> Result<Self, PluginError> {
-        Ok(AggregatorPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
-    }
-
-    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
-        Self::new(runtime, runtime.load_file(path)?, limits, config)
-    }
-
-    pub fn sandbox(&self) -> &Sandbox<aggregator::Guest> {
-        &self.sandbox
-    }
-
     pub fn begin_round(&mut self, ctx: &RoundContext, global: Option<&[(String, Tensor)]>) -> Result<(), PluginError> {
         let ctx = types::RoundContext::from(ctx);
         let r = self.sandbox.call("begin-round", |g, store| {
@@ -140,35 +155,13 @@ impl AggregatorPlugin {
     }
 }
 
-/// A plugin in the client-objective slot.
-pub struct ObjectivePlugin {
-    sandbox: Sandbox<client_objective::Guest>,
-}
-
-impl std::fmt::Debug for ObjectivePlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectivePlugin").field("plugin", &self.sandbox.name()).finish()
-    }
-}
+slot_front_end!(
+    /// A plugin in the client-objective slot.
+    ObjectivePlugin,
+    client_objective::Guest
+);
 
 impl ObjectivePlugin {
-    pub fn new(
-        runtime: &Runtime,
-        loaded: LoadedComponent,
-        limits: Limits,
-        config: &ConfigTable,
-    ) -> Result<Self, PluginError> {
-        Ok(ObjectivePlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
-    }
-
-    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
-        Self::new(runtime, runtime.load_file(path)?, limits, config)
-    }
-
-    pub fn sandbox(&self) -> &Sandbox<client_objective::Guest> {
-        &self.sandbox
-    }
-
     /// Local training of a round starts from `global`, with what the aggregator published.
     pub fn begin_round(
         &mut self,
@@ -232,35 +225,13 @@ pub struct Decision {
     pub score: f64,
 }
 
-/// A plugin in the router slot (joint inference: edge answer or hard example for the cloud).
-pub struct RouterPlugin {
-    sandbox: Sandbox<router::Guest>,
-}
-
-impl std::fmt::Debug for RouterPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouterPlugin").field("plugin", &self.sandbox.name()).finish()
-    }
-}
+slot_front_end!(
+    /// A plugin in the router slot (joint inference: edge answer or hard example for the cloud).
+    RouterPlugin,
+    router::Guest
+);
 
 impl RouterPlugin {
-    pub fn new(
-        runtime: &Runtime,
-        loaded: LoadedComponent,
-        limits: Limits,
-        config: &ConfigTable,
-    ) -> Result<Self, PluginError> {
-        Ok(RouterPlugin { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
-    }
-
-    pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
-        Self::new(runtime, runtime.load_file(path)?, limits, config)
-    }
-
-    pub fn sandbox(&self) -> &Sandbox<router::Guest> {
-        &self.sandbox
-    }
-
     /// Decides from the edge model's output.
     pub fn decide(&mut self, output: &Tensor) -> Result<Decision, PluginError> {
         let r = self.sandbox.call("decide", |g, store| {
