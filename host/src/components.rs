@@ -84,19 +84,18 @@ impl Components {
         reference: &Reference,
         progress: Option<Progress<'_>>,
     ) -> Result<Fetched, ComponentError> {
+        // The registry client verified the layer against its digest (as it arrived, or on the
+        // cache hit), and a layer's digest is the component's content digest.
         let pulled = self.client.pull(reference, progress).await?;
         let bytes = tokio::fs::read(&pulled.path)
             .await
             .map_err(|source| ComponentError::File { path: pulled.path.clone(), source })?;
-        let digest = content_digest(&bytes);
-        if digest != pulled.layer_digest {
-            return Err(ComponentError::Digest {
-                origin: pulled.reference,
-                expected: pulled.layer_digest,
-                actual: digest,
-            });
-        }
-        Ok(Fetched { bytes, digest, origin: reference.to_string(), pinned: Some(pulled.reference) })
+        Ok(Fetched {
+            bytes,
+            digest: pulled.layer_digest,
+            origin: reference.to_string(),
+            pinned: Some(pulled.reference),
+        })
     }
 
     /// A pinned component whose content digest must be `digest` (what the cloud tells an edge).

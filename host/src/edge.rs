@@ -27,7 +27,7 @@ pub struct Edge {
     test: Dataset,
     /// The client-objective plugin of the newest task (by digest), kept across rounds; a task
     /// naming another one replaces (and drops) it.
-    objective: Option<(String, ObjectivePlugin)>,
+    objective: Option<(crate::job::PluginRef, ObjectivePlugin)>,
     components: Components,
 }
 
@@ -96,9 +96,8 @@ impl Edge {
     /// with the same config, else a new instance (the old one is dropped: no ghost instances).
     /// A registry plugin is pulled from the registry by its pinned digest, others from the cloud.
     async fn objective(&mut self, plugin: &crate::job::PluginRef) -> anyhow::Result<ObjectivePlugin> {
-        let key = serde_json::to_string(plugin)?;
         match self.objective.take() {
-            Some((k, p)) if k == key => return Ok(p),
+            Some((kept, p)) if kept == *plugin => return Ok(p),
             Some(_) => {
                 tracing::info!(node = %self.config.name, to = %plugin.pinned.as_deref().unwrap_or(&plugin.digest), "client objective swapped")
             }
@@ -160,7 +159,7 @@ impl Edge {
         })
         .await??;
         if let (Some(p), Some(obj)) = (&task.client_objective, objective) {
-            self.objective = Some((serde_json::to_string(p)?, obj));
+            self.objective = Some((p.clone(), obj));
         }
         let metrics = UpdateMetrics {
             eval_accuracy: eval.accuracy,

@@ -159,6 +159,20 @@ pub struct JobSpec {
     pub client_objective: Option<PluginRef>,
 }
 
+impl JobSpec {
+    /// The job's plugins with their slot (table) names: the aggregator, then the client
+    /// objective if there is one.
+    pub fn plugins(&self) -> impl Iterator<Item = (&'static str, &PluginRef)> {
+        std::iter::once(("aggregator", &self.aggregator))
+            .chain(self.client_objective.as_ref().map(|p| ("client_objective", p)))
+    }
+
+    pub fn plugins_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut PluginRef)> {
+        std::iter::once(("aggregator", &mut self.aggregator))
+            .chain(self.client_objective.as_mut().map(|p| ("client_objective", p)))
+    }
+}
+
 /// A job file's error: where, which key, what.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {

@@ -395,7 +395,7 @@ async fn submit_job(
     spec.model.validate().map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     // Registry plugins are resolved here, once: every node gets the same pinned digest.
     cloud.plugins.resolve(&cloud.store, &mut spec).await.map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
-    for p in std::iter::once(&spec.aggregator).chain(spec.client_objective.as_ref()) {
+    for (_, p) in spec.plugins() {
         if cloud.store.component(&p.digest)?.is_none() {
             return Err(err(StatusCode::BAD_REQUEST, format!("component {} was not uploaded", p.digest)));
         }
@@ -786,7 +786,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let round = match cloud.store.round(name, r)? {
             Some(round) => round,
             None => {
-                if cloud.plugins.at_round_boundary(&cloud.store, &spec, r).await? {
+                if cloud.plugins.at_round_boundary(&cloud.store, &spec, row.pending_spec.is_some(), r).await? {
                     continue;
                 }
                 let online = cloud.online_since(now_ms() - cloud.online_ms);

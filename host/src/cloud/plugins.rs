@@ -12,7 +12,7 @@ use crate::components::Components;
 use crate::job::{JobSpec, PluginRef};
 use crate::protocol::config_value_to_toml;
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{AggregatorPlugin, ObjectivePlugin, Runtime};
+use crate::runtime::{AggregatorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
 use crate::store::{now_ms, CloudStore, SwapRow};
 
 /// A job's aggregator instance and what to call it (its pinned reference or digest).
@@ -56,17 +56,20 @@ impl JobPlugins {
         }
     }
 
-    fn build_aggregator(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<AggregatorPlugin> {
+    /// Loads plugin `p` of slot `slot` from the components the cloud stores.
+    fn load(&self, store: &CloudStore, job: &str, slot: &str, p: &PluginRef) -> anyhow::Result<LoadedComponent> {
         let bytes =
             store.component(&p.digest)?.ok_or_else(|| anyhow::anyhow!("component {} is not stored", p.digest))?;
-        let loaded = self.runtime.load_bytes(&bytes, &format!("{job} aggregator {}", label(p)))?;
+        Ok(self.runtime.load_bytes(&bytes, &format!("{job} {slot} {}", label(p)))?)
+    }
+
+    fn build_aggregator(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<AggregatorPlugin> {
+        let loaded = self.load(store, job, "aggregator", p)?;
         Ok(AggregatorPlugin::new(&self.runtime, loaded, p.limits, &p.config)?)
     }
 
     fn check_objective(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<()> {
-        let bytes =
-            store.component(&p.digest)?.ok_or_else(|| anyhow::anyhow!("component {} is not stored", p.digest))?;
-        let loaded = self.runtime.load_bytes(&bytes, &format!("{job} client objective {}", label(p)))?;
+        let loaded = self.load(store, job, "client objective", p)?;
         ObjectivePlugin::new(&self.runtime, loaded, p.limits, &p.config)?;
         Ok(())
     }
@@ -114,9 +117,7 @@ impl JobPlugins {
     /// Pins each `oci://` plugin of `spec` to the manifest digest its reference names now, pulls
     /// it (verified) and keeps its bytes, so the job never depends on the tag again.
     pub async fn resolve(&self, store: &CloudStore, spec: &mut JobSpec) -> Result<(), String> {
-        let slots = std::iter::once(("aggregator", &mut spec.aggregator))
-            .chain(spec.client_objective.as_mut().map(|p| ("client_objective", p)));
-        for (slot, p) in slots {
+        for (slot, p) in spec.plugins_mut() {
             let Some(source) = p.source.clone() else { continue };
             let reference = Reference::parse(&source).map_err(|e| format!("{slot}: {e}"))?;
             let fetched =
@@ -144,11 +145,19 @@ impl JobPlugins {
         Ok(())
     }
 
-    /// At the boundary before round `round`: switches to a pending spec, or to a followed tag's
-    /// new digest. Returns true if the job's spec changed.
-    pub async fn at_round_boundary(&self, store: &CloudStore, spec: &JobSpec, round: u32) -> anyhow::Result<bool> {
+    /// At the boundary before round `round`: switches to a pending spec (`pending`: the job's
+    /// row, just read, has one), or to a followed tag's new digest. Returns true if the job's
+    /// spec changed.
+    pub async fn at_round_boundary(
+        &self,
+        store: &CloudStore,
+        spec: &JobSpec,
+        pending: bool,
+        round: u32,
+    ) -> anyhow::Result<bool> {
         let name = &spec.name;
-        if let Some(json) = store.promote_pending_spec(name)? {
+        let promoted = if pending { store.promote_pending_spec(name)? } else { None };
+        if let Some(json) = promoted {
             let new: JobSpec = serde_json::from_str(&json)?;
             let prepared = self.pending.lock().ok().and_then(|mut p| p.remove(name));
             self.switch(store, spec, &new, round, prepared)?;
@@ -160,9 +169,7 @@ impl JobPlugins {
         }
         let mut new = spec.clone();
         let mut moved = false;
-        for (slot, p) in std::iter::once(("aggregator", &mut new.aggregator))
-            .chain(new.client_objective.as_mut().map(|p| ("client_objective", p)))
-        {
+        for (slot, p) in new.plugins_mut() {
             let Some(source) = p.source.clone().filter(|_| p.follow_tag) else { continue };
             let Ok(reference) = Reference::parse(&source) else { continue };
             let pinned_ref = match self.components.pin(&reference).await {
