@@ -200,6 +200,14 @@ fn apply_error(job: &str) -> String {
     String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "job.toml")
 }
 
+/// Applying `job` fails with an error that starts `job.toml:<line of needle>:<at_line>` and
+/// also says `also`.
+fn expect_error_at(job: &str, needle: &str, at_line: &str, also: &str) {
+    let line = job.lines().position(|l| l.contains(needle)).expect("needle") + 1;
+    let e = apply_error(job);
+    assert!(e.contains(&format!("job.toml:{line}:{at_line}")) && e.contains(also), "{e}");
+}
+
 #[test]
 fn bad_job_files_are_refused_naming_file_line_and_key() {
     let good = job_toml("digits", "fedprox", 3, 2, 10.0);
@@ -214,48 +222,16 @@ fn bad_job_files_are_refused_naming_file_line_and_key() {
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let line_of = |needle: &str, text: &str| text.lines().position(|l| l.contains(needle)).expect("needle") + 1;
     let unknown = good.replace("fraction = 1.0", "fraction = 1.0\nfractoin = 0.5");
-    let e = apply_error(&unknown);
-    assert!(
-        e.contains(&format!(
-            "job.toml:{}:1: key `rounds.fractoin`: unknown field `fractoin`",
-            line_of("fractoin", &unknown)
-        )),
-        "{e}"
-    );
-
+    expect_error_at(&unknown, "fractoin", "1: key `rounds.fractoin`: unknown field `fractoin`", "");
     let wrong_type = good.replace("rounds = 3", "rounds = \"three\"");
-    let e = apply_error(&wrong_type);
-    assert!(
-        e.contains(&format!("job.toml:{}:", line_of("\"three\"", &wrong_type))) && e.contains("key `stop.rounds`"),
-        "{e}"
-    );
-
+    expect_error_at(&wrong_type, "\"three\"", "", "key `stop.rounds`");
     let range = good.replace("fraction = 1.0", "fraction = 1.5");
-    let e = apply_error(&range);
-    assert!(
-        e.contains(&format!("job.toml:{}:1: key `rounds.fraction`: must be in (0, 1]", line_of("fraction", &range))),
-        "{e}"
-    );
-
+    expect_error_at(&range, "fraction", "1: key `rounds.fraction`: must be in (0, 1]", "");
     let missing = good.replacen(&plugin("fedprox").display().to_string(), "/nonexistent/agg.wasm", 1);
-    let e = apply_error(&missing);
-    assert!(
-        e.contains(&format!("job.toml:{}:", line_of("nonexistent", &missing)))
-            && e.contains("key `aggregator.plugin`: cannot read /nonexistent/agg.wasm"),
-        "{e}"
-    );
-
+    expect_error_at(&missing, "nonexistent", "", "key `aggregator.plugin`: cannot read /nonexistent/agg.wasm");
     let rejected = good.replace("[client_objective]", "[aggregator.config]\nmu = -1.0\n\n[client_objective]");
-    let e = apply_error(&rejected);
-    assert!(
-        e.contains(&format!(
-            "job.toml:{}:1: key `aggregator.config.mu`: plugin `fedprox` refuses it",
-            line_of("mu = -1.0", &rejected)
-        )),
-        "{e}"
-    );
+    expect_error_at(&rejected, "mu = -1.0", "1: key `aggregator.config.mu`: plugin `fedprox` refuses it", "");
 
     let fedprox = format!("{:?}", plugin("fedprox").display().to_string());
     let fedavg = format!("{:?}", plugin("fedavg").display().to_string());
@@ -272,21 +248,21 @@ fn bad_job_files_are_refused_naming_file_line_and_key() {
 
     // Registry plugins: a malformed reference, an unreachable registry, follow_tag on a file.
     let bad_ref = good.replacen(&fedprox, "\"oci://localhost/Agg:1\"", 1);
-    let e = apply_error(&bad_ref);
-    assert!(
-        e.contains(&format!("job.toml:{}:", line_of("oci://", &bad_ref)))
-            && e.contains("key `aggregator.plugin`: invalid component reference `oci://localhost/Agg:1`"),
-        "{e}"
+    expect_error_at(
+        &bad_ref,
+        "oci://",
+        "",
+        "key `aggregator.plugin`: invalid component reference `oci://localhost/Agg:1`",
     );
     let unreachable = good.replacen(&fedprox, "\"oci://127.0.0.1:1/ns/agg:1\"", 1);
     let e = apply_error(&unreachable);
     assert!(e.contains("key `aggregator.plugin`") && e.contains("cannot reach registry 127.0.0.1:1"), "{e}");
     let follow = good.replacen(&format!("plugin = {fedprox}"), &format!("plugin = {fedprox}\nfollow_tag = true"), 1);
-    let e = apply_error(&follow);
-    assert!(
-        e.contains(&format!("job.toml:{}:", line_of("follow_tag", &follow)))
-            && e.contains("key `aggregator.follow_tag`: only a plugin given as an oci:// tag can follow it"),
-        "{e}"
+    expect_error_at(
+        &follow,
+        "follow_tag",
+        "",
+        "key `aggregator.follow_tag`: only a plugin given as an oci:// tag can follow it",
     );
 }
 

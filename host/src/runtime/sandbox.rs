@@ -21,38 +21,27 @@ pub trait SlotGuest: Sized + 'static {
     fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self>;
 }
 
-impl SlotGuest for aggregator::Guest {
-    const SLOT: Slot = Slot::Aggregator;
-    type Indices = aggregator::GuestIndices;
-    fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
-        aggregator::GuestIndices::new(pre)
-    }
-    fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
-        indices.load(store, instance)
-    }
+/// Every slot's generated guest is loaded the same way; only the interface and the slot differ.
+macro_rules! slot_guest {
+    ($($interface:ident => $slot:ident),+ $(,)?) => {$(
+        impl SlotGuest for $interface::Guest {
+            const SLOT: Slot = Slot::$slot;
+            type Indices = $interface::GuestIndices;
+            fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
+                $interface::GuestIndices::new(pre)
+            }
+            fn load(
+                indices: &Self::Indices,
+                store: &mut Store<PluginState>,
+                instance: &Instance,
+            ) -> wasmtime::Result<Self> {
+                indices.load(store, instance)
+            }
+        }
+    )+};
 }
 
-impl SlotGuest for router::Guest {
-    const SLOT: Slot = Slot::Router;
-    type Indices = router::GuestIndices;
-    fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
-        router::GuestIndices::new(pre)
-    }
-    fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
-        indices.load(store, instance)
-    }
-}
-
-impl SlotGuest for client_objective::Guest {
-    const SLOT: Slot = Slot::ClientObjective;
-    type Indices = client_objective::GuestIndices;
-    fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
-        client_objective::GuestIndices::new(pre)
-    }
-    fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
-        indices.load(store, instance)
-    }
-}
+slot_guest!(aggregator => Aggregator, client_objective => ClientObjective, router => Router);
 
 /// Instantiates `loaded` in whatever slot it implements and asks it to `describe` itself.
 pub fn describe(runtime: &Runtime, loaded: &LoadedComponent, limits: &Limits) -> Result<PluginInfo, PluginError> {
