@@ -3,6 +3,7 @@ pub mod aggregate;
 pub mod cloud;
 pub mod components;
 pub mod edge;
+pub mod inference;
 pub mod job;
 pub mod model_io;
 pub mod protocol;

@@ -52,6 +52,9 @@ enum Command {
     /// Node tokens.
     #[command(subcommand)]
     Token(cli::serve::TokenCommand),
+    /// ONNX models: split at a cut, plan the best cut for a link, export a trained job's model.
+    #[command(subcommand)]
+    Model(cli::model::ModelCommand),
     /// Push a component to an OCI registry (the CNCF Wasm artifact layout `wkg` uses).
     Push(cli::oci::PushArgs),
     /// Pull a component from an OCI registry (verified, through the local cache).
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Edge { config } => cli::serve::edge(config, cache_dir),
         Command::Job(cmd) => cli::serve::job(cmd, cache_dir),
         Command::Token(cmd) => cli::serve::token(cmd),
+        Command::Model(cmd) => cli::model::run(cmd, cache_dir),
         Command::Push(args) => cli::oci::push(args, cache_root.as_deref()),
         Command::Pull(args) => cli::oci::pull(args, cache_root.as_deref()),
         Command::Cache(cmd) => cli::oci::cache(cmd, cache_root.as_deref()),

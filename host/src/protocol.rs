@@ -210,6 +210,20 @@ pub struct CloudConfig {
     /// `password` / `password_env`, `token` / `token_env`.
     #[serde(default)]
     pub registries: BTreeMap<String, nereid_registry::HostSettings>,
+    /// Directory of the cloud's models, `<dir>/<name>/model.onnx` (relative to the config file).
+    pub models: Option<PathBuf>,
+    /// Inference services edges call: hard examples of joint inference, tails of split inference.
+    #[serde(default)]
+    pub services: BTreeMap<String, CloudServiceConfig>,
+}
+
+/// `[services.<name>]` of cloud.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudServiceConfig {
+    /// The model (a name in `models`): the big model of joint inference, or the model split
+    /// inference cuts (the edge must have the same one).
+    pub model: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,8 +246,9 @@ pub struct EdgeConfig {
     pub cloud: String,
     /// This node's bearer token.
     pub token: String,
-    /// Directory of the local data (see the README for its layout; relative to the config file).
-    pub data: PathBuf,
+    /// Directory of the local data for federated learning (see the README for its layout;
+    /// relative to the config file). Without it the edge takes no training tasks.
+    pub data: Option<PathBuf>,
     /// SQLite database of the edge's state (relative to the config file).
     pub state: PathBuf,
     /// How often to ask the cloud for work, in milliseconds.
@@ -242,6 +257,84 @@ pub struct EdgeConfig {
     /// Registries of `oci://` plugins, as in `cloud.toml`.
     #[serde(default)]
     pub registries: BTreeMap<String, nereid_registry::HostSettings>,
+    /// Address of the edge's own API (inference services, `/metrics`), e.g. "127.0.0.1:7100".
+    pub listen: Option<String>,
+    /// Directory of the edge's models, `<dir>/<name>/model.onnx` (relative to the config file).
+    pub models: Option<PathBuf>,
+    /// How often undelivered hard examples are offered to the cloud again, in milliseconds.
+    #[serde(default = "default_outbox_retry_ms")]
+    pub outbox_retry_ms: u64,
+    /// Inference services, served at `POST /v1/infer/<name>`.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+fn default_outbox_retry_ms() -> u64 {
+    1000
+}
+
+/// What an inference service does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Joint inference: the edge model answers; the router plugin sends hard examples to the
+    /// cloud's bigger model.
+    Joint,
+    /// Split inference: the splitter plugin cuts one model; the edge runs the head, the cloud
+    /// the tail.
+    Split,
+}
+
+/// `[services.<name>]` of edge.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub kind: ServiceKind,
+    /// The model (a name in `models`): the edge model of joint inference, or the model split
+    /// inference cuts.
+    pub model: String,
+    /// `kind = "joint"`: the router plugin.
+    pub router: Option<ServicePlugin>,
+    /// `kind = "split"`: the splitter plugin.
+    pub splitter: Option<ServicePlugin>,
+    /// The cloud's base URL [default: `cloud`].
+    pub cloud: Option<String>,
+    /// The service's name on the cloud [default: this service's name].
+    pub cloud_service: Option<String>,
+    /// How long a cloud call may take before the edge answers on its own, in milliseconds.
+    #[serde(default = "default_cloud_timeout_ms")]
+    pub cloud_timeout_ms: u64,
+    /// `kind = "split"`: plan again when the measured bandwidth moves from the planned one by
+    /// more than this factor.
+    #[serde(default = "default_replan_factor")]
+    pub replan_factor: f64,
+    /// `kind = "split"`: bytes of the probe upload that measures the link's bandwidth.
+    #[serde(default = "default_probe_kib")]
+    pub probe_kib: u64,
+}
+
+fn default_cloud_timeout_ms() -> u64 {
+    2000
+}
+
+fn default_replan_factor() -> f64 {
+    2.0
+}
+
+fn default_probe_kib() -> u64 {
+    64
+}
+
+/// A service's plugin: a `.wasm` path (relative to the config file) or an `oci://` reference,
+/// and its options.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePlugin {
+    pub plugin: String,
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mib: Option<usize>,
 }
 
 /// Reads a TOML file into `T`, with errors naming the file, the line and the key; relative paths

@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL, file TEXT NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+CREATE TABLE IF NOT EXISTS hard_examples (
+    node TEXT NOT NULL, id INTEGER NOT NULL, service TEXT NOT NULL, input BLOB NOT NULL,
+    queued_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (node, id));
 ";
 
 #[derive(Debug, Clone)]
@@ -440,11 +443,44 @@ impl CloudStore {
     }
 }
 
+impl CloudStore {
+    /// Keeps a hard example an edge sent; true if it is new (a resend of one already kept is
+    /// acknowledged and not kept twice).
+    pub fn save_hard_example(&self, node: &str, id: i64, service: &str, input: &[u8], queued_ms: i64) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO hard_examples (node, id, service, input, queued_ms, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![node, id, service, input, queued_ms, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Ids of the hard examples kept for `service`, per node.
+    pub fn hard_examples(&self, service: &str) -> Result<Vec<(String, i64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, id FROM hard_examples WHERE service = ?1 ORDER BY node, id")?;
+        let rows = stmt
+            .query_map(params![service], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
 const EDGE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS trained (
     job TEXT NOT NULL, round INTEGER NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
     bytes BLOB NOT NULL, uploaded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job, round));
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, input BLOB NOT NULL, queued_ms INTEGER NOT NULL);
 ";
+
+/// A hard example the edge has not yet delivered to the cloud.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub service: String,
+    pub input: Vec<u8>,
+    pub queued_ms: i64,
+}
 
 /// An edge's own state: the updates it trained, and whether the cloud acknowledged them.
 pub struct EdgeStore {
@@ -496,6 +532,39 @@ impl EdgeStore {
 
     pub fn mark_uploaded(&self, job: &str, round: u32) -> Result<()> {
         self.conn().execute("UPDATE trained SET uploaded = 1 WHERE job = ?1 AND round = ?2", params![job, round])?;
+        Ok(())
+    }
+
+    /// Queues a hard example (committed before this returns); its id travels with it, so the
+    /// cloud keeps it once however often it is sent.
+    pub fn enqueue(&self, service: &str, input: &[u8], queued_ms: i64) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO outbox (service, input, queued_ms) VALUES (?1, ?2, ?3)",
+            params![service, input, queued_ms],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The oldest undelivered hard examples.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, service, input, queued_ms FROM outbox ORDER BY id LIMIT ?1")?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| {
+                Ok(OutboxRow { id: r.get(0)?, service: r.get(1)?, input: r.get(2)?, queued_ms: r.get(3)? })
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The cloud acknowledged it.
+    pub fn delivered(&self, id: i64) -> Result<()> {
+        self.conn().execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
         Ok(())
     }
 }

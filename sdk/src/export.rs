@@ -8,7 +8,7 @@ pub mod glue {
 
     use crate::{
         Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, Metric, Model, NamedTensor, Plugin,
-        PluginError, PluginInfo, RoundContext, Router, Tensor,
+        PluginError, PluginInfo, RoundContext, Router, Splitter, Tensor, TensorData,
     };
 
     thread_local! {
@@ -81,6 +81,40 @@ pub mod glue {
     pub fn router_decide<T: Router>(output: &Tensor) -> Result<Decision, PluginError> {
         with::<T, _>(|p| p.decide(output))
     }
+
+    pub fn runner_run(model: String, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, PluginError> {
+        crate::nn::run(&model, inputs)
+    }
+
+    pub fn splitter_plan<T: Splitter>(
+        model: Vec<u8>,
+        profile: String,
+        link: crate::Link,
+    ) -> Result<Vec<crate::CutPoint>, PluginError> {
+        with::<T, _>(|p| p.plan(&model, &profile, link))
+    }
+
+    pub fn splitter_partition<T: Splitter>(
+        model: Vec<u8>,
+        cut: Vec<String>,
+    ) -> Result<(Vec<u8>, Vec<u8>), PluginError> {
+        with::<T, _>(|p| p.partition(&model, &cut))
+    }
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __nereid_impl_runner {
+    ($export:ident) => {
+        impl exports::nereid::plugin::runner::Guest for $export {
+            fn run(
+                model: ::std::string::String,
+                inputs: ::std::vec::Vec<$crate::TensorData>,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::TensorData>, $crate::PluginError> {
+                $crate::__glue::runner_run(model, inputs)
+            }
+        }
+    };
 }
 
 #[doc(hidden)]
@@ -217,6 +251,46 @@ macro_rules! export_router {
                 })
             }
         }
+        $crate::__nereid_impl_runner!(NereidPluginExport);
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (a [`Splitter`](crate::Splitter)) as a component of world `splitter-plugin`. Use
+/// once, at the crate root.
+#[macro_export]
+macro_rules! export_splitter {
+    ($t:ty) => {
+        $crate::__nereid_generate!("splitter-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        impl exports::nereid::plugin::splitter::Guest for NereidPluginExport {
+            fn plan(
+                model: ::std::vec::Vec<u8>,
+                profile: ::std::string::String,
+                link: exports::nereid::plugin::splitter::Link,
+            ) -> ::core::result::Result<
+                ::std::vec::Vec<exports::nereid::plugin::splitter::CutPoint>,
+                $crate::PluginError,
+            > {
+                let link = $crate::Link { bandwidth_mbit_s: link.bandwidth_mbit_s, rtt_ms: link.rtt_ms };
+                $crate::__glue::splitter_plan::<$t>(model, profile, link).map(|cuts| {
+                    cuts.into_iter()
+                        .map(|c| exports::nereid::plugin::splitter::CutPoint {
+                            tensors: c.tensors,
+                            predicted_ms: c.predicted_ms,
+                        })
+                        .collect()
+                })
+            }
+            fn partition(
+                model: ::std::vec::Vec<u8>,
+                cut: ::std::vec::Vec<::std::string::String>,
+            ) -> ::core::result::Result<(::std::vec::Vec<u8>, ::std::vec::Vec<u8>), $crate::PluginError> {
+                $crate::__glue::splitter_partition::<$t>(model, cut)
+            }
+        }
+        $crate::__nereid_impl_runner!(NereidPluginExport);
         export!(NereidPluginExport);
     };
 }

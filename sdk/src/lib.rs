@@ -57,6 +57,7 @@ mod config;
 mod export;
 pub mod fold;
 mod model;
+pub mod nn;
 mod plugin;
 
 pub use bindings::nereid::plugin::host::LogLevel;
@@ -64,12 +65,12 @@ pub use bindings::nereid::plugin::model::{ClientUpdate, NamedTensor, UpdateKind}
 pub use bindings::nereid::plugin::tensors::{max_chunk, Tensor, TensorError};
 pub use bindings::nereid::plugin::types::{
     ConfigEntry, ConfigField, ConfigKind, ConfigProblem, ConfigValue, Dtype as DType, Metric, PluginError, PluginInfo,
-    RoundContext,
+    RoundContext, TensorData,
 };
 pub use config::{Config, Info};
 pub use fold::WeightedMean;
 pub use model::{Aggregate, Layout, Model, Update};
-pub use plugin::{Aggregator, ClientObjective, Decision, Plugin, Route, Router};
+pub use plugin::{Aggregator, ClientObjective, CutPoint, Decision, Link, Plugin, Route, Router, Splitter};
 
 #[doc(hidden)]
 pub use export::glue as __glue;
@@ -78,7 +79,7 @@ pub use export::glue as __glue;
 pub mod prelude {
     pub use crate::{
         log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Decision, Info, Layout, Metric, Model,
-        Plugin, PluginError, RoundContext, Route, Router, Tensor, Update, UpdateKind, WeightedMean,
+        Plugin, PluginError, RoundContext, Route, Router, Splitter, Tensor, Update, UpdateKind, WeightedMean,
     };
 }
 

@@ -66,3 +66,29 @@ pub struct Decision {
 pub trait Router: Plugin {
     fn decide(&mut self, output: &Tensor) -> Result<Decision, PluginError>;
 }
+
+/// How the edge reaches the cloud, as measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    pub bandwidth_mbit_s: f64,
+    pub rtt_ms: f64,
+}
+
+/// A set of tensors that separates a model's inputs from its outputs, with its predicted
+/// end-to-end latency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutPoint {
+    pub tensors: Vec<String>,
+    pub predicted_ms: f64,
+}
+
+/// Slot `splitter` (split inference): where to cut one model between edge and cloud.
+pub trait Splitter: Plugin {
+    /// The valid cuts of an ONNX model with their predicted latencies, best first. `profile` is
+    /// the host's measurements as JSON (per-node milliseconds on each side, tensor sizes).
+    fn plan(&mut self, model: &[u8], profile: &str, link: Link) -> Result<Vec<CutPoint>, PluginError>;
+
+    /// The head (edge) and tail (cloud) ONNX models of a cut; an empty half is empty bytes (no
+    /// head for the cloud-only cut, no tail for the edge-only one).
+    fn partition(&mut self, model: &[u8], cut: &[String]) -> Result<(Vec<u8>, Vec<u8>), PluginError>;
+}

@@ -6,6 +6,7 @@ mod common;
 mod fedavg;
 mod federated;
 mod fedprox;
+mod inference;
 mod nn;
 mod oci;
 mod router;

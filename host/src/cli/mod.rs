@@ -5,6 +5,7 @@ pub mod bench_round;
 pub mod bench_swap;
 pub mod demo;
 pub mod fleet;
+pub mod model;
 pub mod oci;
 pub mod plugin;
 pub mod plugin_demo;

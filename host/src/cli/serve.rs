@@ -23,8 +23,7 @@ pub fn cloud(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
 pub fn edge(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (cfg, base): (EdgeConfig, _) = read_config(&config)?;
     let registry_cache = nereid::components::Components::cache_root(cache_dir.as_deref());
-    let edge = nereid::edge::Edge::new(cfg, &base, cache_dir, registry_cache)?;
-    tokio()?.block_on(edge.run())
+    tokio()?.block_on(nereid::edge::run(cfg, &base, cache_dir, registry_cache))
 }
 
 #[derive(Args)]

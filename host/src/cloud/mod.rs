@@ -6,6 +6,8 @@
 //! `min_clients` did), fold the updates into the aggregator in node-name order — so the same set
 //! of updates gives a bit-identical v(r) whatever the arrival order, and a restarted cloud replays
 //! exactly what it had — then commit v(r) and the round's summary in one transaction.
+mod inference;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +72,7 @@ type Traffic = HashMap<(String, u32), (u64, u64)>;
 
 pub struct Cloud {
     store: CloudStore,
+    inference: inference::CloudInference,
     plugins: JobPlugins,
     admin_sha: String,
     online_ms: i64,
@@ -876,7 +879,10 @@ pub async fn serve(
         store.set_node_token(node, &token_sha256(&entry.token))?;
     }
     store.collect_update_files()?;
+    let inference =
+        inference::CloudInference::load(config.models.as_ref().map(|m| base.join(m)).as_deref(), &config.services)?;
     let cloud = Arc::new(Cloud {
+        inference,
         store,
         plugins: JobPlugins::new(Runtime::new(cache_dir)?, Components::new(registry_cache, &config.registries)?),
         admin_sha: token_sha256(&config.admin_token),
@@ -935,6 +941,11 @@ fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {
         .route("/v1/jobs/{job}/stop", post(stop_job))
         .route("/v1/jobs/{job}/models/{version}", get(model))
         .route("/v1/jobs/{job}/rounds/{round}/update", post(upload))
+        .route("/v1/ping", get(inference::ping).post(inference::ping))
+        .route("/v1/infer/{service}", post(inference::infer))
+        .route("/v1/infer/{service}/tail", post(inference::tail))
+        .route("/v1/infer/{service}/profile", get(inference::profile))
+        .route("/v1/infer/{service}/hard-examples", get(inference::hard_examples))
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(cloud)
 }

@@ -22,8 +22,8 @@ pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
 pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
 pub use slots::{
-    AggregateResult, AggregatorPlugin, ClientUpdate, Decision, ObjectivePlugin, RoundContext, Route, RouterPlugin,
-    UpdateKind,
+    AggregateResult, AggregatorPlugin, ClientUpdate, CutPoint, Decision, ObjectivePlugin, RoundContext, Route,
+    RouterPlugin, SplitterPlugin, TensorData, UpdateKind,
 };
 use state::PluginState;
 
@@ -173,6 +173,11 @@ impl Runtime {
     /// A runtime with the default cache directory (see [`ComponentCache::default_dir`]).
     pub fn with_default_cache() -> anyhow::Result<Runtime> {
         Runtime::new(ComponentCache::default_dir())
+    }
+
+    /// The node's models plugins reach through wasi-nn.
+    pub fn models(&self) -> &nn::Models {
+        &self.inner.models
     }
 
     pub fn engine(&self) -> &Engine {

@@ -3,10 +3,10 @@
 //! run time), with the node's models registered by name for `load-by-name`.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use wasmtime_wasi_nn::backend::onnx::OnnxBackend;
-use wasmtime_wasi_nn::backend::BackendFromDir;
+use wasmtime_wasi_nn::backend::{BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, WasiNnCtx};
 use wasmtime_wasi_nn::{Backend, Graph, GraphRegistry};
 
@@ -57,10 +57,11 @@ pub fn init_onnxruntime() -> Result<PathBuf, NnError> {
     .clone()
 }
 
-/// The models of a node, loaded once and shared by every plugin instance.
+/// The models of a node, loaded once and shared by every plugin instance. Models registered
+/// later (the halves of a split model) are seen by instances created after they were.
 #[derive(Clone, Default)]
 pub struct Models {
-    graphs: Arc<HashMap<String, Graph>>,
+    graphs: Arc<RwLock<HashMap<String, Graph>>>,
 }
 
 /// One instance's view of the shared models (graphs are reference-counted).
@@ -96,24 +97,50 @@ impl Models {
             })?;
             graphs.insert(name, graph);
         }
-        Ok(Models { graphs: Arc::new(graphs) })
+        Ok(Models { graphs: Arc::new(RwLock::new(graphs)) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Graph>> {
+        // A panic while holding the lock cannot leave the map half-written (insert is atomic).
+        self.graphs.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.graphs.keys().cloned().collect();
+        let mut names: Vec<String> = self.read().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Registers an ONNX model under `name` (replacing one of that name).
+    pub fn insert(&self, name: &str, onnx: &[u8]) -> Result<(), NnError> {
+        init_onnxruntime()?;
+        let graph = OnnxBackend::default().load(&[onnx], ExecutionTarget::Cpu).map_err(|e| NnError::Model {
+            name: name.to_string(),
+            path: "(registered by the host)".into(),
+            message: e.to_string(),
+        })?;
+        self.graphs.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), graph);
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.graphs.write().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 
     /// A wasi-nn context for one plugin instance: these models and, if there are any, the ONNX
     /// backend (a node without models never loads ONNX Runtime, which costs ~20 MB of memory).
     pub fn context(&self) -> WasiNnCtx {
-        let backends: Vec<Backend> = if !self.graphs.is_empty() && init_onnxruntime().is_ok() {
+        let graphs = self.read().clone();
+        let backends: Vec<Backend> = if !graphs.is_empty() && init_onnxruntime().is_ok() {
             vec![Backend::from(OnnxBackend::default())]
         } else {
             Vec::new()
         };
-        let registry = InstanceModels(self.graphs.as_ref().clone());
+        let registry = InstanceModels(graphs);
         WasiNnCtx::new(backends, registry.into())
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 
-use super::bindings::{aggregator, client_objective, plugin, router, types};
+use super::bindings::{aggregator, client_objective, plugin, router, runner, splitter, types};
 use super::config::{self, ConfigTable};
 use super::state::{MemoryLimitHit, PluginState};
 use super::{deadline_ticks, describe_worlds, Limits, LoadedComponent, PluginError, Runtime, Slot};
@@ -41,7 +41,25 @@ macro_rules! slot_guest {
     )+};
 }
 
-slot_guest!(aggregator => Aggregator, client_objective => ClientObjective, router => Router);
+slot_guest!(aggregator => Aggregator, client_objective => ClientObjective, router => Router, splitter => Splitter);
+
+/// A slot's interface together with `runner`, which the inference slots (router, splitter) also
+/// export.
+pub struct WithRunner<G> {
+    pub slot: G,
+    pub runner: runner::Guest,
+}
+
+impl<G: SlotGuest> SlotGuest for WithRunner<G> {
+    const SLOT: Slot = G::SLOT;
+    type Indices = (G::Indices, runner::GuestIndices);
+    fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
+        Ok((G::indices(pre)?, runner::GuestIndices::new(pre)?))
+    }
+    fn load(indices: &Self::Indices, store: &mut Store<PluginState>, instance: &Instance) -> wasmtime::Result<Self> {
+        Ok(WithRunner { slot: G::load(&indices.0, store, instance)?, runner: indices.1.load(store, instance)? })
+    }
+}
 
 /// Instantiates `loaded` in whatever slot it implements and asks it to `describe` itself.
 pub fn describe(runtime: &Runtime, loaded: &LoadedComponent, limits: &Limits) -> Result<PluginInfo, PluginError> {

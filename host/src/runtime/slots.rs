@@ -4,10 +4,11 @@ use std::path::Path;
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{aggregator, client_objective, model, router, types};
+use super::bindings::{aggregator, client_objective, model, router, splitter, types};
 use super::config::ConfigTable;
+use super::sandbox::WithRunner;
 use super::state::{PluginState, TensorSlot};
-use super::{Limits, LoadedComponent, PluginError, Runtime, Sandbox};
+use super::{Limits, LoadedComponent, PluginError, Runtime, Sandbox, SlotGuest};
 use crate::model_io::NamedTensors;
 use crate::tensor::Tensor;
 
@@ -225,10 +226,21 @@ pub struct Decision {
     pub score: f64,
 }
 
+/// A tensor passed by value to and from models.
+pub type TensorData = types::TensorData;
+
+impl<G: SlotGuest> Sandbox<WithRunner<G>> {
+    /// Runs `model` (registered with the runtime's models) through the plugin and wasi-nn.
+    pub fn run_model(&mut self, model: &str, inputs: &[TensorData]) -> Result<Vec<TensorData>, PluginError> {
+        let r = self.call("run", |g, store| g.runner.call_run(store, model, inputs))?;
+        self.check_plugin_result("run", &format!("model `{model}`"), r)
+    }
+}
+
 slot_front_end!(
     /// A plugin in the router slot (joint inference: edge answer or hard example for the cloud).
     RouterPlugin,
-    router::Guest
+    WithRunner<router::Guest>
 );
 
 impl RouterPlugin {
@@ -236,7 +248,7 @@ impl RouterPlugin {
     pub fn decide(&mut self, output: &Tensor) -> Result<Decision, PluginError> {
         let r = self.sandbox.call("decide", |g, store| {
             let t: Resource<TensorSlot> = store.data_mut().lend(output.clone())?;
-            let r = g.call_decide(&mut *store, Resource::new_borrow(t.rep()));
+            let r = g.slot.call_decide(&mut *store, Resource::new_borrow(t.rep()));
             store.data_mut().take(t)?;
             r
         })?;
@@ -246,5 +258,59 @@ impl RouterPlugin {
             router::Route::Cloud => Route::Cloud,
         };
         Ok(Decision { route, score: d.score })
+    }
+
+    /// Runs the edge model on `inputs` through the plugin and wasi-nn.
+    pub fn run(&mut self, model: &str, inputs: &[TensorData]) -> Result<Vec<TensorData>, PluginError> {
+        self.sandbox.run_model(model, inputs)
+    }
+}
+
+/// The head and tail ONNX models of a cut (`None` for an empty half).
+pub type Halves = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// One candidate cut and its predicted latency.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CutPoint {
+    pub tensors: Vec<String>,
+    pub predicted_ms: f64,
+}
+
+slot_front_end!(
+    /// A plugin in the splitter slot (split inference: where to cut a model).
+    SplitterPlugin,
+    WithRunner<splitter::Guest>
+);
+
+impl SplitterPlugin {
+    /// The valid cuts with predicted latencies, best first.
+    pub fn plan(
+        &mut self,
+        model: &[u8],
+        profile: &nereid_onnx::Profile,
+        bandwidth_mbit_s: f64,
+        rtt_ms: f64,
+    ) -> Result<Vec<CutPoint>, PluginError> {
+        let profile = serde_json::to_string(profile).map_err(|e| PluginError::Internal {
+            plugin: self.sandbox.name().to_string(),
+            call: "plan",
+            message: format!("encoding the profile: {e}"),
+        })?;
+        let link = splitter::Link { bandwidth_mbit_s, rtt_ms };
+        let r = self.sandbox.call("plan", |g, store| g.slot.call_plan(store, model, &profile, link))?;
+        let cuts = self.sandbox.check_plugin_result("plan", "the model", r)?;
+        Ok(cuts.into_iter().map(|c| CutPoint { tensors: c.tensors, predicted_ms: c.predicted_ms }).collect())
+    }
+
+    /// The head and tail ONNX models of `cut` (`None` for an empty half).
+    pub fn partition(&mut self, model: &[u8], cut: &[String]) -> Result<Halves, PluginError> {
+        let r = self.sandbox.call("partition", |g, store| g.slot.call_partition(store, model, cut))?;
+        let (head, tail) = self.sandbox.check_plugin_result("partition", "the cut", r)?;
+        Ok(((!head.is_empty()).then_some(head), (!tail.is_empty()).then_some(tail)))
+    }
+
+    /// Runs `model` (e.g. a registered head) through the plugin and wasi-nn.
+    pub fn run(&mut self, model: &str, inputs: &[TensorData]) -> Result<Vec<TensorData>, PluginError> {
+        self.sandbox.run_model(model, inputs)
     }
 }

@@ -1,4 +1,5 @@
-//! The edge host: asks the cloud for work, evaluates the global model on its local test split,
+//! The edge host. Its inference services and API are in [`services`] and [`api`]; this module
+//! is its federated-learning worker: it asks the cloud for work, evaluates the global model on its local test split,
 //! trains on its local data with the job's client-objective plugin, stores the update, uploads it.
 //!
 //! A trained update is stored before it is uploaded and marked once the cloud acknowledged it,
@@ -18,6 +19,66 @@ use crate::runtime::{content_digest, ObjectivePlugin, RoundContext, Runtime};
 use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
 
+pub mod api;
+pub mod services;
+
+/// Runs an edge node: its API and inference services if `listen` is set, its federated-learning
+/// worker if `data` is, until the process ends.
+pub async fn run(
+    config: EdgeConfig,
+    base: &Path,
+    cache_dir: Option<PathBuf>,
+    registry_cache: PathBuf,
+) -> anyhow::Result<()> {
+    let models = match &config.models {
+        Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir)).context("models")?,
+        None => crate::runtime::nn::Models::default(),
+    };
+    let runtime = Runtime::with_models(cache_dir, models)?;
+    if config.listen.is_none() && !config.services.is_empty() {
+        anyhow::bail!("services need `listen` (the address of the edge's API)");
+    }
+    if config.listen.is_none() && config.data.is_none() {
+        anyhow::bail!("nothing to do: set `data` (federated learning) and/or `listen` (inference services)");
+    }
+    let api = match &config.listen {
+        Some(listen) => {
+            let components = Components::new(registry_cache.clone(), &config.registries)?;
+            let store = std::sync::Arc::new(EdgeStore::open(&base.join(&config.state))?);
+            let services = services::Services::load(
+                &config.services,
+                &runtime,
+                config.models.as_ref().map(|m| base.join(m)).as_deref(),
+                &components,
+                base,
+                &config.cloud,
+                &config.token,
+                store,
+                Duration::from_millis(config.outbox_retry_ms),
+            )
+            .await?;
+            let listen = listen.clone();
+            Some(tokio::spawn(async move { api::serve(&listen, std::sync::Arc::new(services)).await }))
+        }
+        None => None,
+    };
+    if config.data.is_some() {
+        let worker = Edge::new(config, base, runtime, registry_cache)?;
+        return match api {
+            // Whichever stops first (e.g. the API cannot bind) ends the node with its error.
+            Some(task) => tokio::select! {
+                r = worker.run() => r,
+                r = task => r.context("edge API")?,
+            },
+            None => worker.run().await,
+        };
+    }
+    match api {
+        Some(task) => task.await.context("edge API")?,
+        None => Ok(()),
+    }
+}
+
 pub struct Edge {
     config: EdgeConfig,
     http: reqwest::Client,
@@ -32,19 +93,14 @@ pub struct Edge {
 }
 
 impl Edge {
-    pub fn new(
-        config: EdgeConfig,
-        base: &Path,
-        cache_dir: Option<PathBuf>,
-        registry_cache: PathBuf,
-    ) -> anyhow::Result<Edge> {
-        let data = base.join(&config.data);
+    pub fn new(config: EdgeConfig, base: &Path, runtime: Runtime, registry_cache: PathBuf) -> anyhow::Result<Edge> {
+        let data = base.join(config.data.as_ref().context("`data` is not set: this edge takes no training tasks")?);
         let train = Dataset::load(&data, "train")?;
         let test = Dataset::load(&data, "test")?;
         let store = EdgeStore::open(&base.join(&config.state))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
         let components = Components::new(registry_cache, &config.registries)?;
-        Ok(Edge { config, http, store, runtime: Runtime::new(cache_dir)?, train, test, objective: None, components })
+        Ok(Edge { config, http, store, runtime, train, test, objective: None, components })
     }
 
     fn url(&self, path: &str) -> String {

@@ -1,0 +1,270 @@
+//! `nereid model`: split an ONNX model at a cut, plan the best cut for a link, export a trained
+//! job's model as ONNX.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use nereid::inference::profile;
+use nereid::runtime::{Limits, Runtime, SplitterPlugin};
+use nereid_onnx::{Link, Message, Profile};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write the head (edge) and tail (cloud) halves of a model cut at the given tensors.
+    Split(SplitArgs),
+    /// Profile a model, list its valid cuts with predicted latencies for a link, and name the
+    /// best one.
+    Plan(PlanArgs),
+    /// Write a trained job's model (weights from a file or from the cloud) as ONNX.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+pub struct SplitterArgs {
+    /// The splitter plugin [default: split-infer from the plugin directory].
+    #[arg(long, value_name = "WASM")]
+    splitter: Option<PathBuf>,
+}
+
+impl SplitterArgs {
+    fn load(&self, runtime: &Runtime) -> anyhow::Result<SplitterPlugin> {
+        let path =
+            self.splitter.clone().unwrap_or_else(|| super::plugin_path(&super::default_plugin_dir(), "split-infer"));
+        let limits = Limits { call_timeout: std::time::Duration::from_secs(60), ..Limits::default() };
+        SplitterPlugin::load(runtime, &path, limits, &Default::default())
+            .with_context(|| format!("loading the splitter {}", path.display()))
+    }
+}
+
+#[derive(Args)]
+pub struct SplitArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// The cut: tensor names, comma-separated. Together they must separate the model's inputs
+    /// from its outputs.
+    #[arg(long, value_delimiter = ',', required = true)]
+    cut: Vec<String>,
+    /// Where to write the head (run on the edge).
+    #[arg(long)]
+    head: PathBuf,
+    /// Where to write the tail (run in the cloud).
+    #[arg(long)]
+    tail: PathBuf,
+    #[command(flatten)]
+    splitter: SplitterArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Link bandwidth, in Mbit/s.
+    #[arg(long)]
+    bandwidth: f64,
+    /// Link round-trip time, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// How many times faster the cloud runs a node than this machine (this machine's profile
+    /// stands for both sides, the cloud's times divided by this).
+    #[arg(long, default_value_t = 1.0)]
+    cloud_speedup: f64,
+    /// Timed profiling runs (after 3 warm-up runs).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    #[command(flatten)]
+    splitter: SplitterArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The job file (its `[model]` gives the architecture, its name the job).
+    #[arg(long)]
+    job: PathBuf,
+    /// The weights: a safetensors file (e.g. a global model downloaded from the cloud).
+    #[arg(long, conflicts_with = "cloud")]
+    weights: Option<PathBuf>,
+    /// Fetch the weights from this cloud instead (the job's newest model, or --version).
+    #[arg(long, requires = "token")]
+    cloud: Option<String>,
+    /// Bearer token for --cloud.
+    #[arg(long, env = "NEREID_TOKEN")]
+    token: Option<String>,
+    /// Model version (round) to fetch from the cloud [default: the newest].
+    #[arg(long)]
+    version: Option<u32>,
+    /// Where to write the ONNX model.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(cmd: ModelCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Split(args) => split(args, cache_dir),
+        ModelCommand::Plan(args) => plan(args, cache_dir),
+        ModelCommand::Export(args) => export(args),
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The model with every tensor typed: as given if the cut's tensors already are, else measured
+/// by one run.
+fn typed_model(path: &Path, bytes: &[u8], cut: &[String]) -> anyhow::Result<Vec<u8>> {
+    let model = nereid_onnx::Model::decode(bytes).with_context(|| path.display().to_string())?;
+    if cut.iter().all(|t| model.value_info(t).is_some()) {
+        return Ok(model.encode());
+    }
+    Ok(profile::profile(bytes, 1).with_context(|| format!("typing the tensors of {}", path.display()))?.model.encode())
+}
+
+fn split(args: SplitArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let bytes = read(&args.model)?;
+    let typed = typed_model(&args.model, &bytes, &args.cut)?;
+    let runtime = Runtime::new(cache_dir)?;
+    let mut splitter = args.splitter.load(&runtime)?;
+    let (head, tail) = splitter
+        .partition(&typed, &args.cut)
+        .with_context(|| format!("{}: cut {}", args.model.display(), args.cut.join(",")))?;
+    let no_tail = tail.is_none();
+    let (Some(head), Some(tail)) = (head, tail) else {
+        bail!(
+            "{}: cut {} leaves {} empty: it is the model's {}; pick a cut between them",
+            args.model.display(),
+            args.cut.join(","),
+            if no_tail { "the tail" } else { "the head" },
+            if no_tail { "outputs" } else { "inputs" }
+        );
+    };
+    std::fs::write(&args.head, &head).with_context(|| format!("writing {}", args.head.display()))?;
+    std::fs::write(&args.tail, &tail).with_context(|| format!("writing {}", args.tail.display()))?;
+    let nodes = |b: &[u8]| nereid_onnx::Model::decode(b).map(|m| m.graph().node.len()).unwrap_or(0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "cut": args.cut,
+                "head": {"path": args.head, "nodes": nodes(&head), "bytes": head.len()},
+                "tail": {"path": args.tail, "nodes": nodes(&tail), "bytes": tail.len()},
+            })
+        );
+    } else {
+        println!("head: {} ({} nodes, {} bytes)", args.head.display(), nodes(&head), head.len());
+        println!("tail: {} ({} nodes, {} bytes)", args.tail.display(), nodes(&tail), tail.len());
+    }
+    Ok(())
+}
+
+fn plan(args: PlanArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    if args.bandwidth.is_nan()
+        || args.bandwidth <= 0.0
+        || args.rtt_ms < 0.0
+        || args.cloud_speedup.is_nan()
+        || args.cloud_speedup <= 0.0
+    {
+        bail!("--bandwidth and --cloud-speedup must be > 0 and --rtt-ms >= 0");
+    }
+    let bytes = read(&args.model)?;
+    let profiled =
+        profile::profile(&bytes, args.runs).with_context(|| format!("profiling {}", args.model.display()))?;
+    let profile = Profile {
+        cloud_ms: profiled.node_ms.iter().map(|(n, ms)| (n.clone(), ms / args.cloud_speedup)).collect(),
+        edge_ms: profiled.node_ms.clone(),
+        tensor_bytes: profiled.tensor_bytes.clone(),
+    };
+    let typed = profiled.model.encode();
+    let runtime = Runtime::new(cache_dir)?;
+    let mut splitter = args.splitter.load(&runtime)?;
+    let cuts = splitter.plan(&typed, &profile, args.bandwidth, args.rtt_ms)?;
+    let link = Link { bandwidth_mbit_s: args.bandwidth, rtt_ms: args.rtt_ms };
+    let rows: Vec<serde_json::Value> = cuts
+        .iter()
+        .map(|c| {
+            let p = profile.predict(&profiled.model, &c.tensors, link)?;
+            Ok(serde_json::json!({
+                "cut": c.tensors,
+                "predicted_ms": c.predicted_ms,
+                "edge_ms": p.edge_ms,
+                "transfer_ms": p.transfer_ms,
+                "cloud_ms": p.cloud_ms,
+                "upload_bytes": p.upload_bytes,
+            }))
+        })
+        .collect::<Result<_, nereid_onnx::OnnxError>>()?;
+    let chosen = cuts.first().map(|c| c.tensors.clone()).unwrap_or_default();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model,
+                "bandwidth_mbit_s": args.bandwidth,
+                "rtt_ms": args.rtt_ms,
+                "whole_model_ms": profiled.run_ms,
+                "chosen": chosen,
+                "cuts": rows,
+                "profile": profile,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {} nodes, whole model {:.3} ms here; link {} Mbit/s, RTT {} ms",
+        args.model.display(),
+        profiled.model.graph().node.len(),
+        profiled.run_ms,
+        args.bandwidth,
+        args.rtt_ms
+    );
+    println!(
+        "{:>12} {:>9} {:>11} {:>9} {:>12}  cut",
+        "predicted ms", "edge ms", "transfer ms", "cloud ms", "upload bytes"
+    );
+    for r in &rows {
+        println!(
+            "{:>12.3} {:>9.3} {:>11.3} {:>9.3} {:>12}  {}",
+            r["predicted_ms"].as_f64().unwrap_or(0.0),
+            r["edge_ms"].as_f64().unwrap_or(0.0),
+            r["transfer_ms"].as_f64().unwrap_or(0.0),
+            r["cloud_ms"].as_f64().unwrap_or(0.0),
+            r["upload_bytes"].as_u64().unwrap_or(0),
+            r["cut"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
+                .unwrap_or_default()
+        );
+    }
+    println!("chosen: {}", chosen.join(","));
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let file: nereid::job::JobFile = nereid::job::parse_file(&args.job)?;
+    let weights = match (&args.weights, &args.cloud) {
+        (Some(path), _) => read(path)?,
+        (None, Some(cloud)) => {
+            let api = super::api::Api::new(cloud, args.token.as_deref().unwrap_or_default())?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let name = &file.job.name;
+            let version = match args.version {
+                Some(v) => v,
+                None => rt.block_on(api.status(name))?.rounds_done,
+            };
+            rt.block_on(api.bytes(&format!("/v1/jobs/{name}/models/{version}")))?
+        }
+        (None, None) => bail!("give the weights: --weights <file.safetensors> or --cloud <url>"),
+    };
+    let model = nereid::model_io::decode(&weights, Path::new("weights"))?;
+    let onnx = nereid::inference::export::to_onnx(&file.model, &model)
+        .with_context(|| format!("the weights do not fit `[model]` of {}", args.job.display()))?;
+    let bytes = onnx.encode_to_vec();
+    std::fs::write(&args.output, &bytes).with_context(|| format!("writing {}", args.output.display()))?;
+    println!("{}: {} bytes, input `input`, output `probabilities`", args.output.display(), bytes.len());
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The cloud's side of inference: hard examples of joint inference (answered by the service's
+//! model and kept), tails of split inference (the model cut where the edge says, by the same
+//! library the splitter plugin uses), the model's profile, and `/v1/ping` for link probes.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nereid_onnx::Message;
+
+use super::{err, ApiResult, Caller, Cloud};
+use crate::edge::services::{COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER};
+use crate::inference::profile::{self, Profiled};
+use crate::inference::{wire, NativeModel};
+use crate::protocol::CloudServiceConfig;
+use crate::runtime::content_digest;
+
+struct CloudService {
+    onnx: Vec<u8>,
+    digest: String,
+    full: NativeModel,
+    profiled: OnceLock<Result<Profiled, String>>,
+    tails: Mutex<HashMap<Vec<String>, Arc<NativeModel>>>,
+}
+
+#[derive(Default)]
+pub struct CloudInference {
+    services: BTreeMap<String, Arc<CloudService>>,
+    pub requests: AtomicU64,
+    pub hard_examples: AtomicU64,
+    pub tails: AtomicU64,
+}
+
+impl CloudInference {
+    pub fn load(
+        models: Option<&Path>,
+        services: &BTreeMap<String, CloudServiceConfig>,
+    ) -> anyhow::Result<CloudInference> {
+        let mut loaded = BTreeMap::new();
+        for (name, cfg) in services {
+            let dir = models.ok_or_else(|| anyhow::anyhow!("[services.{name}]: `models` is not set in cloud.toml"))?;
+            let path = dir.join(&cfg.model).join("model.onnx");
+            let onnx = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("[services.{name}] model: reading {}: {e}", path.display()))?;
+            let full = NativeModel::new(&onnx)
+                .map_err(|e| anyhow::anyhow!("[services.{name}] model {}: {e}", path.display()))?;
+            loaded.insert(
+                name.clone(),
+                Arc::new(CloudService {
+                    digest: content_digest(&onnx),
+                    onnx,
+                    full,
+                    profiled: OnceLock::new(),
+                    tails: Mutex::new(HashMap::new()),
+                }),
+            );
+        }
+        Ok(CloudInference { services: loaded, ..Default::default() })
+    }
+
+    fn service(&self, name: &str) -> ApiResult<Arc<CloudService>> {
+        self.services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no inference service `{name}`")))
+    }
+}
+
+impl CloudService {
+    fn profiled(&self) -> Result<&Profiled, String> {
+        self.profiled
+            .get_or_init(|| profile::profile(&self.onnx, 20).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn tail(&self, cut: &[String]) -> Result<Arc<NativeModel>, String> {
+        if let Some(t) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get(cut) {
+            return Ok(t.clone());
+        }
+        let part = self.profiled()?.model.partition(cut).map_err(|e| e.to_string())?;
+        let tail = part.tail.ok_or("the cut leaves nothing to run in the cloud (it is the model's outputs)")?;
+        let model = Arc::new(NativeModel::new(&tail.encode_to_vec()).map_err(|e| e.to_string())?);
+        self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(cut.to_vec(), model.clone());
+        Ok(model)
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn answer(outputs: &[crate::runtime::TensorData], compute_ms: f64) -> ApiResult<Response> {
+    let body = wire::to_safetensors(outputs).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(COMPUTE_HEADER, format!("{compute_ms:.3}"))], body).into_response())
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e))
+}
+
+/// `POST /v1/infer/<service>`: a hard example (safetensors). Kept once per (node, id) when it
+/// carries an outbox id, and answered by the service's model.
+pub async fn infer(
+    State(cloud): State<Arc<Cloud>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let node = cloud.node(&headers)?;
+    let service = cloud.inference.service(&name)?;
+    cloud.inference.requests.fetch_add(1, Ordering::Relaxed);
+    let inputs = wire::from_safetensors(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if let Some(id) = header(&headers, EXAMPLE_HEADER) {
+        let id: i64 =
+            id.parse().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{EXAMPLE_HEADER}: not an integer")))?;
+        let queued: i64 = header(&headers, QUEUED_HEADER).and_then(|q| q.parse().ok()).unwrap_or(0);
+        if cloud.store.save_hard_example(&node, id, &name, &body, queued)? {
+            cloud.inference.hard_examples.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let t = Instant::now();
+    let outputs = run_blocking(move || service.full.run(&inputs).map_err(|e| e.to_string())).await?;
+    answer(&outputs, t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// `POST /v1/infer/<service>/tail`: the cut tensors (safetensors) of a split model, cut where
+/// the `x-nereid-cut` header says; the model must be the one the edge cut (`x-nereid-model-digest`).
+pub async fn tail(
+    State(cloud): State<Arc<Cloud>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    cloud.node(&headers)?;
+    let service = cloud.inference.service(&name)?;
+    let digest = header(&headers, DIGEST_HEADER).unwrap_or_default();
+    if digest != service.digest {
+        return Err(err(
+            StatusCode::CONFLICT,
+            format!(
+                "service `{name}` runs model {}, the edge cut {digest:?}: deploy the same model on both",
+                service.digest
+            ),
+        ));
+    }
+    let cut: Vec<String> = header(&headers, CUT_HEADER)
+        .ok_or_else(|| err(StatusCode::BAD_REQUEST, format!("{CUT_HEADER} is missing")))?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let inputs = wire::from_safetensors(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    cloud.inference.tails.fetch_add(1, Ordering::Relaxed);
+    let (outputs, compute_ms) = run_blocking(move || {
+        let tail = service.tail(&cut)?;
+        let t = Instant::now();
+        let out = tail.run(&inputs).map_err(|e| e.to_string())?;
+        Ok((out, t.elapsed().as_secs_f64() * 1e3))
+    })
+    .await?;
+    answer(&outputs, compute_ms)
+}
+
+/// `GET /v1/infer/<service>/profile`: the model's digest and per-node milliseconds here.
+pub async fn profile(
+    State(cloud): State<Arc<Cloud>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    cloud.caller(&headers)?;
+    let service = cloud.inference.service(&name)?;
+    let s = service.clone();
+    let node_ms = run_blocking(move || s.profiled().map(|p| p.node_ms.clone())).await?;
+    Ok(Json(serde_json::json!({ "digest": service.digest, "node_ms": node_ms })).into_response())
+}
+
+/// `GET /v1/infer/<service>/hard-examples`: the kept hard examples, `[[node, id], ...]`.
+pub async fn hard_examples(
+    State(cloud): State<Arc<Cloud>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if let Caller::Node(n) = cloud.caller(&headers)? {
+        return Err(err(StatusCode::FORBIDDEN, format!("node `{n}` may not list hard examples")));
+    }
+    cloud.inference.service(&name)?;
+    Ok(Json(cloud.store.hard_examples(&name)?).into_response())
+}
+
+/// `GET|POST /v1/ping`: an empty answer, for round-trip and bandwidth probes.
+pub async fn ping(body: Bytes) -> impl IntoResponse {
+    body.len().to_string()
+}

@@ -1,0 +1,163 @@
+//! The edge's HTTP API: `POST /v1/infer/<service>` (JSON or safetensors), `GET
+//! /v1/infer/<service>/plan` (split services), `GET /metrics`, `GET /v1/health`.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::services::{parse_body, Services, CUT_HEADER};
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(serde_json::json!({ "error": message.to_string() }))).into_response()
+}
+
+async fn infer(
+    State(services): State<Arc<Services>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(service) = services.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
+    };
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let inputs = match parse_body(content_type, &body, Services::inputs(&service)) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    };
+    let forced_cut = headers
+        .get(CUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>());
+    match services.infer(service, inputs, forced_cut).await {
+        Ok(r) => Json(r).into_response(),
+        // The input reached the model and was refused (shape, type): the caller's fault.
+        Err(e) => {
+            let message = format!("{e:#}");
+            let status = if message.contains("refused") || message.contains("input") || message.contains("cut") {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            error(status, message)
+        }
+    }
+}
+
+async fn plan(State(services): State<Arc<Services>>, Path(name): Path<String>) -> Response {
+    let Some(service) = services.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
+    };
+    if services.plan_report(&service).is_none() {
+        if let Err(e) = services.plan(&service, None).await {
+            return error(StatusCode::BAD_REQUEST, format!("{e:#}"));
+        }
+    }
+    match services.plan_report(&service) {
+        Some(p) => Json(p).into_response(),
+        None => error(StatusCode::BAD_REQUEST, format!("`{name}` is not a split service")),
+    }
+}
+
+async fn metrics(State(services): State<Arc<Services>>) -> Response {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in rows {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let per = |f: &dyn Fn(&super::services::ServiceMetrics) -> String| -> Vec<(String, String)> {
+        services.services.iter().map(|(n, s)| (format!("{{service=\"{n}\"}}"), f(&s.metrics))).collect()
+    };
+    family(
+        "nereid_inferences_total",
+        "counter",
+        "Inference requests answered.",
+        per(&|m| m.inferences.load(Ordering::Relaxed).to_string()),
+    );
+    family(
+        "nereid_hard_examples_total",
+        "counter",
+        "Examples the router sent to the cloud (joint inference).",
+        per(&|m| m.hard_examples.load(Ordering::Relaxed).to_string()),
+    );
+    family(
+        "nereid_upload_ratio",
+        "gauge",
+        "Hard examples per example (joint inference).",
+        per(&|m| {
+            let n = m.inferences.load(Ordering::Relaxed);
+            let h = m.hard_examples.load(Ordering::Relaxed);
+            if n == 0 {
+                "0".into()
+            } else {
+                (h as f64 / n as f64).to_string()
+            }
+        }),
+    );
+    family(
+        "nereid_cloud_fallbacks_total",
+        "counter",
+        "Requests the edge answered alone because the cloud was unreachable.",
+        per(&|m| m.fallbacks.load(Ordering::Relaxed).to_string()),
+    );
+    family(
+        "nereid_split_plans_total",
+        "counter",
+        "Split plans made (the first, and one per link change).",
+        per(&|m| m.replans.load(Ordering::Relaxed).to_string()),
+    );
+    let mut sums = Vec::new();
+    let mut counts = Vec::new();
+    for (n, s) in &services.services {
+        for (route, (count, secs)) in s.metrics.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let labels = format!("{{service=\"{n}\",route=\"{route}\"}}");
+            sums.push((labels.clone(), secs.to_string()));
+            counts.push((labels, count.to_string()));
+        }
+    }
+    out.push_str("# HELP nereid_inference_latency_seconds End-to-end latency per service and route.\n# TYPE nereid_inference_latency_seconds summary\n");
+    for (l, v) in sums {
+        out.push_str(&format!("nereid_inference_latency_seconds_sum{l} {v}\n"));
+    }
+    for (l, v) in counts {
+        out.push_str(&format!("nereid_inference_latency_seconds_count{l} {v}\n"));
+    }
+    let pending = services.store.outbox_len().unwrap_or(0);
+    out.push_str(&format!(
+        "# HELP nereid_outbox_pending Hard examples waiting for the cloud.\n# TYPE nereid_outbox_pending gauge\nnereid_outbox_pending {pending}\n"
+    ));
+    out.push_str(&format!(
+        "# HELP nereid_outbox_delivered_total Hard examples the outbox delivered late.\n# TYPE nereid_outbox_delivered_total counter\nnereid_outbox_delivered_total {}\n",
+        services.outbox_delivered.load(Ordering::Relaxed)
+    ));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+pub fn router(services: Arc<Services>) -> Router {
+    Router::new()
+        .route("/v1/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/infer/{service}", post(infer))
+        .route("/v1/infer/{service}/plan", get(plan))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(services)
+}
+
+/// Serves the edge API on `listen` until the process ends.
+pub async fn serve(listen: &str, services: Arc<Services>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
+    tracing::info!("edge API listening on {}", listener.local_addr()?);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(services.clone().deliver_outbox());
+    axum::serve(listener, router(services)).await?;
+    Ok(())
+}

@@ -1,0 +1,813 @@
+//! The edge's inference services.
+//!
+//! - **joint**: the edge model runs through the router plugin (wasi-nn, ONNX Runtime); the
+//!   plugin decides per example whether the edge's answer stands. Hard examples are queued in
+//!   the persistent outbox first, then sent to the cloud's bigger model; if the cloud does not
+//!   answer in time the edge's own answer is returned, marked, and the outbox delivers the
+//!   example when the link is back.
+//! - **split**: the splitter plugin plans where to cut the model from both sides' per-node
+//!   profiles and the measured link; the edge runs the head (through the plugin), sends the cut
+//!   tensors as safetensors, the cloud runs the tail. The link is measured on every transfer and
+//!   the plan is made again when the bandwidth moves by more than `replan_factor`.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
+
+use crate::components::Components;
+use crate::inference::profile::{self, Profiled};
+use crate::inference::wire::{self, InferRequest};
+use crate::protocol::{ServiceConfig, ServiceKind, ServicePlugin};
+use crate::runtime::config::ConfigTable;
+use crate::runtime::{
+    content_digest, CutPoint, Limits, LoadedComponent, Route, RouterPlugin, Runtime, SplitterPlugin, TensorData,
+};
+use crate::store::{now_ms, EdgeStore};
+
+/// Headers of the edge-cloud inference protocol.
+pub const CUT_HEADER: &str = "x-nereid-cut";
+pub const DIGEST_HEADER: &str = "x-nereid-model-digest";
+pub const EXAMPLE_HEADER: &str = "x-nereid-example-id";
+pub const QUEUED_HEADER: &str = "x-nereid-queued-ms";
+pub const COMPUTE_HEADER: &str = "x-nereid-compute-ms";
+
+/// Counters of one service, for `/metrics`.
+#[derive(Default)]
+pub struct ServiceMetrics {
+    pub inferences: AtomicU64,
+    pub hard_examples: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub replans: AtomicU64,
+    /// Per route ("edge", "cloud", "split"): requests and their total seconds.
+    pub latency: Mutex<BTreeMap<&'static str, (u64, f64)>>,
+    /// Bandwidth the current plan assumes, Mbit/s (split).
+    pub planned_bandwidth: Mutex<Option<f64>>,
+}
+
+impl ServiceMetrics {
+    fn observe(&self, route: &'static str, elapsed: Duration) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let e = l.entry(route).or_default();
+        e.0 += 1;
+        e.1 += elapsed.as_secs_f64();
+    }
+}
+
+/// One answered example (a row of the batch).
+#[derive(Debug, Clone, Serialize)]
+pub struct RowResult {
+    pub index: u64,
+    /// Where this row's outputs were computed: "edge" or "cloud".
+    pub computed: &'static str,
+    /// The router's decision and score.
+    pub route: Route,
+    pub score: f64,
+    /// The cloud could not be reached: the edge answered and the example waits in the outbox.
+    pub queued: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NamedValue {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub data: Vec<f32>,
+}
+
+/// The answer of `POST /v1/infer/<service>`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferResponse {
+    pub service: String,
+    pub outputs: Vec<NamedValue>,
+    /// Where the answer was computed: "edge", "cloud", "split" (head on the edge, tail in the
+    /// cloud) or "mixed" (joint: some rows each way).
+    pub computed: &'static str,
+    /// Joint: per row.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<RowResult>,
+    /// Split: the cut used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<Vec<String>>,
+    /// Split: the cloud was unreachable and the edge ran the whole model.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    pub edge_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Outcome of a call to the cloud.
+enum CloudCall {
+    Answered { outputs: Vec<TensorData>, compute_ms: f64 },
+    Unreachable(String),
+}
+
+struct CloudLink {
+    http: reqwest::Client,
+    base: String,
+    service: String,
+    token: String,
+    timeout: Duration,
+}
+
+impl CloudLink {
+    fn url(&self, suffix: &str) -> String {
+        format!("{}/v1/infer/{}{suffix}", self.base.trim_end_matches('/'), self.service)
+    }
+
+    /// POSTs safetensors and reads safetensors back. A refusal (4xx) is an error for the caller;
+    /// anything else that goes wrong means the cloud is unreachable.
+    async fn post(&self, suffix: &str, body: Vec<u8>, headers: &[(&str, String)]) -> anyhow::Result<CloudCall> {
+        let mut req = self.http.post(self.url(suffix)).bearer_auth(&self.token).timeout(self.timeout).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Ok(CloudCall::Unreachable(e.to_string())),
+        };
+        let status = resp.status();
+        let compute_ms = resp
+            .headers()
+            .get(COMPUTE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Ok(CloudCall::Unreachable(e.to_string())),
+        };
+        if status.is_client_error() {
+            bail!("cloud service `{}` refused: {status}: {}", self.service, String::from_utf8_lossy(&bytes));
+        }
+        if !status.is_success() {
+            return Ok(CloudCall::Unreachable(format!("{status}: {}", String::from_utf8_lossy(&bytes))));
+        }
+        Ok(CloudCall::Answered { outputs: wire::from_safetensors(&bytes)?, compute_ms })
+    }
+}
+
+struct Joint {
+    model: String,
+    router: Mutex<RouterPlugin>,
+}
+
+/// The halves of one cut, ready to run.
+#[derive(Clone)]
+struct Halves {
+    /// The head's name in the runtime's models (none for the cloud-only cut).
+    head: Option<String>,
+    /// Cut tensors that are model inputs, sent as they came.
+    passthrough: Vec<String>,
+    /// Whether anything runs in the cloud (not for the edge-only cut).
+    has_tail: bool,
+}
+
+struct Plan {
+    cut: Vec<String>,
+    predicted_ms: f64,
+    bandwidth_mbit_s: f64,
+    rtt_ms: f64,
+    cuts: Vec<CutPoint>,
+}
+
+struct SplitState {
+    plugin: SplitterPlugin,
+    profiled: Option<Profiled>,
+    cloud_ms: BTreeMap<String, f64>,
+    plan: Option<Plan>,
+    halves: HashMap<Vec<String>, Halves>,
+    /// Exponentially weighted bandwidth seen on transfers, Mbit/s.
+    measured_mbit_s: Option<f64>,
+    rtt_ms: f64,
+}
+
+struct Split {
+    model: String,
+    onnx: Vec<u8>,
+    digest: String,
+    replan_factor: f64,
+    probe_bytes: usize,
+    component: LoadedComponent,
+    limits: Limits,
+    config: ConfigTable,
+    state: Mutex<SplitState>,
+}
+
+enum Kind {
+    Joint(Box<Joint>),
+    Split(Box<Split>),
+}
+
+pub struct Service {
+    pub name: String,
+    inputs: Vec<String>,
+    cloud: CloudLink,
+    kind: Kind,
+    pub metrics: ServiceMetrics,
+}
+
+/// Every service of an edge, and the outbox they share.
+pub struct Services {
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub store: Arc<EdgeStore>,
+    runtime: Runtime,
+    pub outbox_delivered: AtomicU64,
+    outbox_wake: tokio::sync::Notify,
+    retry: Duration,
+}
+
+fn limits(p: &ServicePlugin) -> Limits {
+    let d = Limits::default();
+    Limits {
+        call_timeout: p.timeout_ms.map(Duration::from_millis).unwrap_or(d.call_timeout),
+        memory_bytes: p.memory_mib.map(|m| m << 20).unwrap_or(d.memory_bytes),
+        tensor_bytes: d.tensor_bytes,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("inference task: {e}"))?
+}
+
+impl Services {
+    /// Loads every service of edge.toml: models, plugins (checked against their slots and
+    /// configured), cloud links. Errors name the service and the field.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn load(
+        configs: &BTreeMap<String, ServiceConfig>,
+        runtime: &Runtime,
+        models_dir: Option<&Path>,
+        components: &Components,
+        base: &Path,
+        default_cloud: &str,
+        token: &str,
+        store: Arc<EdgeStore>,
+        retry: Duration,
+    ) -> anyhow::Result<Services> {
+        let mut services = BTreeMap::new();
+        for (name, cfg) in configs {
+            let service = Self::load_one(name, cfg, runtime, models_dir, components, base, default_cloud, token)
+                .await
+                .with_context(|| format!("[services.{name}]"))?;
+            services.insert(name.clone(), Arc::new(service));
+        }
+        Ok(Services {
+            services,
+            store,
+            runtime: runtime.clone(),
+            outbox_delivered: AtomicU64::new(0),
+            outbox_wake: tokio::sync::Notify::new(),
+            retry,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn load_one(
+        name: &str,
+        cfg: &ServiceConfig,
+        runtime: &Runtime,
+        models_dir: Option<&Path>,
+        components: &Components,
+        base: &Path,
+        default_cloud: &str,
+        token: &str,
+    ) -> anyhow::Result<Service> {
+        let dir = models_dir.context("`models` (the model directory) is not set in edge.toml")?;
+        let path = dir.join(&cfg.model).join("model.onnx");
+        if !runtime.models().contains(&cfg.model) {
+            bail!("model: `{}` is not in the model store ({} not found)", cfg.model, path.display());
+        }
+        let onnx = std::fs::read(&path).with_context(|| format!("model: reading {}", path.display()))?;
+        let inputs: Vec<String> = nereid_onnx::Model::decode(&onnx)
+            .with_context(|| format!("model: {}", path.display()))?
+            .runtime_inputs()
+            .into_iter()
+            .map(|v| v.name.clone())
+            .collect();
+        let (field, plugin_cfg) = match cfg.kind {
+            ServiceKind::Joint => ("router", cfg.router.as_ref()),
+            ServiceKind::Split => ("splitter", cfg.splitter.as_ref()),
+        };
+        let plugin_cfg = plugin_cfg
+            .with_context(|| format!("`{field}` is required for kind = \"{:?}\"", cfg.kind).to_lowercase())?;
+        if cfg.kind == ServiceKind::Joint && cfg.splitter.is_some() {
+            bail!("splitter: only for kind = \"split\"");
+        }
+        if cfg.kind == ServiceKind::Split && cfg.router.is_some() {
+            bail!("router: only for kind = \"joint\"");
+        }
+        if cfg.replan_factor.is_nan() || cfg.replan_factor <= 1.0 {
+            bail!("replan_factor: must be > 1 (got {})", cfg.replan_factor);
+        }
+        let fetched =
+            components.fetch(&plugin_cfg.plugin, base, None).await.with_context(|| format!("{field}.plugin"))?;
+        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).with_context(|| format!("{field}.plugin"))?;
+        let limits = limits(plugin_cfg);
+        let config: ConfigTable = plugin_cfg.config.clone();
+        let kind = match cfg.kind {
+            ServiceKind::Joint => Kind::Joint(Box::new(Joint {
+                model: cfg.model.clone(),
+                router: Mutex::new(RouterPlugin::new(runtime, loaded, limits, &config).context("router")?),
+            })),
+            ServiceKind::Split => {
+                let plugin = SplitterPlugin::new(runtime, loaded.clone(), limits, &config).context("splitter")?;
+                Kind::Split(Box::new(Split {
+                    model: cfg.model.clone(),
+                    digest: content_digest(&onnx),
+                    onnx,
+                    replan_factor: cfg.replan_factor,
+                    probe_bytes: (cfg.probe_kib.max(1) << 10) as usize,
+                    component: loaded,
+                    limits,
+                    config,
+                    state: Mutex::new(SplitState {
+                        plugin,
+                        profiled: None,
+                        cloud_ms: BTreeMap::new(),
+                        plan: None,
+                        halves: HashMap::new(),
+                        measured_mbit_s: None,
+                        rtt_ms: 0.0,
+                    }),
+                }))
+            }
+        };
+        let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        Ok(Service {
+            name: name.to_string(),
+            inputs,
+            cloud: CloudLink {
+                http,
+                base: cfg.cloud.clone().unwrap_or_else(|| default_cloud.to_string()),
+                service: cfg.cloud_service.clone().unwrap_or_else(|| name.to_string()),
+                token: token.to_string(),
+                timeout: Duration::from_millis(cfg.cloud_timeout_ms),
+            },
+            kind,
+            metrics: ServiceMetrics::default(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Service>> {
+        self.services.get(name).cloned()
+    }
+
+    /// Answers one request. `forced_cut` (split only) measures a given cut instead of the plan's.
+    pub async fn infer(
+        self: &Arc<Self>,
+        service: Arc<Service>,
+        inputs: Vec<TensorData>,
+        forced_cut: Option<Vec<String>>,
+    ) -> anyhow::Result<InferResponse> {
+        for name in &service.inputs {
+            if !inputs.iter().any(|t| &t.name == name) {
+                bail!("input `{name}` is missing (the model's inputs: {})", service.inputs.join(", "));
+            }
+        }
+        if let Some(extra) = inputs.iter().find(|t| !service.inputs.contains(&t.name)) {
+            bail!("the model has no input `{}` (its inputs: {})", extra.name, service.inputs.join(", "));
+        }
+        service.metrics.inferences.fetch_add(1, Ordering::Relaxed);
+        match &service.kind {
+            Kind::Joint(_) => self.joint(service.clone(), inputs).await,
+            Kind::Split(_) => self.split(service.clone(), inputs, forced_cut).await,
+        }
+    }
+
+    async fn joint(self: &Arc<Self>, service: Arc<Service>, inputs: Vec<TensorData>) -> anyhow::Result<InferResponse> {
+        let t0 = Instant::now();
+        let svc = service.clone();
+        let batch_inputs = inputs.clone();
+        let (mut outputs, decisions) = blocking(move || {
+            let Kind::Joint(joint) = &svc.kind else { unreachable!("joint service") };
+            let mut router = lock(&joint.router);
+            let outputs = router.run(&joint.model, &batch_inputs)?;
+            let first = outputs.first().context("the edge model has no output")?;
+            let rows = first.shape.first().copied().unwrap_or(1).max(1);
+            let mut decisions = Vec::with_capacity(rows as usize);
+            for r in 0..rows {
+                let row = wire::rows(first, r, r + 1);
+                let tensor = crate::tensor::Tensor::from_f32(row.shape.clone(), wire::f32_values(&row)?)
+                    .context("the edge model's output does not fit its shape")?;
+                decisions.push(router.decide(&tensor)?);
+            }
+            Ok((outputs, decisions))
+        })
+        .await?;
+        let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut results = Vec::with_capacity(decisions.len());
+        for (i, d) in decisions.iter().enumerate() {
+            let mut row =
+                RowResult { index: i as u64, computed: "edge", route: d.route, score: d.score, queued: false };
+            if d.route == Route::Cloud {
+                service.metrics.hard_examples.fetch_add(1, Ordering::Relaxed);
+                let rows: Vec<TensorData> = inputs.iter().map(|t| wire::rows(t, i as u64, i as u64 + 1)).collect();
+                let body = wire::to_safetensors(&rows)?;
+                let queued_ms = now_ms();
+                // In the outbox before it leaves: a crash or an outage loses nothing.
+                let store = self.store.clone();
+                let (svc_name, stored) = (service.name.clone(), body.clone());
+                let id = blocking(move || Ok(store.enqueue(&svc_name, &stored, queued_ms)?)).await?;
+                let headers = [(EXAMPLE_HEADER, id.to_string()), (QUEUED_HEADER, queued_ms.to_string())];
+                match service.cloud.post("", body, &headers).await? {
+                    CloudCall::Answered { outputs: cloud_out, .. } => {
+                        self.store.delivered(id)?;
+                        for (out, c) in outputs.iter_mut().zip(cloud_out) {
+                            replace_row(out, i as u64, &c)?;
+                        }
+                        row.computed = "cloud";
+                    }
+                    CloudCall::Unreachable(why) => {
+                        tracing::warn!(service = %service.name, id, "cloud unreachable, answering on the edge: {why}");
+                        service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        row.queued = true;
+                        self.outbox_wake.notify_one();
+                    }
+                }
+            }
+            results.push(row);
+        }
+        let computed = if results.iter().all(|r| r.computed == "edge") {
+            "edge"
+        } else if results.iter().all(|r| r.computed == "cloud") {
+            "cloud"
+        } else {
+            "mixed"
+        };
+        let elapsed = t0.elapsed();
+        service.metrics.observe(if computed == "edge" { "edge" } else { "cloud" }, elapsed);
+        Ok(InferResponse {
+            service: service.name.clone(),
+            outputs: named_values(&outputs)?,
+            computed,
+            results,
+            cut: None,
+            fallback: false,
+            edge_ms,
+            total_ms: elapsed.as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Delivers queued hard examples until the process ends: at once when one is queued, then
+    /// every `retry` while any is left.
+    pub async fn deliver_outbox(self: Arc<Self>) {
+        loop {
+            let delivered = self.deliver_once().await;
+            match delivered {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => tracing::warn!("outbox: {e:#}"),
+            }
+            let _ = tokio::time::timeout(self.retry, self.outbox_wake.notified()).await;
+        }
+    }
+
+    /// One pass; true if it delivered everything it tried.
+    async fn deliver_once(&self) -> anyhow::Result<bool> {
+        let store = self.store.clone();
+        let rows = blocking(move || Ok(store.outbox(64)?)).await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        for row in rows {
+            let Some(service) = self.services.get(&row.service) else {
+                tracing::warn!(service = %row.service, id = row.id, "outbox: no such service any more; kept");
+                return Ok(false);
+            };
+            let headers = [(EXAMPLE_HEADER, row.id.to_string()), (QUEUED_HEADER, row.queued_ms.to_string())];
+            match service.cloud.post("", row.input, &headers).await {
+                Ok(CloudCall::Answered { .. }) => {
+                    self.store.delivered(row.id)?;
+                    self.outbox_delivered.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %row.service, id = row.id, "outbox: hard example delivered");
+                }
+                Ok(CloudCall::Unreachable(_)) => return Ok(false),
+                Err(e) => {
+                    // Refused for good (e.g. an input the cloud's model cannot take): keeping it
+                    // would block the queue forever.
+                    tracing::error!(service = %row.service, id = row.id, "outbox: dropped: {e:#}");
+                    self.store.delivered(row.id)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn split(
+        self: &Arc<Self>,
+        service: Arc<Service>,
+        inputs: Vec<TensorData>,
+        forced_cut: Option<Vec<String>>,
+    ) -> anyhow::Result<InferResponse> {
+        let t0 = Instant::now();
+        let Kind::Split(split) = &service.kind else { unreachable!("split service") };
+        let needs_plan = lock(&split.state).plan.is_none();
+        if needs_plan {
+            self.plan(&service, None).await?;
+        }
+        let cut = match forced_cut {
+            Some(cut) => cut,
+            None => lock(&split.state).plan.as_ref().map(|p| p.cut.clone()).context("no plan")?,
+        };
+        let svc = service.clone();
+        let runtime = self.runtime.clone();
+        let head_inputs = inputs.clone();
+        let cut_for_head = cut.clone();
+        let (halves, activations) = blocking(move || {
+            let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
+            let mut state = lock(&split.state);
+            let halves = split.halves(&mut state, &runtime, &svc.name, &cut_for_head)?;
+            let mut activations = match &halves.head {
+                Some(head) => state.plugin.run(head, &head_inputs)?,
+                None => Vec::new(),
+            };
+            activations.extend(head_inputs.into_iter().filter(|t| halves.passthrough.contains(&t.name)));
+            Ok((halves, activations))
+        })
+        .await?;
+        let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if !halves.has_tail {
+            service.metrics.observe("edge", t0.elapsed());
+            return Ok(InferResponse {
+                service: service.name.clone(),
+                outputs: named_values(&activations)?,
+                computed: "edge",
+                results: Vec::new(),
+                cut: Some(cut),
+                fallback: false,
+                edge_ms,
+                total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        let body = wire::to_safetensors(&activations)?;
+        let upload = body.len();
+        let headers = [(CUT_HEADER, cut.join(",")), (DIGEST_HEADER, split.digest.clone())];
+        let sent = Instant::now();
+        match service.cloud.post("/tail", body, &headers).await? {
+            CloudCall::Answered { outputs, compute_ms } => {
+                let transfer_ms = sent.elapsed().as_secs_f64() * 1e3 - compute_ms;
+                self.observe_link(&service, upload, transfer_ms).await;
+                let computed = if halves.head.is_none() { "cloud" } else { "split" };
+                service.metrics.observe(if computed == "cloud" { "cloud" } else { "split" }, t0.elapsed());
+                Ok(InferResponse {
+                    service: service.name.clone(),
+                    outputs: named_values(&outputs)?,
+                    computed,
+                    results: Vec::new(),
+                    cut: Some(cut),
+                    fallback: false,
+                    edge_ms,
+                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                })
+            }
+            CloudCall::Unreachable(why) => {
+                tracing::warn!(service = %service.name, "cloud unreachable, running the whole model on the edge: {why}");
+                service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let svc = service.clone();
+                let outputs = blocking(move || {
+                    let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
+                    let mut state = lock(&split.state);
+                    Ok(state.plugin.run(&split.model, &inputs)?)
+                })
+                .await?;
+                service.metrics.observe("edge", t0.elapsed());
+                Ok(InferResponse {
+                    service: service.name.clone(),
+                    outputs: named_values(&outputs)?,
+                    computed: "edge",
+                    results: Vec::new(),
+                    cut: Some(cut),
+                    fallback: true,
+                    edge_ms,
+                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                })
+            }
+        }
+    }
+
+    /// Folds one transfer into the bandwidth estimate and plans again when it moved by more
+    /// than the service's factor from the planned bandwidth.
+    async fn observe_link(self: &Arc<Self>, service: &Arc<Service>, bytes: usize, transfer_ms: f64) {
+        let Kind::Split(split) = &service.kind else { return };
+        let replan = {
+            let mut state = lock(&split.state);
+            let wire_ms = transfer_ms - state.rtt_ms;
+            // Transfers shorter than the timer's noise say nothing about the bandwidth.
+            if wire_ms < 1.0 || bytes < 4096 {
+                return;
+            }
+            let sample = bytes as f64 * 8.0 / (wire_ms * 1e3);
+            let est = match state.measured_mbit_s {
+                Some(prev) => 0.7 * prev + 0.3 * sample,
+                None => sample,
+            };
+            state.measured_mbit_s = Some(est);
+            state.plan.as_ref().map(|p| {
+                let ratio = est / p.bandwidth_mbit_s;
+                (ratio > split.replan_factor || ratio < 1.0 / split.replan_factor).then_some(est)
+            })
+        };
+        if let Some(Some(bw)) = replan {
+            tracing::info!(service = %service.name, bandwidth_mbit_s = bw, "the link changed: planning again");
+            if let Err(e) = self.plan(service, Some(bw)).await {
+                tracing::warn!(service = %service.name, "re-planning: {e:#}");
+            }
+        }
+    }
+
+    /// Profiles both sides (once), measures the link (unless `bandwidth` is given), and asks
+    /// the splitter for the best cut.
+    pub async fn plan(self: &Arc<Self>, service: &Arc<Service>, bandwidth: Option<f64>) -> anyhow::Result<()> {
+        let Kind::Split(split) = &service.kind else { bail!("`{}` is not a split service", service.name) };
+        let profiled_already = lock(&split.state).profiled.is_some();
+        if !profiled_already {
+            let onnx = split.onnx.clone();
+            let profiled = blocking(move || Ok(profile::profile(&onnx, 20)?)).await?;
+            let cloud_ms = self.cloud_profile(service, &split.digest).await;
+            let mut state = lock(&split.state);
+            state.cloud_ms = cloud_ms.unwrap_or_default();
+            state.profiled = Some(profiled);
+        }
+        let (bandwidth, rtt) = match bandwidth {
+            Some(bw) => (bw, lock(&split.state).rtt_ms),
+            None => match self.measure_link(service, split.probe_bytes).await {
+                Ok(link) => link,
+                Err(e) => {
+                    tracing::warn!(service = %service.name, "measuring the link: {e:#}; planning edge-only until it answers");
+                    (1e-6, 0.0)
+                }
+            },
+        };
+        let svc = service.clone();
+        blocking(move || {
+            let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
+            let mut state = lock(&split.state);
+            let profiled = state.profiled.as_ref().context("profiled above")?;
+            let cloud_ms = if state.cloud_ms.is_empty() { profiled.node_ms.clone() } else { state.cloud_ms.clone() };
+            let profile = nereid_onnx::Profile {
+                edge_ms: profiled.node_ms.clone(),
+                cloud_ms,
+                tensor_bytes: profiled.tensor_bytes.clone(),
+            };
+            let typed = profiled.model.encode();
+            let cuts = state.plugin.plan(&typed, &profile, bandwidth, rtt)?;
+            let best = cuts.first().context("the splitter returned no cut")?.clone();
+            tracing::info!(service = %svc.name, cut = %best.tensors.join(","), predicted_ms = best.predicted_ms, bandwidth_mbit_s = bandwidth, rtt_ms = rtt, "planned");
+            state.rtt_ms = rtt;
+            state.measured_mbit_s = Some(bandwidth);
+            state.plan =
+                Some(Plan { cut: best.tensors, predicted_ms: best.predicted_ms, bandwidth_mbit_s: bandwidth, rtt_ms: rtt, cuts });
+            *lock(&svc.metrics.planned_bandwidth) = Some(bandwidth);
+            svc.metrics.replans.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The cloud's per-node times for the model, if it has the same one.
+    async fn cloud_profile(&self, service: &Service, digest: &str) -> Option<BTreeMap<String, f64>> {
+        #[derive(serde::Deserialize)]
+        struct CloudProfile {
+            digest: String,
+            node_ms: BTreeMap<String, f64>,
+        }
+        let resp = service
+            .cloud
+            .http
+            .get(service.cloud.url("/profile"))
+            .bearer_auth(&service.cloud.token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .ok()?;
+        let p: CloudProfile = resp.error_for_status().ok()?.json().await.ok()?;
+        if p.digest != digest {
+            tracing::warn!(service = %service.name, "the cloud's model differs from the edge's ({} vs {digest})", p.digest);
+            return None;
+        }
+        Some(p.node_ms)
+    }
+
+    /// Round-trip time (median of 5 pings) and bandwidth (one probe upload) to the cloud.
+    async fn measure_link(&self, service: &Service, probe: usize) -> anyhow::Result<(f64, f64)> {
+        let ping = format!("{}/v1/ping", service.cloud.base.trim_end_matches('/'));
+        let mut rtts = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            service.cloud.http.get(&ping).timeout(service.cloud.timeout).send().await?.error_for_status()?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        rtts.sort_by(f64::total_cmp);
+        let rtt = rtts[rtts.len() / 2];
+        let t = Instant::now();
+        service
+            .cloud
+            .http
+            .post(&ping)
+            .timeout(Duration::from_secs(120))
+            .body(vec![0u8; probe])
+            .send()
+            .await?
+            .error_for_status()?;
+        let wire_ms = (t.elapsed().as_secs_f64() * 1e3 - rtt).max(0.05);
+        Ok((probe as f64 * 8.0 / (wire_ms * 1e3), rtt))
+    }
+
+    /// The plan of a split service, for `GET /v1/infer/<service>/plan`.
+    pub fn plan_report(&self, service: &Service) -> Option<serde_json::Value> {
+        let Kind::Split(split) = &service.kind else { return None };
+        let state = lock(&split.state);
+        let plan = state.plan.as_ref()?;
+        Some(serde_json::json!({
+            "cut": plan.cut,
+            "predicted_ms": plan.predicted_ms,
+            "bandwidth_mbit_s": plan.bandwidth_mbit_s,
+            "rtt_ms": plan.rtt_ms,
+            "measured_bandwidth_mbit_s": state.measured_mbit_s,
+            "cuts": plan.cuts,
+        }))
+    }
+
+    pub fn inputs(service: &Service) -> &[String] {
+        &service.inputs
+    }
+}
+
+impl Split {
+    /// The halves of `cut`, partitioned by the plugin and the head registered with the
+    /// runtime's models (once per cut). Registering a model takes a new plugin instance to see
+    /// it, so the instance is replaced then.
+    fn halves(
+        &self,
+        state: &mut SplitState,
+        runtime: &Runtime,
+        service: &str,
+        cut: &[String],
+    ) -> anyhow::Result<Halves> {
+        if let Some(h) = state.halves.get(cut) {
+            return Ok(h.clone());
+        }
+        let typed = match &state.profiled {
+            Some(p) => p.model.encode(),
+            None => profile::profile(&self.onnx, 1)?.model.encode(),
+        };
+        let (head, tail) = state.plugin.partition(&typed, cut)?;
+        let model = nereid_onnx::Model::decode(&typed)?;
+        let passthrough: Vec<String> =
+            model.runtime_inputs().iter().map(|v| v.name.clone()).filter(|n| cut.contains(n)).collect();
+        let head = match head {
+            Some(bytes) => {
+                let name = format!("{service}.head.{}", &content_digest(cut.join(",").as_bytes())[7..19]);
+                runtime.models().insert(&name, &bytes)?;
+                state.plugin = SplitterPlugin::new(runtime, self.component.clone(), self.limits, &self.config)?;
+                Some(name)
+            }
+            None => None,
+        };
+        let halves = Halves { head, passthrough, has_tail: tail.is_some() };
+        state.halves.insert(cut.to_vec(), halves.clone());
+        Ok(halves)
+    }
+}
+
+fn replace_row(out: &mut TensorData, row: u64, with: &TensorData) -> anyhow::Result<()> {
+    let rows = out.shape.first().copied().unwrap_or(1).max(1);
+    let row_bytes = out.data.len() as u64 / rows;
+    if with.data.len() as u64 != row_bytes || with.dtype != out.dtype {
+        bail!("the cloud's output `{}` does not fit the edge model's ({:?} vs {:?})", with.name, with.shape, out.shape);
+    }
+    out.data[(row * row_bytes) as usize..((row + 1) * row_bytes) as usize].copy_from_slice(&with.data);
+    Ok(())
+}
+
+fn named_values(outputs: &[TensorData]) -> anyhow::Result<Vec<NamedValue>> {
+    outputs
+        .iter()
+        .map(|t| Ok(NamedValue { name: t.name.clone(), shape: t.shape.clone(), data: wire::f32_values(t)? }))
+        .collect()
+}
+
+/// Parses a request body by content type: JSON, or safetensors.
+pub fn parse_body(content_type: Option<&str>, body: &[u8], inputs: &[String]) -> anyhow::Result<Vec<TensorData>> {
+    match content_type.map(|c| c.split(';').next().unwrap_or("").trim()) {
+        Some("application/json") | None => {
+            let req: InferRequest = serde_json::from_slice(body).context("request body (JSON)")?;
+            Ok(req.into_tensors(inputs)?)
+        }
+        Some("application/safetensors") | Some("application/octet-stream") => {
+            let tensors = wire::from_safetensors(body)?;
+            tensors.iter().try_for_each(wire::check)?;
+            Ok(tensors)
+        }
+        Some(other) => bail!(
+            "content type `{other}` is not accepted: send application/json or application/safetensors (protocol adapters for raw payloads are not implemented yet)"
+        ),
+    }
+}

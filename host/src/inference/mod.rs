@@ -1,0 +1,10 @@
+//! Inference shared by the edge and the cloud: tensors on the wire (JSON and safetensors),
+//! ONNX Runtime sessions run natively by the host (the cloud's models and tails, profiling),
+//! and the profile split inference plans from.
+pub mod export;
+pub mod native;
+pub mod profile;
+pub mod wire;
+
+pub use native::NativeModel;
+pub use wire::{InferRequest, TensorValue};

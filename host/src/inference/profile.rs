@@ -1,0 +1,208 @@
+//! Profiling a model on this node with ONNX Runtime: the time of every node (from ONNX
+//! Runtime's own per-kernel trace), and the type and size of every tensor (from one run with
+//! every intermediate tensor exposed as an output), which split inference plans with.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use nereid_onnx::proto::{data_type, Dim, ValueInfoProto};
+use nereid_onnx::{Message, Model};
+use ort::tensor::TensorElementType;
+use ort::value::ValueType;
+
+use super::native::{NativeError, NativeModel};
+use crate::runtime::bindings::types::Dtype;
+use crate::runtime::TensorData;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Onnx(#[from] nereid_onnx::OnnxError),
+    #[error(transparent)]
+    Native(#[from] NativeError),
+    #[error("profiling: {0}")]
+    Other(String),
+}
+
+/// A model as profiled on this node.
+#[derive(Debug, Clone)]
+pub struct Profiled {
+    /// The model with every tensor typed (so any cut can be written as two models).
+    pub model: Model,
+    /// Mean milliseconds per node (nodes ONNX Runtime fused into another count in that one).
+    pub node_ms: BTreeMap<String, f64>,
+    /// Bytes of every tensor for one request of the profiled batch size.
+    pub tensor_bytes: BTreeMap<String, u64>,
+    /// Median wall time of one whole run, in milliseconds.
+    pub run_ms: f64,
+}
+
+fn element(ty: TensorElementType) -> Option<(i32, u64)> {
+    Some(match ty {
+        TensorElementType::Float32 => (data_type::FLOAT, 4),
+        TensorElementType::Float64 => (data_type::DOUBLE, 8),
+        TensorElementType::Int64 => (data_type::INT64, 8),
+        TensorElementType::Int32 => (data_type::INT32, 4),
+        TensorElementType::Uint8 => (data_type::UINT8, 1),
+        TensorElementType::Int8 => (data_type::INT8, 1),
+        TensorElementType::Bool => (data_type::BOOL, 1),
+        TensorElementType::Float16 => (data_type::FLOAT16, 2),
+        _ => return None,
+    })
+}
+
+/// Inputs of zeros for every runtime input, open dimensions set to `batch`.
+pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, ProfileError> {
+    model
+        .runtime_inputs()
+        .into_iter()
+        .map(|input| {
+            let (elem, dims) = input
+                .r#type
+                .as_ref()
+                .and_then(|t| t.tensor_shape())
+                .ok_or_else(|| ProfileError::Other(format!("input `{}` has no tensor shape", input.name)))?;
+            let (dtype, size) = match elem {
+                data_type::FLOAT => (Dtype::F32, 4),
+                data_type::DOUBLE => (Dtype::F64, 8),
+                data_type::INT64 => (Dtype::I64, 8),
+                data_type::INT32 => (Dtype::I32, 4),
+                data_type::UINT8 => (Dtype::U8, 1),
+                other => {
+                    return Err(ProfileError::Other(format!(
+                        "input `{}`: element type {other} is not supported",
+                        input.name
+                    )))
+                }
+            };
+            let shape: Vec<u64> = dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => (*n).max(0) as u64,
+                    Dim::Symbolic(_) => batch,
+                })
+                .collect();
+            let numel: u64 = shape.iter().product();
+            Ok(TensorData { name: input.name.clone(), dtype, shape, data: vec![0u8; (numel * size) as usize] })
+        })
+        .collect()
+}
+
+/// Shape and element type of every tensor, in one run of `model` with all of them exposed.
+/// Per tensor: ONNX element type, dims, bytes.
+type Measured = BTreeMap<String, (i32, Vec<i64>, u64)>;
+
+fn measure_tensors(model: &Model, batch: u64) -> Result<Measured, ProfileError> {
+    let exposed = NativeModel::new(&model.with_all_outputs().encode_to_vec())?;
+    let inputs = synthetic_inputs(model, batch)?;
+    let mut measured = BTreeMap::new();
+    for t in &inputs {
+        let elem = match t.dtype {
+            Dtype::F32 => data_type::FLOAT,
+            Dtype::F64 => data_type::DOUBLE,
+            Dtype::I64 => data_type::INT64,
+            Dtype::I32 => data_type::INT32,
+            Dtype::U8 => data_type::UINT8,
+            Dtype::I8 => data_type::INT8,
+        };
+        measured.insert(t.name.clone(), (elem, t.shape.iter().map(|&d| d as i64).collect(), t.data.len() as u64));
+    }
+    exposed.for_each_output(&inputs, |name, dtype| {
+        if let ValueType::Tensor { ty, shape, .. } = dtype {
+            if let Some((elem, size)) = element(*ty) {
+                let dims: Vec<i64> = shape.iter().copied().collect();
+                let numel: i64 = dims.iter().product();
+                measured.insert(name.to_string(), (elem, dims, numel.max(0) as u64 * size));
+            }
+        }
+    })?;
+    Ok(measured)
+}
+
+/// Profiles `onnx` with `runs` timed runs after a warm-up.
+pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
+    let mut model = Model::decode(onnx)?;
+    let at_1 = measure_tensors(&model, 1)?;
+    let open_batch = model.runtime_inputs().iter().any(|i| {
+        i.r#type
+            .as_ref()
+            .and_then(|t| t.tensor_shape())
+            .is_some_and(|(_, d)| d.iter().any(|d| matches!(d, Dim::Symbolic(_))))
+    });
+    // Dimensions that change with the batch size stay open in the types written into halves.
+    let at_2 = if open_batch { Some(measure_tensors(&model, 2)?) } else { None };
+    let types: Vec<ValueInfoProto> = at_1
+        .iter()
+        .map(|(name, (elem, dims, _))| {
+            let other = at_2.as_ref().and_then(|m| m.get(name)).map(|(_, d, _)| d);
+            let dims: Vec<Dim> = dims
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match other.and_then(|o| o.get(i)) {
+                    Some(&d2) if d2 != d => Dim::Symbolic("N".into()),
+                    _ => Dim::Fixed(d),
+                })
+                .collect();
+            ValueInfoProto::tensor(name, *elem, &dims)
+        })
+        .collect();
+    model.annotate(types);
+    let tensor_bytes = at_1.into_iter().map(|(name, (_, _, bytes))| (name, bytes)).collect();
+
+    let trace_dir = tempfile::tempdir().map_err(|e| ProfileError::Other(e.to_string()))?;
+    let session = NativeModel::with_profiling(&model.encode(), &trace_dir.path().join("ort"))?;
+    let inputs = synthetic_inputs(&model, 1)?;
+    const WARMUP: usize = 3;
+    let runs = runs.max(1);
+    let mut wall = Vec::with_capacity(runs);
+    for i in 0..WARMUP + runs {
+        let start = Instant::now();
+        session.run_any(&inputs)?;
+        if i >= WARMUP {
+            wall.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let trace = session.end_profiling()?;
+    let text = std::fs::read_to_string(&trace).map_err(|e| ProfileError::Other(format!("{trace}: {e}")))?;
+    let node_ms = node_times(&text, runs)?;
+    wall.sort_by(f64::total_cmp);
+    Ok(Profiled { model, node_ms, tensor_bytes, run_ms: wall[wall.len() / 2] })
+}
+
+/// Mean duration per node over its last `runs` kernel events (the warm-up runs come first).
+fn node_times(trace: &str, runs: usize) -> Result<BTreeMap<String, f64>, ProfileError> {
+    #[derive(serde::Deserialize)]
+    struct Event {
+        #[serde(default)]
+        cat: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        dur: f64,
+        #[serde(default)]
+        ts: f64,
+    }
+    let events: Vec<Event> =
+        serde_json::from_str(trace).map_err(|e| ProfileError::Other(format!("ONNX Runtime's trace: {e}")))?;
+    let mut per_node: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for e in events {
+        if e.cat != "Node" {
+            continue;
+        }
+        if let Some(kernel) = e.name.strip_suffix("_kernel_time") {
+            // Level-3 optimisation renames what it rewrites: a fusion is `fused <last node>`
+            // (e.g. Conv+Relu under the Relu's name), a layout change `<node>_nchwc`. The time
+            // counts for that node; inserted reorder kernels match no node and are left out.
+            let node = kernel.trim_start_matches("fused ").trim_end_matches("_nchwc");
+            per_node.entry(node.to_string()).or_default().push((e.ts, e.dur));
+        }
+    }
+    Ok(per_node
+        .into_iter()
+        .map(|(node, mut events)| {
+            events.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let last = &events[events.len().saturating_sub(runs)..];
+            let mean_us = last.iter().map(|(_, d)| d).sum::<f64>() / last.len().max(1) as f64;
+            (node, mean_us / 1e3)
+        })
+        .collect())
+}

@@ -1,0 +1,211 @@
+//! Tensors of inference requests and responses: JSON (`{"inputs": {"x": {"shape": [..],
+//! "data": [..]}}}`, float32) or safetensors (any dtype wasi-nn takes).
+use std::collections::BTreeMap;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::bindings::types::Dtype;
+use crate::runtime::TensorData;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("request body: {0}")]
+    Body(String),
+    #[error("tensor `{name}`: {message}")]
+    Tensor { name: String, message: String },
+}
+
+/// One tensor in JSON: float32 values, row-major.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorValue {
+    pub shape: Vec<u64>,
+    pub data: Vec<f32>,
+}
+
+/// A JSON inference request: named inputs, or one unnamed tensor for a model with one input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InferRequest {
+    Named { inputs: BTreeMap<String, TensorValue> },
+    Single(TensorValue),
+}
+
+fn element_size(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F32 | Dtype::I32 => 4,
+        Dtype::F64 | Dtype::I64 => 8,
+        Dtype::U8 | Dtype::I8 => 1,
+    }
+}
+
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::F64 => "f64",
+        Dtype::I32 => "i32",
+        Dtype::I64 => "i64",
+        Dtype::U8 => "u8",
+        Dtype::I8 => "i8",
+    }
+}
+
+/// Checks that the bytes match the shape and dtype.
+pub fn check(t: &TensorData) -> Result<(), WireError> {
+    let numel = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let expected = numel.and_then(|n| n.checked_mul(element_size(t.dtype) as u64));
+    if expected != Some(t.data.len() as u64) {
+        return Err(WireError::Tensor {
+            name: t.name.clone(),
+            message: format!(
+                "shape {:?} of {} needs {} bytes, got {}",
+                t.shape,
+                dtype_name(t.dtype),
+                expected.map(|e| e.to_string()).unwrap_or_else(|| "too many".into()),
+                t.data.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub fn f32_tensor(name: &str, shape: Vec<u64>, values: &[f32]) -> TensorData {
+    TensorData {
+        name: name.into(),
+        dtype: Dtype::F32,
+        shape,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+pub fn f32_values(t: &TensorData) -> Result<Vec<f32>, WireError> {
+    if t.dtype != Dtype::F32 {
+        return Err(WireError::Tensor {
+            name: t.name.clone(),
+            message: format!("is {}, not f32", dtype_name(t.dtype)),
+        });
+    }
+    Ok(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+impl InferRequest {
+    /// The request's tensors; `inputs` names the model's inputs (for the single-tensor form).
+    pub fn into_tensors(self, inputs: &[String]) -> Result<Vec<TensorData>, WireError> {
+        let named: Vec<(String, TensorValue)> = match self {
+            InferRequest::Named { inputs } => inputs.into_iter().collect(),
+            InferRequest::Single(t) => match inputs {
+                [only] => vec![(only.clone(), t)],
+                _ => {
+                    return Err(WireError::Body(format!(
+                        "the model has {} inputs ({}): name them in `inputs`",
+                        inputs.len(),
+                        inputs.join(", ")
+                    )))
+                }
+            },
+        };
+        named
+            .into_iter()
+            .map(|(name, v)| {
+                let t = f32_tensor(&name, v.shape, &v.data);
+                check(&t)?;
+                Ok(t)
+            })
+            .collect()
+    }
+}
+
+/// Reads a safetensors body.
+pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<TensorData>, WireError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| WireError::Body(format!("safetensors: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.iter() {
+        let dtype = match view.dtype() {
+            StDtype::F32 => Dtype::F32,
+            StDtype::F64 => Dtype::F64,
+            StDtype::I32 => Dtype::I32,
+            StDtype::I64 => Dtype::I64,
+            StDtype::U8 => Dtype::U8,
+            other => {
+                return Err(WireError::Tensor {
+                    name: name.to_string(),
+                    message: format!("dtype {other:?} is not supported"),
+                })
+            }
+        };
+        out.push(TensorData {
+            name: name.to_string(),
+            dtype,
+            shape: view.shape().iter().map(|&d| d as u64).collect(),
+            data: view.data().to_vec(),
+        });
+    }
+    // safetensors orders by name; keep that (deterministic).
+    Ok(out)
+}
+
+pub fn to_safetensors(tensors: &[TensorData]) -> Result<Vec<u8>, WireError> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            let dtype = match t.dtype {
+                Dtype::F32 => StDtype::F32,
+                Dtype::F64 => StDtype::F64,
+                Dtype::I32 => StDtype::I32,
+                Dtype::I64 => StDtype::I64,
+                Dtype::U8 => StDtype::U8,
+                Dtype::I8 => StDtype::I8,
+            };
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            TensorView::new(dtype, shape, &t.data)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| WireError::Tensor { name: t.name.clone(), message: e.to_string() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| WireError::Body(e.to_string()))
+}
+
+/// Rows `[start, end)` of a tensor along its first axis.
+pub fn rows(t: &TensorData, start: u64, end: u64) -> TensorData {
+    let rows = t.shape.first().copied().unwrap_or(1).max(1);
+    let row_bytes = t.data.len() as u64 / rows;
+    let mut shape = t.shape.clone();
+    if let Some(first) = shape.first_mut() {
+        *first = end - start;
+    }
+    TensorData {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape,
+        data: t.data[(start * row_bytes) as usize..(end * row_bytes) as usize].to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_safetensors_carry_the_same_tensor() {
+        let req: InferRequest =
+            serde_json::from_str(r#"{"shape": [2, 2], "data": [1, 2, 3, 4.5]}"#).expect("single tensor form");
+        let t = req.into_tensors(&["x".into()]).expect("one input");
+        assert_eq!(f32_values(&t[0]).expect("f32"), [1.0, 2.0, 3.0, 4.5]);
+        let back = from_safetensors(&to_safetensors(&t).expect("encode")).expect("decode");
+        assert_eq!(back.len(), 1);
+        assert_eq!((&back[0].name, &back[0].shape, &back[0].data), (&t[0].name, &t[0].shape, &t[0].data));
+        assert_eq!(f32_values(&rows(&t[0], 1, 2)).expect("f32"), [3.0, 4.5]);
+    }
+
+    #[test]
+    fn a_shape_that_does_not_fit_the_data_is_named() {
+        let req: InferRequest =
+            serde_json::from_str(r#"{"inputs": {"x": {"shape": [3], "data": [1, 2]}}}"#).expect("named form");
+        let err = req.into_tensors(&["x".into()]).expect_err("3 != 2");
+        assert_eq!(err.to_string(), "tensor `x`: shape [3] of f32 needs 12 bytes, got 8");
+        let req: InferRequest = serde_json::from_str(r#"{"shape": [1], "data": [1]}"#).expect("single");
+        let err = req.into_tensors(&["a".into(), "b".into()]).expect_err("two inputs");
+        assert!(err.to_string().contains("name them in `inputs`"), "{err}");
+    }
+}

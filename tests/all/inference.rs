@@ -1,0 +1,290 @@
+//! Inference: split inference's cuts and halves (the test CNN, through the splitter plugin),
+//! `nereid model split|plan`, the exported MLP, and joint inference through a cloud outage.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nereid::inference::export::to_onnx;
+use nereid::inference::wire::{f32_tensor, f32_values};
+use nereid::inference::{profile, NativeModel};
+use nereid::runtime::{Limits, SplitterPlugin, TensorData};
+use nereid::train::model::ModelSpec;
+use nereid_onnx::Message;
+
+use crate::cluster::{http, Cluster};
+use crate::common::*;
+
+/// The test CNN (tests/fixtures/models/cnn.py: 21 nodes, 7 convolutions, a residual block).
+pub fn write_cnn(path: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/cnn.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(path)
+        .output()
+        .expect("python3 (the `onnx` package: `cargo xtask test` installs it)");
+    assert!(out.status.success(), "building the test CNN: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn image(seed: u32) -> TensorData {
+    let values: Vec<f32> =
+        (0..3 * 64 * 64).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+    f32_tensor("image", vec![1, 3, 64, 64], &values)
+}
+
+fn nereid(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(args)
+        .env("NEREID_PLUGIN_DIR", plugin_dir())
+        .output()
+        .expect("nereid")
+}
+
+#[test]
+fn split_halves_equal_the_whole_model_at_every_cut() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("cnn.onnx");
+    write_cnn(&path);
+    let onnx = std::fs::read(&path).expect("model");
+    let profiled = profile::profile(&onnx, 2).expect("profiled");
+    let typed = profiled.model.encode();
+    let cuts = profiled.model.cuts();
+    assert!(cuts.len() >= 15, "{} cuts", cuts.len());
+    assert!(cuts.iter().any(|c| c.len() == 2), "a cut inside the residual block carries both branches: {cuts:?}");
+
+    let (runtime, _cache) = runtime();
+    let mut splitter = SplitterPlugin::load(&runtime, &plugin("split-infer"), Limits::default(), &Default::default())
+        .expect("splitter");
+    let full = NativeModel::new(&onnx).expect("whole model");
+    let inputs = [image(1), image(2)];
+    let expected: Vec<Vec<f32>> =
+        inputs.iter().map(|x| f32_values(&full.run(std::slice::from_ref(x)).expect("run")[0]).expect("f32")).collect();
+    for cut in &cuts {
+        let (head, tail) = splitter.partition(&typed, cut).expect("every enumerated cut partitions");
+        let head = head.map(|h| NativeModel::new(&h).expect("ONNX Runtime loads the head"));
+        let tail = tail.map(|t| NativeModel::new(&t).expect("ONNX Runtime loads the tail"));
+        for (x, want) in inputs.iter().zip(&expected) {
+            let mut activations = match &head {
+                Some(h) => h.run(std::slice::from_ref(x)).expect("head runs"),
+                None => Vec::new(),
+            };
+            if cut.contains(&x.name) {
+                activations.push(x.clone());
+            }
+            let got = match &tail {
+                Some(t) => t.run(&activations).expect("tail runs"),
+                None => activations,
+            };
+            let got = f32_values(&got[0]).expect("f32");
+            assert_eq!(got.len(), want.len());
+            let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5, "cut {cut:?}: outputs differ by {worst}");
+        }
+    }
+}
+
+#[test]
+fn model_split_writes_halves_and_refuses_one_branch_of_a_residual_block() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("cnn.onnx");
+    write_cnn(&path);
+    let (head, tail) = (dir.path().join("head.onnx"), dir.path().join("tail.onnx"));
+    let model = path.to_str().expect("utf-8");
+    let (h, t) = (head.to_str().expect("utf-8"), tail.to_str().expect("utf-8"));
+
+    let out = nereid(&["model", "split", model, "--cut", "conv4", "--head", h, "--tail", t]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the cut does not separate input `image` from output `probabilities`"),
+        "the error says why: {stderr}"
+    );
+    assert!(!head.exists() && !tail.exists(), "nothing written for a refused cut");
+
+    let out = nereid(&["model", "split", model, "--cut", "pool1,conv4", "--head", h, "--tail", t, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // conv1 relu1 conv2 relu2 pool1 conv3 relu3 conv4 | residual relu4 conv5 ... softmax
+    assert_eq!(report["head"]["nodes"], 8, "{report}");
+    assert_eq!(report["tail"]["nodes"], 13, "{report}");
+    let head = NativeModel::new(&std::fs::read(&head).expect("head")).expect("ONNX Runtime loads the head");
+    assert_eq!(head.outputs, ["pool1", "conv4"]);
+    NativeModel::new(&std::fs::read(&tail).expect("tail")).expect("ONNX Runtime loads the tail");
+}
+
+#[test]
+fn model_plan_lists_the_cuts_best_first() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("cnn.onnx");
+    write_cnn(&path);
+    let plan = |bandwidth: &str, rtt: &str, speedup: &str| -> serde_json::Value {
+        let model = path.to_str().expect("utf-8");
+        let out = nereid(&[
+            "model",
+            "plan",
+            model,
+            "--bandwidth",
+            bandwidth,
+            "--rtt-ms",
+            rtt,
+            "--cloud-speedup",
+            speedup,
+            "--runs",
+            "5",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    for (bandwidth, rtt, speedup) in [("0.1", "1", "1"), ("10000", "0", "1000")] {
+        let p = plan(bandwidth, rtt, speedup);
+        let cuts = p["cuts"].as_array().expect("cuts");
+        assert!(cuts.len() >= 15);
+        let predicted: Vec<f64> = cuts.iter().map(|c| c["predicted_ms"].as_f64().expect("number")).collect();
+        assert!(predicted.windows(2).all(|w| w[0] <= w[1]), "best first: {predicted:?}");
+        assert_eq!(p["chosen"], cuts[0]["cut"]);
+        for c in cuts {
+            let sum = c["edge_ms"].as_f64().unwrap_or(0.0)
+                + c["transfer_ms"].as_f64().unwrap_or(0.0)
+                + c["cloud_ms"].as_f64().unwrap_or(0.0);
+            assert!((sum - c["predicted_ms"].as_f64().unwrap_or(0.0)).abs() < 1e-6, "{c}");
+        }
+    }
+    // At 0.1 Mbit/s and equal machines nothing beats keeping the whole model on the edge.
+    assert_eq!(plan("0.1", "1", "1")["chosen"], serde_json::json!(["probabilities"]));
+    // A 1000x faster cloud behind a 10 Gbit/s link with no latency: the edge should not run
+    // everything (the input crosses in 0.04 ms, the model takes ~0.5 ms here).
+    assert_ne!(plan("10000", "0", "1000")["chosen"], serde_json::json!(["probabilities"]));
+}
+
+#[test]
+fn the_exported_mlp_computes_what_the_trainer_computes() {
+    use candle_core::{Device, Tensor as CTensor};
+    let cnn = ModelSpec::Cnn { input_shape: [1, 8, 8], conv: vec![4, 8], hidden: vec![16], classes: 10 };
+    let refused = to_onnx(&cnn, &cnn.init(7)).expect_err("CNN export is refused");
+    assert!(refused.to_string().contains("candle"), "{refused}");
+    for spec in [
+        ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 },
+        ModelSpec::Mlp { inputs: 64, hidden: vec![], classes: 10 },
+        ModelSpec::Cnn { input_shape: [1, 8, 8], conv: vec![4], hidden: vec![16], classes: 10 },
+    ] {
+        let weights = spec.init(7);
+        let onnx = to_onnx(&spec, &weights).expect("exports").encode_to_vec();
+        let native = NativeModel::new(&onnx).expect("ONNX Runtime loads it");
+        let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37) % 17) as f32 / 8.0).collect();
+        let got = f32_values(&native.run(&[f32_tensor("input", vec![3, 64], &x)]).expect("run")[0]).expect("f32");
+        let net = nereid::train::model::Network::from_tensors(&spec, &weights).expect("network");
+        let logits = net.forward(&CTensor::from_vec(x, (3, 64), &Device::Cpu).expect("tensor")).expect("forward");
+        let want: Vec<f32> =
+            candle_nn::ops::softmax(&logits, 1).expect("softmax").flatten_all().expect("flat").to_vec1().expect("vec");
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "{spec:?}: {worst}");
+    }
+}
+
+fn write_model(dir: &Path, name: &str, seed: u64) {
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![16], classes: 10 };
+    let onnx = to_onnx(&spec, &spec.init(seed)).expect("exports").encode_to_vec();
+    std::fs::create_dir_all(dir.join(name)).expect("mkdir");
+    std::fs::write(dir.join(name).join("model.onnx"), onnx).expect("write");
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let (_, body) = http("GET", url, None, Vec::new());
+    let text = String::from_utf8(body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+fn infer(url: &str, row: usize) -> serde_json::Value {
+    let data: Vec<f32> = (0..64).map(|i| ((i + row) % 16) as f32).collect();
+    let body = serde_json::to_vec(&serde_json::json!({"shape": [1, 64], "data": data})).expect("json");
+    let (code, body) = http("POST", url, None, body);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).expect("json answer")
+}
+
+#[test]
+fn joint_inference_answers_through_a_cloud_outage_and_loses_no_hard_example() {
+    let mut cluster = Cluster::new(1, "models = \"models\"\n[services.digits]\nmodel = \"big\"\n");
+    let models = cluster.path("models");
+    write_model(&models, "small", 1);
+    write_model(&models, "big", 2);
+    let edge_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let (name, token) = cluster.nodes[0].clone();
+    let router = plugin("hard-example-mining");
+    std::fs::write(
+        cluster.path(&format!("{name}/edge.toml")),
+        format!(
+            "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
+             listen = \"127.0.0.1:{edge_port}\"\nmodels = \"{}\"\noutbox_retry_ms = 100\n\
+             [services.digits]\nkind = \"joint\"\nmodel = \"small\"\ncloud_timeout_ms = 1000\n\
+             router = {{ plugin = \"{}\", config = {{ policy = \"cloud-only\" }} }}\n",
+            cluster.port,
+            models.display(),
+            router.display()
+        ),
+    )
+    .expect("edge.toml");
+    cluster.start_cloud();
+    cluster.start_edge(0);
+    let edge = format!("http://127.0.0.1:{edge_port}");
+    let t = Instant::now();
+    while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the edge did not start: {}",
+            log(&cluster.path(&format!("{name}.log")))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("{edge}/v1/infer/digits");
+    let small = NativeModel::new(&std::fs::read(models.join("small/model.onnx")).expect("small")).expect("small");
+    let big = NativeModel::new(&std::fs::read(models.join("big/model.onnx")).expect("big")).expect("big");
+    let expect = |model: &NativeModel, row: usize| -> Vec<f32> {
+        let data: Vec<f32> = (0..64).map(|i| ((i + row) % 16) as f32).collect();
+        f32_values(&model.run(&[f32_tensor("input", vec![1, 64], &data)]).expect("run")[0]).expect("f32")
+    };
+    let close = |a: &serde_json::Value, b: &[f32]| {
+        let a: Vec<f32> = a.as_array().expect("data").iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect();
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    };
+
+    for row in 0..3 {
+        let r = infer(&url, row);
+        assert_eq!(r["computed"], "cloud", "{r}");
+        assert_eq!(r["results"][0]["route"], "cloud");
+        assert!(close(&r["outputs"][0]["data"], &expect(&big, row)), "the cloud's model answered: {r}");
+    }
+    cluster.kill_cloud();
+    for row in 3..7 {
+        let r = infer(&url, row);
+        assert_eq!(r["computed"], "edge", "{r}");
+        assert_eq!(r["results"][0]["queued"], true, "marked: {r}");
+        assert!(close(&r["outputs"][0]["data"], &expect(&small, row)), "the edge's model answered: {r}");
+    }
+    assert_eq!(metric(&format!("{edge}/metrics"), "nereid_outbox_pending"), 4.0);
+    cluster.start_cloud();
+    let t = Instant::now();
+    while metric(&format!("{edge}/metrics"), "nereid_outbox_pending") > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the outbox did not drain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = http("GET", &cluster.url("/v1/infer/digits/hard-examples"), Some(&cluster.admin), Vec::new());
+    assert_eq!(code, 200);
+    let kept: Vec<(String, i64)> = serde_json::from_slice(&body).expect("json");
+    assert_eq!(kept.len(), 7, "every hard example reached the cloud once: {kept:?}");
+    assert!(kept.iter().all(|(n, _)| n == &name));
+    let m = format!("{edge}/metrics");
+    assert_eq!(metric(&m, "nereid_inferences_total{service=\"digits\"}"), 7.0);
+    assert_eq!(metric(&m, "nereid_hard_examples_total{service=\"digits\"}"), 7.0);
+    assert_eq!(metric(&m, "nereid_upload_ratio{service=\"digits\"}"), 1.0);
+    assert_eq!(metric(&m, "nereid_cloud_fallbacks_total{service=\"digits\"}"), 4.0);
+    assert_eq!(metric(&m, "nereid_outbox_delivered_total"), 4.0);
+    assert_eq!(metric(&m, "nereid_inference_latency_seconds_count{service=\"digits\",route=\"cloud\"}"), 3.0);
+    assert_eq!(metric(&m, "nereid_inference_latency_seconds_count{service=\"digits\",route=\"edge\"}"), 4.0);
+}
+
+fn log(path: &PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
