@@ -11,7 +11,7 @@ use nereid::runtime::{Limits, SplitterPlugin, TensorData};
 use nereid::train::model::ModelSpec;
 use nereid_onnx::Message;
 
-use crate::cluster::{http, Cluster};
+use crate::cluster::{block, http, Cluster};
 use crate::common::*;
 
 /// The test CNN (tests/fixtures/models/cnn.py: 21 nodes, 7 convolutions, a residual block).
@@ -287,4 +287,112 @@ fn joint_inference_answers_through_a_cloud_outage_and_loses_no_hard_example() {
 
 fn log(path: &PathBuf) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced_cut() {
+    let mut cluster = Cluster::new(1, "models = \"models\"\n[services.camera]\nmodel = \"cnn\"\n");
+    let models = cluster.path("models");
+    std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
+    write_cnn(&models.join("cnn/model.onnx"));
+    let edge_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let (name, token) = cluster.nodes[0].clone();
+    std::fs::write(
+        cluster.path(&format!("{name}/edge.toml")),
+        format!(
+            "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
+             listen = \"127.0.0.1:{edge_port}\"\nmodels = \"{}\"\n\
+             [services.camera]\nkind = \"split\"\nmodel = \"cnn\"\nsplitter = {{ plugin = \"{}\" }}\n",
+            cluster.port,
+            models.display(),
+            plugin("split-infer").display()
+        ),
+    )
+    .expect("edge.toml");
+    cluster.start_cloud();
+    cluster.start_edge(0);
+    let edge = format!("http://127.0.0.1:{edge_port}");
+    let t = Instant::now();
+    while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the edge did not start: {}",
+            log(&cluster.path(&format!("{name}.log")))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let full = NativeModel::new(&std::fs::read(models.join("cnn/model.onnx")).expect("cnn")).expect("cnn");
+    let x = image(5);
+    let want = f32_values(&full.run(std::slice::from_ref(&x)).expect("run")[0]).expect("f32");
+    let body =
+        serde_json::to_vec(&serde_json::json!({"shape": x.shape, "data": f32_values(&x).expect("f32")})).expect("json");
+    let check = |r: &serde_json::Value| {
+        let got: Vec<f32> = r["outputs"][0]["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect();
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(got.len() == want.len() && worst <= 1e-5, "{worst}: {r}");
+    };
+
+    let url = format!("{edge}/v1/infer/camera");
+    let (code, planned) = http("POST", &url, None, body.clone());
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&planned));
+    let planned: serde_json::Value = serde_json::from_slice(&planned).expect("json");
+    check(&planned);
+    let (code, plan) = http("GET", &format!("{edge}/v1/infer/camera/plan"), None, Vec::new());
+    assert_eq!(code, 200);
+    let plan: serde_json::Value = serde_json::from_slice(&plan).expect("json");
+    assert_eq!(plan["cut"], planned["cut"], "the answer used the plan's cut");
+    assert!(plan["cuts"].as_array().expect("cuts").len() >= 15);
+
+    // A forced cut inside the residual block: head on the edge (through the plugin and wasi-nn),
+    // tail in the cloud.
+    let forced = block(async {
+        reqwest::Client::new()
+            .post(&url)
+            .header("x-nereid-cut", "pool1,conv4")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json")
+    });
+    assert_eq!(forced["computed"], "split", "{forced}");
+    check(&forced);
+    let cloud_only = block(async {
+        reqwest::Client::new()
+            .post(&url)
+            .header("x-nereid-cut", "image")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json")
+    });
+    assert_eq!(cloud_only["computed"], "cloud", "{cloud_only}");
+    check(&cloud_only);
+
+    // The cloud down: the edge runs the whole model and says so.
+    cluster.kill_cloud();
+    let down = block(async {
+        reqwest::Client::new()
+            .post(&url)
+            .header("x-nereid-cut", "pool1,conv4")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json")
+    });
+    assert_eq!((down["computed"].clone(), down["fallback"].clone()), ("edge".into(), true.into()), "{down}");
+    check(&down);
 }
