@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -315,12 +314,7 @@ pub struct LoadedJob {
 pub type Fetch<'a> = &'a dyn Fn(&str, &Path) -> Result<Fetched, ComponentError>;
 
 fn limits(section: &PluginSection) -> Limits {
-    let d = Limits::default();
-    Limits {
-        call_timeout: section.timeout_ms.map_or(d.call_timeout, Duration::from_millis),
-        memory_bytes: section.memory_mib.map_or(d.memory_bytes, |m| m << 20),
-        tensor_bytes: d.tensor_bytes,
-    }
+    Limits::with_overrides(section.timeout_ms, section.memory_mib)
 }
 
 fn read(path: &Path) -> Result<String, JobError> {

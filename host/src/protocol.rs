@@ -13,6 +13,15 @@ use crate::runtime::config::ConfigTable;
 use crate::train::{ModelSpec, TrainParams};
 
 /// Safetensors header keys of an uploaded update.
+/// Headers of the edge-cloud inference protocol: the cut a tail starts at, the digest of the
+/// model the edge cut, a hard example's outbox id and when it was queued, and the cloud's
+/// compute time (so the edge can tell transfer time from it).
+pub const CUT_HEADER: &str = "x-nereid-cut";
+pub const DIGEST_HEADER: &str = "x-nereid-model-digest";
+pub const EXAMPLE_HEADER: &str = "x-nereid-example-id";
+pub const QUEUED_HEADER: &str = "x-nereid-queued-ms";
+pub const COMPUTE_HEADER: &str = "x-nereid-compute-ms";
+
 pub const META_NUM_EXAMPLES: &str = "nereid.num_examples";
 pub const META_METRICS: &str = "nereid.metrics";
 

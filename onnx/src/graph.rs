@@ -133,12 +133,7 @@ impl Model {
         let g = self.graph();
         let init = self.initializers();
         let inputs: Vec<&str> = self.runtime_inputs().into_iter().map(|v| v.name.as_str()).collect();
-        let producer: HashMap<&str, usize> = g
-            .node
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| n.output.iter().filter(|t| !t.is_empty()).map(move |t| (t.as_str(), i)))
-            .collect();
+        let producer = producers(&g.node);
         if cut.is_empty() {
             return Err(OnnxError::BadCut("the cut names no tensor".into()));
         }
@@ -318,16 +313,20 @@ fn subgraph_reads(nodes: &[crate::proto::NodeProto]) -> Vec<&str> {
     out
 }
 
+/// The index of the node that produces each tensor.
+fn producers(nodes: &[crate::proto::NodeProto]) -> HashMap<&str, usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().filter(|t| !t.is_empty()).map(move |t| (t.as_str(), i)))
+        .collect()
+}
+
 /// Orders the nodes so each comes after the producers of its inputs (Kahn's algorithm, stable:
 /// a model already in order is left as it is).
 fn sort_topologically(graph: &mut GraphProto) -> Result<(), OnnxError> {
     let n = graph.node.len();
-    let producer: HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, node)| node.output.iter().filter(|t| !t.is_empty()).map(move |t| (t.as_str(), i)))
-        .collect();
+    let producer = producers(&graph.node);
     let mut pending = vec![0usize; n];
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, node) in graph.node.iter().enumerate() {

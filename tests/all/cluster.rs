@@ -185,10 +185,40 @@ impl Cluster {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        let (_, body) = http("GET", &self.url("/metrics"), None, Vec::new());
-        let text = String::from_utf8(body).expect("utf-8");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        metric(&self.url("/metrics"), name)
     }
+
+    /// Writes edge `i`'s edge.toml (its name, cloud, token and state, a free listen port, then
+    /// `rest`), starts it and waits until it serves; returns its base URL.
+    pub fn start_serving_edge(&mut self, i: usize, rest: &str) -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let (name, token) = self.nodes[i].clone();
+        std::fs::write(
+            self.path(&format!("{name}/edge.toml")),
+            format!(
+                "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
+                 listen = \"127.0.0.1:{port}\"\n{rest}",
+                self.port
+            ),
+        )
+        .expect("edge.toml");
+        self.start_edge(i);
+        let edge = format!("http://127.0.0.1:{port}");
+        let t = Instant::now();
+        while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
+            let log = std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default();
+            assert!(t.elapsed() < Duration::from_secs(30), "the edge did not start: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        edge
+    }
+}
+
+/// The value of one Prometheus sample (`name` with its labels) at `url`.
+pub fn metric(url: &str, name: &str) -> f64 {
+    let (_, body) = http("GET", url, None, Vec::new());
+    let text = String::from_utf8(body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
 }

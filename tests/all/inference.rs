@@ -1,6 +1,6 @@
 //! Inference: split inference's cuts and halves (the test CNN, through the splitter plugin),
 //! `nereid model split|plan`, the exported MLP, and joint inference through a cloud outage.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use nereid::runtime::{Limits, SplitterPlugin, TensorData};
 use nereid::train::model::ModelSpec;
 use nereid_onnx::Message;
 
-use crate::cluster::{block, http, Cluster};
+use crate::cluster::{block, http, metric, Cluster};
 use crate::common::*;
 
 /// The test CNN (tests/fixtures/models/cnn.py: 21 nodes, 7 convolutions, a residual block).
@@ -188,14 +188,6 @@ fn write_model(dir: &Path, name: &str, seed: u64) {
     std::fs::write(dir.join(name).join("model.onnx"), onnx).expect("write");
 }
 
-fn metric(url: &str, name: &str) -> f64 {
-    let (_, body) = http("GET", url, None, Vec::new());
-    let text = String::from_utf8(body).expect("utf-8");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-}
-
 fn infer(url: &str, row: usize) -> serde_json::Value {
     let data: Vec<f32> = (0..64).map(|i| ((i + row) % 16) as f32).collect();
     let body = serde_json::to_vec(&serde_json::json!({"shape": [1, 64], "data": data})).expect("json");
@@ -210,34 +202,19 @@ fn joint_inference_answers_through_a_cloud_outage_and_loses_no_hard_example() {
     let models = cluster.path("models");
     write_model(&models, "small", 1);
     write_model(&models, "big", 2);
-    let edge_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let (name, token) = cluster.nodes[0].clone();
     let router = plugin("hard-example-mining");
-    std::fs::write(
-        cluster.path(&format!("{name}/edge.toml")),
-        format!(
-            "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
-             listen = \"127.0.0.1:{edge_port}\"\nmodels = \"{}\"\noutbox_retry_ms = 100\n\
+    cluster.start_cloud();
+    let edge = cluster.start_serving_edge(
+        0,
+        &format!(
+            "models = \"{}\"\noutbox_retry_ms = 100\n\
              [services.digits]\nkind = \"joint\"\nmodel = \"small\"\ncloud_timeout_ms = 1000\n\
              router = {{ plugin = \"{}\", config = {{ policy = \"cloud-only\" }} }}\n",
-            cluster.port,
             models.display(),
             router.display()
         ),
-    )
-    .expect("edge.toml");
-    cluster.start_cloud();
-    cluster.start_edge(0);
-    let edge = format!("http://127.0.0.1:{edge_port}");
-    let t = Instant::now();
-    while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the edge did not start: {}",
-            log(&cluster.path(&format!("{name}.log")))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    );
+    let name = cluster.nodes[0].0.clone();
     let url = format!("{edge}/v1/infer/digits");
     let small = NativeModel::new(&std::fs::read(models.join("small/model.onnx")).expect("small")).expect("small");
     let big = NativeModel::new(&std::fs::read(models.join("big/model.onnx")).expect("big")).expect("big");
@@ -285,8 +262,18 @@ fn joint_inference_answers_through_a_cloud_outage_and_loses_no_hard_example() {
     assert_eq!(metric(&m, "nereid_inference_latency_seconds_count{service=\"digits\",route=\"edge\"}"), 4.0);
 }
 
-fn log(path: &PathBuf) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// The JSON answer of the edge to `body` at the cut `cut` (the `x-nereid-cut` header).
+fn infer_at_cut(url: &str, cut: &str, body: &[u8]) -> serde_json::Value {
+    block(async {
+        let r = reqwest::Client::new()
+            .post(url)
+            .header("x-nereid-cut", cut)
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("post");
+        r.json::<serde_json::Value>().await.expect("json")
+    })
 }
 
 #[test]
@@ -295,32 +282,16 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
     let models = cluster.path("models");
     std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
     write_cnn(&models.join("cnn/model.onnx"));
-    let edge_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let (name, token) = cluster.nodes[0].clone();
-    std::fs::write(
-        cluster.path(&format!("{name}/edge.toml")),
-        format!(
-            "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
-             listen = \"127.0.0.1:{edge_port}\"\nmodels = \"{}\"\n\
-             [services.camera]\nkind = \"split\"\nmodel = \"cnn\"\nsplitter = {{ plugin = \"{}\" }}\n",
-            cluster.port,
+    cluster.start_cloud();
+    let edge = cluster.start_serving_edge(
+        0,
+        &format!(
+            "models = \"{}\"\n[services.camera]\nkind = \"split\"\nmodel = \"cnn\"\n\
+             splitter = {{ plugin = \"{}\" }}\n",
             models.display(),
             plugin("split-infer").display()
         ),
-    )
-    .expect("edge.toml");
-    cluster.start_cloud();
-    cluster.start_edge(0);
-    let edge = format!("http://127.0.0.1:{edge_port}");
-    let t = Instant::now();
-    while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the edge did not start: {}",
-            log(&cluster.path(&format!("{name}.log")))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    );
     let full = NativeModel::new(&std::fs::read(models.join("cnn/model.onnx")).expect("cnn")).expect("cnn");
     let x = image(5);
     let want = f32_values(&full.run(std::slice::from_ref(&x)).expect("run")[0]).expect("f32");
@@ -350,49 +321,16 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
 
     // A forced cut inside the residual block: head on the edge (through the plugin and wasi-nn),
     // tail in the cloud.
-    let forced = block(async {
-        reqwest::Client::new()
-            .post(&url)
-            .header("x-nereid-cut", "pool1,conv4")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("post")
-            .json::<serde_json::Value>()
-            .await
-            .expect("json")
-    });
+    let forced = infer_at_cut(&url, "pool1,conv4", &body);
     assert_eq!(forced["computed"], "split", "{forced}");
     check(&forced);
-    let cloud_only = block(async {
-        reqwest::Client::new()
-            .post(&url)
-            .header("x-nereid-cut", "image")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("post")
-            .json::<serde_json::Value>()
-            .await
-            .expect("json")
-    });
+    let cloud_only = infer_at_cut(&url, "image", &body);
     assert_eq!(cloud_only["computed"], "cloud", "{cloud_only}");
     check(&cloud_only);
 
     // The cloud down: the edge runs the whole model and says so.
     cluster.kill_cloud();
-    let down = block(async {
-        reqwest::Client::new()
-            .post(&url)
-            .header("x-nereid-cut", "pool1,conv4")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("post")
-            .json::<serde_json::Value>()
-            .await
-            .expect("json")
-    });
+    let down = infer_at_cut(&url, "pool1,conv4", &body);
     assert_eq!((down["computed"].clone(), down["fallback"].clone()), ("edge".into(), true.into()), "{down}");
     check(&down);
 }

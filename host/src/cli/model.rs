@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use nereid::inference::profile;
 use nereid::runtime::{Limits, Runtime, SplitterPlugin};
-use nereid_onnx::{Link, Message, Profile};
+use nereid_onnx::{Link, Message};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
@@ -115,14 +115,13 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// The model with every tensor typed: as given if the cut's tensors already are, else measured
-/// by one run.
+/// The model with every tensor typed: as given if the cut's tensors already are, else measured.
 fn typed_model(path: &Path, bytes: &[u8], cut: &[String]) -> anyhow::Result<Vec<u8>> {
     let model = nereid_onnx::Model::decode(bytes).with_context(|| path.display().to_string())?;
     if cut.iter().all(|t| model.value_info(t).is_some()) {
         return Ok(model.encode());
     }
-    Ok(profile::profile(bytes, 1).with_context(|| format!("typing the tensors of {}", path.display()))?.model.encode())
+    Ok(profile::typed(bytes).with_context(|| format!("typing the tensors of {}", path.display()))?.model.encode())
 }
 
 fn split(args: SplitArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -174,11 +173,8 @@ fn plan(args: PlanArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let bytes = read(&args.model)?;
     let profiled =
         profile::profile(&bytes, args.runs).with_context(|| format!("profiling {}", args.model.display()))?;
-    let profile = Profile {
-        cloud_ms: profiled.node_ms.iter().map(|(n, ms)| (n.clone(), ms / args.cloud_speedup)).collect(),
-        edge_ms: profiled.node_ms.clone(),
-        tensor_bytes: profiled.tensor_bytes.clone(),
-    };
+    let profile =
+        profiled.split_profile(profiled.node_ms.iter().map(|(n, ms)| (n.clone(), ms / args.cloud_speedup)).collect());
     let typed = profiled.model.encode();
     let runtime = Runtime::new(cache_dir)?;
     let mut splitter = args.splitter.load(&runtime)?;

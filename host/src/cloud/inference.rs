@@ -3,7 +3,6 @@
 //! library the splitter plugin uses), the model's profile, and `/v1/ping` for link probes.
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -15,26 +14,25 @@ use axum::Json;
 use nereid_onnx::Message;
 
 use super::{err, ApiResult, Caller, Cloud};
-use crate::edge::services::{COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER};
-use crate::inference::profile::{self, Profiled};
+use crate::inference::profile::{self, Typed};
 use crate::inference::{wire, NativeModel};
-use crate::protocol::CloudServiceConfig;
+use crate::protocol::{CloudServiceConfig, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER};
 use crate::runtime::content_digest;
 
 struct CloudService {
     onnx: Vec<u8>,
     digest: String,
     full: NativeModel,
-    profiled: OnceLock<Result<Profiled, String>>,
+    /// Typed once, on the first tail request: what tails are cut from.
+    typed: OnceLock<Result<Typed, String>>,
+    /// Timed once, on the first profile request.
+    node_ms: OnceLock<Result<BTreeMap<String, f64>, String>>,
     tails: Mutex<HashMap<Vec<String>, Arc<NativeModel>>>,
 }
 
 #[derive(Default)]
 pub struct CloudInference {
     services: BTreeMap<String, Arc<CloudService>>,
-    pub requests: AtomicU64,
-    pub hard_examples: AtomicU64,
-    pub tails: AtomicU64,
 }
 
 impl CloudInference {
@@ -56,12 +54,13 @@ impl CloudInference {
                     digest: content_digest(&onnx),
                     onnx,
                     full,
-                    profiled: OnceLock::new(),
+                    typed: OnceLock::new(),
+                    node_ms: OnceLock::new(),
                     tails: Mutex::new(HashMap::new()),
                 }),
             );
         }
-        Ok(CloudInference { services: loaded, ..Default::default() })
+        Ok(CloudInference { services: loaded })
     }
 
     fn service(&self, name: &str) -> ApiResult<Arc<CloudService>> {
@@ -73,9 +72,16 @@ impl CloudInference {
 }
 
 impl CloudService {
-    fn profiled(&self) -> Result<&Profiled, String> {
-        self.profiled
-            .get_or_init(|| profile::profile(&self.onnx, 20).map_err(|e| e.to_string()))
+    fn typed(&self) -> Result<&Typed, String> {
+        self.typed.get_or_init(|| profile::typed(&self.onnx).map_err(|e| e.to_string())).as_ref().map_err(Clone::clone)
+    }
+
+    fn node_ms(&self) -> Result<&BTreeMap<String, f64>, String> {
+        self.node_ms
+            .get_or_init(|| {
+                let typed = self.typed()?;
+                profile::time(&typed.model, 20).map(|t| t.node_ms).map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -84,7 +90,7 @@ impl CloudService {
         if let Some(t) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get(cut) {
             return Ok(t.clone());
         }
-        let part = self.profiled()?.model.partition(cut).map_err(|e| e.to_string())?;
+        let part = self.typed()?.model.partition(cut).map_err(|e| e.to_string())?;
         let tail = part.tail.ok_or("the cut leaves nothing to run in the cloud (it is the model's outputs)")?;
         let model = Arc::new(NativeModel::new(&tail.encode_to_vec()).map_err(|e| e.to_string())?);
         self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(cut.to_vec(), model.clone());
@@ -94,6 +100,10 @@ impl CloudService {
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn tensors(body: &[u8]) -> ApiResult<Vec<crate::runtime::TensorData>> {
+    wire::from_safetensors(body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 fn answer(outputs: &[crate::runtime::TensorData], compute_ms: f64) -> ApiResult<Response> {
@@ -118,14 +128,13 @@ pub async fn infer(
 ) -> ApiResult<Response> {
     let node = cloud.node(&headers)?;
     let service = cloud.inference.service(&name)?;
-    cloud.inference.requests.fetch_add(1, Ordering::Relaxed);
-    let inputs = wire::from_safetensors(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let inputs = tensors(&body)?;
     if let Some(id) = header(&headers, EXAMPLE_HEADER) {
         let id: i64 =
             id.parse().map_err(|_| err(StatusCode::BAD_REQUEST, format!("{EXAMPLE_HEADER}: not an integer")))?;
         let queued: i64 = header(&headers, QUEUED_HEADER).and_then(|q| q.parse().ok()).unwrap_or(0);
-        if cloud.store.save_hard_example(&node, id, &name, &body, queued)? {
-            cloud.inference.hard_examples.fetch_add(1, Ordering::Relaxed);
+        if !cloud.store.save_hard_example(&node, id, &name, &body, queued)? {
+            tracing::debug!(node, id, service = name, "hard example redelivered: already kept");
         }
     }
     let t = Instant::now();
@@ -158,8 +167,7 @@ pub async fn tail(
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let inputs = wire::from_safetensors(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
-    cloud.inference.tails.fetch_add(1, Ordering::Relaxed);
+    let inputs = tensors(&body)?;
     let (outputs, compute_ms) = run_blocking(move || {
         let tail = service.tail(&cut)?;
         let t = Instant::now();
@@ -179,7 +187,7 @@ pub async fn profile(
     cloud.caller(&headers)?;
     let service = cloud.inference.service(&name)?;
     let s = service.clone();
-    let node_ms = run_blocking(move || s.profiled().map(|p| p.node_ms.clone())).await?;
+    let node_ms = run_blocking(move || s.node_ms().cloned()).await?;
     Ok(Json(serde_json::json!({ "digest": service.digest, "node_ms": node_ms })).into_response())
 }
 
@@ -196,7 +204,7 @@ pub async fn hard_examples(
     Ok(Json(cloud.store.hard_examples(&name)?).into_response())
 }
 
-/// `GET|POST /v1/ping`: an empty answer, for round-trip and bandwidth probes.
+/// `GET|POST /v1/ping`: the number of bytes received, for round-trip and bandwidth probes.
 pub async fn ping(body: Bytes) -> impl IntoResponse {
     body.len().to_string()
 }

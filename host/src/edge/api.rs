@@ -1,6 +1,6 @@
 //! The edge's HTTP API: `POST /v1/infer/<service>` (JSON or safetensors), `GET
 //! /v1/infer/<service>/plan` (split services), `GET /metrics`, `GET /v1/health`.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::services::{parse_body, Services, CUT_HEADER};
+use super::services::{is_bad_request, parse_body, ServiceMetrics, Services};
+use crate::protocol::CUT_HEADER;
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(serde_json::json!({ "error": message.to_string() }))).into_response()
@@ -26,7 +27,7 @@ async fn infer(
         return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
     };
     let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let inputs = match parse_body(content_type, &body, Services::inputs(&service)) {
+    let inputs = match parse_body(content_type, &body, service.inputs()) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     };
@@ -36,16 +37,8 @@ async fn infer(
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>());
     match services.infer(service, inputs, forced_cut).await {
         Ok(r) => Json(r).into_response(),
-        // The input reached the model and was refused (shape, type): the caller's fault.
-        Err(e) => {
-            let message = format!("{e:#}");
-            let status = if message.contains("refused") || message.contains("input") || message.contains("cut") {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            error(status, message)
-        }
+        Err(e) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
 
@@ -72,21 +65,23 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
             out.push_str(&format!("{name}{labels} {value}\n"));
         }
     };
-    let per = |f: &dyn Fn(&super::services::ServiceMetrics) -> String| -> Vec<(String, String)> {
+    let per = |f: &dyn Fn(&ServiceMetrics) -> String| -> Vec<(String, String)> {
         services.services.iter().map(|(n, s)| (format!("{{service=\"{n}\"}}"), f(&s.metrics))).collect()
     };
-    family(
-        "nereid_inferences_total",
-        "counter",
-        "Inference requests answered.",
-        per(&|m| m.inferences.load(Ordering::Relaxed).to_string()),
-    );
-    family(
-        "nereid_hard_examples_total",
-        "counter",
-        "Examples the router sent to the cloud (joint inference).",
-        per(&|m| m.hard_examples.load(Ordering::Relaxed).to_string()),
-    );
+    type Counter = fn(&ServiceMetrics) -> &AtomicU64;
+    let counters: [(&str, &str, Counter); 4] = [
+        ("nereid_inferences_total", "Inference requests answered.", |m| &m.inferences),
+        ("nereid_hard_examples_total", "Examples the router sent to the cloud (joint inference).", |m| {
+            &m.hard_examples
+        }),
+        ("nereid_cloud_fallbacks_total", "Requests the edge answered alone because the cloud was unreachable.", |m| {
+            &m.fallbacks
+        }),
+        ("nereid_split_plans_total", "Split plans made (the first, and one per link change).", |m| &m.replans),
+    ];
+    for (name, help, counter) in counters {
+        family(name, "counter", help, per(&|m| counter(m).load(Ordering::Relaxed).to_string()));
+    }
     family(
         "nereid_upload_ratio",
         "gauge",
@@ -100,18 +95,6 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
                 (h as f64 / n as f64).to_string()
             }
         }),
-    );
-    family(
-        "nereid_cloud_fallbacks_total",
-        "counter",
-        "Requests the edge answered alone because the cloud was unreachable.",
-        per(&|m| m.fallbacks.load(Ordering::Relaxed).to_string()),
-    );
-    family(
-        "nereid_split_plans_total",
-        "counter",
-        "Split plans made (the first, and one per link change).",
-        per(&|m| m.replans.load(Ordering::Relaxed).to_string()),
     );
     let mut sums = Vec::new();
     let mut counts = Vec::new();

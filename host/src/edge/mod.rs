@@ -45,18 +45,7 @@ pub async fn run(
         Some(listen) => {
             let components = Components::new(registry_cache.clone(), &config.registries)?;
             let store = std::sync::Arc::new(EdgeStore::open(&base.join(&config.state))?);
-            let services = services::Services::load(
-                &config.services,
-                &runtime,
-                config.models.as_ref().map(|m| base.join(m)).as_deref(),
-                &components,
-                base,
-                &config.cloud,
-                &config.token,
-                store,
-                Duration::from_millis(config.outbox_retry_ms),
-            )
-            .await?;
+            let services = services::Services::load(&config, base, &runtime, &components, store).await?;
             let listen = listen.clone();
             Some(tokio::spawn(async move { api::serve(&listen, std::sync::Arc::new(services)).await }))
         }

@@ -19,21 +19,33 @@ use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 
 use crate::components::Components;
-use crate::inference::profile::{self, Profiled};
+use crate::inference::profile;
 use crate::inference::wire::{self, InferRequest};
-use crate::protocol::{ServiceConfig, ServiceKind, ServicePlugin};
+use crate::protocol::{
+    EdgeConfig, ServiceConfig, ServiceKind, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER,
+};
 use crate::runtime::config::ConfigTable;
 use crate::runtime::{
     content_digest, CutPoint, Limits, LoadedComponent, Route, RouterPlugin, Runtime, SplitterPlugin, TensorData,
 };
 use crate::store::{now_ms, EdgeStore};
 
-/// Headers of the edge-cloud inference protocol.
-pub const CUT_HEADER: &str = "x-nereid-cut";
-pub const DIGEST_HEADER: &str = "x-nereid-model-digest";
-pub const EXAMPLE_HEADER: &str = "x-nereid-example-id";
-pub const QUEUED_HEADER: &str = "x-nereid-queued-ms";
-pub const COMPUTE_HEADER: &str = "x-nereid-compute-ms";
+/// An error the request caused (a missing input, a refused cut): the API answers 400. Plugins
+/// refusing an input (`PluginError::Rejected`) and the cloud refusing one count as such too.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+/// Whether `e` is the caller's fault (see [`BadRequest`]).
+pub fn is_bad_request(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<BadRequest>()
+            || matches!(
+                c.downcast_ref::<crate::runtime::PluginError>(),
+                Some(crate::runtime::PluginError::Rejected { .. })
+            )
+    })
+}
 
 /// Counters of one service, for `/metrics`.
 #[derive(Default)]
@@ -44,8 +56,6 @@ pub struct ServiceMetrics {
     pub replans: AtomicU64,
     /// Per route ("edge", "cloud", "split"): requests and their total seconds.
     pub latency: Mutex<BTreeMap<&'static str, (u64, f64)>>,
-    /// Bandwidth the current plan assumes, Mbit/s (split).
-    pub planned_bandwidth: Mutex<Option<f64>>,
 }
 
 impl ServiceMetrics {
@@ -140,7 +150,9 @@ impl CloudLink {
             Err(e) => return Ok(CloudCall::Unreachable(e.to_string())),
         };
         if status.is_client_error() {
-            bail!("cloud service `{}` refused: {status}: {}", self.service, String::from_utf8_lossy(&bytes));
+            let why =
+                format!("cloud service `{}` refused: {status}: {}", self.service, String::from_utf8_lossy(&bytes));
+            return Err(BadRequest(why).into());
         }
         if !status.is_success() {
             return Ok(CloudCall::Unreachable(format!("{status}: {}", String::from_utf8_lossy(&bytes))));
@@ -154,13 +166,11 @@ struct Joint {
     router: Mutex<RouterPlugin>,
 }
 
-/// The halves of one cut, ready to run.
+/// The halves of one cut, ready to run. Cut tensors that are model inputs are sent as they came.
 #[derive(Clone)]
 struct Halves {
     /// The head's name in the runtime's models (none for the cloud-only cut).
     head: Option<String>,
-    /// Cut tensors that are model inputs, sent as they came.
-    passthrough: Vec<String>,
     /// Whether anything runs in the cloud (not for the edge-only cut).
     has_tail: bool,
 }
@@ -173,15 +183,20 @@ struct Plan {
     cuts: Vec<CutPoint>,
 }
 
+/// What plans are made from, measured once: the model with every tensor typed (encoded, as the
+/// plugin takes it) and both sides' profile.
+struct Planning {
+    typed: Vec<u8>,
+    profile: nereid_onnx::Profile,
+}
+
 struct SplitState {
     plugin: SplitterPlugin,
-    profiled: Option<Profiled>,
-    cloud_ms: BTreeMap<String, f64>,
+    planning: Option<Planning>,
     plan: Option<Plan>,
     halves: HashMap<Vec<String>, Halves>,
     /// Exponentially weighted bandwidth seen on transfers, Mbit/s.
     measured_mbit_s: Option<f64>,
-    rtt_ms: f64,
 }
 
 struct Split {
@@ -196,9 +211,10 @@ struct Split {
     state: Mutex<SplitState>,
 }
 
+// Arcs, so a blocking task can hold its service's half without the whole service.
 enum Kind {
-    Joint(Box<Joint>),
-    Split(Box<Split>),
+    Joint(Arc<Joint>),
+    Split(Arc<Split>),
 }
 
 pub struct Service {
@@ -207,6 +223,13 @@ pub struct Service {
     cloud: CloudLink,
     kind: Kind,
     pub metrics: ServiceMetrics,
+}
+
+impl Service {
+    /// The model's input names.
+    pub fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
 }
 
 /// Every service of an edge, and the outbox they share.
@@ -219,15 +242,6 @@ pub struct Services {
     retry: Duration,
 }
 
-fn limits(p: &ServicePlugin) -> Limits {
-    let d = Limits::default();
-    Limits {
-        call_timeout: p.timeout_ms.map(Duration::from_millis).unwrap_or(d.call_timeout),
-        memory_bytes: p.memory_mib.map(|m| m << 20).unwrap_or(d.memory_bytes),
-        tensor_bytes: d.tensor_bytes,
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -237,23 +251,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
 }
 
 impl Services {
-    /// Loads every service of edge.toml: models, plugins (checked against their slots and
-    /// configured), cloud links. Errors name the service and the field.
-    #[allow(clippy::too_many_arguments)]
+    /// Loads every service of edge.toml (`base` is its directory): models, plugins (checked
+    /// against their slots and configured), cloud links. Errors name the service and the field.
     pub async fn load(
-        configs: &BTreeMap<String, ServiceConfig>,
-        runtime: &Runtime,
-        models_dir: Option<&Path>,
-        components: &Components,
+        edge: &EdgeConfig,
         base: &Path,
-        default_cloud: &str,
-        token: &str,
+        runtime: &Runtime,
+        components: &Components,
         store: Arc<EdgeStore>,
-        retry: Duration,
     ) -> anyhow::Result<Services> {
         let mut services = BTreeMap::new();
-        for (name, cfg) in configs {
-            let service = Self::load_one(name, cfg, runtime, models_dir, components, base, default_cloud, token)
+        for (name, cfg) in &edge.services {
+            let service = Self::load_one(name, cfg, edge, base, runtime, components)
                 .await
                 .with_context(|| format!("[services.{name}]"))?;
             services.insert(name.clone(), Arc::new(service));
@@ -264,22 +273,19 @@ impl Services {
             runtime: runtime.clone(),
             outbox_delivered: AtomicU64::new(0),
             outbox_wake: tokio::sync::Notify::new(),
-            retry,
+            retry: Duration::from_millis(edge.outbox_retry_ms),
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn load_one(
         name: &str,
         cfg: &ServiceConfig,
-        runtime: &Runtime,
-        models_dir: Option<&Path>,
-        components: &Components,
+        edge: &EdgeConfig,
         base: &Path,
-        default_cloud: &str,
-        token: &str,
+        runtime: &Runtime,
+        components: &Components,
     ) -> anyhow::Result<Service> {
-        let dir = models_dir.context("`models` (the model directory) is not set in edge.toml")?;
+        let dir = base.join(edge.models.as_ref().context("`models` (the model directory) is not set in edge.toml")?);
         let path = dir.join(&cfg.model).join("model.onnx");
         if !runtime.models().contains(&cfg.model) {
             bail!("model: `{}` is not in the model store ({} not found)", cfg.model, path.display());
@@ -309,16 +315,16 @@ impl Services {
         let fetched =
             components.fetch(&plugin_cfg.plugin, base, None).await.with_context(|| format!("{field}.plugin"))?;
         let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).with_context(|| format!("{field}.plugin"))?;
-        let limits = limits(plugin_cfg);
+        let limits = Limits::with_overrides(plugin_cfg.timeout_ms, plugin_cfg.memory_mib);
         let config: ConfigTable = plugin_cfg.config.clone();
         let kind = match cfg.kind {
-            ServiceKind::Joint => Kind::Joint(Box::new(Joint {
+            ServiceKind::Joint => Kind::Joint(Arc::new(Joint {
                 model: cfg.model.clone(),
                 router: Mutex::new(RouterPlugin::new(runtime, loaded, limits, &config).context("router")?),
             })),
             ServiceKind::Split => {
                 let plugin = SplitterPlugin::new(runtime, loaded.clone(), limits, &config).context("splitter")?;
-                Kind::Split(Box::new(Split {
+                Kind::Split(Arc::new(Split {
                     model: cfg.model.clone(),
                     digest: content_digest(&onnx),
                     onnx,
@@ -329,12 +335,10 @@ impl Services {
                     config,
                     state: Mutex::new(SplitState {
                         plugin,
-                        profiled: None,
-                        cloud_ms: BTreeMap::new(),
+                        planning: None,
                         plan: None,
                         halves: HashMap::new(),
                         measured_mbit_s: None,
-                        rtt_ms: 0.0,
                     }),
                 }))
             }
@@ -345,9 +349,9 @@ impl Services {
             inputs,
             cloud: CloudLink {
                 http,
-                base: cfg.cloud.clone().unwrap_or_else(|| default_cloud.to_string()),
+                base: cfg.cloud.clone().unwrap_or_else(|| edge.cloud.clone()),
                 service: cfg.cloud_service.clone().unwrap_or_else(|| name.to_string()),
-                token: token.to_string(),
+                token: edge.token.clone(),
                 timeout: Duration::from_millis(cfg.cloud_timeout_ms),
             },
             kind,
@@ -366,29 +370,39 @@ impl Services {
         inputs: Vec<TensorData>,
         forced_cut: Option<Vec<String>>,
     ) -> anyhow::Result<InferResponse> {
-        for name in &service.inputs {
-            if !inputs.iter().any(|t| &t.name == name) {
-                bail!("input `{name}` is missing (the model's inputs: {})", service.inputs.join(", "));
-            }
+        let expected = service.inputs.join(", ");
+        if let Some(missing) = service.inputs.iter().find(|name| !inputs.iter().any(|t| &t.name == *name)) {
+            return Err(BadRequest(format!("input `{missing}` is missing (the model's inputs: {expected})")).into());
         }
         if let Some(extra) = inputs.iter().find(|t| !service.inputs.contains(&t.name)) {
-            bail!("the model has no input `{}` (its inputs: {})", extra.name, service.inputs.join(", "));
+            return Err(BadRequest(format!("the model has no input `{}` (its inputs: {expected})", extra.name)).into());
         }
         service.metrics.inferences.fetch_add(1, Ordering::Relaxed);
         match &service.kind {
-            Kind::Joint(_) => self.joint(service.clone(), inputs).await,
-            Kind::Split(_) => self.split(service.clone(), inputs, forced_cut).await,
+            Kind::Joint(joint) => self.joint(&service, joint.clone(), inputs).await,
+            Kind::Split(split) => self.split(&service, split.clone(), inputs, forced_cut).await,
         }
     }
 
-    async fn joint(self: &Arc<Self>, service: Arc<Service>, inputs: Vec<TensorData>) -> anyhow::Result<InferResponse> {
+    /// Runs a blocking closure on the edge store (SQLite commits wait for the disk).
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EdgeStore) -> crate::store::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let store = self.store.clone();
+        blocking(move || Ok(f(&store)?)).await
+    }
+
+    async fn joint(
+        &self,
+        service: &Service,
+        joint: Arc<Joint>,
+        inputs: Vec<TensorData>,
+    ) -> anyhow::Result<InferResponse> {
         let t0 = Instant::now();
-        let svc = service.clone();
-        let batch_inputs = inputs.clone();
-        let (mut outputs, decisions) = blocking(move || {
-            let Kind::Joint(joint) = &svc.kind else { unreachable!("joint service") };
+        let (inputs, mut outputs, decisions) = blocking(move || {
             let mut router = lock(&joint.router);
-            let outputs = router.run(&joint.model, &batch_inputs)?;
+            let outputs = router.run(&joint.model, &inputs)?;
             let first = outputs.first().context("the edge model has no output")?;
             let rows = first.shape.first().copied().unwrap_or(1).max(1);
             let mut decisions = Vec::with_capacity(rows as usize);
@@ -398,7 +412,7 @@ impl Services {
                     .context("the edge model's output does not fit its shape")?;
                 decisions.push(router.decide(&tensor)?);
             }
-            Ok((outputs, decisions))
+            Ok((inputs, outputs, decisions))
         })
         .await?;
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -412,13 +426,13 @@ impl Services {
                 let body = wire::to_safetensors(&rows)?;
                 let queued_ms = now_ms();
                 // In the outbox before it leaves: a crash or an outage loses nothing.
-                let store = self.store.clone();
-                let (svc_name, stored) = (service.name.clone(), body.clone());
-                let id = blocking(move || Ok(store.enqueue(&svc_name, &stored, queued_ms)?)).await?;
+                let svc_name = service.name.clone();
+                let (id, body) =
+                    self.with_store(move |s| s.enqueue(&svc_name, &body, queued_ms).map(|id| (id, body))).await?;
                 let headers = [(EXAMPLE_HEADER, id.to_string()), (QUEUED_HEADER, queued_ms.to_string())];
                 match service.cloud.post("", body, &headers).await? {
                     CloudCall::Answered { outputs: cloud_out, .. } => {
-                        self.store.delivered(id)?;
+                        self.with_store(move |s| s.delivered(id)).await?;
                         for (out, c) in outputs.iter_mut().zip(cloud_out) {
                             replace_row(out, i as u64, &c)?;
                         }
@@ -471,8 +485,7 @@ impl Services {
 
     /// One pass; true if it delivered everything it tried.
     async fn deliver_once(&self) -> anyhow::Result<bool> {
-        let store = self.store.clone();
-        let rows = blocking(move || Ok(store.outbox(64)?)).await?;
+        let rows = self.with_store(|s| s.outbox(64)).await?;
         if rows.is_empty() {
             return Ok(false);
         }
@@ -484,7 +497,7 @@ impl Services {
             let headers = [(EXAMPLE_HEADER, row.id.to_string()), (QUEUED_HEADER, row.queued_ms.to_string())];
             match service.cloud.post("", row.input, &headers).await {
                 Ok(CloudCall::Answered { .. }) => {
-                    self.store.delivered(row.id)?;
+                    self.with_store(move |s| s.delivered(row.id)).await?;
                     self.outbox_delivered.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(service = %row.service, id = row.id, "outbox: hard example delivered");
                 }
@@ -493,7 +506,7 @@ impl Services {
                     // Refused for good (e.g. an input the cloud's model cannot take): keeping it
                     // would block the queue forever.
                     tracing::error!(service = %row.service, id = row.id, "outbox: dropped: {e:#}");
-                    self.store.delivered(row.id)?;
+                    self.with_store(move |s| s.delivered(row.id)).await?;
                 }
             }
         }
@@ -502,49 +515,51 @@ impl Services {
 
     async fn split(
         self: &Arc<Self>,
-        service: Arc<Service>,
+        service: &Arc<Service>,
+        split: Arc<Split>,
         inputs: Vec<TensorData>,
         forced_cut: Option<Vec<String>>,
     ) -> anyhow::Result<InferResponse> {
         let t0 = Instant::now();
-        let Kind::Split(split) = &service.kind else { unreachable!("split service") };
         let needs_plan = lock(&split.state).plan.is_none();
         if needs_plan {
-            self.plan(&service, None).await?;
+            self.plan(service, None).await?;
         }
         let cut = match forced_cut {
             Some(cut) => cut,
             None => lock(&split.state).plan.as_ref().map(|p| p.cut.clone()).context("no plan")?,
         };
-        let svc = service.clone();
-        let runtime = self.runtime.clone();
-        let head_inputs = inputs.clone();
-        let cut_for_head = cut.clone();
-        let (halves, activations) = blocking(move || {
-            let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
-            let mut state = lock(&split.state);
-            let halves = split.halves(&mut state, &runtime, &svc.name, &cut_for_head)?;
+        let (runtime, name, head_split, head_cut) =
+            (self.runtime.clone(), service.name.clone(), split.clone(), cut.clone());
+        let (inputs, halves, activations) = blocking(move || {
+            let mut state = lock(&head_split.state);
+            let halves = head_split.halves(&mut state, &runtime, &name, &head_cut)?;
             let mut activations = match &halves.head {
-                Some(head) => state.plugin.run(head, &head_inputs)?,
+                Some(head) => state.plugin.run(head, &inputs)?,
                 None => Vec::new(),
             };
-            activations.extend(head_inputs.into_iter().filter(|t| halves.passthrough.contains(&t.name)));
-            Ok((halves, activations))
+            // Cut tensors that are model inputs travel as they came.
+            activations.extend(inputs.iter().filter(|t| head_cut.contains(&t.name)).cloned());
+            Ok((inputs, halves, activations))
         })
         .await?;
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let answer =
+            |outputs: &[TensorData], computed: &'static str, fallback: bool| -> anyhow::Result<InferResponse> {
+                service.metrics.observe(computed, t0.elapsed());
+                Ok(InferResponse {
+                    service: service.name.clone(),
+                    outputs: named_values(outputs)?,
+                    computed,
+                    results: Vec::new(),
+                    cut: Some(cut.clone()),
+                    fallback,
+                    edge_ms,
+                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                })
+            };
         if !halves.has_tail {
-            service.metrics.observe("edge", t0.elapsed());
-            return Ok(InferResponse {
-                service: service.name.clone(),
-                outputs: named_values(&activations)?,
-                computed: "edge",
-                results: Vec::new(),
-                cut: Some(cut),
-                fallback: false,
-                edge_ms,
-                total_ms: t0.elapsed().as_secs_f64() * 1e3,
-            });
+            return answer(&activations, "edge", false);
         }
         let body = wire::to_safetensors(&activations)?;
         let upload = body.len();
@@ -553,52 +568,25 @@ impl Services {
         match service.cloud.post("/tail", body, &headers).await? {
             CloudCall::Answered { outputs, compute_ms } => {
                 let transfer_ms = sent.elapsed().as_secs_f64() * 1e3 - compute_ms;
-                self.observe_link(&service, upload, transfer_ms).await;
-                let computed = if halves.head.is_none() { "cloud" } else { "split" };
-                service.metrics.observe(if computed == "cloud" { "cloud" } else { "split" }, t0.elapsed());
-                Ok(InferResponse {
-                    service: service.name.clone(),
-                    outputs: named_values(&outputs)?,
-                    computed,
-                    results: Vec::new(),
-                    cut: Some(cut),
-                    fallback: false,
-                    edge_ms,
-                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
-                })
+                self.observe_link(service, &split, upload, transfer_ms).await;
+                answer(&outputs, if halves.head.is_none() { "cloud" } else { "split" }, false)
             }
             CloudCall::Unreachable(why) => {
                 tracing::warn!(service = %service.name, "cloud unreachable, running the whole model on the edge: {why}");
                 service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let svc = service.clone();
-                let outputs = blocking(move || {
-                    let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
-                    let mut state = lock(&split.state);
-                    Ok(state.plugin.run(&split.model, &inputs)?)
-                })
-                .await?;
-                service.metrics.observe("edge", t0.elapsed());
-                Ok(InferResponse {
-                    service: service.name.clone(),
-                    outputs: named_values(&outputs)?,
-                    computed: "edge",
-                    results: Vec::new(),
-                    cut: Some(cut),
-                    fallback: true,
-                    edge_ms,
-                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
-                })
+                let whole = split.clone();
+                let outputs = blocking(move || Ok(lock(&whole.state).plugin.run(&whole.model, &inputs)?)).await?;
+                answer(&outputs, "edge", true)
             }
         }
     }
 
     /// Folds one transfer into the bandwidth estimate and plans again when it moved by more
     /// than the service's factor from the planned bandwidth.
-    async fn observe_link(self: &Arc<Self>, service: &Arc<Service>, bytes: usize, transfer_ms: f64) {
-        let Kind::Split(split) = &service.kind else { return };
+    async fn observe_link(self: &Arc<Self>, service: &Arc<Service>, split: &Split, bytes: usize, transfer_ms: f64) {
         let replan = {
             let mut state = lock(&split.state);
-            let wire_ms = transfer_ms - state.rtt_ms;
+            let wire_ms = transfer_ms - state.plan.as_ref().map_or(0.0, |p| p.rtt_ms);
             // Transfers shorter than the timer's noise say nothing about the bandwidth.
             if wire_ms < 1.0 || bytes < 4096 {
                 return;
@@ -625,18 +613,20 @@ impl Services {
     /// Profiles both sides (once), measures the link (unless `bandwidth` is given), and asks
     /// the splitter for the best cut.
     pub async fn plan(self: &Arc<Self>, service: &Arc<Service>, bandwidth: Option<f64>) -> anyhow::Result<()> {
-        let Kind::Split(split) = &service.kind else { bail!("`{}` is not a split service", service.name) };
-        let profiled_already = lock(&split.state).profiled.is_some();
-        if !profiled_already {
+        let Kind::Split(split) = &service.kind else {
+            return Err(BadRequest(format!("`{}` is not a split service", service.name)).into());
+        };
+        let measured = lock(&split.state).planning.is_some();
+        if !measured {
             let onnx = split.onnx.clone();
             let profiled = blocking(move || Ok(profile::profile(&onnx, 20)?)).await?;
-            let cloud_ms = self.cloud_profile(service, &split.digest).await;
-            let mut state = lock(&split.state);
-            state.cloud_ms = cloud_ms.unwrap_or_default();
-            state.profiled = Some(profiled);
+            // Without the cloud's profile, its nodes are taken to run as fast as here.
+            let cloud_ms = self.cloud_profile(service, &split.digest).await.unwrap_or_else(|| profiled.node_ms.clone());
+            lock(&split.state).planning =
+                Some(Planning { typed: profiled.model.encode(), profile: profiled.split_profile(cloud_ms) });
         }
         let (bandwidth, rtt) = match bandwidth {
-            Some(bw) => (bw, lock(&split.state).rtt_ms),
+            Some(bw) => (bw, lock(&split.state).plan.as_ref().map_or(0.0, |p| p.rtt_ms)),
             None => match self.measure_link(service, split.probe_bytes).await {
                 Ok(link) => link,
                 Err(e) => {
@@ -645,26 +635,17 @@ impl Services {
                 }
             },
         };
-        let svc = service.clone();
+        let (svc, split) = (service.clone(), split.clone());
         blocking(move || {
-            let Kind::Split(split) = &svc.kind else { unreachable!("split service") };
-            let mut state = lock(&split.state);
-            let profiled = state.profiled.as_ref().context("profiled above")?;
-            let cloud_ms = if state.cloud_ms.is_empty() { profiled.node_ms.clone() } else { state.cloud_ms.clone() };
-            let profile = nereid_onnx::Profile {
-                edge_ms: profiled.node_ms.clone(),
-                cloud_ms,
-                tensor_bytes: profiled.tensor_bytes.clone(),
-            };
-            let typed = profiled.model.encode();
-            let cuts = state.plugin.plan(&typed, &profile, bandwidth, rtt)?;
+            let mut guard = lock(&split.state);
+            let state = &mut *guard;
+            let planning = state.planning.as_ref().context("measured above")?;
+            let cuts = state.plugin.plan(&planning.typed, &planning.profile, bandwidth, rtt)?;
             let best = cuts.first().context("the splitter returned no cut")?.clone();
             tracing::info!(service = %svc.name, cut = %best.tensors.join(","), predicted_ms = best.predicted_ms, bandwidth_mbit_s = bandwidth, rtt_ms = rtt, "planned");
-            state.rtt_ms = rtt;
             state.measured_mbit_s = Some(bandwidth);
             state.plan =
                 Some(Plan { cut: best.tensors, predicted_ms: best.predicted_ms, bandwidth_mbit_s: bandwidth, rtt_ms: rtt, cuts });
-            *lock(&svc.metrics.planned_bandwidth) = Some(bandwidth);
             svc.metrics.replans.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })
@@ -734,10 +715,6 @@ impl Services {
             "cuts": plan.cuts,
         }))
     }
-
-    pub fn inputs(service: &Service) -> &[String] {
-        &service.inputs
-    }
 }
 
 impl Split {
@@ -754,14 +731,8 @@ impl Split {
         if let Some(h) = state.halves.get(cut) {
             return Ok(h.clone());
         }
-        let typed = match &state.profiled {
-            Some(p) => p.model.encode(),
-            None => profile::profile(&self.onnx, 1)?.model.encode(),
-        };
-        let (head, tail) = state.plugin.partition(&typed, cut)?;
-        let model = nereid_onnx::Model::decode(&typed)?;
-        let passthrough: Vec<String> =
-            model.runtime_inputs().iter().map(|v| v.name.clone()).filter(|n| cut.contains(n)).collect();
+        let typed = &state.planning.as_ref().context("a split service plans before it cuts")?.typed;
+        let (head, tail) = state.plugin.partition(typed, cut)?;
         let head = match head {
             Some(bytes) => {
                 let name = format!("{service}.head.{}", &content_digest(cut.join(",").as_bytes())[7..19]);
@@ -771,7 +742,7 @@ impl Split {
             }
             None => None,
         };
-        let halves = Halves { head, passthrough, has_tail: tail.is_some() };
+        let halves = Halves { head, has_tail: tail.is_some() };
         state.halves.insert(cut.to_vec(), halves.clone());
         Ok(halves)
     }

@@ -7,4 +7,3 @@ pub mod profile;
 pub mod wire;
 
 pub use native::NativeModel;
-pub use wire::{InferRequest, TensorValue};

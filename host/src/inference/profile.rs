@@ -10,7 +10,7 @@ use ort::tensor::TensorElementType;
 use ort::value::ValueType;
 
 use super::native::{NativeError, NativeModel};
-use crate::runtime::bindings::types::Dtype;
+use super::wire;
 use crate::runtime::TensorData;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,19 +61,9 @@ pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, Pr
                 .as_ref()
                 .and_then(|t| t.tensor_shape())
                 .ok_or_else(|| ProfileError::Other(format!("input `{}` has no tensor shape", input.name)))?;
-            let (dtype, size) = match elem {
-                data_type::FLOAT => (Dtype::F32, 4),
-                data_type::DOUBLE => (Dtype::F64, 8),
-                data_type::INT64 => (Dtype::I64, 8),
-                data_type::INT32 => (Dtype::I32, 4),
-                data_type::UINT8 => (Dtype::U8, 1),
-                other => {
-                    return Err(ProfileError::Other(format!(
-                        "input `{}`: element type {other} is not supported",
-                        input.name
-                    )))
-                }
-            };
+            let dtype = wire::dtype_of_onnx(elem).ok_or_else(|| {
+                ProfileError::Other(format!("input `{}`: element type {elem} is not supported", input.name))
+            })?;
             let shape: Vec<u64> = dims
                 .iter()
                 .map(|d| match d {
@@ -82,29 +72,25 @@ pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, Pr
                 })
                 .collect();
             let numel: u64 = shape.iter().product();
-            Ok(TensorData { name: input.name.clone(), dtype, shape, data: vec![0u8; (numel * size) as usize] })
+            let bytes = numel as usize * wire::element_size(dtype);
+            Ok(TensorData { name: input.name.clone(), dtype, shape, data: vec![0u8; bytes] })
         })
         .collect()
 }
 
-/// Shape and element type of every tensor, in one run of `model` with all of them exposed.
 /// Per tensor: ONNX element type, dims, bytes.
 type Measured = BTreeMap<String, (i32, Vec<i64>, u64)>;
 
+/// Shape and element type of every tensor, in one run of `model` with all of them exposed.
 fn measure_tensors(model: &Model, batch: u64) -> Result<Measured, ProfileError> {
     let exposed = NativeModel::new(&model.with_all_outputs().encode_to_vec())?;
     let inputs = synthetic_inputs(model, batch)?;
     let mut measured = BTreeMap::new();
     for t in &inputs {
-        let elem = match t.dtype {
-            Dtype::F32 => data_type::FLOAT,
-            Dtype::F64 => data_type::DOUBLE,
-            Dtype::I64 => data_type::INT64,
-            Dtype::I32 => data_type::INT32,
-            Dtype::U8 => data_type::UINT8,
-            Dtype::I8 => data_type::INT8,
-        };
-        measured.insert(t.name.clone(), (elem, t.shape.iter().map(|&d| d as i64).collect(), t.data.len() as u64));
+        measured.insert(
+            t.name.clone(),
+            (wire::onnx_element(t.dtype), t.shape.iter().map(|&d| d as i64).collect(), t.data.len() as u64),
+        );
     }
     exposed.for_each_output(&inputs, |name, dtype| {
         if let ValueType::Tensor { ty, shape, .. } = dtype {
@@ -118,8 +104,15 @@ fn measure_tensors(model: &Model, batch: u64) -> Result<Measured, ProfileError> 
     Ok(measured)
 }
 
-/// Profiles `onnx` with `runs` timed runs after a warm-up.
-pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
+/// A model with every tensor typed, and each tensor's bytes for one request.
+pub struct Typed {
+    pub model: Model,
+    pub tensor_bytes: BTreeMap<String, u64>,
+}
+
+/// Types every tensor of `onnx` from one run with all of them exposed (two when the batch
+/// dimension is open: dimensions that change with it stay open in the types written into halves).
+pub fn typed(onnx: &[u8]) -> Result<Typed, ProfileError> {
     let mut model = Model::decode(onnx)?;
     let at_1 = measure_tensors(&model, 1)?;
     let open_batch = model.runtime_inputs().iter().any(|i| {
@@ -128,7 +121,6 @@ pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
             .and_then(|t| t.tensor_shape())
             .is_some_and(|(_, d)| d.iter().any(|d| matches!(d, Dim::Symbolic(_))))
     });
-    // Dimensions that change with the batch size stay open in the types written into halves.
     let at_2 = if open_batch { Some(measure_tensors(&model, 2)?) } else { None };
     let types: Vec<ValueInfoProto> = at_1
         .iter()
@@ -147,10 +139,22 @@ pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
         .collect();
     model.annotate(types);
     let tensor_bytes = at_1.into_iter().map(|(name, (_, _, bytes))| (name, bytes)).collect();
+    Ok(Typed { model, tensor_bytes })
+}
 
+/// Times of one model on this node.
+pub struct Timing {
+    /// Mean milliseconds per node (nodes ONNX Runtime fused into another count in that one).
+    pub node_ms: BTreeMap<String, f64>,
+    /// Median wall time of one whole run, in milliseconds.
+    pub run_ms: f64,
+}
+
+/// Times `model` (typed, see [`typed`]): `runs` timed runs after a warm-up.
+pub fn time(model: &Model, runs: usize) -> Result<Timing, ProfileError> {
     let trace_dir = tempfile::tempdir().map_err(|e| ProfileError::Other(e.to_string()))?;
     let session = NativeModel::with_profiling(&model.encode(), &trace_dir.path().join("ort"))?;
-    let inputs = synthetic_inputs(&model, 1)?;
+    let inputs = synthetic_inputs(model, 1)?;
     const WARMUP: usize = 3;
     let runs = runs.max(1);
     let mut wall = Vec::with_capacity(runs);
@@ -165,7 +169,21 @@ pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
     let text = std::fs::read_to_string(&trace).map_err(|e| ProfileError::Other(format!("{trace}: {e}")))?;
     let node_ms = node_times(&text, runs)?;
     wall.sort_by(f64::total_cmp);
-    Ok(Profiled { model, node_ms, tensor_bytes, run_ms: wall[wall.len() / 2] })
+    Ok(Timing { node_ms, run_ms: wall[wall.len() / 2] })
+}
+
+/// Types `onnx` (see [`typed`]) and times it (see [`time`]).
+pub fn profile(onnx: &[u8], runs: usize) -> Result<Profiled, ProfileError> {
+    let Typed { model, tensor_bytes } = typed(onnx)?;
+    let Timing { node_ms, run_ms } = time(&model, runs)?;
+    Ok(Profiled { model, node_ms, tensor_bytes, run_ms })
+}
+
+impl Profiled {
+    /// What the splitter plans from: this node's times as the edge's, `cloud_ms` as the cloud's.
+    pub fn split_profile(&self, cloud_ms: BTreeMap<String, f64>) -> nereid_onnx::Profile {
+        nereid_onnx::Profile { edge_ms: self.node_ms.clone(), cloud_ms, tensor_bytes: self.tensor_bytes.clone() }
+    }
 }
 
 /// Mean duration per node over its last `runs` kernel events (the warm-up runs come first).

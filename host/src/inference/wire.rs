@@ -32,12 +32,32 @@ pub enum InferRequest {
     Single(TensorValue),
 }
 
-fn element_size(dtype: Dtype) -> usize {
+pub fn element_size(dtype: Dtype) -> usize {
     match dtype {
         Dtype::F32 | Dtype::I32 => 4,
         Dtype::F64 | Dtype::I64 => 8,
         Dtype::U8 | Dtype::I8 => 1,
     }
+}
+
+/// The ONNX element type (`TensorProto.DataType`) of a dtype.
+pub fn onnx_element(dtype: Dtype) -> i32 {
+    use nereid_onnx::proto::data_type;
+    match dtype {
+        Dtype::F32 => data_type::FLOAT,
+        Dtype::F64 => data_type::DOUBLE,
+        Dtype::I64 => data_type::INT64,
+        Dtype::I32 => data_type::INT32,
+        Dtype::U8 => data_type::UINT8,
+        Dtype::I8 => data_type::INT8,
+    }
+}
+
+/// The dtype of an ONNX element type, if tensors of it can travel.
+pub fn dtype_of_onnx(element: i32) -> Option<Dtype> {
+    [Dtype::F32, Dtype::F64, Dtype::I64, Dtype::I32, Dtype::U8, Dtype::I8]
+        .into_iter()
+        .find(|d| onnx_element(*d) == element)
 }
 
 pub fn dtype_name(dtype: Dtype) -> &'static str {

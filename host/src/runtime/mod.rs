@@ -49,6 +49,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The defaults, with a plugin section's `timeout_ms` and `memory_mib` where given.
+    pub fn with_overrides(timeout_ms: Option<u64>, memory_mib: Option<usize>) -> Limits {
+        let d = Limits::default();
+        Limits {
+            call_timeout: timeout_ms.map_or(d.call_timeout, Duration::from_millis),
+            memory_bytes: memory_mib.map_or(d.memory_bytes, |m| m << 20),
+            tensor_bytes: d.tensor_bytes,
+        }
+    }
+}
+
 mod millis {
     use std::time::Duration;
 

@@ -127,10 +127,6 @@ impl Models {
         Ok(())
     }
 
-    pub fn remove(&self, name: &str) {
-        self.graphs.write().unwrap_or_else(|e| e.into_inner()).remove(name);
-    }
-
     /// A wasi-nn context for one plugin instance: these models and, if there are any, the ONNX
     /// backend (a node without models never loads ONNX Runtime, which costs ~20 MB of memory).
     pub fn context(&self) -> WasiNnCtx {
