@@ -5,6 +5,7 @@ pub mod components;
 pub mod edge;
 pub mod inference;
 pub mod job;
+pub mod link;
 pub mod model_io;
 pub mod protocol;
 pub mod runtime;

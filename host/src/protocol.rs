@@ -270,6 +270,9 @@ pub struct EdgeConfig {
     pub listen: Option<String>,
     /// Directory of the edge's models, `<dir>/<name>/model.onnx` (relative to the config file).
     pub models: Option<PathBuf>,
+    /// What wasi-nn runs the models on: "onnxruntime" (default) or "openvino".
+    #[serde(default)]
+    pub nn_backend: crate::runtime::nn::NnBackend,
     /// How often undelivered hard examples are offered to the cloud again, in milliseconds.
     #[serde(default = "default_outbox_retry_ms")]
     pub outbox_retry_ms: u64,
@@ -320,6 +323,14 @@ pub struct ServiceConfig {
     /// `kind = "split"`: bytes of the probe upload that measures the link's bandwidth.
     #[serde(default = "default_probe_kib")]
     pub probe_kib: u64,
+    /// `kind = "split"`: while the plan sends nothing to the cloud (edge-only, or made while the
+    /// cloud was unreachable), measure the link again every this many seconds; 0 never.
+    #[serde(default = "default_relink_secs")]
+    pub relink_secs: u64,
+}
+
+fn default_relink_secs() -> u64 {
+    30
 }
 
 fn default_cloud_timeout_ms() -> u64 {

@@ -334,3 +334,53 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
     assert_eq!((down["computed"].clone(), down["fallback"].clone()), ("edge".into(), true.into()), "{down}");
     check(&down);
 }
+
+/// `nereid bench split` on the test CNN (32x32 inputs, so 1 Mbit/s stays quick): at 100, 10 and
+/// 1 Mbit/s through the shaped loopback link, the edge measures the link, plans, and the cut it
+/// chose is compared with every cut measured (pruned only where the transfer alone exceeds the
+/// best). Edge and cloud compute at the same speed on one machine, so the best cut is edge-only
+/// at every bandwidth: a planner that misread the link or the profiles would choose otherwise.
+#[test]
+fn the_planned_cut_is_the_measured_best_at_100_10_and_1_mbit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("cnn32.onnx");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/cnn.py"))
+        .arg(&model)
+        .args(["--size", "32"])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = model.display().to_string();
+    let out =
+        nereid(&["bench", "split", &model, "--bandwidths", "100,10,1", "--rtt-ms", "4", "--repeat", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(report["max_abs_diff"].as_f64().expect("diff") <= 1e-5, "{report}");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    for b in report["bandwidths"].as_array().expect("bandwidths") {
+        let (shaped, measured) = (f(&b["bandwidth_mbit_s"]), f(&b["planned_bandwidth_mbit_s"]));
+        assert!(measured > shaped / 2.0 && measured < shaped * 2.0, "the link was measured at {measured} Mbit/s: {b}");
+        let (chosen, best) = (f(&b["chosen_ms"]), f(&b["best_ms"]));
+        eprintln!(
+            "{shaped} Mbit/s: chosen {} {chosen:.2} ms, best {} {best:.2} ms, gap {:.1}%",
+            b["chosen"],
+            b["best"],
+            (chosen / best - 1.0) * 100.0
+        );
+        assert!(chosen <= 1.5 * best + 1.0, "the chosen cut is far from the best: {b}");
+        assert_eq!(b["chosen"], serde_json::json!(["probabilities"]), "{b}");
+        // The latency model against the measure, where the link dominates: cloud-only.
+        let cloud_only = b["cuts"]
+            .as_array()
+            .expect("cuts")
+            .iter()
+            .find(|c| c["cut"] == serde_json::json!(["image"]))
+            .expect("cloud-only cut");
+        let (predicted, measured) = (f(&cloud_only["predicted_ms"]), f(&cloud_only["measured_ms"]));
+        assert!(
+            (predicted - measured).abs() <= 0.5 * measured + 5.0,
+            "cloud-only: predicted {predicted} ms, measured {measured} ms"
+        );
+    }
+}

@@ -6,8 +6,9 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extra arguments]
 
   setup     install what is missing: the wasm32-wasip2 Rust target, the Debian packages the
-            build needs (libssl-dev, pkg-config), and ONNX Runtime's shared library from the
-            `onnxruntime` PyPI wheel (into target/onnxruntime/)
+            build needs (libssl-dev, pkg-config), ONNX Runtime's shared library from the
+            `onnxruntime` PyPI wheel (into target/onnxruntime/) and OpenVINO's runtime from the
+            `openvino` wheel (into target/openvino/)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry and apache2-utils, `cargo install
@@ -20,6 +21,11 @@ const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
 const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils"];
 /// The ONNX Runtime the `ort` crate (2.0.0-rc.10) is built for, from its PyPI wheel.
 const ONNXRUNTIME_VERSION: &str = "1.22.1";
+/// The OpenVINO whose runtime (`libopenvino_c.so` and its CPU plugin) comes from its PyPI wheel:
+/// the second wasi-nn backend.
+const OPENVINO_VERSION: &str = "2026.4.1";
+/// Its libraries' soname suffix (2026.4.1 -> 2641).
+const OPENVINO_SONAME: &str = "2641";
 /// The `onnx` Python package the inference tests build their ONNX models with.
 const ONNX_PYTHON_VERSION: &str = "1.17.0";
 /// The wkg the interop tests run against.
@@ -91,7 +97,8 @@ fn setup() -> Result<(), String> {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
     }
     debian_packages(BUILD_PACKAGES)?;
-    onnxruntime()
+    onnxruntime()?;
+    openvino()
 }
 
 /// Where the setup puts ONNX Runtime's shared library (the host finds it there, next to its
@@ -128,6 +135,45 @@ fn onnxruntime() -> Result<(), String> {
         let path = dir.join(link);
         let _ = std::fs::remove_file(&path);
         std::os::unix::fs::symlink(&versioned, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&wheels);
+    Ok(())
+}
+
+/// Fetches OpenVINO's runtime from the `openvino` wheel on PyPI into target/openvino/: the C
+/// API, the core, the ONNX and IR front ends, the CPU plugin and TBB (not the GPU and NPU
+/// plugins: no such device here). The libraries find each other through their `$ORIGIN` rpath.
+fn openvino() -> Result<(), String> {
+    let dir = onnxruntime_dir().with_file_name("openvino");
+    let c_api = format!("libopenvino_c.so.{OPENVINO_SONAME}");
+    if dir.join("libopenvino_c.so").is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let wheels = dir.join("wheel");
+    // The libraries are the same in every CPython build of the wheel; naming one makes the
+    // download the same whatever python3 runs pip.
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11"])
+        .args(["--platform", "manylinux_2_28_x86_64", "-d"])
+        .arg(&wheels)
+        .arg(format!("openvino=={OPENVINO_VERSION}")))?;
+    let extract = format!(
+        "import glob, os, sys, zipfile\n\
+         wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + '/openvino-{OPENVINO_VERSION}-*.whl')[0])\n\
+         wanted = ('libopenvino.so.', 'libopenvino_c.so.', 'libopenvino_onnx_frontend.so.', 'libopenvino_ir_frontend.so.',\n\
+                   'libopenvino_intel_cpu_plugin.so', 'libopenvino_auto_plugin.so', 'libtbb', 'libhwloc')\n\
+         for name in wheel.namelist():\n\
+         \x20   base = os.path.basename(name)\n\
+         \x20   if name.startswith('openvino/libs/') and base.startswith(wanted):\n\
+         \x20       open(os.path.join(sys.argv[2], base), 'wb').write(wheel.read(name))\n"
+    );
+    run(Command::new("python3").args(["-c", &extract]).arg(&wheels).arg(&dir))?;
+    for (link, target) in [("libopenvino.so", format!("libopenvino.so.{OPENVINO_SONAME}")), ("libopenvino_c.so", c_api)]
+    {
+        let path = dir.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&target, &path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let _ = std::fs::remove_dir_all(&wheels);
     Ok(())

@@ -22,6 +22,11 @@ pub enum BenchCommand {
     /// A plugin swap with the component cached and compiled, against a cold pull and first
     /// instantiation from the embedded registry.
     Swap(super::bench_swap::SwapBench),
+    /// A model run through a plugin and wasi-nn against ONNX Runtime called directly.
+    Infer(super::bench_infer::InferBench),
+    /// Split inference through a shaped link: edge-only, cloud-only and the chosen cut at each
+    /// bandwidth, against the best cut found by measuring every cut.
+    Split(super::bench_split::SplitBench),
 }
 
 #[derive(Args)]
@@ -116,6 +121,8 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         BenchCommand::Aggregate(args) => aggregate(args, cache_dir),
         BenchCommand::Round(args) => super::bench_round::run(args, cache_dir),
         BenchCommand::Swap(args) => super::bench_swap::run(args),
+        BenchCommand::Split(args) => super::bench_split::run(args),
+        BenchCommand::Infer(args) => super::bench_infer::run(args, cache_dir),
     }
 }
 

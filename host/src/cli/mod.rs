@@ -1,7 +1,9 @@
 //! The subcommands of the `nereid` binary.
 pub mod api;
 pub mod bench;
+pub mod bench_infer;
 pub mod bench_round;
+pub mod bench_split;
 pub mod bench_swap;
 pub mod demo;
 pub mod fleet;

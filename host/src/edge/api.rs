@@ -46,10 +46,8 @@ async fn plan(State(services): State<Arc<Services>>, Path(name): Path<String>) -
     let Some(service) = services.get(&name) else {
         return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
     };
-    if services.plan_report(&service).is_none() {
-        if let Err(e) = services.plan(&service, None).await {
-            return error(StatusCode::BAD_REQUEST, format!("{e:#}"));
-        }
+    if let Err(e) = services.plan_if_missing(&service).await {
+        return error(StatusCode::BAD_REQUEST, format!("{e:#}"));
     }
     match services.plan_report(&service) {
         Some(p) => Json(p).into_response(),
@@ -141,6 +139,7 @@ pub async fn serve(listen: &str, services: Arc<Services>) -> anyhow::Result<()> 
         let _ = tcp.set_nodelay(true);
     });
     tokio::spawn(services.clone().deliver_outbox());
+    tokio::spawn(services.clone().plan_all());
     axum::serve(listener, router(services)).await?;
     Ok(())
 }

@@ -31,8 +31,8 @@ pub async fn run(
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
     let models = match &config.models {
-        Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir)).context("models")?,
-        None => crate::runtime::nn::Models::default(),
+        Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir), config.nn_backend).context("models")?,
+        None => crate::runtime::nn::Models::new(config.nn_backend),
     };
     let runtime = Runtime::with_models(cache_dir, models)?;
     if config.listen.is_none() && !config.services.is_empty() {

@@ -9,7 +9,7 @@
 //!   profiles and the measured link; the edge runs the head (through the plugin), sends the cut
 //!   tensors as safetensors, the cloud runs the tail. The link is measured on every transfer and
 //!   the plan is made again when the bandwidth moves by more than `replan_factor`.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -188,6 +188,8 @@ struct Plan {
 struct Planning {
     typed: Vec<u8>,
     profile: nereid_onnx::Profile,
+    /// Whether `profile.cloud_ms` is the cloud's (else this node's, until the cloud answers).
+    cloud_measured: bool,
 }
 
 struct SplitState {
@@ -203,12 +205,17 @@ struct Split {
     model: String,
     onnx: Vec<u8>,
     digest: String,
+    /// The model's outputs: the cut that runs everything on the edge.
+    outputs: Vec<String>,
     replan_factor: f64,
     probe_bytes: usize,
+    relink: Option<Duration>,
     component: LoadedComponent,
     limits: Limits,
     config: ConfigTable,
     state: Mutex<SplitState>,
+    /// Held while planning, so a request arriving during the start-up plan waits for it.
+    planner: tokio::sync::Mutex<()>,
 }
 
 // Arcs, so a blocking task can hold its service's half without the whole service.
@@ -239,7 +246,22 @@ pub struct Services {
     runtime: Runtime,
     pub outbox_delivered: AtomicU64,
     outbox_wake: tokio::sync::Notify,
+    /// Outbox entries a request is sending right now: the outbox leaves them to it.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
     retry: Duration,
+}
+
+/// An outbox entry a request is sending; released when the request is done with it (or
+/// dropped half-way: the outbox then sends it).
+struct Claim {
+    ids: Arc<Mutex<HashSet<i64>>>,
+    id: i64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        lock(&self.ids).remove(&self.id);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -273,6 +295,7 @@ impl Services {
             runtime: runtime.clone(),
             outbox_delivered: AtomicU64::new(0),
             outbox_wake: tokio::sync::Notify::new(),
+            in_flight: Arc::default(),
             retry: Duration::from_millis(edge.outbox_retry_ms),
         })
     }
@@ -291,12 +314,9 @@ impl Services {
             bail!("model: `{}` is not in the model store ({} not found)", cfg.model, path.display());
         }
         let onnx = std::fs::read(&path).with_context(|| format!("model: reading {}", path.display()))?;
-        let inputs: Vec<String> = nereid_onnx::Model::decode(&onnx)
-            .with_context(|| format!("model: {}", path.display()))?
-            .runtime_inputs()
-            .into_iter()
-            .map(|v| v.name.clone())
-            .collect();
+        let decoded = nereid_onnx::Model::decode(&onnx).with_context(|| format!("model: {}", path.display()))?;
+        let inputs: Vec<String> = decoded.runtime_inputs().into_iter().map(|v| v.name.clone()).collect();
+        let outputs: Vec<String> = decoded.outputs().into_iter().map(str::to_string).collect();
         let (field, plugin_cfg) = match cfg.kind {
             ServiceKind::Joint => ("router", cfg.router.as_ref()),
             ServiceKind::Split => ("splitter", cfg.splitter.as_ref()),
@@ -328,8 +348,10 @@ impl Services {
                     model: cfg.model.clone(),
                     digest: content_digest(&onnx),
                     onnx,
+                    outputs,
                     replan_factor: cfg.replan_factor,
                     probe_bytes: (cfg.probe_kib.max(1) << 10) as usize,
+                    relink: (cfg.relink_secs > 0).then(|| Duration::from_secs(cfg.relink_secs)),
                     component: loaded,
                     limits,
                     config,
@@ -340,6 +362,7 @@ impl Services {
                         halves: HashMap::new(),
                         measured_mbit_s: None,
                     }),
+                    planner: tokio::sync::Mutex::new(()),
                 }))
             }
         };
@@ -426,9 +449,18 @@ impl Services {
                 let body = wire::to_safetensors(&rows)?;
                 let queued_ms = now_ms();
                 // In the outbox before it leaves: a crash or an outage loses nothing.
-                let svc_name = service.name.clone();
-                let (id, body) =
-                    self.with_store(move |s| s.enqueue(&svc_name, &body, queued_ms).map(|id| (id, body))).await?;
+                let (svc_name, in_flight) = (service.name.clone(), self.in_flight.clone());
+                let (claim, body) = self
+                    .with_store(move |s| {
+                        // Claimed before the entry is visible, so the outbox never sends it too.
+                        let mut claimed = lock(&in_flight);
+                        let id = s.enqueue(&svc_name, &body, queued_ms)?;
+                        claimed.insert(id);
+                        drop(claimed);
+                        Ok((Claim { ids: in_flight, id }, body))
+                    })
+                    .await?;
+                let id = claim.id;
                 let headers = [(EXAMPLE_HEADER, id.to_string()), (QUEUED_HEADER, queued_ms.to_string())];
                 match service.cloud.post("", body, &headers).await? {
                     CloudCall::Answered { outputs: cloud_out, .. } => {
@@ -442,6 +474,7 @@ impl Services {
                         tracing::warn!(service = %service.name, id, "cloud unreachable, answering on the edge: {why}");
                         service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
                         row.queued = true;
+                        drop(claim);
                         self.outbox_wake.notify_one();
                     }
                 }
@@ -490,6 +523,9 @@ impl Services {
             return Ok(false);
         }
         for row in rows {
+            if lock(&self.in_flight).contains(&row.id) {
+                continue;
+            }
             let Some(service) = self.services.get(&row.service) else {
                 tracing::warn!(service = %row.service, id = row.id, "outbox: no such service any more; kept");
                 return Ok(false);
@@ -521,10 +557,7 @@ impl Services {
         forced_cut: Option<Vec<String>>,
     ) -> anyhow::Result<InferResponse> {
         let t0 = Instant::now();
-        let needs_plan = lock(&split.state).plan.is_none();
-        if needs_plan {
-            self.plan(service, None).await?;
-        }
+        self.plan_if_missing(service).await?;
         let cut = match forced_cut {
             Some(cut) => cut,
             None => lock(&split.state).plan.as_ref().map(|p| p.cut.clone()).context("no plan")?,
@@ -568,7 +601,7 @@ impl Services {
         match service.cloud.post("/tail", body, &headers).await? {
             CloudCall::Answered { outputs, compute_ms } => {
                 let transfer_ms = sent.elapsed().as_secs_f64() * 1e3 - compute_ms;
-                self.observe_link(service, &split, upload, transfer_ms).await;
+                self.observe_link(service, &split, upload, transfer_ms);
                 answer(&outputs, if halves.head.is_none() { "cloud" } else { "split" }, false)
             }
             CloudCall::Unreachable(why) => {
@@ -583,7 +616,7 @@ impl Services {
 
     /// Folds one transfer into the bandwidth estimate and plans again when it moved by more
     /// than the service's factor from the planned bandwidth.
-    async fn observe_link(self: &Arc<Self>, service: &Arc<Service>, split: &Split, bytes: usize, transfer_ms: f64) {
+    fn observe_link(self: &Arc<Self>, service: &Arc<Service>, split: &Split, bytes: usize, transfer_ms: f64) {
         let replan = {
             let mut state = lock(&split.state);
             let wire_ms = transfer_ms - state.plan.as_ref().map_or(0.0, |p| p.rtt_ms);
@@ -604,26 +637,93 @@ impl Services {
         };
         if let Some(Some(bw)) = replan {
             tracing::info!(service = %service.name, bandwidth_mbit_s = bw, "the link changed: planning again");
-            if let Err(e) = self.plan(service, Some(bw)).await {
-                tracing::warn!(service = %service.name, "re-planning: {e:#}");
-            }
+            // In the background: the request that saw the change is answered already.
+            let (services, service) = (self.clone(), service.clone());
+            tokio::spawn(async move {
+                if let Err(e) = services.plan(&service, Some(bw)).await {
+                    tracing::warn!(service = %service.name, "re-planning: {e:#}");
+                }
+            });
         }
     }
 
-    /// Profiles both sides (once), measures the link (unless `bandwidth` is given), and asks
-    /// the splitter for the best cut.
+    /// Plans every split service at start (so the first request does not pay for profiling),
+    /// then keeps measuring the link of those whose plan sends nothing to the cloud: no
+    /// transfer would tell them the link came back or got faster.
+    pub async fn plan_all(self: Arc<Self>) {
+        for service in self.services.values() {
+            if let Err(e) = self.plan_if_missing(service).await {
+                tracing::warn!(service = %service.name, "planning at start: {e:#}");
+            }
+        }
+        for service in self.services.values() {
+            let Kind::Split(split) = &service.kind else { continue };
+            let Some(every) = split.relink else { continue };
+            let (services, service, split) = (self.clone(), service.clone(), split.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let ships_nothing = lock(&split.state)
+                        .plan
+                        .as_ref()
+                        .is_none_or(|p| p.cut.iter().all(|t| split.outputs.contains(t)));
+                    if ships_nothing {
+                        if let Err(e) = services.plan(&service, None).await {
+                            tracing::warn!(service = %service.name, "measuring the link again: {e:#}");
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Plans a split service unless it has a plan (or one is being made: then waits for it).
+    pub async fn plan_if_missing(self: &Arc<Self>, service: &Arc<Service>) -> anyhow::Result<()> {
+        let Kind::Split(split) = &service.kind else { return Ok(()) };
+        let _planning = split.planner.lock().await;
+        if lock(&split.state).plan.is_some() {
+            return Ok(());
+        }
+        self.plan_locked(service, split, None).await
+    }
+
+    /// Plans a split service again: at `bandwidth` (Mbit/s) or at a new measure of the link.
     pub async fn plan(self: &Arc<Self>, service: &Arc<Service>, bandwidth: Option<f64>) -> anyhow::Result<()> {
         let Kind::Split(split) = &service.kind else {
             return Err(BadRequest(format!("`{}` is not a split service", service.name)).into());
         };
+        let _planning = split.planner.lock().await;
+        self.plan_locked(service, split, bandwidth).await
+    }
+
+    /// Profiles both sides (once), measures the link (unless `bandwidth` is given), and asks
+    /// the splitter for the best cut. The caller holds `split.planner`.
+    async fn plan_locked(
+        self: &Arc<Self>,
+        service: &Arc<Service>,
+        split: &Arc<Split>,
+        bandwidth: Option<f64>,
+    ) -> anyhow::Result<()> {
         let measured = lock(&split.state).planning.is_some();
         if !measured {
             let onnx = split.onnx.clone();
             let profiled = blocking(move || Ok(profile::profile(&onnx, 20)?)).await?;
             // Without the cloud's profile, its nodes are taken to run as fast as here.
-            let cloud_ms = self.cloud_profile(service, &split.digest).await.unwrap_or_else(|| profiled.node_ms.clone());
-            lock(&split.state).planning =
-                Some(Planning { typed: profiled.model.encode(), profile: profiled.split_profile(cloud_ms) });
+            let cloud = self.cloud_profile(service, &split.digest).await;
+            let cloud_measured = cloud.is_some();
+            let cloud_ms = cloud.unwrap_or_else(|| profiled.node_ms.clone());
+            lock(&split.state).planning = Some(Planning {
+                typed: profiled.model.encode(),
+                profile: profiled.split_profile(cloud_ms),
+                cloud_measured,
+            });
+        } else if lock(&split.state).planning.as_ref().is_some_and(|p| !p.cloud_measured) {
+            if let Some(cloud_ms) = self.cloud_profile(service, &split.digest).await {
+                if let Some(p) = lock(&split.state).planning.as_mut() {
+                    p.profile.cloud_ms = cloud_ms;
+                    p.cloud_measured = true;
+                }
+            }
         }
         let (bandwidth, rtt) = match bandwidth {
             Some(bw) => (bw, lock(&split.state).plan.as_ref().map_or(0.0, |p| p.rtt_ms)),

@@ -6,6 +6,7 @@ pub mod config;
 mod error;
 mod host_impl;
 pub mod nn;
+mod openvino;
 mod sandbox;
 mod slots;
 pub mod state;

@@ -1,12 +1,14 @@
-//! wasi-nn for plugins: the tensor-heavy work of inference runs natively in ONNX Runtime (its
-//! shared library comes from the `onnxruntime` PyPI wheel `cargo xtask setup` fetches, loaded at
-//! run time), with the node's models registered by name for `load-by-name`.
+//! wasi-nn for plugins: the tensor-heavy work of inference runs natively in ONNX Runtime or
+//! OpenVINO (their shared libraries come from the `onnxruntime` and `openvino` PyPI wheels
+//! `cargo xtask setup` fetches, loaded at run time), with the node's models registered by name
+//! for `load-by-name`. Both read the same ONNX files.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use wasmtime_wasi_nn::backend::onnx::OnnxBackend;
-use wasmtime_wasi_nn::backend::{BackendFromDir, BackendInner};
+use wasmtime_wasi_nn::backend::openvino::OpenvinoBackend;
+use wasmtime_wasi_nn::backend::BackendInner;
 use wasmtime_wasi_nn::wit::{ExecutionTarget, WasiNnCtx};
 use wasmtime_wasi_nn::{Backend, Graph, GraphRegistry};
 
@@ -18,28 +20,56 @@ pub enum NnError {
     NoOnnxRuntime(String),
     #[error("ONNX Runtime at {path}: {message}")]
     OnnxRuntime { path: String, message: String },
+    #[error(
+        "OpenVINO's library was not found (looked for {0}); `cargo xtask setup` fetches it, or set NEREID_OPENVINO"
+    )]
+    NoOpenvino(String),
+    #[error("OpenVINO at {path}: {message}")]
+    Openvino { path: String, message: String },
     #[error("model `{name}` ({path}): {message}")]
     Model { name: String, path: String, message: String },
 }
 
-/// Where ONNX Runtime's shared library is: `$NEREID_ONNXRUNTIME`, else `onnxruntime/` in the
-/// target directory of this executable (where the setup puts it).
-pub fn onnxruntime_library() -> Result<PathBuf, NnError> {
-    let candidates: Vec<PathBuf> = std::env::var_os("NEREID_ONNXRUNTIME")
+/// `$<env>`, else `<dir>/<file>` in the target directory of this executable (where the setup
+/// puts the runtimes).
+fn runtime_library(env: &str, dir: &str, file: &str) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = std::env::var_os(env)
         .map(PathBuf::from)
         .into_iter()
         .chain(std::env::current_exe().ok().and_then(|exe| {
             // target/<profile>/nereid or target/<profile>/deps/<test>
-            exe.ancestors()
-                .skip(1)
-                .take(3)
-                .map(|d| d.join("onnxruntime").join("libonnxruntime.so"))
-                .find(|p| p.exists())
+            exe.ancestors().skip(1).take(3).map(|d| d.join(dir).join(file)).find(|p| p.exists())
         }))
         .collect();
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        NnError::NoOnnxRuntime(candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// Where ONNX Runtime's shared library is: `$NEREID_ONNXRUNTIME`, else `onnxruntime/` in the
+/// target directory of this executable.
+pub fn onnxruntime_library() -> Result<PathBuf, NnError> {
+    runtime_library("NEREID_ONNXRUNTIME", "onnxruntime", "libonnxruntime.so").map_err(NnError::NoOnnxRuntime)
+}
+
+/// Where OpenVINO's C library is: `$NEREID_OPENVINO`, else `openvino/` in the target directory
+/// of this executable (its other libraries and plugins next to it).
+pub fn openvino_library() -> Result<PathBuf, NnError> {
+    runtime_library("NEREID_OPENVINO", "openvino", "libopenvino_c.so").map_err(NnError::NoOpenvino)
+}
+
+/// Loads OpenVINO once per process.
+pub fn init_openvino() -> Result<PathBuf, NnError> {
+    static INIT: OnceLock<Result<PathBuf, NnError>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let path = openvino_library()?;
+        openvino_sys::library::load_from(path.clone())
+            .map_err(|message| NnError::Openvino { path: path.display().to_string(), message })?;
+        Ok(path)
     })
+    .clone()
 }
 
 /// Loads ONNX Runtime once per process (a library that is absent is an error here, never a panic
@@ -57,11 +87,49 @@ pub fn init_onnxruntime() -> Result<PathBuf, NnError> {
     .clone()
 }
 
+/// The library wasi-nn runs a node's models on (both read ONNX).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NnBackend {
+    /// ONNX Runtime (CPU).
+    #[default]
+    Onnxruntime,
+    /// OpenVINO (CPU plugin, f32).
+    Openvino,
+}
+
+impl NnBackend {
+    /// Whether this backend's library loads here (a node without models never loads one).
+    fn ready(self) -> Result<PathBuf, NnError> {
+        match self {
+            NnBackend::Onnxruntime => init_onnxruntime(),
+            NnBackend::Openvino => init_openvino(),
+        }
+    }
+
+    fn load(self, onnx: &[u8]) -> Result<Graph, String> {
+        self.ready().map_err(|e| e.to_string())?;
+        let graph = match self {
+            NnBackend::Onnxruntime => OnnxBackend::default().load(&[onnx], ExecutionTarget::Cpu),
+            NnBackend::Openvino => super::openvino::load_onnx(onnx),
+        };
+        graph.map_err(|e| e.to_string())
+    }
+
+    fn backend(self) -> Backend {
+        match self {
+            NnBackend::Onnxruntime => Backend::from(OnnxBackend::default()),
+            NnBackend::Openvino => Backend::from(OpenvinoBackend::default()),
+        }
+    }
+}
+
 /// The models of a node, loaded once and shared by every plugin instance. Models registered
 /// later (the halves of a split model) are seen by instances created after they were.
 #[derive(Clone, Default)]
 pub struct Models {
     graphs: Arc<RwLock<HashMap<String, Graph>>>,
+    backend: NnBackend,
 }
 
 /// One instance's view of the shared models (graphs are reference-counted).
@@ -77,9 +145,13 @@ impl GraphRegistry for InstanceModels {
 }
 
 impl Models {
-    /// Every `<dir>/<name>/model.onnx`, registered as `<name>`.
-    pub fn load_dir(dir: &Path) -> Result<Models, NnError> {
-        let mut graphs = HashMap::new();
+    /// No models yet; those registered later run on `backend`.
+    pub fn new(backend: NnBackend) -> Models {
+        Models { graphs: Arc::default(), backend }
+    }
+
+    /// Every `<dir>/<name>/model.onnx`, registered as `<name>`, on `backend`.
+    pub fn load_dir(dir: &Path, backend: NnBackend) -> Result<Models, NnError> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| NnError::Model { name: "*".into(), path: dir.display().to_string(), message: e.to_string() })?
             .flatten()
@@ -88,16 +160,30 @@ impl Models {
             .collect();
         entries.sort();
         if !entries.is_empty() {
-            init_onnxruntime()?;
+            backend.ready()?;
         }
+        let models = Models::new(backend);
         for path in entries {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let graph = OnnxBackend::default().load_from_dir(&path, ExecutionTarget::Cpu).map_err(|e| {
-                NnError::Model { name: name.clone(), path: path.display().to_string(), message: e.to_string() }
+            let file = path.join("model.onnx");
+            let onnx = std::fs::read(&file).map_err(|e| NnError::Model {
+                name: name.clone(),
+                path: file.display().to_string(),
+                message: e.to_string(),
             })?;
-            graphs.insert(name, graph);
+            let graph = backend.load(&onnx).map_err(|message| NnError::Model {
+                name: name.clone(),
+                path: file.display().to_string(),
+                message,
+            })?;
+            models.graphs.write().unwrap_or_else(|e| e.into_inner()).insert(name, graph);
         }
-        Ok(Models { graphs: Arc::new(RwLock::new(graphs)) })
+        Ok(models)
+    }
+
+    /// The backend the models run on.
+    pub fn backend(&self) -> NnBackend {
+        self.backend
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Graph>> {
@@ -117,25 +203,21 @@ impl Models {
 
     /// Registers an ONNX model under `name` (replacing one of that name).
     pub fn insert(&self, name: &str, onnx: &[u8]) -> Result<(), NnError> {
-        init_onnxruntime()?;
-        let graph = OnnxBackend::default().load(&[onnx], ExecutionTarget::Cpu).map_err(|e| NnError::Model {
+        let graph = self.backend.load(onnx).map_err(|message| NnError::Model {
             name: name.to_string(),
             path: "(registered by the host)".into(),
-            message: e.to_string(),
+            message,
         })?;
         self.graphs.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), graph);
         Ok(())
     }
 
-    /// A wasi-nn context for one plugin instance: these models and, if there are any, the ONNX
-    /// backend (a node without models never loads ONNX Runtime, which costs ~20 MB of memory).
+    /// A wasi-nn context for one plugin instance: these models and, if there are any, their
+    /// backend (a node without models never loads a runtime, which costs ~20 MB of memory).
     pub fn context(&self) -> WasiNnCtx {
         let graphs = self.read().clone();
-        let backends: Vec<Backend> = if !graphs.is_empty() && init_onnxruntime().is_ok() {
-            vec![Backend::from(OnnxBackend::default())]
-        } else {
-            Vec::new()
-        };
+        let backends: Vec<Backend> =
+            if !graphs.is_empty() && self.backend.ready().is_ok() { vec![self.backend.backend()] } else { Vec::new() };
         let registry = InstanceModels(graphs);
         WasiNnCtx::new(backends, registry.into())
     }
