@@ -309,6 +309,9 @@ pub struct ServiceConfig {
     pub router: Option<ServicePlugin>,
     /// `kind = "split"`: the splitter plugin.
     pub splitter: Option<ServicePlugin>,
+    /// Turns request bodies of other content types than JSON and safetensors (e.g. `image/png`)
+    /// into the model's inputs.
+    pub adapter: Option<ServicePlugin>,
     /// The cloud's base URL [default: `cloud`].
     pub cloud: Option<String>,
     /// The service's name on the cloud [default: this service's name].

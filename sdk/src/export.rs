@@ -7,8 +7,8 @@ pub mod glue {
     use std::cell::RefCell;
 
     use crate::{
-        Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, Metric, Model, NamedTensor, Plugin,
-        PluginError, PluginInfo, RoundContext, Router, Splitter, Tensor, TensorData,
+        Adapter, Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, InputSpec, Metric, Model,
+        NamedTensor, Plugin, PluginError, PluginInfo, RoundContext, Router, Splitter, Tensor, TensorData,
     };
 
     thread_local! {
@@ -92,6 +92,14 @@ pub mod glue {
         link: crate::Link,
     ) -> Result<Vec<crate::CutPoint>, PluginError> {
         with::<T, _>(|p| p.plan(&model, &profile, link))
+    }
+
+    pub fn adapter_decode<T: Adapter>(
+        content_type: String,
+        payload: Vec<u8>,
+        inputs: Vec<InputSpec>,
+    ) -> Result<Vec<TensorData>, PluginError> {
+        with::<T, _>(|p| p.decode(&content_type, &payload, &inputs))
     }
 
     pub fn splitter_partition<T: Splitter>(
@@ -291,6 +299,35 @@ macro_rules! export_splitter {
             }
         }
         $crate::__nereid_impl_runner!(NereidPluginExport);
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (an [`Adapter`](crate::Adapter)) as a component of world `adapter-plugin`. Use
+/// once, at the crate root.
+#[macro_export]
+macro_rules! export_adapter {
+    ($t:ty) => {
+        $crate::__nereid_generate!("adapter-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        impl exports::nereid::plugin::adapter::Guest for NereidPluginExport {
+            fn decode(
+                content_type: ::std::string::String,
+                payload: ::std::vec::Vec<u8>,
+                inputs: ::std::vec::Vec<exports::nereid::plugin::adapter::InputSpec>,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::TensorData>, $crate::PluginError> {
+                let inputs = inputs
+                    .into_iter()
+                    .map(|i| $crate::InputSpec {
+                        name: i.name,
+                        dtype: i.dtype,
+                        shape: i.shape.into_iter().map(|d| u64::try_from(d).ok()).collect(),
+                    })
+                    .collect();
+                $crate::__glue::adapter_decode::<$t>(content_type, payload, inputs)
+            }
+        }
         export!(NereidPluginExport);
     };
 }

@@ -70,7 +70,9 @@ pub use bindings::nereid::plugin::types::{
 pub use config::{Config, Info};
 pub use fold::WeightedMean;
 pub use model::{Aggregate, Layout, Model, Update};
-pub use plugin::{Aggregator, ClientObjective, CutPoint, Decision, Link, Plugin, Route, Router, Splitter};
+pub use plugin::{
+    Adapter, Aggregator, ClientObjective, CutPoint, Decision, InputSpec, Link, Plugin, Route, Router, Splitter,
+};
 
 #[doc(hidden)]
 pub use export::glue as __glue;
@@ -78,8 +80,9 @@ pub use export::glue as __glue;
 /// The names a plugin usually needs: `use nereid_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        log, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Decision, Info, Layout, Metric, Model,
-        Plugin, PluginError, RoundContext, Route, Router, Splitter, Tensor, Update, UpdateKind, WeightedMean,
+        log, Adapter, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Decision, Info, Layout,
+        Metric, Model, Plugin, PluginError, RoundContext, Route, Router, Splitter, Tensor, Update, UpdateKind,
+        WeightedMean,
     };
 }
 

@@ -92,3 +92,23 @@ pub trait Splitter: Plugin {
     /// head for the cloud-only cut, no tail for the edge-only one).
     fn partition(&mut self, model: &[u8], cut: &[String]) -> Result<(Vec<u8>, Vec<u8>), PluginError>;
 }
+
+/// One input of a model, as an [`Adapter`] is told of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: crate::DType,
+    /// Outermost first; `None` for a dimension the model leaves open (e.g. the batch).
+    pub shape: Vec<Option<u64>>,
+}
+
+/// Slot `adapter`: turns a raw payload (an image file, a sensor frame) into a model's inputs.
+pub trait Adapter: Plugin {
+    /// One tensor per input of `inputs`, from `payload` sent with `content_type`.
+    fn decode(
+        &mut self,
+        content_type: &str,
+        payload: &[u8],
+        inputs: &[InputSpec],
+    ) -> Result<Vec<crate::TensorData>, PluginError>;
+}

@@ -276,13 +276,31 @@ fn infer_at_cut(url: &str, cut: &str, body: &[u8]) -> serde_json::Value {
     })
 }
 
-#[test]
-fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced_cut() {
+/// The first output of an edge's JSON answer equals `want` within 1e-5.
+fn assert_answers(answer: &serde_json::Value, want: &[f32]) {
+    let got: Vec<f32> = answer["outputs"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+        .collect();
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(got.len() == want.len() && worst <= 1e-5, "{worst}: {answer}");
+}
+
+/// A cluster whose cloud serves the test CNN as `camera` (started), and its model directory.
+fn cnn_cloud() -> (Cluster, std::path::PathBuf) {
     let mut cluster = Cluster::new(1, "models = \"models\"\n[services.camera]\nmodel = \"cnn\"\n");
     let models = cluster.path("models");
     std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
     write_cnn(&models.join("cnn/model.onnx"));
     cluster.start_cloud();
+    (cluster, models)
+}
+
+#[test]
+fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced_cut() {
+    let (mut cluster, models) = cnn_cloud();
     let edge = cluster.start_serving_edge(
         0,
         &format!(
@@ -297,16 +315,7 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
     let want = f32_values(&full.run(std::slice::from_ref(&x)).expect("run")[0]).expect("f32");
     let body =
         serde_json::to_vec(&serde_json::json!({"shape": x.shape, "data": f32_values(&x).expect("f32")})).expect("json");
-    let check = |r: &serde_json::Value| {
-        let got: Vec<f32> = r["outputs"][0]["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
-            .collect();
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(got.len() == want.len() && worst <= 1e-5, "{worst}: {r}");
-    };
+    let check = |r: &serde_json::Value| assert_answers(r, &want);
 
     let url = format!("{edge}/v1/infer/camera");
     let (code, planned) = http("POST", &url, None, body.clone());
@@ -383,4 +392,68 @@ fn the_planned_cut_is_the_measured_best_at_100_10_and_1_mbit() {
             "cloud-only: predicted {predicted} ms, measured {measured} ms"
         );
     }
+}
+
+/// A PNG as the request body, read by the service's adapter (plugins/image-adapter): the answer
+/// is the model's on the image as the test decodes and normalises it itself. Another size is
+/// resized to the input's; a content type without an adapter is a 415, a broken image a 400.
+#[test]
+fn an_image_adapter_turns_a_png_body_into_the_models_input() {
+    let (mut cluster, models) = cnn_cloud();
+    let edge = cluster.start_serving_edge(
+        0,
+        &format!(
+            "models = \"{}\"\n[services.camera]\nkind = \"split\"\nmodel = \"cnn\"\n\
+             splitter = {{ plugin = \"{}\" }}\n\
+             adapter = {{ plugin = \"{}\", config = {{ mean = \"0.5,0.4,0.3\", std = \"0.25\" }} }}\n\
+             [services.raw]\nkind = \"split\"\nmodel = \"cnn\"\nsplitter = {{ plugin = \"{1}\" }}\n",
+            models.display(),
+            plugin("split-infer").display(),
+            plugin("image-adapter").display()
+        ),
+    );
+    let png = |w: u32, h: u32| {
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 3) as u8, ((x + y) * 2) as u8]));
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, image::ImageFormat::Png).expect("png");
+        (img, bytes.into_inner())
+    };
+    let post = |service: &str, content_type: &str, body: Vec<u8>| {
+        block(async {
+            let r = reqwest::Client::new()
+                .post(format!("{edge}/v1/infer/{service}"))
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .expect("post");
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.expect("json"))
+        })
+    };
+
+    let (img, bytes) = png(64, 64);
+    let (mean, std) = ([0.5f32, 0.4, 0.3], 0.25f32);
+    let mut nchw = vec![0f32; 3 * 64 * 64];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            nchw[c * 64 * 64 + (y * 64 + x) as usize] = (p[c] as f32 / 255.0 - mean[c]) / std;
+        }
+    }
+    let full = NativeModel::new(&std::fs::read(models.join("cnn/model.onnx")).expect("cnn")).expect("cnn");
+    let want = f32_values(&full.run(&[f32_tensor("image", vec![1, 3, 64, 64], &nchw)]).expect("run")[0]).expect("f32");
+    let (code, answer) = post("camera", "image/png", bytes.clone());
+    assert_eq!(code, 200, "{answer}");
+    assert_answers(&answer, &want);
+
+    let (code, resized) = post("camera", "image/png", png(80, 48).1);
+    assert_eq!(code, 200, "{resized}");
+    assert_eq!(resized["outputs"][0]["shape"], serde_json::json!([1, 10]));
+
+    let (code, refused) = post("raw", "image/png", bytes);
+    assert_eq!(code, 415, "{refused}");
+    assert!(refused["error"].as_str().expect("error").contains("adapter"), "{refused}");
+    let (code, broken) = post("camera", "image/png", b"\x89PNG not really".to_vec());
+    assert_eq!(code, 400, "{broken}");
+    assert!(broken["error"].as_str().expect("error").contains("image/png"), "{broken}");
 }

@@ -1,4 +1,5 @@
-//! The edge's HTTP API: `POST /v1/infer/<service>` (JSON or safetensors), `GET
+//! The edge's HTTP API: `POST /v1/infer/<service>` (JSON, safetensors, or what the service's
+//! adapter reads), `GET
 //! /v1/infer/<service>/plan` (split services), `GET /metrics`, `GET /v1/health`.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::services::{is_bad_request, parse_body, ServiceMetrics, Services};
+use super::services::{is_bad_request, ServiceMetrics, Services, UnsupportedBody};
 use crate::protocol::CUT_HEADER;
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -27,9 +28,11 @@ async fn infer(
         return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
     };
     let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let inputs = match parse_body(content_type, &body, service.inputs()) {
+    let inputs = match services.decode_body(&service, content_type, body).await {
         Ok(t) => t,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) if e.is::<UnsupportedBody>() => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{e:#}")),
+        Err(e) if is_bad_request(&e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
     let forced_cut = headers
         .get(CUT_HEADER)

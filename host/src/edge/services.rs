@@ -26,7 +26,8 @@ use crate::protocol::{
 };
 use crate::runtime::config::ConfigTable;
 use crate::runtime::{
-    content_digest, CutPoint, Limits, LoadedComponent, Route, RouterPlugin, Runtime, SplitterPlugin, TensorData,
+    content_digest, AdapterPlugin, CutPoint, InputSpec, Limits, LoadedComponent, Route, RouterPlugin, Runtime,
+    SplitterPlugin, TensorData,
 };
 use crate::store::{now_ms, EdgeStore};
 
@@ -227,6 +228,8 @@ enum Kind {
 pub struct Service {
     pub name: String,
     inputs: Vec<String>,
+    /// The adapter for other bodies, with what it is told of the model's inputs.
+    adapter: Option<(Mutex<AdapterPlugin>, Vec<InputSpec>)>,
     cloud: CloudLink,
     kind: Kind,
     pub metrics: ServiceMetrics,
@@ -317,6 +320,38 @@ impl Services {
         let decoded = nereid_onnx::Model::decode(&onnx).with_context(|| format!("model: {}", path.display()))?;
         let inputs: Vec<String> = decoded.runtime_inputs().into_iter().map(|v| v.name.clone()).collect();
         let outputs: Vec<String> = decoded.outputs().into_iter().map(str::to_string).collect();
+        let adapter = match &cfg.adapter {
+            None => None,
+            Some(a) => {
+                let specs = decoded
+                    .runtime_inputs()
+                    .into_iter()
+                    .map(|v| {
+                        let (elem, dims) = v
+                            .r#type
+                            .as_ref()
+                            .and_then(|t| t.tensor_shape())
+                            .with_context(|| format!("adapter: model input `{}` has no tensor type", v.name))?;
+                        let dtype = wire::dtype_of_onnx(elem).with_context(|| {
+                            format!("adapter: model input `{}` has an element type ({elem}) nereid cannot send", v.name)
+                        })?;
+                        let shape = dims
+                            .iter()
+                            .map(|d| match d {
+                                nereid_onnx::proto::Dim::Fixed(n) => u64::try_from(*n).ok(),
+                                nereid_onnx::proto::Dim::Symbolic(_) => None,
+                            })
+                            .collect();
+                        Ok(InputSpec { name: v.name.clone(), dtype, shape })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let fetched = components.fetch(&a.plugin, base, None).await.context("adapter.plugin")?;
+                let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("adapter.plugin")?;
+                let limits = Limits::with_overrides(a.timeout_ms, a.memory_mib);
+                let plugin = AdapterPlugin::new(runtime, loaded, limits, &a.config).context("adapter")?;
+                Some((Mutex::new(plugin), specs))
+            }
+        };
         let (field, plugin_cfg) = match cfg.kind {
             ServiceKind::Joint => ("router", cfg.router.as_ref()),
             ServiceKind::Split => ("splitter", cfg.splitter.as_ref()),
@@ -370,6 +405,7 @@ impl Services {
         Ok(Service {
             name: name.to_string(),
             inputs,
+            adapter,
             cloud: CloudLink {
                 http,
                 base: cfg.cloud.clone().unwrap_or_else(|| edge.cloud.clone()),
@@ -866,6 +902,46 @@ fn named_values(outputs: &[TensorData]) -> anyhow::Result<Vec<NamedValue>> {
 }
 
 /// Parses a request body by content type: JSON, or safetensors.
+/// A request body of a content type neither JSON nor safetensors, and no adapter to read it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnsupportedBody(pub String);
+
+impl Services {
+    /// The model's inputs from a request body: JSON, safetensors, or anything the service's
+    /// adapter reads (e.g. an image).
+    pub async fn decode_body(
+        &self,
+        service: &Arc<Service>,
+        content_type: Option<&str>,
+        body: axum::body::Bytes,
+    ) -> anyhow::Result<Vec<TensorData>> {
+        let media = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+        match media.as_deref() {
+            Some("application/json") | None | Some("application/safetensors") | Some("application/octet-stream") => {
+                parse_body(media.as_deref(), &body, &service.inputs).map_err(|e| BadRequest(format!("{e:#}")).into())
+            }
+            Some(other) => {
+                if service.adapter.is_none() {
+                    return Err(UnsupportedBody(format!(
+                        "content type `{other}` is not accepted by `{}`: send application/json or application/safetensors, or give the service an `adapter`",
+                        service.name
+                    ))
+                    .into());
+                }
+                let (svc, other) = (service.clone(), other.to_string());
+                blocking(move || {
+                    let (adapter, specs) = svc.adapter.as_ref().context("checked above")?;
+                    let tensors = lock(adapter).decode(&other, &body, specs)?;
+                    tensors.iter().try_for_each(wire::check)?;
+                    Ok(tensors)
+                })
+                .await
+            }
+        }
+    }
+}
+
 pub fn parse_body(content_type: Option<&str>, body: &[u8], inputs: &[String]) -> anyhow::Result<Vec<TensorData>> {
     match content_type.map(|c| c.split(';').next().unwrap_or("").trim()) {
         Some("application/json") | None => {
@@ -877,8 +953,8 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8], inputs: &[String]) ->
             tensors.iter().try_for_each(wire::check)?;
             Ok(tensors)
         }
-        Some(other) => bail!(
-            "content type `{other}` is not accepted: send application/json or application/safetensors (protocol adapters for raw payloads are not implemented yet)"
-        ),
+        Some(other) => {
+            bail!("content type `{other}` is not accepted: send application/json or application/safetensors")
+        }
     }
 }

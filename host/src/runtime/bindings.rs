@@ -9,5 +9,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use self::exports::nereid::plugin::{aggregator, client_objective, plugin, router, runner, splitter};
+pub use self::exports::nereid::plugin::{adapter, aggregator, client_objective, plugin, router, runner, splitter};
 pub use self::nereid::plugin::{model, types};

@@ -23,8 +23,8 @@ pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
 pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
 pub use slots::{
-    AggregateResult, AggregatorPlugin, ClientUpdate, CutPoint, Decision, ObjectivePlugin, RoundContext, Route,
-    RouterPlugin, SplitterPlugin, TensorData, UpdateKind,
+    AdapterPlugin, AggregateResult, AggregatorPlugin, ClientUpdate, CutPoint, Decision, InputSpec, ObjectivePlugin,
+    RoundContext, Route, RouterPlugin, SplitterPlugin, TensorData, UpdateKind,
 };
 use state::PluginState;
 
@@ -85,11 +85,19 @@ pub enum Slot {
     Compressor,
     Router,
     Splitter,
+    Adapter,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 6] =
-        [Slot::Aggregator, Slot::ClientObjective, Slot::Sampler, Slot::Compressor, Slot::Router, Slot::Splitter];
+    pub const ALL: [Slot; 7] = [
+        Slot::Aggregator,
+        Slot::ClientObjective,
+        Slot::Sampler,
+        Slot::Compressor,
+        Slot::Router,
+        Slot::Splitter,
+        Slot::Adapter,
+    ];
 
     /// The interface a component of this slot exports.
     pub fn interface(self) -> &'static str {
@@ -100,6 +108,7 @@ impl Slot {
             Slot::Compressor => "nereid:plugin/compressor@0.1.0",
             Slot::Router => "nereid:plugin/router@0.1.0",
             Slot::Splitter => "nereid:plugin/splitter@0.1.0",
+            Slot::Adapter => "nereid:plugin/adapter@0.1.0",
         }
     }
 
@@ -112,6 +121,7 @@ impl Slot {
             Slot::Compressor => "compressor-plugin",
             Slot::Router => "router-plugin",
             Slot::Splitter => "splitter-plugin",
+            Slot::Adapter => "adapter-plugin",
         }
     }
 }

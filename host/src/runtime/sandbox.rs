@@ -5,7 +5,7 @@ use std::sync::Arc;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 
-use super::bindings::{aggregator, client_objective, plugin, router, runner, splitter, types};
+use super::bindings::{adapter, aggregator, client_objective, plugin, router, runner, splitter, types};
 use super::config::{self, ConfigTable};
 use super::state::{MemoryLimitHit, PluginState};
 use super::{deadline_ticks, describe_worlds, Limits, LoadedComponent, PluginError, Runtime, Slot};
@@ -41,7 +41,13 @@ macro_rules! slot_guest {
     )+};
 }
 
-slot_guest!(aggregator => Aggregator, client_objective => ClientObjective, router => Router, splitter => Splitter);
+slot_guest!(
+    aggregator => Aggregator,
+    client_objective => ClientObjective,
+    router => Router,
+    splitter => Splitter,
+    adapter => Adapter,
+);
 
 /// A slot's interface together with `runner`, which the inference slots (router, splitter) also
 /// export.

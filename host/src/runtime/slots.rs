@@ -4,7 +4,7 @@ use std::path::Path;
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{aggregator, client_objective, model, router, splitter, types};
+use super::bindings::{adapter, aggregator, client_objective, model, router, splitter, types};
 use super::config::ConfigTable;
 use super::sandbox::WithRunner;
 use super::state::{PluginState, TensorSlot};
@@ -312,5 +312,41 @@ impl SplitterPlugin {
     /// Runs `model` (e.g. a registered head) through the plugin and wasi-nn.
     pub fn run(&mut self, model: &str, inputs: &[TensorData]) -> Result<Vec<TensorData>, PluginError> {
         self.sandbox.run_model(model, inputs)
+    }
+}
+
+/// What an adapter is told of one model input: its name, element type and shape (None for a
+/// dimension the model leaves open).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: types::Dtype,
+    pub shape: Vec<Option<u64>>,
+}
+
+slot_front_end!(
+    /// A plugin in the adapter slot (raw payloads to a model's input tensors).
+    AdapterPlugin,
+    adapter::Guest
+);
+
+impl AdapterPlugin {
+    /// The model's input tensors from a raw payload.
+    pub fn decode(
+        &mut self,
+        content_type: &str,
+        payload: &[u8],
+        inputs: &[InputSpec],
+    ) -> Result<Vec<TensorData>, PluginError> {
+        let specs: Vec<adapter::InputSpec> = inputs
+            .iter()
+            .map(|i| adapter::InputSpec {
+                name: i.name.clone(),
+                dtype: i.dtype,
+                shape: i.shape.iter().map(|d| d.map_or(-1, |d| d as i64)).collect(),
+            })
+            .collect();
+        let r = self.sandbox.call("decode", |g, store| g.call_decode(store, content_type, payload, &specs))?;
+        self.sandbox.check_plugin_result("decode", &format!("the {content_type} payload"), r)
     }
 }
