@@ -323,28 +323,7 @@ impl Services {
         let adapter = match &cfg.adapter {
             None => None,
             Some(a) => {
-                let specs = decoded
-                    .runtime_inputs()
-                    .into_iter()
-                    .map(|v| {
-                        let (elem, dims) = v
-                            .r#type
-                            .as_ref()
-                            .and_then(|t| t.tensor_shape())
-                            .with_context(|| format!("adapter: model input `{}` has no tensor type", v.name))?;
-                        let dtype = wire::dtype_of_onnx(elem).with_context(|| {
-                            format!("adapter: model input `{}` has an element type ({elem}) nereid cannot send", v.name)
-                        })?;
-                        let shape = dims
-                            .iter()
-                            .map(|d| match d {
-                                nereid_onnx::proto::Dim::Fixed(n) => u64::try_from(*n).ok(),
-                                nereid_onnx::proto::Dim::Symbolic(_) => None,
-                            })
-                            .collect();
-                        Ok(InputSpec { name: v.name.clone(), dtype, shape })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let specs = profile::input_specs(&decoded).context("adapter: the model's inputs")?;
                 let fetched = components.fetch(&a.plugin, base, None).await.context("adapter.plugin")?;
                 let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("adapter.plugin")?;
                 let limits = Limits::with_overrides(a.timeout_ms, a.memory_mib);

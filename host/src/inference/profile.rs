@@ -11,7 +11,7 @@ use ort::value::ValueType;
 
 use super::native::{NativeError, NativeModel};
 use super::wire;
-use crate::runtime::TensorData;
+use crate::runtime::{InputSpec, TensorData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -50,8 +50,8 @@ fn element(ty: TensorElementType) -> Option<(i32, u64)> {
     })
 }
 
-/// Inputs of zeros for every runtime input, open dimensions set to `batch`.
-pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, ProfileError> {
+/// Every runtime input's name, element type and shape (None for an open dimension).
+pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ProfileError> {
     model
         .runtime_inputs()
         .into_iter()
@@ -64,18 +64,29 @@ pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, Pr
             let dtype = wire::dtype_of_onnx(elem).ok_or_else(|| {
                 ProfileError::Other(format!("input `{}`: element type {elem} is not supported", input.name))
             })?;
-            let shape: Vec<u64> = dims
+            let shape = dims
                 .iter()
                 .map(|d| match d {
-                    Dim::Fixed(n) => (*n).max(0) as u64,
-                    Dim::Symbolic(_) => batch,
+                    Dim::Fixed(n) => u64::try_from(*n).ok(),
+                    Dim::Symbolic(_) => None,
                 })
                 .collect();
-            let numel: u64 = shape.iter().product();
-            let bytes = numel as usize * wire::element_size(dtype);
-            Ok(TensorData { name: input.name.clone(), dtype, shape, data: vec![0u8; bytes] })
+            Ok(InputSpec { name: input.name.clone(), dtype, shape })
         })
         .collect()
+}
+
+/// Inputs of zeros for every runtime input, open dimensions set to `batch`.
+pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, ProfileError> {
+    Ok(input_specs(model)?
+        .into_iter()
+        .map(|spec| {
+            let shape: Vec<u64> = spec.shape.iter().map(|d| d.unwrap_or(batch)).collect();
+            let numel: u64 = shape.iter().product();
+            let bytes = numel as usize * wire::element_size(spec.dtype);
+            TensorData { name: spec.name, dtype: spec.dtype, shape, data: vec![0u8; bytes] }
+        })
+        .collect())
 }
 
 /// Per tensor: ONNX element type, dims, bytes.
