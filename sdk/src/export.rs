@@ -7,8 +7,9 @@ pub mod glue {
     use std::cell::RefCell;
 
     use crate::{
-        Adapter, Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, InputSpec, Metric, Model,
-        NamedTensor, Plugin, PluginError, PluginInfo, RoundContext, Router, Splitter, Tensor, TensorData,
+        Adapter, Admission, Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, InputSpec,
+        Metric, Model, NamedTensor, Plugin, PluginError, PluginInfo, RoundContext, Router, SampleRef, Sampler,
+        Splitter, Tensor, TensorData,
     };
 
     thread_local! {
@@ -92,6 +93,18 @@ pub mod glue {
         link: crate::Link,
     ) -> Result<Vec<crate::CutPoint>, PluginError> {
         with::<T, _>(|p| p.plan(&model, &profile, link))
+    }
+
+    pub fn sampler_restore<T: Sampler>(held: Vec<SampleRef>, offered: u64) -> Result<(), PluginError> {
+        with::<T, _>(|p| p.restore(&held, offered))
+    }
+
+    pub fn sampler_offer<T: Sampler>(sample: SampleRef) -> Result<Admission, PluginError> {
+        with::<T, _>(|p| p.offer(sample))
+    }
+
+    pub fn sampler_draw<T: Sampler>(ctx: RoundContext, count: u32) -> Result<Vec<u64>, PluginError> {
+        with::<T, _>(|p| p.draw(&ctx, count))
     }
 
     pub fn adapter_decode<T: Adapter>(
@@ -326,6 +339,43 @@ macro_rules! export_adapter {
                     })
                     .collect();
                 $crate::__glue::adapter_decode::<$t>(content_type, payload, inputs)
+            }
+        }
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (a [`Sampler`](crate::Sampler)) as a component of world `sampler-plugin`. Use
+/// once, at the crate root.
+#[macro_export]
+macro_rules! export_sampler {
+    ($t:ty) => {
+        $crate::__nereid_generate!("sampler-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        impl exports::nereid::plugin::sampler::Guest for NereidPluginExport {
+            fn restore(
+                held: ::std::vec::Vec<exports::nereid::plugin::sampler::SampleRef>,
+                offered: u64,
+            ) -> ::core::result::Result<(), $crate::PluginError> {
+                let held = held.into_iter().map(|s| $crate::SampleRef { id: s.id, label: s.label }).collect();
+                $crate::__glue::sampler_restore::<$t>(held, offered)
+            }
+            fn offer(
+                sample: exports::nereid::plugin::sampler::SampleRef,
+            ) -> ::core::result::Result<exports::nereid::plugin::sampler::Admission, $crate::PluginError> {
+                use exports::nereid::plugin::sampler::Admission;
+                let sample = $crate::SampleRef { id: sample.id, label: sample.label };
+                $crate::__glue::sampler_offer::<$t>(sample).map(|a| match a {
+                    $crate::Admission::Keep(evict) => Admission::Keep(evict),
+                    $crate::Admission::Discard => Admission::Discard,
+                })
+            }
+            fn draw(
+                ctx: $crate::RoundContext,
+                count: u32,
+            ) -> ::core::result::Result<::std::vec::Vec<u64>, $crate::PluginError> {
+                $crate::__glue::sampler_draw::<$t>(ctx, count)
             }
         }
         export!(NereidPluginExport);

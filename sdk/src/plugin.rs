@@ -112,3 +112,31 @@ pub trait Adapter: Plugin {
         inputs: &[InputSpec],
     ) -> Result<Vec<crate::TensorData>, PluginError>;
 }
+
+/// A sample as a [`Sampler`] sees it: its id in the node's store and its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleRef {
+    pub id: u64,
+    pub label: i64,
+}
+
+/// What a [`Sampler`] does with an offered sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Keep it, evicting the buffered sample with this id if one is given.
+    Keep(Option<u64>),
+    Discard,
+}
+
+/// Slot `sampler` (a replay buffer's policy): which arriving samples the buffer keeps, which it
+/// evicts for them, and which a training batch draws. The host stores the samples; the plugin
+/// sees ids and labels.
+pub trait Sampler: Plugin {
+    /// Rebuilds the state after a restart from what the buffer holds and how many samples were
+    /// offered so far.
+    fn restore(&mut self, held: &[SampleRef], offered: u64) -> Result<(), PluginError>;
+    /// A new sample arrives.
+    fn offer(&mut self, sample: SampleRef) -> Result<Admission, PluginError>;
+    /// Ids of buffered samples for a training batch of `count`.
+    fn draw(&mut self, ctx: &RoundContext, count: u32) -> Result<Vec<u64>, PluginError>;
+}

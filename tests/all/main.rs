@@ -10,5 +10,6 @@ mod inference;
 mod nn;
 mod oci;
 mod router;
+mod sampler;
 mod sandbox;
 mod sdk;

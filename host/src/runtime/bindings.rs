@@ -9,5 +9,7 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use self::exports::nereid::plugin::{adapter, aggregator, client_objective, plugin, router, runner, splitter};
+pub use self::exports::nereid::plugin::{
+    adapter, aggregator, client_objective, plugin, router, runner, sampler, splitter,
+};
 pub use self::nereid::plugin::{model, types};

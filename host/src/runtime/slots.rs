@@ -4,7 +4,7 @@ use std::path::Path;
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{adapter, aggregator, client_objective, model, router, splitter, types};
+use super::bindings::{adapter, aggregator, client_objective, model, router, sampler, splitter, types};
 use super::config::ConfigTable;
 use super::sandbox::WithRunner;
 use super::state::{PluginState, TensorSlot};
@@ -348,5 +348,39 @@ impl AdapterPlugin {
             .collect();
         let r = self.sandbox.call("decode", |g, store| g.call_decode(store, content_type, payload, &specs))?;
         self.sandbox.check_plugin_result("decode", &format!("the {content_type} payload"), r)
+    }
+}
+
+/// A sample as a sampler sees it: its id in the node's store and its label.
+pub type SampleRef = sampler::SampleRef;
+
+/// What a sampler does with an offered sample: keep it (evicting the held sample with the given
+/// id, if any) or discard it.
+pub type Admission = sampler::Admission;
+
+slot_front_end!(
+    /// A plugin in the sampler slot (which samples a replay buffer keeps, and which it draws).
+    SamplerPlugin,
+    sampler::Guest
+);
+
+impl SamplerPlugin {
+    /// Rebuilds the policy's state after a restart: what the buffer holds, how many were offered.
+    pub fn restore(&mut self, held: &[SampleRef], offered: u64) -> Result<(), PluginError> {
+        let r = self.sandbox.call("restore", |g, store| g.call_restore(store, held, offered))?;
+        self.sandbox.check_plugin_result("restore", "the buffer", r)
+    }
+
+    /// Whether the buffer keeps `sample`, and what it evicts for it.
+    pub fn offer(&mut self, sample: SampleRef) -> Result<Admission, PluginError> {
+        let r = self.sandbox.call("offer", |g, store| g.call_offer(store, sample))?;
+        self.sandbox.check_plugin_result("offer", &format!("sample {}", sample.id), r)
+    }
+
+    /// Ids of buffered samples for a training batch of `count`.
+    pub fn draw(&mut self, ctx: &RoundContext, count: u32) -> Result<Vec<u64>, PluginError> {
+        let ctx = types::RoundContext::from(ctx);
+        let r = self.sandbox.call("draw", |g, store| g.call_draw(store, &ctx, count))?;
+        self.sandbox.check_plugin_result("draw", "the buffer", r)
     }
 }
