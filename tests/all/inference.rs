@@ -288,28 +288,32 @@ fn assert_answers(answer: &serde_json::Value, want: &[f32]) {
     assert!(got.len() == want.len() && worst <= 1e-5, "{worst}: {answer}");
 }
 
-/// A cluster whose cloud serves the test CNN as `camera` (started), and its model directory.
-fn cnn_cloud() -> (Cluster, std::path::PathBuf) {
+/// A cloud serving the test CNN as `camera` and an edge serving it as split service `camera`
+/// (with `camera_extra` lines) and, if `also` is not empty, as a plain split service `also`:
+/// the cluster, the model directory and the edge's URL.
+fn serve_cnn(camera_extra: &str, also: &str) -> (Cluster, std::path::PathBuf, String) {
     let mut cluster = Cluster::new(1, "models = \"models\"\n[services.camera]\nmodel = \"cnn\"\n");
     let models = cluster.path("models");
     std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
     write_cnn(&models.join("cnn/model.onnx"));
     cluster.start_cloud();
-    (cluster, models)
+    let service = |name: &str| {
+        format!(
+            "[services.{name}]\nkind = \"split\"\nmodel = \"cnn\"\nsplitter = {{ plugin = \"{}\" }}\n",
+            plugin("split-infer").display()
+        )
+    };
+    let extra = if also.is_empty() { String::new() } else { service(also) };
+    let edge = cluster.start_serving_edge(
+        0,
+        &format!("models = \"{}\"\n{}{camera_extra}{extra}", models.display(), service("camera")),
+    );
+    (cluster, models, edge)
 }
 
 #[test]
 fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced_cut() {
-    let (mut cluster, models) = cnn_cloud();
-    let edge = cluster.start_serving_edge(
-        0,
-        &format!(
-            "models = \"{}\"\n[services.camera]\nkind = \"split\"\nmodel = \"cnn\"\n\
-             splitter = {{ plugin = \"{}\" }}\n",
-            models.display(),
-            plugin("split-infer").display()
-        ),
-    );
+    let (mut cluster, models, edge) = serve_cnn("", "");
     let full = NativeModel::new(&std::fs::read(models.join("cnn/model.onnx")).expect("cnn")).expect("cnn");
     let x = image(5);
     let want = f32_values(&full.run(std::slice::from_ref(&x)).expect("run")[0]).expect("f32");
@@ -399,19 +403,11 @@ fn the_planned_cut_is_the_measured_best_at_100_10_and_1_mbit() {
 /// resized to the input's; a content type without an adapter is a 415, a broken image a 400.
 #[test]
 fn an_image_adapter_turns_a_png_body_into_the_models_input() {
-    let (mut cluster, models) = cnn_cloud();
-    let edge = cluster.start_serving_edge(
-        0,
-        &format!(
-            "models = \"{}\"\n[services.camera]\nkind = \"split\"\nmodel = \"cnn\"\n\
-             splitter = {{ plugin = \"{}\" }}\n\
-             adapter = {{ plugin = \"{}\", config = {{ mean = \"0.5,0.4,0.3\", std = \"0.25\" }} }}\n\
-             [services.raw]\nkind = \"split\"\nmodel = \"cnn\"\nsplitter = {{ plugin = \"{1}\" }}\n",
-            models.display(),
-            plugin("split-infer").display(),
-            plugin("image-adapter").display()
-        ),
+    let adapter = format!(
+        "adapter = {{ plugin = \"{}\", config = {{ mean = \"0.5,0.4,0.3\", std = \"0.25\" }} }}\n",
+        plugin("image-adapter").display()
     );
+    let (_cluster, models, edge) = serve_cnn(&adapter, "raw");
     let png = |w: u32, h: u32| {
         let img =
             image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 3) as u8, ((x + y) * 2) as u8]));

@@ -54,28 +54,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A fixed pseudo-random f32 input for every runtime input.
-fn inputs(onnx: &[u8], batch: u64) -> anyhow::Result<Vec<TensorData>> {
-    let model = nereid_onnx::Model::decode(onnx)?;
-    let mut tensors = profile::synthetic_inputs(&model, batch)?;
-    for t in &mut tensors {
-        if t.dtype != nereid::runtime::bindings::types::Dtype::F32 {
-            bail!("input `{}`: the benchmark feeds f32 inputs only", t.name);
-        }
-        t.data = (0..t.data.len() / 4)
-            .flat_map(|i| ((((i as u32).wrapping_mul(2654435761) >> 8) % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
-            .collect();
-    }
-    Ok(tensors)
-}
-
 pub fn run(args: InferBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if args.calls < 2 || args.batch == 0 {
         bail!("--calls must be at least 2 and --batch at least 1");
     }
     let plugin = args.plugin.clone().unwrap_or_else(|| super::plugin_path(&super::default_plugin_dir(), "split-infer"));
     let onnx = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
-    let x = inputs(&onnx, args.batch)?;
+    let x = profile::patterned_inputs(&nereid_onnx::Model::decode(onnx.as_slice())?, args.batch)?;
     let native = NativeModel::new(&onnx)?;
     let runtime = Runtime::with_models(cache_dir, Models::new(args.backend))?;
     runtime.models().insert("bench", &onnx)?;

@@ -18,7 +18,6 @@ use serde::Serialize;
 use nereid::inference::profile;
 use nereid::inference::wire;
 use nereid::link::{LinkProfile, LinkShaper};
-use nereid::runtime::TensorData;
 
 #[derive(Args)]
 pub struct SplitBench {
@@ -207,21 +206,6 @@ async fn measure(
     Ok((times[times.len() / 2], last))
 }
 
-/// A fixed pseudo-random input for every runtime input of the model (batch 1).
-fn input(model: &nereid_onnx::Model) -> anyhow::Result<Vec<TensorData>> {
-    let mut tensors = profile::synthetic_inputs(model, 1)?;
-    for t in &mut tensors {
-        if t.dtype != nereid::runtime::bindings::types::Dtype::F32 {
-            bail!("input `{}`: the benchmark feeds f32 inputs only", t.name);
-        }
-        let n = t.data.len() / 4;
-        let values: Vec<f32> =
-            (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) >> 8) % 1000) as f32 / 500.0 - 1.0).collect();
-        t.data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    }
-    Ok(tensors)
-}
-
 pub fn run(args: SplitBench) -> anyhow::Result<()> {
     if args.repeat == 0 || args.bandwidths.is_empty() {
         bail!("--repeat must be at least 1 and --bandwidths must name one");
@@ -240,7 +224,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
     let typed = profile::typed(&onnx).with_context(|| format!("{}", args.model.display()))?;
     let outputs: Vec<String> = typed.model.outputs().into_iter().map(str::to_string).collect();
     let inputs: Vec<String> = typed.model.runtime_inputs().into_iter().map(|v| v.name.clone()).collect();
-    let body = wire::to_safetensors(&input(&typed.model)?)?;
+    let body = wire::to_safetensors(&profile::patterned_inputs(&typed.model, 1)?)?;
 
     let dir = tempfile::tempdir()?;
     let models = dir.path().join("models");

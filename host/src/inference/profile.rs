@@ -89,6 +89,21 @@ pub fn synthetic_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, Pr
         .collect())
 }
 
+/// Inputs like [`synthetic_inputs`] but filled with a fixed pseudo-random pattern in [-1, 1)
+/// (benchmarks: the same input every run, not zeros a kernel could shortcut). f32 inputs only.
+pub fn patterned_inputs(model: &Model, batch: u64) -> Result<Vec<TensorData>, ProfileError> {
+    let mut tensors = synthetic_inputs(model, batch)?;
+    for t in &mut tensors {
+        if t.dtype != crate::runtime::bindings::types::Dtype::F32 {
+            return Err(ProfileError::Other(format!("input `{}`: only f32 inputs are filled", t.name)));
+        }
+        t.data = (0..t.data.len() / 4)
+            .flat_map(|i| ((((i as u32).wrapping_mul(2654435761) >> 8) % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
+            .collect();
+    }
+    Ok(tensors)
+}
+
 /// Per tensor: ONNX element type, dims, bytes.
 type Measured = BTreeMap<String, (i32, Vec<i64>, u64)>;
 
