@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use crate::components::{ComponentError, Fetched};
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{AggregatorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
+use crate::runtime::{AggregatorPlugin, CompressorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
 use crate::train::{ModelSpec, OptimizerKind, TrainParams};
 
 /// A job file as written.
@@ -25,6 +25,9 @@ pub struct JobFile {
     pub training: TrainingSection,
     pub aggregator: PluginSection,
     pub client_objective: Option<PluginSection>,
+    /// Encodes each update on its edge before upload and decodes it on the cloud (e.g. INT8 or
+    /// top-k); edges then send the difference to the global model.
+    pub compressor: Option<PluginSection>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -156,19 +159,23 @@ pub struct JobSpec {
     pub training: TrainingSection,
     pub aggregator: PluginRef,
     pub client_objective: Option<PluginRef>,
+    #[serde(default)]
+    pub compressor: Option<PluginRef>,
 }
 
 impl JobSpec {
     /// The job's plugins with their slot (table) names: the aggregator, then the client
-    /// objective if there is one.
+    /// objective and the compressor if there are.
     pub fn plugins(&self) -> impl Iterator<Item = (&'static str, &PluginRef)> {
         std::iter::once(("aggregator", &self.aggregator))
             .chain(self.client_objective.as_ref().map(|p| ("client_objective", p)))
+            .chain(self.compressor.as_ref().map(|p| ("compressor", p)))
     }
 
     pub fn plugins_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut PluginRef)> {
         std::iter::once(("aggregator", &mut self.aggregator))
             .chain(self.client_objective.as_mut().map(|p| ("client_objective", p)))
+            .chain(self.compressor.as_mut().map(|p| ("compressor", p)))
     }
 }
 
@@ -357,6 +364,13 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
         let is_reference = nereid_registry::is_reference(source);
         let follow_tag = section.follow_tag.as_ref().is_some_and(|f| *f.get_ref());
         let is_tag = is_reference && !source.contains('@');
+        if let (true, "compressor", Some(flag)) = (follow_tag, table, &section.follow_tag) {
+            return Err(src.error(
+                flag.span().start,
+                Some(format!("{table}.follow_tag")),
+                "the compressor cannot follow a tag: every edge and the cloud must code updates with the same plugin for the whole job",
+            ));
+        }
         if let (true, Some(flag)) = (follow_tag && !is_tag, &section.follow_tag) {
             return Err(src.error(
                 flag.span().start,
@@ -370,6 +384,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
         let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at_plugin(e.to_string()))?;
         let checked = match table {
             "aggregator" => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
+            "compressor" => CompressorPlugin::new(runtime, loaded, limits, &config).map(drop),
             _ => ObjectivePlugin::new(runtime, loaded, limits, &config).map(drop),
         };
         if let Err(e) = checked {
@@ -401,6 +416,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
     };
     let aggregator = load_plugin(&file.aggregator, "aggregator")?;
     let client_objective = file.client_objective.as_ref().map(|s| load_plugin(s, "client_objective")).transpose()?;
+    let compressor = file.compressor.as_ref().map(|s| load_plugin(s, "compressor")).transpose()?;
     let spec = JobSpec {
         name: file.job.name,
         seed: file.job.seed,
@@ -410,6 +426,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
         training: file.training,
         aggregator,
         client_objective,
+        compressor,
     };
     Ok(LoadedJob { spec, components })
 }

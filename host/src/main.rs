@@ -52,7 +52,8 @@ enum Command {
     /// Node tokens.
     #[command(subcommand)]
     Token(cli::serve::TokenCommand),
-    /// ONNX models: split at a cut, plan the best cut for a link, export a trained job's model.
+    /// ONNX models: split at a cut, plan the best cut for a link, export a trained job's model,
+    /// compress (quantize, prune) through compressor plugins.
     #[command(subcommand)]
     Model(cli::model::ModelCommand),
     /// Push a component to an OCI registry (the CNCF Wasm artifact layout `wkg` uses).

@@ -21,6 +21,8 @@ pub const DIGEST_HEADER: &str = "x-nereid-model-digest";
 pub const EXAMPLE_HEADER: &str = "x-nereid-example-id";
 pub const QUEUED_HEADER: &str = "x-nereid-queued-ms";
 pub const COMPUTE_HEADER: &str = "x-nereid-compute-ms";
+/// The digest of the compressor component a split request's cut tensors are encoded with.
+pub const COMPRESSOR_HEADER: &str = "x-nereid-compressor";
 
 pub const META_NUM_EXAMPLES: &str = "nereid.num_examples";
 pub const META_METRICS: &str = "nereid.metrics";
@@ -37,6 +39,10 @@ pub struct Task {
     pub model: ModelSpec,
     pub training: TrainParams,
     pub client_objective: Option<PluginRef>,
+    /// With a compressor, the node uploads its update as the encoded difference to the global
+    /// model.
+    #[serde(default)]
+    pub compressor: Option<PluginRef>,
     /// What the aggregator publishes to clients (FedProx's `mu`).
     pub server_config: ConfigTable,
     pub deadline_ms: i64,
@@ -123,6 +129,12 @@ pub struct JobStatus {
     /// The job's aggregator (pinned reference or digest).
     pub aggregator: String,
     pub client_objective: Option<String>,
+    /// The job's update compressor (pinned reference or digest).
+    #[serde(default)]
+    pub compressor: Option<String>,
+    /// Bytes of updates uploaded over all closed rounds.
+    #[serde(default)]
+    pub bytes_up_total: u64,
     /// Whether a re-applied job's plugins wait for the next round boundary.
     #[serde(default)]
     pub swap_pending: bool,
@@ -233,6 +245,8 @@ pub struct CloudServiceConfig {
     /// The model (a name in `models`): the big model of joint inference, or the model split
     /// inference cuts (the edge must have the same one).
     pub model: String,
+    /// Decodes the cut tensors of split requests that edges encoded with this same component.
+    pub compressor: Option<ServicePlugin>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +326,9 @@ pub struct ServiceConfig {
     /// Turns request bodies of other content types than JSON and safetensors (e.g. `image/png`)
     /// into the model's inputs.
     pub adapter: Option<ServicePlugin>,
+    /// `kind = "split"`: encodes the cut tensors before they travel (the cloud's service needs
+    /// the same component as its `compressor`).
+    pub compressor: Option<ServicePlugin>,
     /// The cloud's base URL [default: `cloud`].
     pub cloud: Option<String>,
     /// The service's name on the cloud [default: this service's name].

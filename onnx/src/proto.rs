@@ -409,6 +409,16 @@ impl ValueInfoProto {
     pub fn tensor(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoProto {
         ValueInfoProto { name: name.into(), r#type: Some(TypeProto::tensor(elem_type, dims)), ..Default::default() }
     }
+
+    /// A tensor of unknown shape (e.g. an intermediate tensor exposed as an extra output).
+    pub fn tensor_of_any_shape(name: &str, elem_type: i32) -> ValueInfoProto {
+        let ty = TypeValue::TensorType(TensorTypeProto { elem_type: Some(elem_type), shape: None });
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto { value: Some(ty), denotation: String::new() }),
+            ..Default::default()
+        }
+    }
 }
 
 impl TensorProto {

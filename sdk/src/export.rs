@@ -7,9 +7,9 @@ pub mod glue {
     use std::cell::RefCell;
 
     use crate::{
-        Adapter, Admission, Aggregator, ClientObjective, ClientUpdate, Config, ConfigEntry, Decision, InputSpec,
-        Metric, Model, NamedTensor, Plugin, PluginError, PluginInfo, RoundContext, Router, SampleRef, Sampler,
-        Splitter, Tensor, TensorData,
+        Adapter, Admission, Aggregator, ClientObjective, ClientUpdate, Compressor, Config, ConfigEntry, Decision,
+        InputSpec, Metric, Model, NamedTensor, Plugin, PluginError, PluginInfo, RoundContext, Router, SampleRef,
+        Sampler, Splitter, Tensor, TensorData,
     };
 
     thread_local! {
@@ -105,6 +105,27 @@ pub mod glue {
 
     pub fn sampler_draw<T: Sampler>(ctx: RoundContext, count: u32) -> Result<Vec<u64>, PluginError> {
         with::<T, _>(|p| p.draw(&ctx, count))
+    }
+
+    pub fn compressor_encode<T: Compressor>(
+        ctx: RoundContext,
+        update: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, PluginError> {
+        with::<T, _>(|p| p.encode(&ctx, update))
+    }
+
+    pub fn compressor_decode<T: Compressor>(
+        ctx: RoundContext,
+        payload: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, PluginError> {
+        with::<T, _>(|p| p.decode(&ctx, payload))
+    }
+
+    pub fn compressor_rewrite_model<T: Compressor>(
+        model: Vec<u8>,
+        calibration: Vec<Vec<NamedTensor>>,
+    ) -> Result<Vec<u8>, PluginError> {
+        with::<T, _>(|p| p.rewrite_model(&model, calibration))
     }
 
     pub fn adapter_decode<T: Adapter>(
@@ -376,6 +397,38 @@ macro_rules! export_sampler {
                 count: u32,
             ) -> ::core::result::Result<::std::vec::Vec<u64>, $crate::PluginError> {
                 $crate::__glue::sampler_draw::<$t>(ctx, count)
+            }
+        }
+        export!(NereidPluginExport);
+    };
+}
+
+/// Exports `$t` (a [`Compressor`](crate::Compressor)) as a component of world `compressor-plugin`.
+/// Use once, at the crate root.
+#[macro_export]
+macro_rules! export_compressor {
+    ($t:ty) => {
+        $crate::__nereid_generate!("compressor-plugin");
+        struct NereidPluginExport;
+        $crate::__nereid_impl_plugin!(NereidPluginExport, $t);
+        impl exports::nereid::plugin::compressor::Guest for NereidPluginExport {
+            fn encode(
+                ctx: $crate::RoundContext,
+                tensors: ::std::vec::Vec<$crate::NamedTensor>,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::NamedTensor>, $crate::PluginError> {
+                $crate::__glue::compressor_encode::<$t>(ctx, tensors)
+            }
+            fn decode(
+                ctx: $crate::RoundContext,
+                payload: ::std::vec::Vec<$crate::NamedTensor>,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::NamedTensor>, $crate::PluginError> {
+                $crate::__glue::compressor_decode::<$t>(ctx, payload)
+            }
+            fn rewrite_model(
+                model: ::std::vec::Vec<u8>,
+                calibration: ::std::vec::Vec<::std::vec::Vec<$crate::NamedTensor>>,
+            ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::PluginError> {
+                $crate::__glue::compressor_rewrite_model::<$t>(model, calibration)
             }
         }
         export!(NereidPluginExport);

@@ -71,8 +71,8 @@ pub use config::{Config, Info};
 pub use fold::WeightedMean;
 pub use model::{Aggregate, Layout, Model, Update};
 pub use plugin::{
-    Adapter, Admission, Aggregator, ClientObjective, CutPoint, Decision, InputSpec, Link, Plugin, Route, Router,
-    SampleRef, Sampler, Splitter,
+    Adapter, Admission, Aggregator, ClientObjective, Compressor, CutPoint, Decision, InputSpec, Link, Plugin, Route,
+    Router, SampleRef, Sampler, Splitter,
 };
 
 #[doc(hidden)]
@@ -81,9 +81,9 @@ pub use export::glue as __glue;
 /// The names a plugin usually needs: `use nereid_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        log, Adapter, Admission, Aggregate, Aggregator, ClientObjective, Config, ConfigValue, DType, Decision, Info,
-        Layout, Metric, Model, Plugin, PluginError, RoundContext, Route, Router, SampleRef, Sampler, Splitter, Tensor,
-        Update, UpdateKind, WeightedMean,
+        log, Adapter, Admission, Aggregate, Aggregator, ClientObjective, Compressor, Config, ConfigValue, DType,
+        Decision, Info, Layout, Metric, Model, Plugin, PluginError, RoundContext, Route, Router, SampleRef, Sampler,
+        Splitter, Tensor, Update, UpdateKind, WeightedMean,
     };
 }
 

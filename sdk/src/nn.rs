@@ -9,7 +9,7 @@ mod wasi_nn {
     wit_bindgen::generate!({ path: "../wit/deps/wasi-nn", world: "ml" });
 }
 
-use wasi_nn::wasi::nn::graph::{load_by_name, Graph};
+use wasi_nn::wasi::nn::graph::{load, load_by_name, ExecutionTarget, Graph, GraphEncoding};
 use wasi_nn::wasi::nn::inference::GraphExecutionContext;
 use wasi_nn::wasi::nn::tensor::{Tensor as NnTensor, TensorType};
 
@@ -41,9 +41,8 @@ fn from_nn(ty: TensorType) -> Result<DType, PluginError> {
     })
 }
 
-/// Runs `model` (a name the host registered) on `inputs`; outputs in the model's order.
-pub fn run(model: &str, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, PluginError> {
-    let tensors = inputs
+fn to_nn_tensors(inputs: Vec<TensorData>) -> Result<Vec<(String, NnTensor)>, PluginError> {
+    inputs
         .into_iter()
         .map(|t| {
             let dims = t
@@ -56,7 +55,26 @@ pub fn run(model: &str, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, Plug
                 .collect::<Result<Vec<u32>, _>>()?;
             Ok((t.name, NnTensor::new(&dims, to_nn(t.dtype)?, &t.data)))
         })
-        .collect::<Result<Vec<_>, PluginError>>()?;
+        .collect()
+}
+
+fn from_nn_tensors(outputs: Vec<(String, NnTensor)>) -> Result<Vec<TensorData>, PluginError> {
+    outputs
+        .into_iter()
+        .map(|(name, t)| {
+            Ok(TensorData {
+                name,
+                dtype: from_nn(t.ty())?,
+                shape: t.dimensions().into_iter().map(u64::from).collect(),
+                data: t.data(),
+            })
+        })
+        .collect()
+}
+
+/// Runs `model` (a name the host registered) on `inputs`; outputs in the model's order.
+pub fn run(model: &str, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, PluginError> {
+    let tensors = to_nn_tensors(inputs)?;
     let outputs = LOADED.with(|loaded| {
         let mut loaded = loaded.borrow_mut();
         if !loaded.contains_key(model) {
@@ -70,15 +88,34 @@ pub fn run(model: &str, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, Plug
         let (_, context) = &loaded[model];
         context.compute(tensors).map_err(|e| PluginError::rejected(format!("model `{model}`: {}", e.data())))
     })?;
-    outputs
-        .into_iter()
-        .map(|(name, t)| {
-            Ok(TensorData {
-                name,
-                dtype: from_nn(t.ty())?,
-                shape: t.dimensions().into_iter().map(u64::from).collect(),
-                data: t.data(),
-            })
-        })
-        .collect()
+    from_nn_tensors(outputs)
+}
+
+/// A model the plugin built itself (ONNX bytes), loaded once for several runs (e.g. a
+/// calibration pass that exposes intermediate tensors). Needs a node whose host offers a wasi-nn
+/// backend to plugins (`nereid model compress` does).
+pub struct OnnxSession {
+    // Declared first: the context is dropped before its graph.
+    context: GraphExecutionContext,
+    _graph: Graph,
+}
+
+impl OnnxSession {
+    pub fn load(onnx: &[u8]) -> Result<OnnxSession, PluginError> {
+        let graph = load(&[onnx.to_vec()], GraphEncoding::Onnx, ExecutionTarget::Cpu)
+            .map_err(|e| PluginError::rejected(format!("loading the model through wasi-nn: {}", e.data())))?;
+        let context = graph
+            .init_execution_context()
+            .map_err(|e| PluginError::Internal(format!("wasi-nn execution context: {}", e.data())))?;
+        Ok(OnnxSession { context, _graph: graph })
+    }
+
+    /// The model's outputs on `inputs`, in the model's order.
+    pub fn run(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>, PluginError> {
+        let outputs = self
+            .context
+            .compute(to_nn_tensors(inputs)?)
+            .map_err(|e| PluginError::rejected(format!("running the model: {}", e.data())))?;
+        from_nn_tensors(outputs)
+    }
 }

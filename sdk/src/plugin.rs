@@ -1,5 +1,5 @@
 //! The traits a plugin implements, one per slot.
-use crate::{Aggregate, Config, ConfigEntry, Info, Model, PluginError, RoundContext, Tensor, Update};
+use crate::{Aggregate, Config, ConfigEntry, Info, Model, NamedTensor, PluginError, RoundContext, Tensor, Update};
 
 /// What every plugin implements: its description and its configuration.
 ///
@@ -139,4 +139,18 @@ pub trait Sampler: Plugin {
     fn offer(&mut self, sample: SampleRef) -> Result<Admission, PluginError>;
     /// Ids of buffered samples for a training batch of `count`.
     fn draw(&mut self, ctx: &RoundContext, count: u32) -> Result<Vec<u64>, PluginError>;
+}
+
+/// Slot `compressor`: encodes updates before upload and decodes them on the receiving side, and
+/// rewrites models (quantization, pruning).
+pub trait Compressor: Plugin {
+    /// What travels instead of `update` (e.g. INT8 values and their scales). State kept between
+    /// calls (an error-feedback residual) belongs to the sending node's instance.
+    fn encode(&mut self, ctx: &RoundContext, update: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, PluginError>;
+    /// Inverts `encode` on the receiving side.
+    fn decode(&mut self, ctx: &RoundContext, payload: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, PluginError>;
+    /// Rewrites an ONNX model. `calibration` holds sample inputs (named model inputs, one list
+    /// per sample) for passes that measure activation ranges; [`crate::nn::run_onnx`] runs a
+    /// model on them natively.
+    fn rewrite_model(&mut self, model: &[u8], calibration: Vec<Vec<NamedTensor>>) -> Result<Vec<u8>, PluginError>;
 }

@@ -216,8 +216,8 @@ fn the_demo_trains_across_processes_to_at_least_90_percent() {
     let out = ok(nereid(dir.path(), &["demo", "--json", "--rounds", "12"]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let runs = v["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2);
-    for (run, name) in runs.iter().zip(["fedavg", "fedprox"]) {
+    assert_eq!(runs.len(), 4);
+    for (run, name) in runs.iter().zip(["fedavg", "fedavg+int8", "fedavg+top-k", "fedprox"]) {
         assert_eq!(run["strategy"], name);
         let rounds = run["rounds"].as_array().expect("rounds");
         assert_eq!(rounds.len(), 12);
@@ -226,10 +226,19 @@ fn the_demo_trains_across_processes_to_at_least_90_percent() {
         }
         assert!(run["final_accuracy"].as_f64().expect("accuracy") >= 0.90, "{name}: {}", run["final_accuracy"]);
     }
+    // Compressed updates: INT8 at least 3.5x fewer bytes than float32 and within 1 point of its
+    // final accuracy; top-k 10% fewer still.
+    let uploaded = |i: usize| -> f64 {
+        runs[i]["rounds"].as_array().expect("rounds").iter().map(|r| r["bytes_up"].as_f64().expect("bytes")).sum()
+    };
+    let accuracy = |i: usize| runs[i]["final_accuracy"].as_f64().expect("accuracy");
+    assert!(uploaded(0) / uploaded(1) >= 3.5, "INT8: {} -> {} bytes", uploaded(0), uploaded(1));
+    assert!((accuracy(1) - accuracy(0)).abs() <= 0.01, "INT8: {} vs {}", accuracy(1), accuracy(0));
+    assert!(uploaded(0) / uploaded(2) >= 4.0, "top-k: {} -> {} bytes", uploaded(0), uploaded(2));
     assert_eq!(v["nodes"].as_array().expect("nodes").len(), 3);
     // The plugins came from the embedded registry, pinned by digest.
     let components = v["components"].as_array().expect("components");
-    assert_eq!(components.len(), 2);
+    assert_eq!(components.len(), 3);
     for c in components {
         assert!(c.as_str().expect("reference").contains("@sha256:"), "{c}");
     }

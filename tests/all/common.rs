@@ -61,3 +61,12 @@ pub fn update(client: &str, n: u64, tensors: NamedTensors) -> ClientUpdate {
 pub fn get<'a>(m: &'a NamedTensors, name: &str) -> &'a Tensor {
     &m.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor `{name}`")).1
 }
+
+/// Runs the `nereid` binary with the built plugins as its plugin directory.
+pub fn nereid(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nereid"))
+        .args(args)
+        .env("NEREID_PLUGIN_DIR", plugin_dir())
+        .output()
+        .expect("nereid")
+}

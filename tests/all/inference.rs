@@ -31,14 +31,6 @@ fn image(seed: u32) -> TensorData {
     f32_tensor("image", vec![1, 3, 64, 64], &values)
 }
 
-fn nereid(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nereid"))
-        .args(args)
-        .env("NEREID_PLUGIN_DIR", plugin_dir())
-        .output()
-        .expect("nereid")
-}
-
 #[test]
 fn split_halves_equal_the_whole_model_at_every_cut() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -452,4 +444,59 @@ fn an_image_adapter_turns_a_png_body_into_the_models_input() {
     let (code, broken) = post("camera", "image/png", b"\x89PNG not really".to_vec());
     assert_eq!(code, 400, "{broken}");
     assert!(broken["error"].as_str().expect("error").contains("image/png"), "{broken}");
+}
+
+/// A split service with a compressor (plugins/quantize, INT8 with nearest rounding): the edge
+/// encodes the cut tensors, the cloud decodes them before the tail; the answer stays close to
+/// the whole model's and about a quarter of the bytes travel. A cloud service without the same
+/// compressor refuses encoded tensors, naming what is missing.
+#[test]
+fn split_activations_travel_int8_through_a_compressor() {
+    let quantize = plugin("quantize").display().to_string();
+    let codec =
+        format!("compressor = {{ plugin = {quantize:?}, config = {{ update = \"int8\", rounding = \"nearest\" }} }}\n");
+    let mut cluster = Cluster::new(
+        1,
+        &format!("models = \"models\"\n[services.camera]\nmodel = \"cnn\"\n{codec}[services.plain]\nmodel = \"cnn\"\n"),
+    );
+    let models = cluster.path("models");
+    std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
+    write_cnn(&models.join("cnn/model.onnx"));
+    cluster.start_cloud();
+    let splitter = plugin("split-infer").display().to_string();
+    let service = |name: &str, cloud_service: &str, extra: &str| {
+        format!(
+            "[services.{name}]\nkind = \"split\"\nmodel = \"cnn\"\ncloud_service = {cloud_service:?}\nsplitter = {{ plugin = {splitter:?} }}\n{extra}"
+        )
+    };
+    let edge = cluster.start_serving_edge(
+        0,
+        &format!(
+            "models = \"{}\"\n{}{}{}",
+            models.display(),
+            service("camera", "camera", &codec),
+            service("float", "camera", ""),
+            service("mismatch", "plain", &codec)
+        ),
+    );
+    let full = NativeModel::new(&std::fs::read(models.join("cnn/model.onnx")).expect("cnn")).expect("cnn");
+    let x = image(9);
+    let want = f32_values(&full.run(std::slice::from_ref(&x)).expect("run")[0]).expect("f32");
+    let body =
+        serde_json::to_vec(&serde_json::json!({"shape": x.shape, "data": f32_values(&x).expect("f32")})).expect("json");
+    let cut = "pool1,conv4";
+    let compressed = infer_at_cut(&format!("{edge}/v1/infer/camera"), cut, &body);
+    assert_eq!(compressed["computed"], "split", "{compressed}");
+    let float = infer_at_cut(&format!("{edge}/v1/infer/float"), cut, &body);
+    assert_answers(&float, &want);
+    let got: Vec<f64> =
+        compressed["outputs"][0]["data"].as_array().expect("data").iter().filter_map(|v| v.as_f64()).collect();
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+    assert!(got.len() == want.len() && worst <= 0.01, "INT8 cut tensors move the probabilities by {worst}");
+    let bytes = |v: &serde_json::Value| v["upload_bytes"].as_f64().expect("upload_bytes");
+    // pool1 and conv4 are [1, 32, 32, 32] each: 262,144 bytes as float32.
+    assert!(bytes(&float) >= 262_144.0 && bytes(&float) / bytes(&compressed) >= 3.5, "{float} vs {compressed}");
+    let refused = infer_at_cut(&format!("{edge}/v1/infer/mismatch"), cut, &body);
+    let message = refused["error"].as_str().unwrap_or_default();
+    assert!(message.contains("has no compressor") && message.contains("[services.plain]"), "{refused}");
 }

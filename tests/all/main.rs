@@ -3,6 +3,7 @@
 mod cli;
 mod cluster;
 mod common;
+mod compress;
 mod fedavg;
 mod federated;
 mod fedprox;

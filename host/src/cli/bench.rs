@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Split inference through a shaped link: edge-only, cloud-only and the chosen cut at each
     /// bandwidth, against the best cut found by measuring every cut.
     Split(super::bench_split::SplitBench),
+    /// Model size and accuracy of the compression passes (INT8, pruning) on the digits MLP and
+    /// optionally another classifier.
+    Compress(super::bench_compress::CompressBench),
 }
 
 #[derive(Args)]
@@ -123,6 +126,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         BenchCommand::Swap(args) => super::bench_swap::run(args),
         BenchCommand::Split(args) => super::bench_split::run(args),
         BenchCommand::Infer(args) => super::bench_infer::run(args, cache_dir),
+        BenchCommand::Compress(args) => super::bench_compress::run(args, cache_dir),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `nereid demo`: federated learning on loopback. One cloud and three edge hosts (separate
-//! processes of this binary) train an MLP on the UCI digits split non-IID among the edges, first
-//! with FedAvg, then with FedProx; every committed global model is evaluated on a held-out test
-//! set the edges never see. The plugins are pushed to the embedded OCI registry first, and the
+//! processes of this binary) train an MLP on the UCI digits split non-IID among the edges: with
+//! FedAvg, with FedAvg and updates compressed to INT8, with FedAvg and top-k 10% updates, then
+//! with FedProx; every committed global model is evaluated on a held-out test set the edges
+//! never see. The plugins are pushed to the embedded OCI registry first, and the
 //! jobs name them by `oci://` reference: the cloud pins each to a digest, every edge pulls it.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +18,10 @@ use nereid::train::{self, Dataset, ModelSpec};
 
 use super::api::Api;
 use super::fleet::{free_port, spawn, start_cloud, start_registry};
+
+/// Hidden units of the demo's digits MLP (64 -> 128 -> 10): large enough that an INT8 model or
+/// update is not dominated by its fixed overhead (names, scales, biases).
+pub const DIGITS_MLP_HIDDEN: usize = 128;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -136,10 +141,10 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let components = super::components(Some(&cache))?;
     let mut pushed = Vec::new();
-    for strategy in ["fedavg", "fedprox"] {
-        let bytes = std::fs::read(super::plugin_path(&plugins, strategy))
-            .map_err(|e| anyhow::anyhow!("{strategy}: {e}; build the plugins with `cargo xtask plugins`"))?;
-        let reference = nereid_registry::Reference::parse(&format!("oci://{host}/nereid/{strategy}:0.1.0"))?;
+    for plugin_name in ["fedavg", "fedprox", "quantize"] {
+        let bytes = std::fs::read(super::plugin_path(&plugins, plugin_name))
+            .map_err(|e| anyhow::anyhow!("{plugin_name}: {e}; build the plugins with `cargo xtask plugins`"))?;
+        let reference = nereid_registry::Reference::parse(&format!("oci://{host}/nereid/{plugin_name}:0.1.0"))?;
         let p = rt.block_on(components.client().push(bytes, &reference, None))?;
         pushed.push(p.reference);
     }
@@ -160,25 +165,41 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
 
-    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![DIGITS_MLP_HIDDEN], classes: 10 };
     let runtime = Runtime::new(Some(cache.clone()))?;
     let mut runs = Vec::new();
-    for strategy in ["fedavg", "fedprox"] {
+    // (run name, strategy, the compressor's `update` coding)
+    let plan = [
+        ("fedavg", "fedavg", None),
+        ("fedavg+int8", "fedavg", Some("int8")),
+        ("fedavg+top-k", "fedavg", Some("top-k")),
+        ("fedprox", "fedprox", None),
+    ];
+    for (run, strategy, coding) in plan {
         let plugin = format!("oci://{host}/nereid/{strategy}:0.1.0");
         let objective =
             if strategy == "fedprox" { format!("\n[client_objective]\nplugin = {plugin:?}\n") } else { String::new() };
         let config =
             if strategy == "fedprox" { format!("\n[aggregator.config]\nmu = {}\n", args.mu) } else { String::new() };
+        let compressor = match coding {
+            Some(c) => format!(
+                "\n[compressor]\nplugin = \"oci://{host}/nereid/quantize:0.1.0\"\n[compressor.config]\nupdate = {c:?}\ntop_k_fraction = 0.1\n"
+            ),
+            None => String::new(),
+        };
         let job = format!(
-            "[job]\nname = \"digits-{strategy}\"\nseed = {seed}\n\n[rounds]\nmin_clients = {n}\nfraction = 1.0\ndeadline_secs = 60\n\n\
-             [stop]\nrounds = {rounds}\n\n[model]\nkind = \"mlp\"\ninputs = 64\nhidden = [32]\nclasses = 10\n\n\
+            "[job]\nname = \"digits-{name}\"\nseed = {seed}\n\n[rounds]\nmin_clients = {n}\nfraction = 1.0\ndeadline_secs = 60\n\n\
+             [stop]\nrounds = {rounds}\n\n[model]\nkind = \"mlp\"\ninputs = 64\nhidden = [{hidden}]\nclasses = 10\n\n\
              [training]\nepochs = 2\nbatch_size = 16\nlearning_rate = 0.1\noptimizer = \"sgd\"\n\n\
-             [aggregator]\nplugin = {plugin:?}\n{config}{objective}",
+             [aggregator]\nplugin = {plugin:?}\n{config}{objective}{compressor}",
+            name = run.replace('+', "-"),
             seed = args.seed,
             n = nodes.len(),
             rounds = args.rounds,
+            hidden = DIGITS_MLP_HIDDEN,
         );
-        let job_path = work.join(format!("{strategy}.toml"));
+        let strategy = run;
+        let job_path = work.join(format!("{}.toml", strategy.replace('+', "-")));
         std::fs::write(&job_path, job)?;
         let loaded = nereid::job::load(&job_path, &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
         let name = loaded.spec.name.clone();
@@ -244,16 +265,22 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("\n{:<9} {:>7} {:>15} {:>9} {:>14}", "strategy", "rounds", "final accuracy", "seconds", "MB uploaded");
+    println!(
+        "\n{:<13} {:>7} {:>15} {:>9} {:>14} {:>12}",
+        "run", "rounds", "final accuracy", "seconds", "KB uploaded", "vs fedavg"
+    );
+    let uploaded = |r: &StrategyRun| r.rounds.iter().map(|x| x.bytes_up).sum::<u64>();
+    let baseline = report.runs.first().map_or(1, uploaded).max(1);
     for r in &report.runs {
-        let up: u64 = r.rounds.iter().map(|x| x.bytes_up).sum();
+        let up = uploaded(r);
         println!(
-            "{:<9} {:>7} {:>15.4} {:>9.1} {:>14.2}",
+            "{:<13} {:>7} {:>15.4} {:>9.1} {:>14.1} {:>11.2}x",
             r.strategy,
             r.rounds.len(),
             r.final_accuracy,
             r.seconds,
-            up as f64 / 1e6
+            up as f64 / 1e3,
+            baseline as f64 / up.max(1) as f64
         );
     }
     Ok(())

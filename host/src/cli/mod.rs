@@ -1,6 +1,7 @@
 //! The subcommands of the `nereid` binary.
 pub mod api;
 pub mod bench;
+pub mod bench_compress;
 pub mod bench_infer;
 pub mod bench_round;
 pub mod bench_split;

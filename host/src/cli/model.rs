@@ -1,5 +1,5 @@
 //! `nereid model`: split an ONNX model at a cut, plan the best cut for a link, export a trained
-//! job's model as ONNX.
+//! job's model as ONNX, compress a model through a pipeline of compressor plugins.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -17,6 +17,34 @@ pub enum ModelCommand {
     Plan(PlanArgs),
     /// Write a trained job's model (weights from a file or from the cloud) as ONNX.
     Export(ExportArgs),
+    /// Run a pipeline of compression passes (compressor plugins: quantization, pruning) on a
+    /// model; print its size, weight sparsity and accuracy before and after.
+    Compress(CompressArgs),
+}
+
+#[derive(Args)]
+pub struct CompressArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// The pipeline (TOML): `[[pass]]` tables with `plugin`, `config` (the plugin's options),
+    /// optional `timeout_ms`/`memory_mib`; optional top-level `eval` (a data directory whose
+    /// test split is the eval set), `calibration` (a data directory whose train split's first
+    /// `calibration_samples` rows, default 64, are the calibration samples). Paths are relative
+    /// to the pipeline file; a plugin given by name is looked up in the plugin directory.
+    #[arg(long)]
+    pipeline: PathBuf,
+    /// Where to write the compressed model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The eval set's data directory (overrides the pipeline's `eval`).
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Directory of the built plugins [default: $NEREID_PLUGIN_DIR, else target/wasm32-wasip2/plugin].
+    #[arg(long, value_name = "DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -108,6 +136,7 @@ pub fn run(cmd: ModelCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         ModelCommand::Split(args) => split(args, cache_dir),
         ModelCommand::Plan(args) => plan(args, cache_dir),
         ModelCommand::Export(args) => export(args),
+        ModelCommand::Compress(args) => compress(args, cache_dir),
     }
 }
 
@@ -262,5 +291,105 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     let bytes = onnx.encode_to_vec();
     std::fs::write(&args.output, &bytes).with_context(|| format!("writing {}", args.output.display()))?;
     println!("{}: {} bytes, input `input`, output `probabilities`", args.output.display(), bytes.len());
+    Ok(())
+}
+
+/// Where a pipeline's `plugin` points: a built plugin's name, a path, or an `oci://` reference.
+fn pass_source(plugin: &str, plugins_dir: &Path) -> String {
+    let bare = !plugin.contains('/') && !plugin.ends_with(".wasm") && !nereid_registry::is_reference(plugin);
+    if bare {
+        super::plugin_path(plugins_dir, plugin).display().to_string()
+    } else {
+        plugin.to_string()
+    }
+}
+
+fn compress(args: CompressArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use nereid::inference::compress::{self, Accuracy, ModelSize};
+    let pipeline: compress::PipelineFile = nereid::job::parse_file(&args.pipeline)?;
+    if pipeline.passes.is_empty() {
+        bail!("{}: the pipeline has no [[pass]]", args.pipeline.display());
+    }
+    let base = args.pipeline.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let input = read(&args.model)?;
+    let eval_dir = args.eval.clone().or_else(|| pipeline.eval.as_ref().map(|e| base.join(e)));
+    let eval_set = eval_dir.as_ref().map(|d| compress::load_data(d, "test")).transpose()?;
+    let calibration = match &pipeline.calibration {
+        Some(dir) => {
+            let dir = base.join(dir);
+            let data = compress::load_data(&dir, "train")?;
+            compress::calibration_samples(&input, &data, pipeline.calibration_samples, &dir.display().to_string())?
+        }
+        None => Vec::new(),
+    };
+    let models = nereid::runtime::nn::Models::for_guest_models(nereid::runtime::nn::NnBackend::Onnxruntime)?;
+    let runtime = Runtime::with_models(cache_dir.clone(), models)?;
+    let plugins_dir = args.plugins_dir.clone().unwrap_or_else(super::default_plugin_dir);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let components = super::components(cache_dir.as_deref())?;
+    let mut model = input.clone();
+    let mut passes = Vec::new();
+    for (i, pass) in pipeline.passes.iter().enumerate() {
+        let at = format!("{}: pass {} (plugin {})", args.pipeline.display(), i + 1, pass.plugin);
+        let source = pass_source(&pass.plugin, &plugins_dir);
+        let fetched = super::fetcher(&rt, &components, &source, &base).with_context(|| at.clone())?;
+        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).with_context(|| at.clone())?;
+        let limits = nereid::runtime::Limits::with_overrides(pass.timeout_ms.or(Some(120_000)), pass.memory_mib);
+        let config: nereid::runtime::config::ConfigTable = pass.config.clone().into_iter().collect();
+        let mut plugin =
+            nereid::runtime::CompressorPlugin::new(&runtime, loaded, limits, &config).with_context(|| at.clone())?;
+        model = plugin.rewrite_model(&model, &calibration).with_context(|| at.clone())?;
+        passes.push(serde_json::json!({"plugin": pass.plugin, "config": pass.config}));
+    }
+    // ONNX Runtime loading the result is part of the check, with or without an eval set.
+    nereid::inference::NativeModel::new(&model)
+        .with_context(|| format!("ONNX Runtime refuses the compressed model of {}", args.model.display()))?;
+    std::fs::write(&args.output, &model).with_context(|| format!("writing {}", args.output.display()))?;
+    let before = compress::model_size(&input)?;
+    let after = compress::model_size(&model)?;
+    let origin = eval_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+    let accuracy = |onnx: &[u8]| -> anyhow::Result<Option<Accuracy>> {
+        Ok(eval_set.as_ref().map(|d| compress::evaluate(onnx, d, &origin)).transpose()?)
+    };
+    let (acc_before, acc_after) = (accuracy(&input)?, accuracy(&model)?);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "input": args.model,
+                "output": args.output,
+                "passes": passes,
+                "calibration_samples": calibration.len(),
+                "before": {"size": before, "accuracy": acc_before},
+                "after": {"size": after, "accuracy": acc_after},
+                "size_ratio": after.bytes as f64 / before.bytes.max(1) as f64,
+            }))?
+        );
+        return Ok(());
+    }
+    let row = |label: &str, s: &ModelSize, a: Option<Accuracy>| {
+        println!(
+            "{label:<7} {:>12} {:>12} {:>10.1}% {:>12} {:>10}",
+            s.bytes,
+            s.gzip_bytes,
+            100.0 * s.zero_weights as f64 / (s.float_weights + s.int8_weights).max(1) as f64,
+            s.int8_weights,
+            a.map_or("-".to_string(), |a| format!("{:.4}", a.accuracy)),
+        )
+    };
+    println!("{} -> {} ({} pass(es))", args.model.display(), args.output.display(), passes.len());
+    println!("{:<7} {:>12} {:>12} {:>11} {:>12} {:>10}", "", "bytes", "gzip bytes", "zero wts", "int8 wts", "accuracy");
+    row("before", &before, acc_before);
+    row("after", &after, acc_after);
+    print!("size: {:.1}% of the input", 100.0 * after.bytes as f64 / before.bytes.max(1) as f64);
+    match (acc_before, acc_after) {
+        (Some(b), Some(a)) => println!(
+            "; accuracy {:+.2} points on {} examples of {}",
+            100.0 * (a.accuracy - b.accuracy),
+            a.examples,
+            origin
+        ),
+        _ => println!("; no eval set given (--eval or `eval` in the pipeline)"),
+    }
     Ok(())
 }

@@ -128,6 +128,10 @@ pub fn print_status(s: &JobStatus) {
     if let Some(o) = &s.client_objective {
         println!("objective  {o}");
     }
+    if let Some(c) = &s.compressor {
+        println!("compressor {c}");
+    }
+    println!("uploaded   {} bytes of updates in {} closed rounds", s.bytes_up_total, s.history.len());
     if s.swap_pending {
         println!("swap       new plugins take over at the next round boundary");
     }

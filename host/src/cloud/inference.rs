@@ -14,10 +14,14 @@ use axum::Json;
 use nereid_onnx::Message;
 
 use super::{err, ApiResult, Caller, Cloud};
+use crate::components::Components;
+use crate::inference::codec::ActivationCodec;
 use crate::inference::profile::{self, Typed};
 use crate::inference::{wire, NativeModel};
-use crate::protocol::{CloudServiceConfig, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER};
-use crate::runtime::content_digest;
+use crate::protocol::{
+    CloudServiceConfig, COMPRESSOR_HEADER, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER,
+};
+use crate::runtime::{content_digest, CompressorPlugin, Limits, Runtime};
 
 struct CloudService {
     onnx: Vec<u8>,
@@ -28,6 +32,8 @@ struct CloudService {
     /// Timed once, on the first profile request.
     node_ms: OnceLock<Result<BTreeMap<String, f64>, String>>,
     tails: Mutex<HashMap<Vec<String>, Arc<NativeModel>>>,
+    /// Decodes cut tensors edges encoded with the same component.
+    codec: Option<ActivationCodec>,
 }
 
 #[derive(Default)]
@@ -36,9 +42,13 @@ pub struct CloudInference {
 }
 
 impl CloudInference {
-    pub fn load(
+    /// The services of cloud.toml; `base` is the directory relative plugin paths start from.
+    pub async fn load(
         models: Option<&Path>,
         services: &BTreeMap<String, CloudServiceConfig>,
+        base: &Path,
+        runtime: &Runtime,
+        components: &Components,
     ) -> anyhow::Result<CloudInference> {
         let mut loaded = BTreeMap::new();
         for (name, cfg) in services {
@@ -48,6 +58,17 @@ impl CloudInference {
                 .map_err(|e| anyhow::anyhow!("[services.{name}] model: reading {}: {e}", path.display()))?;
             let full = NativeModel::new(&onnx)
                 .map_err(|e| anyhow::anyhow!("[services.{name}] model {}: {e}", path.display()))?;
+            let codec = match &cfg.compressor {
+                None => None,
+                Some(c) => {
+                    let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("[services.{name}] compressor: {e}");
+                    let fetched = components.fetch(&c.plugin, base, None).await.map_err(|e| at(&e))?;
+                    let component = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at(&e))?;
+                    let limits = Limits::with_overrides(c.timeout_ms, c.memory_mib);
+                    let plugin = CompressorPlugin::new(runtime, component, limits, &c.config).map_err(|e| at(&e))?;
+                    Some(ActivationCodec::new(plugin, fetched.digest))
+                }
+            };
             loaded.insert(
                 name.clone(),
                 Arc::new(CloudService {
@@ -57,6 +78,7 @@ impl CloudInference {
                     typed: OnceLock::new(),
                     node_ms: OnceLock::new(),
                     tails: Mutex::new(HashMap::new()),
+                    codec,
                 }),
             );
         }
@@ -150,7 +172,7 @@ pub async fn tail(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    cloud.node(&headers)?;
+    let node = cloud.node(&headers)?;
     let service = cloud.inference.service(&name)?;
     let digest = header(&headers, DIGEST_HEADER).unwrap_or_default();
     if digest != service.digest {
@@ -167,8 +189,29 @@ pub async fn tail(
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let inputs = tensors(&body)?;
+    let mut inputs = tensors(&body)?;
+    let encoded_with = header(&headers, COMPRESSOR_HEADER).map(str::to_string);
+    match (&encoded_with, &service.codec) {
+        (None, _) => {}
+        (Some(d), Some(codec)) if *d == codec.digest => {}
+        (Some(d), Some(codec)) => {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!("service `{name}` decodes with compressor {}, the edge encoded with {d}: give both the same plugin", codec.digest),
+            ))
+        }
+        (Some(d), None) => {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!("service `{name}` has no compressor; the edge encoded with {d}: give [services.{name}] the same `compressor`"),
+            ))
+        }
+    }
     let (outputs, compute_ms) = run_blocking(move || {
+        if encoded_with.is_some() {
+            let codec = service.codec.as_ref().ok_or("no compressor")?;
+            inputs = codec.decode(&inputs, &format!("cut tensors from `{node}`")).map_err(|e| e.to_string())?;
+        }
         let tail = service.tail(&cut)?;
         let t = Instant::now();
         let out = tail.run(&inputs).map_err(|e| e.to_string())?;

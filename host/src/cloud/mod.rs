@@ -217,6 +217,7 @@ async fn task(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<
                 model: spec.model.clone(),
                 training: spec.training.for_node(&node),
                 client_objective: spec.client_objective.clone(),
+                compressor: spec.compressor.clone(),
                 server_config,
                 deadline_ms: round.deadline_ms,
             }),
@@ -328,9 +329,20 @@ async fn upload(
         .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
         .map_err(fail)?
     };
-    let layout: Vec<_> = header.tensors.iter().map(|(n, d, s, _)| (n.clone(), *d, s.clone())).collect();
-    if let Err(e) = spec.model.check_layout(&layout) {
-        return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
+    if spec.compressor.is_some() {
+        // What arrived is the encoded difference to the global model: decoded here, before it
+        // is accepted, and stored as the weights it stands for (the fold is the same either way).
+        let (c, spec, node, path, metadata) =
+            (cloud.clone(), spec.clone(), node.clone(), path.clone(), header.metadata.clone());
+        tokio::task::spawn_blocking(move || decode_update(&c, &spec, round, &node, &path, metadata))
+            .await
+            .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+            .map_err(|e| fail(err(StatusCode::BAD_REQUEST, e)))?;
+    } else {
+        let layout: Vec<_> = header.tensors.iter().map(|(n, d, s, _)| (n.clone(), *d, s.clone())).collect();
+        if let Err(e) = spec.model.check_layout(&layout) {
+            return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
+        }
     }
     let num_examples: u64 = header
         .metadata
@@ -357,6 +369,40 @@ async fn upload(
         }
     };
     Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// Decodes the compressed update in `path` with the job's compressor and rewrites the file as
+/// the weights it encodes: the global model plus the decoded difference.
+fn decode_update(
+    cloud: &Cloud,
+    spec: &JobSpec,
+    round: u32,
+    node: &str,
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<(), String> {
+    let origin = format!("update from `{node}`");
+    let payload = model_io::read(path).map_err(|e| format!("{origin}: {e}"))?;
+    let plugin = cloud
+        .plugins
+        .compressor(&cloud.store, spec)
+        .map_err(|e| format!("the job's compressor: {e:#}"))?
+        .ok_or_else(|| "the job has no compressor".to_string())?;
+    let ctx = RoundContext { job: spec.name.clone(), round, seed: node_seed(spec.seed, round, node) };
+    let delta = plugin
+        .lock()
+        .map_err(|_| "compressor lock poisoned".to_string())?
+        .decode(&ctx, &payload, &origin)
+        .map_err(|e| e.to_string())?;
+    let layout: Vec<_> = delta.iter().map(|(n, t)| (n.clone(), t.dtype(), t.shape().to_vec())).collect();
+    spec.model.check_layout(&layout).map_err(|e| format!("{origin}, decoded: {e}"))?;
+    let mut weights = global_model(cloud, &spec.name, round).map_err(|e| e.to_string())?;
+    for (name, w) in &mut weights {
+        let d =
+            delta.iter().find(|(n, _)| n == name).map(|(_, d)| d).ok_or_else(|| format!("{origin}: no `{name}`"))?;
+        w.axpy(1.0, d).map_err(|e| format!("{origin}: `{name}`: {e}"))?;
+    }
+    model_io::write(path, &weights, Some(metadata)).map_err(|e| e.to_string())
 }
 
 /// Streams a request body into `path` (at most `max` bytes) and fsyncs it; returns its length.
@@ -480,6 +526,8 @@ fn changed_fields(a: &JobSpec, b: &JobSpec) -> Vec<&'static str> {
     check("[model]", a.model == b.model);
     check("[training]", a.training == b.training);
     check("[client_objective] (added or removed)", a.client_objective.is_some() == b.client_objective.is_some());
+    // Updates in flight are coded with the job's compressor: it stays for the whole job.
+    check("[compressor]", a.compressor == b.compressor);
     out
 }
 
@@ -507,7 +555,7 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
     let row = cloud.store.job(name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
     let spec = spec_of(&row)?;
     let rounds = cloud.store.rounds(name)?;
-    let history =
+    let history: Vec<RoundSummary> =
         rounds.iter().filter_map(|r| r.summary.as_deref()).filter_map(|s| serde_json::from_str(s).ok()).collect();
     let current = match rounds.iter().find(|r| r.closed_ms.is_none()) {
         Some(r) if row.status == "running" => Some(CurrentRound {
@@ -544,6 +592,8 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         max_rounds: spec.stop.rounds,
         aggregator: plugins::label(&spec.aggregator),
         client_objective: spec.client_objective.as_ref().map(plugins::label),
+        compressor: spec.compressor.as_ref().map(plugins::label),
+        bytes_up_total: history.iter().map(|h| h.bytes_up).sum(),
         swap_pending: row.pending_spec.is_some(),
         swaps: cloud.store.swaps(name)?,
         current,
@@ -879,12 +929,15 @@ pub async fn serve(
         store.set_node_token(node, &token_sha256(&entry.token))?;
     }
     store.collect_update_files()?;
+    let runtime = Runtime::new(cache_dir)?;
+    let components = Components::new(registry_cache, &config.registries)?;
+    let models = config.models.as_ref().map(|m| base.join(m));
     let inference =
-        inference::CloudInference::load(config.models.as_ref().map(|m| base.join(m)).as_deref(), &config.services)?;
+        inference::CloudInference::load(models.as_deref(), &config.services, base, &runtime, &components).await?;
     let cloud = Arc::new(Cloud {
         inference,
         store,
-        plugins: JobPlugins::new(Runtime::new(cache_dir)?, Components::new(registry_cache, &config.registries)?),
+        plugins: JobPlugins::new(runtime, components),
         admin_sha: token_sha256(&config.admin_token),
         online_ms: (config.online_secs * 1000.0) as i64,
         counters: Counters::default(),

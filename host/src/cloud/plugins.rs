@@ -12,7 +12,7 @@ use crate::components::Components;
 use crate::job::{JobSpec, PluginRef};
 use crate::protocol::config_value_to_toml;
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{AggregatorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
+use crate::runtime::{AggregatorPlugin, CompressorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
 use crate::store::{now_ms, CloudStore, SwapRow};
 
 /// A job's aggregator instance and what to call it (its pinned reference or digest).
@@ -26,6 +26,8 @@ pub struct JobPlugins {
     runtime: Runtime,
     components: Components,
     live: Mutex<HashMap<String, LiveAggregator>>,
+    /// Each job's compressor instance (decoding is stateless: one instance serves every node).
+    compressors: Mutex<HashMap<String, Arc<Mutex<CompressorPlugin>>>>,
     /// Aggregators an apply validated, waiting for their job's next round boundary.
     pending: Mutex<HashMap<String, AggregatorPlugin>>,
     /// What each job's aggregator publishes to clients (FedProx's `mu`).
@@ -48,6 +50,7 @@ impl JobPlugins {
             runtime,
             components,
             live: Mutex::new(HashMap::new()),
+            compressors: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
             tags_checked: Mutex::new(HashMap::new()),
@@ -100,6 +103,24 @@ impl JobPlugins {
         self.install(&spec.name, plugin, label(&spec.aggregator))
     }
 
+    /// The job's compressor (None for a job without one), instantiated once and kept.
+    pub fn compressor(
+        &self,
+        store: &CloudStore,
+        spec: &JobSpec,
+    ) -> anyhow::Result<Option<Arc<Mutex<CompressorPlugin>>>> {
+        let Some(p) = &spec.compressor else { return Ok(None) };
+        if let Some(c) = self.compressors.lock().ok().and_then(|m| m.get(&spec.name).cloned()) {
+            return Ok(Some(c));
+        }
+        let loaded = self.load(store, &spec.name, "compressor", p)?;
+        let plugin = Arc::new(Mutex::new(CompressorPlugin::new(&self.runtime, loaded, p.limits, &p.config)?));
+        if let Ok(mut m) = self.compressors.lock() {
+            m.insert(spec.name.clone(), plugin.clone());
+        }
+        Ok(Some(plugin))
+    }
+
     pub fn published(&self, job: &str) -> ConfigTable {
         self.published.lock().ok().and_then(|c| c.get(job).cloned()).unwrap_or_default()
     }
@@ -110,6 +131,9 @@ impl JobPlugins {
             m.remove(job);
         }
         if let Ok(mut m) = self.pending.lock() {
+            m.remove(job);
+        }
+        if let Ok(mut m) = self.compressors.lock() {
             m.remove(job);
         }
     }

@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use crate::components::Components;
 use crate::model_io;
 use crate::protocol::*;
-use crate::runtime::{content_digest, ObjectivePlugin, RoundContext, Runtime};
+use crate::runtime::{content_digest, CompressorPlugin, LoadedComponent, ObjectivePlugin, RoundContext, Runtime};
 use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
 
@@ -78,6 +78,9 @@ pub struct Edge {
     /// The client-objective plugin of the newest task (by digest), kept across rounds; a task
     /// naming another one replaces (and drops) it.
     objective: Option<(crate::job::PluginRef, ObjectivePlugin)>,
+    /// The update compressor of the newest task and its job, kept across the job's rounds (a
+    /// top-k compressor's error-feedback residual lives in it).
+    compressor: Option<(String, crate::job::PluginRef, CompressorPlugin)>,
     components: Components,
 }
 
@@ -89,7 +92,7 @@ impl Edge {
         let store = EdgeStore::open(&base.join(&config.state))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
         let components = Components::new(registry_cache, &config.registries)?;
-        Ok(Edge { config, http, store, runtime, train, test, objective: None, components })
+        Ok(Edge { config, http, store, runtime, train, test, objective: None, compressor: None, components })
     }
 
     fn url(&self, path: &str) -> String {
@@ -137,17 +140,9 @@ impl Edge {
         Ok(true)
     }
 
-    /// The task's client objective: the one kept from earlier rounds if it is the same plugin
-    /// with the same config, else a new instance (the old one is dropped: no ghost instances).
-    /// A registry plugin is pulled from the registry by its pinned digest, others from the cloud.
-    async fn objective(&mut self, plugin: &crate::job::PluginRef) -> anyhow::Result<ObjectivePlugin> {
-        match self.objective.take() {
-            Some((kept, p)) if kept == *plugin => return Ok(p),
-            Some(_) => {
-                tracing::info!(node = %self.config.name, to = %plugin.pinned.as_deref().unwrap_or(&plugin.digest), "client objective swapped")
-            }
-            None => {}
-        }
+    /// A task's plugin: pulled from the registry by its pinned digest, or else from the cloud,
+    /// and checked against the digest the task names.
+    async fn fetch_plugin(&self, plugin: &crate::job::PluginRef, what: &str) -> anyhow::Result<LoadedComponent> {
         let (bytes, origin) = match &plugin.pinned {
             Some(pinned) => (self.components.fetch_pinned(pinned, &plugin.digest).await?.bytes, pinned.clone()),
             None => {
@@ -158,11 +153,35 @@ impl Edge {
                     "component digest mismatch: expected {}, got {digest}",
                     plugin.digest
                 );
-                (bytes, format!("client objective {digest}"))
+                (bytes, format!("{what} {digest}"))
             }
         };
-        let loaded = self.runtime.load_bytes(&bytes, &origin)?;
+        Ok(self.runtime.load_bytes(&bytes, &origin)?)
+    }
+
+    /// The task's client objective: the one kept from earlier rounds if it is the same plugin
+    /// with the same config, else a new instance (the old one is dropped: no ghost instances).
+    async fn objective(&mut self, plugin: &crate::job::PluginRef) -> anyhow::Result<ObjectivePlugin> {
+        match self.objective.take() {
+            Some((kept, p)) if kept == *plugin => return Ok(p),
+            Some(_) => {
+                tracing::info!(node = %self.config.name, to = %plugin.pinned.as_deref().unwrap_or(&plugin.digest), "client objective swapped")
+            }
+            None => {}
+        }
+        let loaded = self.fetch_plugin(plugin, "client objective").await?;
         Ok(ObjectivePlugin::new(&self.runtime, loaded, plugin.limits, &plugin.config)?)
+    }
+
+    /// The task's compressor, kept across rounds while tasks of the same job name the same one.
+    async fn compressor(&mut self, job: &str, plugin: &crate::job::PluginRef) -> anyhow::Result<CompressorPlugin> {
+        if let Some((kept_job, kept, p)) = self.compressor.take() {
+            if kept_job == job && kept == *plugin {
+                return Ok(p);
+            }
+        }
+        let loaded = self.fetch_plugin(plugin, "compressor").await?;
+        Ok(CompressorPlugin::new(&self.runtime, loaded, plugin.limits, &plugin.config)?)
     }
 
     async fn train_round(&mut self, task: &Task) -> anyhow::Result<Vec<u8>> {
@@ -183,6 +202,7 @@ impl Edge {
         if let Some(obj) = objective.as_mut() {
             obj.begin_round(&ctx, &global, &table_to_entries(&task.server_config))?;
         }
+        let global_for_delta = task.compressor.as_ref().map(|_| global.clone()).unwrap_or_default();
         let (spec, params, seed) = (task.model.clone(), task.training.clone(), task.seed);
         let (train_set, test_set) = (self.train.clone(), self.test.clone());
         let label = format!("{} round {}", self.config.name, task.round);
@@ -219,7 +239,29 @@ impl Edge {
             (META_NUM_EXAMPLES.to_string(), outcome.examples.to_string()),
             (META_METRICS.to_string(), metrics_json.clone()),
         ]);
-        let bytes = model_io::encode(&outcome.model, Some(meta))?;
+        let upload = match &task.compressor {
+            Some(p) => {
+                let mut compressor = self.compressor(&task.job, p).await?;
+                // The difference to the global model travels: it is what INT8 and top-k code well.
+                let mut delta = outcome.model.clone();
+                for (name, d) in delta.iter_mut() {
+                    let g = global_for_delta
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, g)| g)
+                        .with_context(|| format!("the global model has no `{name}`"))?;
+                    d.axpy(-1.0, g).with_context(|| format!("update tensor `{name}`"))?;
+                }
+                let encoded = compressor.encode(&ctx, &delta)?;
+                self.compressor = Some((task.job.clone(), p.clone(), compressor));
+                encoded
+            }
+            None => {
+                self.compressor = None;
+                outcome.model
+            }
+        };
+        let bytes = model_io::encode(&upload, Some(meta))?;
         // Stored before it is sent: a restart re-sends this very update.
         self.store.save_trained(&task.job, task.round, outcome.examples, &metrics_json, &bytes)?;
         tracing::info!(node = %self.config.name, job = %task.job, round = task.round, eval_accuracy = eval.accuracy, train_loss = outcome.loss, "trained");

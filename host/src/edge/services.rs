@@ -19,15 +19,17 @@ use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 
 use crate::components::Components;
+use crate::inference::codec::ActivationCodec;
 use crate::inference::profile;
 use crate::inference::wire::{self, InferRequest};
 use crate::protocol::{
-    EdgeConfig, ServiceConfig, ServiceKind, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER,
+    EdgeConfig, ServiceConfig, ServiceKind, COMPRESSOR_HEADER, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER,
+    EXAMPLE_HEADER, QUEUED_HEADER,
 };
 use crate::runtime::config::ConfigTable;
 use crate::runtime::{
-    content_digest, AdapterPlugin, CutPoint, InputSpec, Limits, LoadedComponent, Route, RouterPlugin, Runtime,
-    SplitterPlugin, TensorData,
+    content_digest, AdapterPlugin, CompressorPlugin, CutPoint, InputSpec, Limits, LoadedComponent, Route, RouterPlugin,
+    Runtime, SplitterPlugin, TensorData,
 };
 use crate::store::{now_ms, EdgeStore};
 
@@ -105,6 +107,9 @@ pub struct InferResponse {
     /// Split: the cloud was unreachable and the edge ran the whole model.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fallback: bool,
+    /// Split: bytes of cut tensors sent to the cloud (after the service's compressor, if any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_bytes: Option<usize>,
     pub edge_ms: f64,
     pub total_ms: f64,
 }
@@ -200,6 +205,9 @@ struct SplitState {
     halves: HashMap<Vec<String>, Halves>,
     /// Exponentially weighted bandwidth seen on transfers, Mbit/s.
     measured_mbit_s: Option<f64>,
+    /// Float32 bytes of the cut tensors over the bytes the compressor made of them, on the last
+    /// transfer: plans count transfers as float32 bytes / (bandwidth x this).
+    compression_ratio: Option<f64>,
 }
 
 struct Split {
@@ -214,6 +222,8 @@ struct Split {
     component: LoadedComponent,
     limits: Limits,
     config: ConfigTable,
+    /// Encodes the cut tensors before they travel.
+    codec: Option<ActivationCodec>,
     state: Mutex<SplitState>,
     /// Held while planning, so a request arriving during the start-up plan waits for it.
     planner: tokio::sync::Mutex<()>,
@@ -343,6 +353,19 @@ impl Services {
         if cfg.kind == ServiceKind::Split && cfg.router.is_some() {
             bail!("router: only for kind = \"joint\"");
         }
+        if cfg.kind == ServiceKind::Joint && cfg.compressor.is_some() {
+            bail!("compressor: only for kind = \"split\" (it encodes the cut tensors)");
+        }
+        let codec = match &cfg.compressor {
+            None => None,
+            Some(c) => {
+                let fetched = components.fetch(&c.plugin, base, None).await.context("compressor.plugin")?;
+                let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("compressor.plugin")?;
+                let limits = Limits::with_overrides(c.timeout_ms, c.memory_mib);
+                let plugin = CompressorPlugin::new(runtime, loaded, limits, &c.config).context("compressor")?;
+                Some(ActivationCodec::new(plugin, fetched.digest.clone()))
+            }
+        };
         if cfg.replan_factor.is_nan() || cfg.replan_factor <= 1.0 {
             bail!("replan_factor: must be > 1 (got {})", cfg.replan_factor);
         }
@@ -369,12 +392,14 @@ impl Services {
                     component: loaded,
                     limits,
                     config,
+                    codec,
                     state: Mutex::new(SplitState {
                         plugin,
                         planning: None,
                         plan: None,
                         halves: HashMap::new(),
                         measured_mbit_s: None,
+                        compression_ratio: None,
                     }),
                     planner: tokio::sync::Mutex::new(()),
                 }))
@@ -512,6 +537,7 @@ impl Services {
             results,
             cut: None,
             fallback: false,
+            upload_bytes: None,
             edge_ms,
             total_ms: elapsed.as_secs_f64() * 1e3,
         })
@@ -592,39 +618,54 @@ impl Services {
         })
         .await?;
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let answer =
-            |outputs: &[TensorData], computed: &'static str, fallback: bool| -> anyhow::Result<InferResponse> {
-                service.metrics.observe(computed, t0.elapsed());
-                Ok(InferResponse {
-                    service: service.name.clone(),
-                    outputs: named_values(outputs)?,
-                    computed,
-                    results: Vec::new(),
-                    cut: Some(cut.clone()),
-                    fallback,
-                    edge_ms,
-                    total_ms: t0.elapsed().as_secs_f64() * 1e3,
-                })
-            };
+        let answer = |outputs: &[TensorData],
+                      computed: &'static str,
+                      fallback: bool,
+                      upload_bytes: Option<usize>|
+         -> anyhow::Result<InferResponse> {
+            service.metrics.observe(computed, t0.elapsed());
+            Ok(InferResponse {
+                service: service.name.clone(),
+                outputs: named_values(outputs)?,
+                computed,
+                results: Vec::new(),
+                cut: Some(cut.clone()),
+                fallback,
+                upload_bytes,
+                edge_ms,
+                total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            })
+        };
         if !halves.has_tail {
-            return answer(&activations, "edge", false);
+            return answer(&activations, "edge", false, None);
         }
-        let body = wire::to_safetensors(&activations)?;
+        let mut headers = vec![(CUT_HEADER, cut.join(",")), (DIGEST_HEADER, split.digest.clone())];
+        let body = match &split.codec {
+            Some(codec) => {
+                headers.push((COMPRESSOR_HEADER, codec.digest.clone()));
+                let (s, a) = (split.clone(), activations.clone());
+                let encoded = blocking(move || Ok(s.codec.as_ref().context("codec")?.encode(&a)?)).await?;
+                let body = wire::to_safetensors(&encoded)?;
+                let raw: usize = activations.iter().map(|t| t.data.len()).sum();
+                lock(&split.state).compression_ratio = Some(raw as f64 / body.len().max(1) as f64);
+                body
+            }
+            None => wire::to_safetensors(&activations)?,
+        };
         let upload = body.len();
-        let headers = [(CUT_HEADER, cut.join(",")), (DIGEST_HEADER, split.digest.clone())];
         let sent = Instant::now();
         match service.cloud.post("/tail", body, &headers).await? {
             CloudCall::Answered { outputs, compute_ms } => {
                 let transfer_ms = sent.elapsed().as_secs_f64() * 1e3 - compute_ms;
                 self.observe_link(service, &split, upload, transfer_ms);
-                answer(&outputs, if halves.head.is_none() { "cloud" } else { "split" }, false)
+                answer(&outputs, if halves.head.is_none() { "cloud" } else { "split" }, false, Some(upload))
             }
             CloudCall::Unreachable(why) => {
                 tracing::warn!(service = %service.name, "cloud unreachable, running the whole model on the edge: {why}");
                 service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let whole = split.clone();
                 let outputs = blocking(move || Ok(lock(&whole.state).plugin.run(&whole.model, &inputs)?)).await?;
-                answer(&outputs, "edge", true)
+                answer(&outputs, "edge", true, None)
             }
         }
     }
@@ -755,7 +796,8 @@ impl Services {
             let mut guard = lock(&split.state);
             let state = &mut *guard;
             let planning = state.planning.as_ref().context("measured above")?;
-            let cuts = state.plugin.plan(&planning.typed, &planning.profile, bandwidth, rtt)?;
+            let effective = bandwidth * state.compression_ratio.unwrap_or(1.0);
+            let cuts = state.plugin.plan(&planning.typed, &planning.profile, effective, rtt)?;
             let best = cuts.first().context("the splitter returned no cut")?.clone();
             tracing::info!(service = %svc.name, cut = %best.tensors.join(","), predicted_ms = best.predicted_ms, bandwidth_mbit_s = bandwidth, rtt_ms = rtt, "planned");
             state.measured_mbit_s = Some(bandwidth);

@@ -1,6 +1,8 @@
 //! Inference shared by the edge and the cloud: tensors on the wire (JSON and safetensors),
 //! ONNX Runtime sessions run natively by the host (the cloud's models and tails, profiling),
 //! and the profile split inference plans from.
+pub mod codec;
+pub mod compress;
 pub mod export;
 pub mod native;
 pub mod profile;

@@ -147,6 +147,7 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<TensorData>, WireError> {
             StDtype::I32 => Dtype::I32,
             StDtype::I64 => Dtype::I64,
             StDtype::U8 => Dtype::U8,
+            StDtype::I8 => Dtype::I8,
             other => {
                 return Err(WireError::Tensor {
                     name: name.to_string(),

@@ -10,6 +10,6 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::exports::nereid::plugin::{
-    adapter, aggregator, client_objective, plugin, router, runner, sampler, splitter,
+    adapter, aggregator, client_objective, compressor, plugin, router, runner, sampler, splitter,
 };
 pub use self::nereid::plugin::{model, types};

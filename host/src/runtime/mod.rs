@@ -23,9 +23,9 @@ pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
 pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
 pub use slots::{
-    AdapterPlugin, Admission, AggregateResult, AggregatorPlugin, ClientUpdate, CutPoint, Decision, InputSpec,
-    ObjectivePlugin, RoundContext, Route, RouterPlugin, SampleRef, SamplerPlugin, SplitterPlugin, TensorData,
-    UpdateKind,
+    AdapterPlugin, Admission, AggregateResult, AggregatorPlugin, ClientUpdate, CompressorPlugin, CutPoint, Decision,
+    InputSpec, ObjectivePlugin, RoundContext, Route, RouterPlugin, SampleRef, SamplerPlugin, SplitterPlugin,
+    TensorData, UpdateKind,
 };
 use state::PluginState;
 

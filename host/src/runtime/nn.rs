@@ -130,6 +130,8 @@ impl NnBackend {
 pub struct Models {
     graphs: Arc<RwLock<HashMap<String, Graph>>>,
     backend: NnBackend,
+    /// Whether plugins may load models of their own (wasi-nn `load` of ONNX bytes).
+    guest_load: bool,
 }
 
 /// One instance's view of the shared models (graphs are reference-counted).
@@ -147,7 +149,14 @@ impl GraphRegistry for InstanceModels {
 impl Models {
     /// No models yet; those registered later run on `backend`.
     pub fn new(backend: NnBackend) -> Models {
-        Models { graphs: Arc::default(), backend }
+        Models { graphs: Arc::default(), backend, guest_load: false }
+    }
+
+    /// No registered models, but plugins may load ONNX models they build (wasi-nn `load`), e.g.
+    /// a quantization pass running a calibration model; they run on `backend`.
+    pub fn for_guest_models(backend: NnBackend) -> Result<Models, NnError> {
+        backend.ready()?;
+        Ok(Models { graphs: Arc::default(), backend, guest_load: true })
     }
 
     /// Every `<dir>/<name>/model.onnx`, registered as `<name>`, on `backend`.
@@ -212,12 +221,16 @@ impl Models {
         Ok(())
     }
 
-    /// A wasi-nn context for one plugin instance: these models and, if there are any, their
-    /// backend (a node without models never loads a runtime, which costs ~20 MB of memory).
+    /// A wasi-nn context for one plugin instance: these models and, if there are any (or plugins
+    /// may load their own), their backend (a node without models never loads a runtime, which
+    /// costs ~20 MB of memory).
     pub fn context(&self) -> WasiNnCtx {
         let graphs = self.read().clone();
-        let backends: Vec<Backend> =
-            if !graphs.is_empty() && self.backend.ready().is_ok() { vec![self.backend.backend()] } else { Vec::new() };
+        let backends: Vec<Backend> = if (!graphs.is_empty() || self.guest_load) && self.backend.ready().is_ok() {
+            vec![self.backend.backend()]
+        } else {
+            Vec::new()
+        };
         let registry = InstanceModels(graphs);
         WasiNnCtx::new(backends, registry.into())
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 
-use super::bindings::{adapter, aggregator, client_objective, plugin, router, runner, sampler, splitter, types};
+use super::bindings::{
+    adapter, aggregator, client_objective, compressor, plugin, router, runner, sampler, splitter, types,
+};
 use super::config::{self, ConfigTable};
 use super::state::{MemoryLimitHit, PluginState};
 use super::{deadline_ticks, describe_worlds, Limits, LoadedComponent, PluginError, Runtime, Slot};
@@ -48,6 +50,7 @@ slot_guest!(
     splitter => Splitter,
     adapter => Adapter,
     sampler => Sampler,
+    compressor => Compressor,
 );
 
 /// A slot's interface together with `runner`, which the inference slots (router, splitter) also

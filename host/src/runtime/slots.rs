@@ -4,7 +4,7 @@ use std::path::Path;
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{adapter, aggregator, client_objective, model, router, sampler, splitter, types};
+use super::bindings::{adapter, aggregator, client_objective, compressor, model, router, sampler, splitter, types};
 use super::config::ConfigTable;
 use super::sandbox::WithRunner;
 use super::state::{PluginState, TensorSlot};
@@ -382,5 +382,55 @@ impl SamplerPlugin {
         let ctx = types::RoundContext::from(ctx);
         let r = self.sandbox.call("draw", |g, store| g.call_draw(store, &ctx, count))?;
         self.sandbox.check_plugin_result("draw", "the buffer", r)
+    }
+}
+
+slot_front_end!(
+    /// A plugin in the compressor slot (update encoding before upload and decoding after, model
+    /// rewriting: quantization, pruning).
+    CompressorPlugin,
+    compressor::Guest
+);
+
+impl CompressorPlugin {
+    /// What travels instead of `tensors` (e.g. INT8 values and their scales).
+    pub fn encode(&mut self, ctx: &RoundContext, tensors: &[(String, Tensor)]) -> Result<NamedTensors, PluginError> {
+        let ctx = types::RoundContext::from(ctx);
+        let r = self.sandbox.call("encode", |g, store| {
+            let lent = lend_all(store, tensors)?;
+            Ok(match g.call_encode(&mut *store, &ctx, &lent)? {
+                Ok(out) => Ok(take_all(store, out)?),
+                Err(e) => Err(e),
+            })
+        })?;
+        self.sandbox.check_plugin_result("encode", "the update", r)
+    }
+
+    /// The tensors `payload` encodes; `origin` names the payload in errors (e.g. the node).
+    pub fn decode(
+        &mut self,
+        ctx: &RoundContext,
+        payload: &[(String, Tensor)],
+        origin: &str,
+    ) -> Result<NamedTensors, PluginError> {
+        let ctx = types::RoundContext::from(ctx);
+        let r = self.sandbox.call("decode", |g, store| {
+            let lent = lend_all(store, payload)?;
+            Ok(match g.call_decode(&mut *store, &ctx, &lent)? {
+                Ok(out) => Ok(take_all(store, out)?),
+                Err(e) => Err(e),
+            })
+        })?;
+        self.sandbox.check_plugin_result("decode", origin, r)
+    }
+
+    /// The rewritten ONNX model; `calibration` holds sample inputs (one list of named input
+    /// tensors per sample) for passes that measure activation ranges.
+    pub fn rewrite_model(&mut self, model: &[u8], calibration: &[NamedTensors]) -> Result<Vec<u8>, PluginError> {
+        let r = self.sandbox.call("rewrite-model", |g, store| {
+            let lent = calibration.iter().map(|s| lend_all(store, s)).collect::<wasmtime::Result<Vec<_>>>()?;
+            g.call_rewrite_model(&mut *store, model, &lent)
+        })?;
+        self.sandbox.check_plugin_result("rewrite-model", "the model", r)
     }
 }

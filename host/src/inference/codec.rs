@@ -1,0 +1,66 @@
+//! Split inference's activations through a compressor plugin: the edge encodes the cut tensors
+//! (e.g. INT8 with `rounding = "nearest"`), the cloud decodes them before the tail. Both sides
+//! load the same component; the edge names it by digest in `x-nereid-compressor`.
+use std::sync::Mutex;
+
+use crate::inference::wire::{self, WireError};
+use crate::runtime::{CompressorPlugin, PluginError, RoundContext, TensorData};
+use crate::tensor::{Buffer, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// A compressor instance for one service, and the digest of its component.
+pub struct ActivationCodec {
+    plugin: Mutex<CompressorPlugin>,
+    pub digest: String,
+}
+
+fn to_tensor(t: &TensorData) -> Result<Tensor, WireError> {
+    wire::check(t)?;
+    let buffer = Buffer::from_le_bytes(t.dtype.into(), &t.data)
+        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the type".into() })?;
+    Tensor::new(t.shape.clone(), buffer)
+        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the shape".into() })
+}
+
+fn to_data(name: String, t: &Tensor) -> TensorData {
+    TensorData { name, dtype: t.dtype().into(), shape: t.shape().to_vec(), data: t.buffer().to_le_bytes() }
+}
+
+impl ActivationCodec {
+    pub fn new(plugin: CompressorPlugin, digest: String) -> ActivationCodec {
+        ActivationCodec { plugin: Mutex::new(plugin), digest }
+    }
+
+    fn run(
+        &self,
+        tensors: &[TensorData],
+        f: impl FnOnce(
+            &mut CompressorPlugin,
+            &RoundContext,
+            &[(String, Tensor)],
+        ) -> Result<Vec<(String, Tensor)>, PluginError>,
+    ) -> Result<Vec<TensorData>, CodecError> {
+        let named =
+            tensors.iter().map(|t| Ok((t.name.clone(), to_tensor(t)?))).collect::<Result<Vec<_>, WireError>>()?;
+        let ctx = RoundContext::default();
+        let mut plugin = self.plugin.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(f(&mut plugin, &ctx, &named)?.into_iter().map(|(n, t)| to_data(n, &t)).collect())
+    }
+
+    /// What travels instead of the cut tensors.
+    pub fn encode(&self, tensors: &[TensorData]) -> Result<Vec<TensorData>, CodecError> {
+        self.run(tensors, |p, ctx, named| p.encode(ctx, named))
+    }
+
+    /// The cut tensors a payload encodes; `origin` names the sender in errors.
+    pub fn decode(&self, payload: &[TensorData], origin: &str) -> Result<Vec<TensorData>, CodecError> {
+        self.run(payload, |p, ctx, named| p.decode(ctx, named, origin))
+    }
+}
