@@ -293,6 +293,9 @@ pub struct EdgeConfig {
     /// Inference services, served at `POST /v1/infer/<name>`.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+    /// The replay buffer: its sampler plugin (e.g. replay-buffer); samples arrive on
+    /// `POST /v1/samples` and their bytes are kept in `state`.
+    pub replay: Option<ServicePlugin>,
 }
 
 fn default_outbox_retry_ms() -> u64 {

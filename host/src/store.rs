@@ -471,7 +471,29 @@ CREATE TABLE IF NOT EXISTS trained (
     bytes BLOB NOT NULL, uploaded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job, round));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, input BLOB NOT NULL, queued_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS replay_samples (id INTEGER PRIMARY KEY, label INTEGER NOT NULL, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS replay_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
+
+/// What the replay buffer holds, as its sampler needs it after a restart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayState {
+    /// (id, label) of every held sample, by id.
+    pub held: Vec<(u64, i64)>,
+    /// Samples offered so far (the next one gets id `offered + 1`).
+    pub offered: u64,
+    /// The samples' element type and shape, fixed by the first one kept.
+    pub layout: Option<String>,
+}
+
+/// One offered sample and what the sampler decided for it.
+pub struct ReplayOffer<'a> {
+    pub id: u64,
+    pub label: i64,
+    pub bytes: &'a [u8],
+    /// Kept (evicting the sample with this id, if any) or not.
+    pub keep: Option<Option<u64>>,
+}
 
 /// A hard example the edge has not yet delivered to the cloud.
 #[derive(Debug, Clone)]
@@ -566,6 +588,59 @@ impl EdgeStore {
     pub fn delivered(&self, id: i64) -> Result<()> {
         self.conn().execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
         Ok(())
+    }
+
+    pub fn replay_state(&self) -> Result<ReplayState> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, label FROM replay_samples ORDER BY id")?;
+        let held = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let meta = |key: &str| -> Result<Option<String>> {
+            Ok(conn.query_row("SELECT value FROM replay_meta WHERE key = ?1", params![key], |r| r.get(0)).optional()?)
+        };
+        let offered = meta("offered")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(ReplayState { held, offered, layout: meta("layout")? })
+    }
+
+    /// Records a batch of offers in one transaction: kept samples (bytes and all) in, evicted
+    /// ones out, the offered count and the layout. All or nothing.
+    pub fn record_offers(&self, offers: &[ReplayOffer], offered: u64, layout: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for o in offers {
+            if let Some(evict) = o.keep {
+                if let Some(e) = evict {
+                    tx.execute("DELETE FROM replay_samples WHERE id = ?1", params![e as i64])?;
+                }
+                tx.execute(
+                    "INSERT INTO replay_samples (id, label, bytes) VALUES (?1, ?2, ?3)",
+                    params![o.id as i64, o.label, o.bytes],
+                )?;
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO replay_meta (key, value) VALUES ('offered', ?1)",
+            params![offered.to_string()],
+        )?;
+        tx.execute("INSERT OR REPLACE INTO replay_meta (key, value) VALUES ('layout', ?1)", params![layout])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The label and bytes of held samples, in the order of `ids` (ids not held are skipped).
+    pub fn replay_samples(&self, ids: &[u64]) -> Result<Vec<(u64, i64, Vec<u8>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT label, bytes FROM replay_samples WHERE id = ?1")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if let Some((label, bytes)) =
+                stmt.query_row(params![id as i64], |r| Ok((r.get(0)?, r.get(1)?))).optional()?
+            {
+                out.push((id, label, bytes));
+            }
+        }
+        Ok(out)
     }
 }
 

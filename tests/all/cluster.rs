@@ -131,6 +131,10 @@ impl Cluster {
         c.wait().expect("reap");
     }
 
+    pub fn edge_pid(&self, i: usize) -> u32 {
+        self.edges[i].as_ref().expect("edge running").id()
+    }
+
     pub fn signal_edge(&self, i: usize, signal: &str) {
         let pid = self.edges[i].as_ref().expect("edge running").id();
         assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());

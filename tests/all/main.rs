@@ -10,6 +10,7 @@ mod fedprox;
 mod inference;
 mod nn;
 mod oci;
+mod replay;
 mod router;
 mod sampler;
 mod sandbox;

@@ -30,6 +30,8 @@ pub enum BenchCommand {
     /// Model size and accuracy of the compression passes (INT8, pruning) on the digits MLP and
     /// optionally another classifier.
     Compress(super::bench_compress::CompressBench),
+    /// Class-incremental learning on the digits (0-4, then 5-9) with and without a replay buffer.
+    Forgetting(super::bench_forgetting::ForgettingBench),
 }
 
 #[derive(Args)]
@@ -127,6 +129,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         BenchCommand::Split(args) => super::bench_split::run(args),
         BenchCommand::Infer(args) => super::bench_infer::run(args, cache_dir),
         BenchCommand::Compress(args) => super::bench_compress::run(args, cache_dir),
+        BenchCommand::Forgetting(args) => super::bench_forgetting::run(args, cache_dir),
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_compress;
+pub mod bench_forgetting;
 pub mod bench_infer;
 pub mod bench_round;
 pub mod bench_split;

@@ -923,7 +923,7 @@ pub async fn serve(
     cache_dir: Option<PathBuf>,
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
-    return_large_buffers_to_the_os();
+    crate::return_large_buffers_to_the_os();
     let store = CloudStore::open(&base.join(&config.state))?;
     for (node, entry) in &config.nodes {
         store.set_node_token(node, &token_sha256(&entry.token))?;
@@ -968,18 +968,6 @@ pub async fn serve(
     });
     axum::serve(listener, app).await?;
     Ok(())
-}
-
-/// Model-sized buffers come and go every round; glibc would keep freed ones in per-thread
-/// arenas (RSS that never shrinks). Serving them with mmap returns them to the OS on free.
-fn return_large_buffers_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is called before other threads
-    // allocate model-sized buffers.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {

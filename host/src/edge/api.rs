@@ -1,6 +1,6 @@
 //! The edge's HTTP API: `POST /v1/infer/<service>` (JSON, safetensors, or what the service's
-//! adapter reads), `GET
-//! /v1/infer/<service>/plan` (split services), `GET /metrics`, `GET /v1/health`.
+//! adapter reads), `GET /v1/infer/<service>/plan` (split services), `POST /v1/samples` and
+//! `GET /v1/samples` (the replay buffer), `GET /metrics`, `GET /v1/health`.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -42,6 +42,41 @@ async fn infer(
         Ok(r) => Json(r).into_response(),
         Err(e) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// `POST /v1/samples`: labelled samples for the replay buffer, as safetensors with `x`
+/// [samples, ...] (any element type) and `y` [samples] (integer labels).
+async fn offer_samples(State(services): State<Arc<Services>>, body: Bytes) -> Response {
+    if services.replay.is_none() {
+        return error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)");
+    }
+    let tensors = match crate::inference::wire::from_safetensors(&body) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let find = |name: &str| tensors.iter().find(|t| t.name == name);
+    let (Some(x), Some(y)) = (find("x"), find("y")) else {
+        return error(StatusCode::BAD_REQUEST, "the body needs tensors `x` (samples) and `y` (labels)");
+    };
+    let (x, y) = (x.clone(), y.clone());
+    let services = services.clone();
+    let offered = tokio::task::spawn_blocking(move || services.replay.as_ref().map(|r| r.offer(&x, &y))).await;
+    match offered {
+        Ok(Some(Ok(report))) => Json(report).into_response(),
+        Ok(Some(Err(e))) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no replay buffer"),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `GET /v1/samples`: what the replay buffer holds.
+async fn sample_stats(State(services): State<Arc<Services>>) -> Response {
+    match services.replay.as_ref().map(|r| r.stats()) {
+        Some(Ok(stats)) => Json(stats).into_response(),
+        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        None => error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)"),
     }
 }
 
@@ -130,6 +165,7 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/infer/{service}", post(infer))
         .route("/v1/infer/{service}/plan", get(plan))
+        .route("/v1/samples", post(offer_samples).get(sample_stats))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(services)
 }

@@ -20,6 +20,7 @@ use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
 
 pub mod api;
+pub mod replay;
 pub mod services;
 
 /// Runs an edge node: its API and inference services if `listen` is set, its federated-learning
@@ -30,13 +31,14 @@ pub async fn run(
     cache_dir: Option<PathBuf>,
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
+    crate::return_large_buffers_to_the_os();
     let models = match &config.models {
         Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir), config.nn_backend).context("models")?,
         None => crate::runtime::nn::Models::new(config.nn_backend),
     };
     let runtime = Runtime::with_models(cache_dir, models)?;
-    if config.listen.is_none() && !config.services.is_empty() {
-        anyhow::bail!("services need `listen` (the address of the edge's API)");
+    if config.listen.is_none() && (!config.services.is_empty() || config.replay.is_some()) {
+        anyhow::bail!("services and [replay] need `listen` (the address of the edge's API)");
     }
     if config.listen.is_none() && config.data.is_none() {
         anyhow::bail!("nothing to do: set `data` (federated learning) and/or `listen` (inference services)");

@@ -255,6 +255,8 @@ impl Service {
 /// Every service of an edge, and the outbox they share.
 pub struct Services {
     pub services: BTreeMap<String, Arc<Service>>,
+    /// The replay buffer, if edge.toml has a `[replay]`.
+    pub replay: Option<super::replay::ReplayBuffer>,
     pub store: Arc<EdgeStore>,
     runtime: Runtime,
     pub outbox_delivered: AtomicU64,
@@ -302,8 +304,17 @@ impl Services {
                 .with_context(|| format!("[services.{name}]"))?;
             services.insert(name.clone(), Arc::new(service));
         }
+        let replay = match &edge.replay {
+            Some(cfg) => Some(
+                super::replay::ReplayBuffer::load(cfg, base, runtime, components, store.clone())
+                    .await
+                    .context("[replay]")?,
+            ),
+            None => None,
+        };
         Ok(Services {
             services,
+            replay,
             store,
             runtime: runtime.clone(),
             outbox_delivered: AtomicU64::new(0),

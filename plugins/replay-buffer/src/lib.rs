@@ -106,7 +106,15 @@ impl ReplayBuffer {
     /// Replaces a uniformly chosen one of `positions` with `sample`; the evicted id.
     fn replace_one_of(&mut self, positions: &[usize], sample: SampleRef, draw: u64) -> u64 {
         let at = positions[below(self.seed ^ 0x5EED, draw, positions.len() as u64) as usize];
-        std::mem::replace(&mut self.held[at], sample).id
+        self.evict_at(at, sample)
+    }
+
+    /// Evicts the sample at `at` for `sample`. `held` stays in id order (a new sample has the
+    /// largest id), the order a restore gives it, so positions mean the same after a restart.
+    fn evict_at(&mut self, at: usize, sample: SampleRef) -> u64 {
+        let evicted = self.held.remove(at).id;
+        self.held.push(sample);
+        evicted
     }
 
     fn class_balanced(&mut self, sample: SampleRef) -> Admission {
@@ -148,6 +156,7 @@ impl Sampler for ReplayBuffer {
             return Err(PluginError::Rejected(format!("{} samples held but only {offered} offered", held.len())));
         }
         self.held = held.to_vec();
+        self.held.sort_by_key(|s| s.id);
         self.offered = offered;
         // Per-class counts of what was seen are not kept across a restart: each class is taken
         // to have been seen in proportion to what it holds.
@@ -177,7 +186,7 @@ impl Sampler for ReplayBuffer {
             Policy::Reservoir => {
                 let j = below(self.seed, self.offered, self.offered);
                 if (j as usize) < self.capacity {
-                    Admission::Keep(Some(std::mem::replace(&mut self.held[j as usize], sample).id))
+                    Admission::Keep(Some(self.evict_at(j as usize, sample)))
                 } else {
                     Admission::Discard
                 }

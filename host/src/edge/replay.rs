@@ -1,0 +1,160 @@
+//! The edge's replay buffer: sample bytes in the edge's SQLite store, the keep/evict/draw policy
+//! in a sampler plugin that sees ids and labels only. Samples arrive in batches (`POST
+//! /v1/samples`); each batch's decisions are written in one transaction, and a batch the plugin
+//! fails on changes nothing (the plugin is restored from the store before the next one).
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::services::BadRequest;
+use crate::components::Components;
+use crate::inference::wire;
+use crate::protocol::ServicePlugin;
+use crate::runtime::bindings::types::Dtype;
+use crate::runtime::{Admission, Limits, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
+use crate::store::{EdgeStore, ReplayOffer, ReplayState};
+
+pub struct ReplayBuffer {
+    store: Arc<EdgeStore>,
+    sampler: Mutex<SamplerPlugin>,
+}
+
+/// What a batch of offers did, and the buffer after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OfferReport {
+    pub kept: u64,
+    pub discarded: u64,
+    pub evicted: u64,
+    pub held: u64,
+    pub offered: u64,
+}
+
+/// The buffer's contents: how many samples it holds (per label), how many were offered.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayStats {
+    pub held: u64,
+    pub offered: u64,
+    pub per_label: BTreeMap<i64, u64>,
+    /// SHA-256 of the held ids in order (decimal, comma-separated): equal digests, equal contents.
+    pub held_digest: String,
+    /// Element type and per-sample shape, e.g. `u8[224,224,3]` (fixed by the first sample kept).
+    pub layout: Option<String>,
+}
+
+fn restore(sampler: &mut SamplerPlugin, state: &ReplayState) -> anyhow::Result<()> {
+    let held: Vec<SampleRef> = state.held.iter().map(|&(id, label)| SampleRef { id, label }).collect();
+    sampler.restore(&held, state.offered).context("restoring the sampler from the store")
+}
+
+/// `x`'s per-sample layout as text, e.g. `u8[224,224,3]`.
+fn layout(x: &TensorData) -> String {
+    let dims: Vec<String> = x.shape.iter().skip(1).map(u64::to_string).collect();
+    format!("{}[{}]", wire::dtype_name(x.dtype), dims.join(","))
+}
+
+impl ReplayBuffer {
+    /// Loads the sampler (edge.toml's `[replay]`) and gives it what the store holds.
+    pub async fn load(
+        cfg: &ServicePlugin,
+        base: &Path,
+        runtime: &Runtime,
+        components: &Components,
+        store: Arc<EdgeStore>,
+    ) -> anyhow::Result<ReplayBuffer> {
+        let fetched = components.fetch(&cfg.plugin, base, None).await.context("replay.plugin")?;
+        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("replay.plugin")?;
+        let limits = Limits::with_overrides(cfg.timeout_ms, cfg.memory_mib);
+        let sampler = SamplerPlugin::new(runtime, loaded, limits, &cfg.config).context("replay")?;
+        Self::new(sampler, store)
+    }
+
+    /// A buffer over `store` with `sampler` as its policy, restored to what the store holds.
+    pub fn new(mut sampler: SamplerPlugin, store: Arc<EdgeStore>) -> anyhow::Result<ReplayBuffer> {
+        let state = store.replay_state()?;
+        restore(&mut sampler, &state)?;
+        tracing::info!(held = state.held.len(), offered = state.offered, "replay buffer restored");
+        Ok(ReplayBuffer { store, sampler: Mutex::new(sampler) })
+    }
+
+    /// Offers a batch: `x` [n, ...] (any element type) with labels `y` [n] (integers). The
+    /// samples get ids in arrival order; the sampler decides each.
+    pub fn offer(&self, x: &TensorData, y: &TensorData) -> anyhow::Result<OfferReport> {
+        let n = *x.shape.first().ok_or_else(|| BadRequest("`x` must be [samples, ...]".into()))? as usize;
+        let labels: Vec<i64> = match (y.dtype, y.shape.as_slice()) {
+            (Dtype::I64, [m]) if *m as usize == n => {
+                y.data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect()
+            }
+            (Dtype::I32, [m]) if *m as usize == n => {
+                y.data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap_or([0; 4])) as i64).collect()
+            }
+            _ => {
+                return Err(BadRequest(format!("`y` must be [{n}] integers (i64 or i32), one label per sample")).into())
+            }
+        };
+        wire::check(x).map_err(|e| BadRequest(e.to_string()))?;
+        let layout = layout(x);
+        let per_sample = x.data.len().checked_div(n).unwrap_or(0);
+        let mut sampler = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.store.replay_state()?;
+        if let Some(held) = state.layout.as_deref().filter(|l| *l != layout && !state.held.is_empty()) {
+            return Err(BadRequest(format!("the buffer holds {held} samples; these are {layout}")).into());
+        }
+        let mut offers = Vec::with_capacity(n);
+        let (mut kept, mut evicted) = (0, 0);
+        for (i, &label) in labels.iter().enumerate() {
+            let id = state.offered + 1 + i as u64;
+            let decision = match sampler.offer(SampleRef { id, label }) {
+                Ok(d) => d,
+                Err(e) => {
+                    // The plugin may have taken part of the batch in: back to what the store says.
+                    restore(&mut sampler, &state)?;
+                    return Err(
+                        anyhow::Error::from(e).context(format!("sample {i} of the batch; nothing of it was kept"))
+                    );
+                }
+            };
+            let keep = match decision {
+                Admission::Keep(evict) => {
+                    kept += 1;
+                    evicted += u64::from(evict.is_some());
+                    Some(evict)
+                }
+                Admission::Discard => None,
+            };
+            offers.push(ReplayOffer { id, label, bytes: &x.data[i * per_sample..(i + 1) * per_sample], keep });
+        }
+        let offered = state.offered + n as u64;
+        if let Err(e) = self.store.record_offers(&offers, offered, &layout) {
+            restore(&mut sampler, &state)?;
+            return Err(e.into());
+        }
+        let held = (state.held.len() as u64 + kept).saturating_sub(evicted);
+        Ok(OfferReport { kept, discarded: n as u64 - kept, evicted, held, offered })
+    }
+
+    pub fn stats(&self) -> anyhow::Result<ReplayStats> {
+        let state = self.store.replay_state()?;
+        let mut per_label = BTreeMap::new();
+        for (_, label) in &state.held {
+            *per_label.entry(*label).or_insert(0) += 1;
+        }
+        let ids: Vec<String> = state.held.iter().map(|(id, _)| id.to_string()).collect();
+        let held_digest = crate::runtime::content_digest(ids.join(",").as_bytes());
+        Ok(ReplayStats {
+            held: state.held.len() as u64,
+            offered: state.offered,
+            per_label,
+            held_digest,
+            layout: state.layout,
+        })
+    }
+
+    /// `count` held samples the sampler draws for a training batch: (id, label, bytes).
+    pub fn draw(&self, ctx: &RoundContext, count: u32) -> anyhow::Result<Vec<(u64, i64, Vec<u8>)>> {
+        let ids = self.sampler.lock().unwrap_or_else(|e| e.into_inner()).draw(ctx, count)?;
+        Ok(self.store.replay_samples(&ids)?)
+    }
+}
