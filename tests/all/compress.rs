@@ -387,3 +387,57 @@ fn float_inputs_keep_a_layers_activation_float_and_unknown_names_are_refused() {
     let err = static_with("fc9").expect_err("no such node").to_string();
     assert!(err.contains("float_inputs") && err.contains("`fc9`"), "{err}");
 }
+
+/// Static quantization calibrated on what an edge's replay buffer holds (`calibration_replay`).
+#[test]
+fn model_compress_calibrates_on_an_edges_replay_buffer() {
+    let (mlp, train_set, _) = trained_mlp();
+    let mut c = Cluster::new(1, "");
+    let section = format!(
+        "[replay]\nplugin = {:?}\nconfig = {{ policy = \"reservoir\", capacity = 100, seed = 1 }}\n",
+        plugin("replay-buffer").display().to_string()
+    );
+    let edge = c.start_serving_edge(0, &section);
+    let n = 300;
+    let x = f32_tensor("x", vec![n as u64, 64], &train_set.x[..n * 64]);
+    let y = nereid::runtime::TensorData {
+        name: "y".into(),
+        dtype: nereid::runtime::bindings::types::Dtype::I64,
+        shape: vec![n as u64],
+        data: train_set.y[..n].iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
+    };
+    let body = nereid::inference::wire::to_safetensors(&[x, y]).expect("safetensors");
+    let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, body);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (model, out) = (dir.path().join("mlp.onnx"), dir.path().join("out.onnx"));
+    std::fs::write(&model, &mlp).expect("model");
+    let pipeline = dir.path().join("pipeline.toml");
+    let db = c.path("edge-1/edge.db");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "calibration_replay = {:?}\n[[pass]]\nplugin = \"quantize\"\n[pass.config]\nmodel_pass = \"int8-static\"\n",
+            db.display().to_string()
+        ),
+    )
+    .expect("pipeline");
+    let run = nereid(&[
+        "model",
+        "compress",
+        model.to_str().expect("utf-8"),
+        "--pipeline",
+        pipeline.to_str().expect("utf-8"),
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(v["calibration_samples"].as_u64(), Some(64), "{v}");
+    let q = ModelProto::decode(&std::fs::read(&out).expect("out")[..]).expect("onnx");
+    assert!(
+        q.graph.as_ref().expect("graph").initializer.iter().any(|t| t.name == "input_s"),
+        "the input is calibrated"
+    );
+}

@@ -29,8 +29,10 @@ pub struct CompressArgs {
     /// The pipeline (TOML): `[[pass]]` tables with `plugin`, `config` (the plugin's options),
     /// optional `timeout_ms`/`memory_mib`; optional top-level `eval` (a data directory whose
     /// test split is the eval set), `calibration` (a data directory whose train split's first
-    /// `calibration_samples` rows, default 64, are the calibration samples). Paths are relative
-    /// to the pipeline file; a plugin given by name is looked up in the plugin directory.
+    /// `calibration_samples` rows, default 64, are the calibration samples) or
+    /// `calibration_replay` (an edge's `edge.db`: the first samples its replay buffer holds).
+    /// Paths are relative to the pipeline file; a plugin given by name is looked up in the
+    /// plugin directory.
     #[arg(long)]
     pipeline: PathBuf,
     /// Where to write the compressed model.
@@ -314,13 +316,17 @@ fn compress(args: CompressArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()
     let input = read(&args.model)?;
     let eval_dir = args.eval.clone().or_else(|| pipeline.eval.as_ref().map(|e| base.join(e)));
     let eval_set = eval_dir.as_ref().map(|d| compress::load_data(d, "test")).transpose()?;
-    let calibration = match &pipeline.calibration {
-        Some(dir) => {
+    let calibration = match (&pipeline.calibration, &pipeline.calibration_replay) {
+        (Some(_), Some(_)) => {
+            bail!("{}: give `calibration` or `calibration_replay`, not both", args.pipeline.display())
+        }
+        (Some(dir), None) => {
             let dir = base.join(dir);
             let data = compress::load_data(&dir, "train")?;
             compress::calibration_samples(&input, &data, pipeline.calibration_samples, &dir.display().to_string())?
         }
-        None => Vec::new(),
+        (None, Some(db)) => compress::replay_calibration_samples(&input, &base.join(db), pipeline.calibration_samples)?,
+        (None, None) => Vec::new(),
     };
     let models = nereid::runtime::nn::Models::for_guest_models(nereid::runtime::nn::NnBackend::Onnxruntime)?;
     let runtime = Runtime::with_models(cache_dir.clone(), models)?;

@@ -6,6 +6,7 @@
 //! eval = "data"              # optional: a data directory; its test split is the eval set
 //! calibration = "data"       # optional: a data directory; its train split's first rows
 //! calibration_samples = 64   #   are the calibration samples (static quantization)
+//! # or calibration_replay = "edge.db": the first samples an edge's replay buffer holds
 //!
 //! [[pass]]
 //! plugin = "quantize"        # a built plugin's name, a .wasm path, or an oci:// reference
@@ -53,7 +54,10 @@ pub struct PipelineFile {
     pub eval: Option<PathBuf>,
     /// A data directory whose train split provides the calibration samples.
     pub calibration: Option<PathBuf>,
-    /// How many calibration samples (the first rows of the train split).
+    /// Or an edge's state (`edge.db`) whose replay buffer provides them (float32 samples).
+    pub calibration_replay: Option<PathBuf>,
+    /// How many calibration samples (the first rows of the train split, or the first held
+    /// samples of the replay buffer).
     #[serde(default = "default_calibration_samples")]
     pub calibration_samples: usize,
     /// The passes, in order: a built plugin's name (looked up in the plugin directory), a
@@ -145,6 +149,45 @@ pub fn calibration_samples(
         .map(|r| {
             let t = Tensor::from_f32(shape.clone(), data.row(r).to_vec())
                 .ok_or_else(|| CompressError::Model("calibration sample shape".into()))?;
+            Ok(vec![(name.clone(), t)])
+        })
+        .collect()
+}
+
+/// The first `count` samples an edge's replay buffer holds (in `edge_db`), one calibration
+/// sample each; they must be float32 with the model's per-example shape.
+pub fn replay_calibration_samples(
+    onnx: &[u8],
+    edge_db: &Path,
+    count: usize,
+) -> Result<Vec<NamedTensors>, CompressError> {
+    let origin = edge_db.display().to_string();
+    let data = |message: String| CompressError::Data { origin: origin.clone(), message };
+    let (name, dims) = example_input(onnx)?;
+    let store = crate::store::EdgeStore::open(edge_db).map_err(|e| data(e.to_string()))?;
+    let state = store.replay_state().map_err(|e| data(e.to_string()))?;
+    let want = format!("f32[{}]", dims.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+    let flat = format!("f32[{}]", dims.iter().product::<u64>());
+    match state.layout.as_deref() {
+        Some(l) if l == want || l == flat => {}
+        other => {
+            return Err(data(format!(
+                "the replay buffer holds {} samples; the model's input takes {want}",
+                other.unwrap_or("no")
+            )))
+        }
+    }
+    let ids: Vec<u64> = state.held.iter().take(count).map(|(id, _)| *id).collect();
+    let mut shape = vec![1];
+    shape.extend_from_slice(&dims);
+    store
+        .replay_samples(&ids)
+        .map_err(|e| data(e.to_string()))?
+        .into_iter()
+        .map(|(id, _, bytes)| {
+            let values: Vec<f32> =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let t = Tensor::from_f32(shape.clone(), values).ok_or_else(|| data(format!("sample {id}: wrong size")))?;
             Ok(vec![(name.clone(), t)])
         })
         .collect()
