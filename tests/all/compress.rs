@@ -122,12 +122,16 @@ fn top_k_error_feedback_makes_the_sent_sum_converge_to_the_true_sum() {
 }
 
 #[test]
-fn a_payload_missing_its_scale_is_rejected_naming_the_tensor() {
+fn a_payload_missing_its_scale_or_an_update_with_a_nan_is_rejected_naming_the_tensor() {
     let (rt, _d) = runtime();
     let mut p = quantize(&rt, &[]);
     let payload = vec![("w#int8".to_string(), Tensor::zeros(nereid::tensor::DType::I8, vec![3]).expect("zeros"))];
     let err = p.decode(&CTX, &payload, "update from `edge-9`").expect_err("no scale").to_string();
     assert!(err.contains("edge-9") && err.contains("`w#scale`"), "{err}");
+    // A NaN would come out as 0 (INT8) or travel unnoticed: refused, naming the tensor.
+    let diverged = vec![("dense.1.bias".to_string(), f32s(&[3], &[0.5, f32::NAN, 1.0]))];
+    let err = p.encode(&CTX, &diverged).expect_err("NaN").to_string();
+    assert!(err.contains("`dense.1.bias`") && err.contains("NaN"), "{err}");
 }
 
 /// The digits MLP of the demo's shape (64-128-10), trained for a few epochs, as ONNX.

@@ -78,6 +78,14 @@ fn tensor(dtype: DType, shape: &[u64], values: &[f64]) -> Result<Tensor, PluginE
     Ok(t)
 }
 
+/// INT8 and top-k would hide a NaN or an infinity (as 0, or as a huge value): refused instead.
+fn finite(name: &str, values: &[f32]) -> Result<(), PluginError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(PluginError::rejected(format!("tensor `{name}`: element {i} is {}", values[i]))),
+        None => Ok(()),
+    }
+}
+
 fn is_float(t: &Tensor) -> bool {
     matches!(t.dtype(), DType::F32 | DType::F64)
 }
@@ -113,6 +121,7 @@ pub fn encode_int8(
             continue;
         }
         let values = read_all(&t.value)?;
+        finite(&t.name, &values)?;
         let key = mix(ctx.seed ^ name_key(&t.name) ^ (ctx.round as u64) << 32);
         let (q, scale) = int8_quantize(&values, rounding, key);
         let q: Vec<f64> = q.into_iter().map(f64::from).collect();
@@ -144,6 +153,7 @@ impl TopK {
                 continue;
             }
             let mut acc = read_all(&t.value)?;
+            finite(&t.name, &acc)?;
             if self.error_feedback {
                 if let Some(r) = self.residual.get(&t.name).filter(|r| r.len() == acc.len()) {
                     acc.iter_mut().zip(r).for_each(|(a, r)| *a += r);
@@ -205,47 +215,51 @@ pub fn decode(payload: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, PluginError
     let mut out = Vec::new();
     for base in order {
         let parts: HashMap<&str, &Tensor> = groups[&base].iter().map(|(s, t)| (s.as_str(), *t)).collect();
-        let value = if parts.contains_key("int8") {
-            let q = part(&parts, &base, "int8")?;
-            let scale = read_all(part(&parts, &base, "scale")?)?;
-            let [scale] = scale[..] else {
-                return Err(PluginError::rejected(format!("tensor `{base}`: the scale must be one number")));
+        let value =
+            if parts.contains_key("int8") {
+                let q = part(&parts, &base, "int8")?;
+                let scale = read_all(part(&parts, &base, "scale")?)?;
+                let [scale] = scale[..] else {
+                    return Err(PluginError::rejected(format!("tensor `{base}`: the scale must be one number")));
+                };
+                if !scale.is_finite() {
+                    return Err(PluginError::rejected(format!("tensor `{base}`: the scale is not finite")));
+                }
+                let values: Vec<f64> = read_f64(q)?.into_iter().map(|v| v * scale as f64).collect();
+                tensor(DType::F32, &q.shape(), &values)?
+            } else {
+                let shape: Vec<u64> = read_f64(part(&parts, &base, "shape")?)?
+                    .into_iter()
+                    .map(|d| {
+                        if d >= 0.0 {
+                            Ok(d as u64)
+                        } else {
+                            Err(PluginError::rejected(format!("tensor `{base}`: negative dimension")))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                let indices = read_f64(part(&parts, &base, "indices")?)?;
+                let values = read_all(part(&parts, &base, "values")?)?;
+                if indices.len() != values.len() {
+                    return Err(PluginError::rejected(format!(
+                        "tensor `{base}`: {} indices for {} values",
+                        indices.len(),
+                        values.len()
+                    )));
+                }
+                let n =
+                    shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= 1 << 31).ok_or_else(
+                        || PluginError::rejected(format!("tensor `{base}`: shape {shape:?} is too large")),
+                    )? as usize;
+                let mut dense = vec![0f64; n];
+                for (&i, &v) in indices.iter().zip(&values) {
+                    let slot = dense.get_mut(i as usize).filter(|_| i >= 0.0).ok_or_else(|| {
+                        PluginError::rejected(format!("tensor `{base}`: index {i} is outside its {n} elements"))
+                    })?;
+                    *slot = v as f64;
+                }
+                tensor(DType::F32, &shape, &dense)?
             };
-            if !scale.is_finite() {
-                return Err(PluginError::rejected(format!("tensor `{base}`: the scale is not finite")));
-            }
-            let values: Vec<f64> = read_f64(q)?.into_iter().map(|v| v * scale as f64).collect();
-            tensor(DType::F32, &q.shape(), &values)?
-        } else {
-            let shape: Vec<u64> = read_f64(part(&parts, &base, "shape")?)?
-                .into_iter()
-                .map(|d| {
-                    if d >= 0.0 {
-                        Ok(d as u64)
-                    } else {
-                        Err(PluginError::rejected(format!("tensor `{base}`: negative dimension")))
-                    }
-                })
-                .collect::<Result<_, _>>()?;
-            let indices = read_f64(part(&parts, &base, "indices")?)?;
-            let values = read_all(part(&parts, &base, "values")?)?;
-            if indices.len() != values.len() {
-                return Err(PluginError::rejected(format!(
-                    "tensor `{base}`: {} indices for {} values",
-                    indices.len(),
-                    values.len()
-                )));
-            }
-            let n = shape.iter().product::<u64>() as usize;
-            let mut dense = vec![0f64; n];
-            for (&i, &v) in indices.iter().zip(&values) {
-                let slot = dense.get_mut(i as usize).filter(|_| i >= 0.0).ok_or_else(|| {
-                    PluginError::rejected(format!("tensor `{base}`: index {i} is outside its {n} elements"))
-                })?;
-                *slot = v as f64;
-            }
-            tensor(DType::F32, &shape, &dense)?
-        };
         out.push(NamedTensor { name: base, value });
     }
     let mut payload = payload;
