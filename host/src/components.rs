@@ -7,7 +7,8 @@ use nereid_registry::{
     ComponentCache, HostSettings, Progress, Reference, RegistryClient, RegistryError, RegistrySettings,
 };
 
-use crate::runtime::content_digest;
+use crate::protocol::ServicePlugin;
+use crate::runtime::{content_digest, Limits, LoadedComponent, Runtime};
 
 /// A component's bytes and where they came from.
 #[derive(Debug, Clone)]
@@ -19,6 +20,15 @@ pub struct Fetched {
     pub pinned: Option<String>,
     /// What to call it in messages: the file or the reference.
     pub origin: String,
+}
+
+/// A plugin a config file names, fetched and compiled, with its limits: what a slot's `new`
+/// takes (with the section's `config`).
+pub struct ConfiguredPlugin {
+    pub loaded: LoadedComponent,
+    pub limits: Limits,
+    /// The component's content digest.
+    pub digest: String,
 }
 
 /// Fetches components for one node.
@@ -63,6 +73,23 @@ impl Components {
     }
 
     /// The component `source` names: an `oci://` reference, or a path relative to `base`.
+    /// Fetches the plugin a config section names (a path relative to `base`, or an `oci://`
+    /// reference) and compiles it with `runtime`.
+    pub async fn load_plugin(
+        &self,
+        cfg: &ServicePlugin,
+        base: &Path,
+        runtime: &Runtime,
+    ) -> anyhow::Result<ConfiguredPlugin> {
+        let fetched = self.fetch(&cfg.plugin, base, None).await?;
+        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin)?;
+        Ok(ConfiguredPlugin {
+            loaded,
+            limits: Limits::with_overrides(cfg.timeout_ms, cfg.memory_mib),
+            digest: fetched.digest,
+        })
+    }
+
     pub async fn fetch(
         &self,
         source: &str,

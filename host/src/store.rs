@@ -591,16 +591,25 @@ impl EdgeStore {
     }
 
     pub fn replay_state(&self) -> Result<ReplayState> {
+        let (_, offered, layout) = self.replay_summary()?;
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id, label FROM replay_samples ORDER BY id")?;
         let held = stmt
             .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(ReplayState { held, offered, layout })
+    }
+
+    /// How many samples the buffer holds, how many were offered, and their layout (without
+    /// reading the held ids: what a batch of offers needs).
+    pub fn replay_summary(&self) -> Result<(u64, u64, Option<String>)> {
+        let conn = self.conn();
         let meta = |key: &str| -> Result<Option<String>> {
             Ok(conn.query_row("SELECT value FROM replay_meta WHERE key = ?1", params![key], |r| r.get(0)).optional()?)
         };
         let offered = meta("offered")?.and_then(|v| v.parse().ok()).unwrap_or(0);
-        Ok(ReplayState { held, offered, layout: meta("layout")? })
+        let held = conn.query_row("SELECT COUNT(*) FROM replay_samples", [], |r| r.get::<_, i64>(0))? as u64;
+        Ok((held, offered, meta("layout")?))
     }
 
     /// Records a batch of offers in one transaction: kept samples (bytes and all) in, evicted

@@ -432,6 +432,30 @@ impl TensorProto {
             ..Default::default()
         }
     }
+
+    /// An int64 initializer stored as little-endian raw data.
+    pub fn i64(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: data_type::INT64,
+            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        }
+    }
+
+    /// The elements of a float32 tensor stored in the model (raw or `float_data`); `None` for
+    /// another type, external data, or a count that does not fit `dims`.
+    pub fn f32_values(&self) -> Option<Vec<f32>> {
+        if self.data_type != data_type::FLOAT || self.data_location == Some(1) {
+            return None;
+        }
+        let values: Vec<f32> = match &self.raw_data {
+            Some(raw) => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            None => self.float_data.clone(),
+        };
+        (values.len() as i64 == self.dims.iter().product::<i64>()).then_some(values)
+    }
 }
 
 impl AttributeProto {

@@ -59,6 +59,7 @@ pub mod fold;
 mod model;
 pub mod nn;
 mod plugin;
+pub mod random;
 
 pub use bindings::nereid::plugin::host::LogLevel;
 pub use bindings::nereid::plugin::model::{ClientUpdate, NamedTensor, UpdateKind};
@@ -90,6 +91,24 @@ pub mod prelude {
 /// Writes to the host's log under the plugin's name.
 pub fn log(level: LogLevel, message: &str) {
     bindings::nereid::plugin::host::log(level, message);
+}
+
+impl TensorData {
+    /// A float32 tensor from its values (row-major).
+    pub fn f32(name: &str, shape: Vec<u64>, values: &[f32]) -> TensorData {
+        TensorData {
+            name: name.into(),
+            dtype: DType::F32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The values of a float32 tensor; `None` for another element type.
+    pub fn f32_values(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32)
+            .then(|| self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
 }
 
 impl PluginError {

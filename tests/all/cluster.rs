@@ -208,13 +208,18 @@ impl Cluster {
         .expect("edge.toml");
         self.start_edge(i);
         let edge = format!("http://127.0.0.1:{port}");
+        self.wait_for_edge(i, &edge);
+        edge
+    }
+
+    /// Waits until edge `i`'s API at `edge` answers (30 s at most, then fails with its log).
+    pub fn wait_for_edge(&self, i: usize, edge: &str) {
         let t = Instant::now();
         while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
-            let log = std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default();
+            let log = std::fs::read_to_string(self.path(&format!("{}.log", self.nodes[i].0))).unwrap_or_default();
             assert!(t.elapsed() < Duration::from_secs(30), "the edge did not start: {log}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        edge
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use nereid::inference::compress;
-use nereid::inference::wire::{f32_tensor, f32_values};
+use nereid::inference::wire::{self, f32_tensor, f32_values};
 use nereid::inference::NativeModel;
 use nereid::model_io::NamedTensors;
 use nereid::runtime::nn::{Models, NnBackend};
@@ -157,11 +157,6 @@ fn initializer<'a>(model: &'a ModelProto, name: &str) -> &'a TensorProto {
     graph.initializer.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no initializer `{name}`"))
 }
 
-fn floats(t: &TensorProto) -> Vec<f32> {
-    let raw = t.raw_data.as_ref().expect("raw data");
-    raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
@@ -178,10 +173,7 @@ fn inputs(onnx: &[u8], count: usize) -> Vec<nereid::runtime::TensorData> {
 }
 
 fn calibration(samples: &[nereid::runtime::TensorData]) -> Vec<NamedTensors> {
-    samples
-        .iter()
-        .map(|t| vec![(t.name.clone(), Tensor::from_f32(t.shape.clone(), f32_values(t).expect("f32")).expect("shape"))])
-        .collect()
+    samples.iter().map(|t| vec![(t.name.clone(), wire::to_tensor(t).expect("tensor"))]).collect()
 }
 
 #[test]
@@ -238,10 +230,10 @@ fn int8_weights_are_per_channel_within_half_a_step() {
     let out = quantize(&rt, &[]).rewrite_model(&mlp, &[]).expect("weight-only needs no calibration");
     let q = ModelProto::decode(&out[..]).expect("onnx");
     for name in ["dense.0.weight", "dense.1.weight"] {
-        let w = floats(initializer(&float, name));
+        let w = initializer(&float, name).f32_values().expect("f32");
         let codes = initializer(&q, &format!("{name}_q"));
         assert_eq!(codes.data_type, data_type::INT8);
-        let scales = floats(initializer(&q, &format!("{name}_s")));
+        let scales = initializer(&q, &format!("{name}_s")).f32_values().expect("f32");
         let (rows, cols) = (codes.dims[0] as usize, codes.dims[1] as usize);
         assert_eq!(scales.len(), rows, "{name}: one scale per output channel (Gemm transB: axis 0)");
         let raw = codes.raw_data.as_ref().expect("raw");
@@ -270,7 +262,10 @@ fn pruning_reaches_exactly_the_target_sparsity() {
         NativeModel::new(&out).expect("ONNX Runtime loads the pruned model");
         let pruned = ModelProto::decode(&out[..]).expect("onnx");
         for name in ["conv1.w", "conv4.w", "conv6.w", "fc1.w", "fc2.w"] {
-            let (before, after) = (floats(initializer(&float, name)), floats(initializer(&pruned, name)));
+            let (before, after) = (
+                initializer(&float, name).f32_values().expect("f32"),
+                initializer(&pruned, name).f32_values().expect("f32"),
+            );
             let zeros = after.iter().filter(|v| **v == 0.0).count();
             assert_eq!(zeros, (sparsity * before.len() as f64).round() as usize, "{name} at {sparsity}");
             let kept_min = after.iter().filter(|v| **v != 0.0).fold(f32::INFINITY, |m, v| m.min(v.abs()));
@@ -280,8 +275,8 @@ fn pruning_reaches_exactly_the_target_sparsity() {
             assert!(before.iter().zip(&after).all(|(b, a)| *a == 0.0 || a == b), "{name}: the rest is untouched");
         }
         assert_eq!(
-            floats(initializer(&pruned, "fc1.b")),
-            floats(initializer(&float, "fc1.b")),
+            initializer(&pruned, "fc1.b").f32_values().expect("f32"),
+            initializer(&float, "fc1.b").f32_values().expect("f32"),
             "biases are not pruned"
         );
     }

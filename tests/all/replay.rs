@@ -57,7 +57,7 @@ fn the_buffer_survives_a_restart_and_decides_as_without_one() {
     assert_eq!(before["layout"], "u8[32]");
     c.kill_edge(0);
     c.start_edge(0);
-    wait_for(&a);
+    c.wait_for_edge(0, &a);
     let after = stats(&a);
     assert_eq!(after, before, "the store gives back what the buffer held");
     let report = post(&a, batch(300, 100, 32, 3));
@@ -71,14 +71,6 @@ fn the_buffer_survives_a_restart_and_decides_as_without_one() {
     let text = String::from_utf8_lossy(&out);
     assert!(code == 400 && text.contains("u8[32]") && text.contains("u8[16]"), "{code}: {text}");
     assert_eq!(stats(&a)["offered"].as_u64(), Some(400));
-}
-
-fn wait_for(edge: &str) {
-    let t = std::time::Instant::now();
-    while http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0 != 200 {
-        assert!(t.elapsed() < std::time::Duration::from_secs(30), "the edge did not come back");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 fn rss_bytes(pid: u32) -> u64 {

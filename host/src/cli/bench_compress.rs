@@ -168,10 +168,8 @@ fn as_images(data: &Dataset, channels: usize, size: usize) -> Dataset {
 
 /// The test CNN's input size: [N, channels, size, size].
 fn cnn_input(onnx: &[u8]) -> anyhow::Result<(usize, usize)> {
-    let model = nereid_onnx::Model::decode(onnx)?;
-    let specs = nereid::inference::profile::input_specs(&model)?;
-    match specs.first().map(|s| s.shape.as_slice()) {
-        Some([_, Some(c), Some(h), Some(w)]) if h == w && *h >= 8 => Ok((*c as usize, *h as usize)),
+    match compress::example_input(onnx)?.1[..] {
+        [c, h, w] if h == w && h >= 8 => Ok((c as usize, h as usize)),
         _ => anyhow::bail!("the CNN's input must be [N, C, S, S] with S >= 8"),
     }
 }

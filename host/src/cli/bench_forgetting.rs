@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use nereid::edge::replay::ReplayBuffer;
 use nereid::inference::wire;
+
 use nereid::model_io::NamedTensors;
 use nereid::runtime::bindings::types::Dtype;
 use nereid::runtime::config::ConfigTable;
@@ -112,7 +113,7 @@ fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path,
     let drawn = buffer.draw(&ctx, args.capacity as u32)?;
     let mut replay = Dataset { x: Vec::new(), y: Vec::new(), features: 64 };
     for (_, label, bytes) in &drawn {
-        replay.x.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        replay.x.extend(wire::le_f32s(bytes));
         replay.y.push(*label as u32);
     }
     let mut with = new.clone();

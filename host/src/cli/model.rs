@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use nereid::inference::profile;
+use nereid::protocol::ServicePlugin;
 use nereid::runtime::{Limits, Runtime, SplitterPlugin};
 use nereid_onnx::{Link, Message};
 
@@ -337,13 +338,14 @@ fn compress(args: CompressArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()
     let mut passes = Vec::new();
     for (i, pass) in pipeline.passes.iter().enumerate() {
         let at = format!("{}: pass {} (plugin {})", args.pipeline.display(), i + 1, pass.plugin);
-        let source = pass_source(&pass.plugin, &plugins_dir);
-        let fetched = super::fetcher(&rt, &components, &source, &base).with_context(|| at.clone())?;
-        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).with_context(|| at.clone())?;
-        let limits = nereid::runtime::Limits::with_overrides(pass.timeout_ms.or(Some(120_000)), pass.memory_mib);
-        let config: nereid::runtime::config::ConfigTable = pass.config.clone().into_iter().collect();
-        let mut plugin =
-            nereid::runtime::CompressorPlugin::new(&runtime, loaded, limits, &config).with_context(|| at.clone())?;
+        let cfg = ServicePlugin {
+            plugin: pass_source(&pass.plugin, &plugins_dir),
+            timeout_ms: pass.timeout_ms.or(Some(120_000)),
+            ..pass.clone()
+        };
+        let p = rt.block_on(components.load_plugin(&cfg, &base, &runtime)).with_context(|| at.clone())?;
+        let mut plugin = nereid::runtime::CompressorPlugin::new(&runtime, p.loaded, p.limits, &cfg.config)
+            .with_context(|| at.clone())?;
         model = plugin.rewrite_model(&model, &calibration).with_context(|| at.clone())?;
         passes.push(serde_json::json!({"plugin": pass.plugin, "config": pass.config}));
     }

@@ -21,7 +21,7 @@ use crate::inference::{wire, NativeModel};
 use crate::protocol::{
     CloudServiceConfig, COMPRESSOR_HEADER, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER,
 };
-use crate::runtime::{content_digest, CompressorPlugin, Limits, Runtime};
+use crate::runtime::{content_digest, CompressorPlugin, Runtime};
 
 struct CloudService {
     onnx: Vec<u8>,
@@ -61,12 +61,10 @@ impl CloudInference {
             let codec = match &cfg.compressor {
                 None => None,
                 Some(c) => {
-                    let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("[services.{name}] compressor: {e}");
-                    let fetched = components.fetch(&c.plugin, base, None).await.map_err(|e| at(&e))?;
-                    let component = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at(&e))?;
-                    let limits = Limits::with_overrides(c.timeout_ms, c.memory_mib);
-                    let plugin = CompressorPlugin::new(runtime, component, limits, &c.config).map_err(|e| at(&e))?;
-                    Some(ActivationCodec::new(plugin, fetched.digest))
+                    let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("[services.{name}] compressor: {e:#}");
+                    let p = components.load_plugin(c, base, runtime).await.map_err(|e| at(&e))?;
+                    let plugin = CompressorPlugin::new(runtime, p.loaded, p.limits, &c.config).map_err(|e| at(&e))?;
+                    Some(ActivationCodec::new(plugin, p.digest))
                 }
             };
             loaded.insert(

@@ -14,7 +14,7 @@ use crate::components::Components;
 use crate::inference::wire;
 use crate::protocol::ServicePlugin;
 use crate::runtime::bindings::types::Dtype;
-use crate::runtime::{Admission, Limits, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
+use crate::runtime::{Admission, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
 use crate::store::{EdgeStore, ReplayOffer, ReplayState};
 
 pub struct ReplayBuffer {
@@ -64,10 +64,8 @@ impl ReplayBuffer {
         components: &Components,
         store: Arc<EdgeStore>,
     ) -> anyhow::Result<ReplayBuffer> {
-        let fetched = components.fetch(&cfg.plugin, base, None).await.context("replay.plugin")?;
-        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("replay.plugin")?;
-        let limits = Limits::with_overrides(cfg.timeout_ms, cfg.memory_mib);
-        let sampler = SamplerPlugin::new(runtime, loaded, limits, &cfg.config).context("replay")?;
+        let p = components.load_plugin(cfg, base, runtime).await.context("replay.plugin")?;
+        let sampler = SamplerPlugin::new(runtime, p.loaded, p.limits, &cfg.config).context("replay")?;
         Self::new(sampler, store)
     }
 
@@ -98,19 +96,19 @@ impl ReplayBuffer {
         let layout = layout(x);
         let per_sample = x.data.len().checked_div(n).unwrap_or(0);
         let mut sampler = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
-        let state = self.store.replay_state()?;
-        if let Some(held) = state.layout.as_deref().filter(|l| *l != layout && !state.held.is_empty()) {
+        let (held_before, offered_before, held_layout) = self.store.replay_summary()?;
+        if let Some(held) = held_layout.as_deref().filter(|l| *l != layout && held_before > 0) {
             return Err(BadRequest(format!("the buffer holds {held} samples; these are {layout}")).into());
         }
         let mut offers = Vec::with_capacity(n);
         let (mut kept, mut evicted) = (0, 0);
         for (i, &label) in labels.iter().enumerate() {
-            let id = state.offered + 1 + i as u64;
+            let id = offered_before + 1 + i as u64;
             let decision = match sampler.offer(SampleRef { id, label }) {
                 Ok(d) => d,
                 Err(e) => {
                     // The plugin may have taken part of the batch in: back to what the store says.
-                    restore(&mut sampler, &state)?;
+                    restore(&mut sampler, &self.store.replay_state()?)?;
                     return Err(
                         anyhow::Error::from(e).context(format!("sample {i} of the batch; nothing of it was kept"))
                     );
@@ -126,12 +124,12 @@ impl ReplayBuffer {
             };
             offers.push(ReplayOffer { id, label, bytes: &x.data[i * per_sample..(i + 1) * per_sample], keep });
         }
-        let offered = state.offered + n as u64;
+        let offered = offered_before + n as u64;
         if let Err(e) = self.store.record_offers(&offers, offered, &layout) {
-            restore(&mut sampler, &state)?;
+            restore(&mut sampler, &self.store.replay_state()?)?;
             return Err(e.into());
         }
-        let held = (state.held.len() as u64 + kept).saturating_sub(evicted);
+        let held = (held_before + kept).saturating_sub(evicted);
         Ok(OfferReport { kept, discarded: n as u64 - kept, evicted, held, offered })
     }
 

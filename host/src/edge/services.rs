@@ -345,10 +345,8 @@ impl Services {
             None => None,
             Some(a) => {
                 let specs = profile::input_specs(&decoded).context("adapter: the model's inputs")?;
-                let fetched = components.fetch(&a.plugin, base, None).await.context("adapter.plugin")?;
-                let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("adapter.plugin")?;
-                let limits = Limits::with_overrides(a.timeout_ms, a.memory_mib);
-                let plugin = AdapterPlugin::new(runtime, loaded, limits, &a.config).context("adapter")?;
+                let p = components.load_plugin(a, base, runtime).await.context("adapter.plugin")?;
+                let plugin = AdapterPlugin::new(runtime, p.loaded, p.limits, &a.config).context("adapter")?;
                 Some((Mutex::new(plugin), specs))
             }
         };
@@ -370,20 +368,16 @@ impl Services {
         let codec = match &cfg.compressor {
             None => None,
             Some(c) => {
-                let fetched = components.fetch(&c.plugin, base, None).await.context("compressor.plugin")?;
-                let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).context("compressor.plugin")?;
-                let limits = Limits::with_overrides(c.timeout_ms, c.memory_mib);
-                let plugin = CompressorPlugin::new(runtime, loaded, limits, &c.config).context("compressor")?;
-                Some(ActivationCodec::new(plugin, fetched.digest.clone()))
+                let p = components.load_plugin(c, base, runtime).await.context("compressor.plugin")?;
+                let plugin = CompressorPlugin::new(runtime, p.loaded, p.limits, &c.config).context("compressor")?;
+                Some(ActivationCodec::new(plugin, p.digest))
             }
         };
         if cfg.replan_factor.is_nan() || cfg.replan_factor <= 1.0 {
             bail!("replan_factor: must be > 1 (got {})", cfg.replan_factor);
         }
-        let fetched =
-            components.fetch(&plugin_cfg.plugin, base, None).await.with_context(|| format!("{field}.plugin"))?;
-        let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).with_context(|| format!("{field}.plugin"))?;
-        let limits = Limits::with_overrides(plugin_cfg.timeout_ms, plugin_cfg.memory_mib);
+        let p = components.load_plugin(plugin_cfg, base, runtime).await.with_context(|| format!("{field}.plugin"))?;
+        let (loaded, limits) = (p.loaded, p.limits);
         let config: ConfigTable = plugin_cfg.config.clone();
         let kind = match cfg.kind {
             ServiceKind::Joint => Kind::Joint(Arc::new(Joint {

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use crate::inference::wire::{self, WireError};
 use crate::runtime::{CompressorPlugin, PluginError, RoundContext, TensorData};
-use crate::tensor::{Buffer, Tensor};
+use crate::tensor::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -19,18 +19,6 @@ pub enum CodecError {
 pub struct ActivationCodec {
     plugin: Mutex<CompressorPlugin>,
     pub digest: String,
-}
-
-fn to_tensor(t: &TensorData) -> Result<Tensor, WireError> {
-    wire::check(t)?;
-    let buffer = Buffer::from_le_bytes(t.dtype.into(), &t.data)
-        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the type".into() })?;
-    Tensor::new(t.shape.clone(), buffer)
-        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the shape".into() })
-}
-
-fn to_data(name: String, t: &Tensor) -> TensorData {
-    TensorData { name, dtype: t.dtype().into(), shape: t.shape().to_vec(), data: t.buffer().to_le_bytes() }
 }
 
 impl ActivationCodec {
@@ -48,10 +36,10 @@ impl ActivationCodec {
         ) -> Result<Vec<(String, Tensor)>, PluginError>,
     ) -> Result<Vec<TensorData>, CodecError> {
         let named =
-            tensors.iter().map(|t| Ok((t.name.clone(), to_tensor(t)?))).collect::<Result<Vec<_>, WireError>>()?;
+            tensors.iter().map(|t| Ok((t.name.clone(), wire::to_tensor(t)?))).collect::<Result<Vec<_>, WireError>>()?;
         let ctx = RoundContext::default();
         let mut plugin = self.plugin.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(f(&mut plugin, &ctx, &named)?.into_iter().map(|(n, t)| to_data(n, &t)).collect())
+        Ok(f(&mut plugin, &ctx, &named)?.into_iter().map(|(n, t)| wire::from_tensor(n, &t)).collect())
     }
 
     /// What travels instead of the cut tensors.

@@ -67,7 +67,7 @@ pub struct PipelineFile {
 }
 
 /// The single input of a model the compressor evaluates: its name and per-example shape.
-fn example_input(onnx: &[u8]) -> Result<(String, Vec<u64>), CompressError> {
+pub fn example_input(onnx: &[u8]) -> Result<(String, Vec<u64>), CompressError> {
     let model = nereid_onnx::Model::decode(onnx).map_err(|e| CompressError::Model(e.to_string()))?;
     let specs = input_specs(&model).map_err(|e| CompressError::Model(e.to_string()))?;
     let [spec] = &specs[..] else {
@@ -185,9 +185,8 @@ pub fn replay_calibration_samples(
         .map_err(|e| data(e.to_string()))?
         .into_iter()
         .map(|(id, _, bytes)| {
-            let values: Vec<f32> =
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let t = Tensor::from_f32(shape.clone(), values).ok_or_else(|| data(format!("sample {id}: wrong size")))?;
+            let t = Tensor::from_f32(shape.clone(), wire::le_f32s(&bytes))
+                .ok_or_else(|| data(format!("sample {id}: wrong size")))?;
             Ok(vec![(name.clone(), t)])
         })
         .collect()
@@ -214,12 +213,7 @@ pub fn model_size(onnx: &[u8]) -> Result<ModelSize, CompressError> {
         match t.data_type {
             data_type::FLOAT => {
                 float_weights += n;
-                zero_weights += match &t.raw_data {
-                    Some(raw) => {
-                        raw.chunks_exact(4).filter(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == 0.0).count()
-                    }
-                    None => t.float_data.iter().filter(|v| **v == 0.0).count(),
-                } as u64;
+                zero_weights += t.f32_values().map_or(0, |v| v.iter().filter(|x| **x == 0.0).count()) as u64;
             }
             data_type::INT8 => {
                 int8_weights += n;

@@ -48,13 +48,7 @@ pub fn to_onnx(spec: &ModelSpec, weights: &NamedTensors) -> Result<ModelProto, M
         ModelSpec::Mlp { hidden, .. } => hidden.len(),
         ModelSpec::Cnn { input_shape, conv, hidden, .. } => {
             let shape = [-1, input_shape[0] as i64, input_shape[1] as i64, input_shape[2] as i64];
-            initializer.push(TensorProto {
-                name: "image_shape".into(),
-                dims: vec![4],
-                data_type: data_type::INT64,
-                raw_data: Some(shape.iter().flat_map(|d| d.to_le_bytes()).collect()),
-                ..Default::default()
-            });
+            initializer.push(TensorProto::i64("image_shape", &[4], &shape));
             nodes.push(NodeProto::new("Reshape", "image", &[&h, "image_shape"], &["image"]));
             h = "image".into();
             for i in 0..conv.len() {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::bindings::types::Dtype;
 use crate::runtime::TensorData;
+use crate::tensor::{Buffer, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -106,7 +107,26 @@ pub fn f32_values(t: &TensorData) -> Result<Vec<f32>, WireError> {
             message: format!("is {}, not f32", dtype_name(t.dtype)),
         });
     }
-    Ok(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(le_f32s(&t.data))
+}
+
+/// Little-endian float32 values (a stored sample, a tensor's data).
+pub fn le_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A by-value tensor as a host tensor (what plugins are lent).
+pub fn to_tensor(t: &TensorData) -> Result<Tensor, WireError> {
+    check(t)?;
+    let buffer = Buffer::from_le_bytes(t.dtype.into(), &t.data)
+        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the type".into() })?;
+    Tensor::new(t.shape.clone(), buffer)
+        .ok_or_else(|| WireError::Tensor { name: t.name.clone(), message: "data does not fit the shape".into() })
+}
+
+/// A host tensor as a by-value tensor named `name`.
+pub fn from_tensor(name: String, t: &Tensor) -> TensorData {
+    TensorData { name, dtype: t.dtype().into(), shape: t.shape().to_vec(), data: t.buffer().to_le_bytes() }
 }
 
 impl InferRequest {

@@ -10,6 +10,7 @@
 //!
 //! The output is read as one distribution over its K = numel elements.
 use nereid_sdk::prelude::*;
+use nereid_sdk::random::SplitMix64;
 
 #[derive(Default)]
 struct HardExampleMining {
@@ -17,8 +18,8 @@ struct HardExampleMining {
     threshold: f64,
     probability: f64,
     logits: bool,
-    /// splitmix64 state of the `random` policy.
-    state: u64,
+    /// The `random` policy's generator.
+    random: SplitMix64,
 }
 
 #[derive(Default, Clone, Copy, PartialEq)]
@@ -69,7 +70,7 @@ impl Plugin for HardExampleMining {
         };
         self.threshold = unit("threshold")?;
         self.probability = unit("probability")?;
-        self.state = config.i64("seed")? as u64;
+        self.random = SplitMix64::new(config.i64("seed")? as u64);
         self.logits = match config.text("input")? {
             "probabilities" => false,
             "logits" => true,
@@ -79,16 +80,6 @@ impl Plugin for HardExampleMining {
         };
         Ok(())
     }
-}
-
-/// splitmix64: a uniform f64 in [0, 1).
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl HardExampleMining {
@@ -131,7 +122,7 @@ impl Router for HardExampleMining {
             Policy::EdgeOnly => Decision { route: Route::Edge, score: 1.0 },
             Policy::CloudOnly => Decision { route: Route::Cloud, score: 0.0 },
             Policy::Random => {
-                let u = next_uniform(&mut self.state);
+                let u = self.random.next_f64();
                 Decision { route: if u < self.probability { Route::Cloud } else { Route::Edge }, score: u }
             }
             Policy::MaxProbability => {

@@ -136,12 +136,7 @@ impl Adapter for ImageAdapter {
             Order::Nchw => vec![1, c as u64, h as u64, w as u64],
             Order::Nhwc => vec![1, h as u64, w as u64, c as u64],
         };
-        Ok(vec![TensorData {
-            name: input.name.clone(),
-            dtype: DType::F32,
-            shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }])
+        Ok(vec![TensorData::f32(&input.name, shape, &values)])
     }
 }
 

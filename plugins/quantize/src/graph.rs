@@ -32,19 +32,6 @@ fn bad(message: impl Into<String>) -> PluginError {
     PluginError::rejected(message.into())
 }
 
-/// The elements of a float32 initializer.
-fn floats(t: &TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != data_type::FLOAT || t.data_location == Some(1) {
-        return None;
-    }
-    let n: i64 = t.dims.iter().product();
-    let values: Vec<f32> = match &t.raw_data {
-        Some(raw) => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        None => t.float_data.clone(),
-    };
-    (values.len() as i64 == n).then_some(values)
-}
-
 fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
     node.attribute.iter().find(|a| a.name == name).and_then(|a| a.i).unwrap_or(default)
 }
@@ -76,30 +63,47 @@ struct Weight {
     dims: Vec<i64>,
     values: Vec<f32>,
     axis: usize,
+    /// Elements between consecutive indices along `axis` (row-major).
+    stride: usize,
+}
+
+impl Weight {
+    fn new(dims: Vec<i64>, values: Vec<f32>, axis: usize) -> Weight {
+        let stride = dims[axis + 1..].iter().product::<i64>() as usize;
+        Weight { dims, values, axis, stride }
+    }
+
+    fn channels(&self) -> usize {
+        self.dims[self.axis] as usize
+    }
+
+    /// The output channel of element `i`.
+    fn channel_of(&self, i: usize) -> usize {
+        (i / self.stride) % self.channels()
+    }
 }
 
 /// Per-channel symmetric INT8: q (same layout as the weight) and one scale per channel.
 fn quantize_per_channel(w: &Weight) -> (Vec<i8>, Vec<f32>) {
-    let channels = w.dims[w.axis] as usize;
-    let stride: usize = w.dims[w.axis + 1..].iter().product::<i64>() as usize;
-    let channel = |i: usize| (i / stride) % channels;
-    let mut max = vec![0f32; channels];
+    let mut max = vec![0f32; w.channels()];
     for (i, v) in w.values.iter().enumerate() {
-        let c = channel(i);
+        let c = w.channel_of(i);
         max[c] = max[c].max(v.abs());
     }
     let scales: Vec<f32> = max.iter().map(|&m| if m > 0.0 && m.is_finite() { m / 127.0 } else { 1.0 }).collect();
-    let q =
-        w.values.iter().enumerate().map(|(i, v)| (v / scales[channel(i)]).round().clamp(-127.0, 127.0) as i8).collect();
+    let q = w
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / scales[w.channel_of(i)]).round().clamp(-127.0, 127.0) as i8)
+        .collect();
     (q, scales)
 }
 
 /// What INT8 turns the weight into: q * scale, per channel.
 fn dequantized(w: &Weight) -> Vec<f32> {
     let (q, scales) = quantize_per_channel(w);
-    let channels = w.dims[w.axis] as usize;
-    let stride: usize = w.dims[w.axis + 1..].iter().product::<i64>() as usize;
-    q.iter().enumerate().map(|(i, &q)| q as f32 * scales[(i / stride) % channels]).collect()
+    q.iter().enumerate().map(|(i, &q)| q as f32 * scales[w.channel_of(i)]).collect()
 }
 
 /// The weight input (index 1) of MatMul, Gemm and Conv nodes that can be quantized: a float
@@ -139,8 +143,8 @@ fn quantizable(graph: &GraphProto) -> BTreeMap<usize, (String, Weight)> {
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
             continue;
         }
-        let Some(values) = floats(init) else { continue };
-        found.insert(index, (name.clone(), Weight { dims: init.dims.clone(), values, axis }));
+        let Some(values) = init.f32_values() else { continue };
+        found.insert(index, (name.clone(), Weight::new(init.dims.clone(), values, axis)));
     }
     found
 }
@@ -187,9 +191,9 @@ fn calibrate(
     for (i, sample) in samples.iter().enumerate() {
         let outputs = session.run(sample.clone()).map_err(|e| bad(format!("calibration sample {i}: {e:?}")))?;
         for out in outputs.iter().filter(|o| tensors.contains(&o.name)) {
-            let values = out.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let values = out.f32_values().ok_or_else(|| bad(format!("activation `{}` is not float32", out.name)))?;
             let r = ranges.entry(out.name.clone()).or_insert((0.0, 0.0));
-            for v in values.filter(|v| v.is_finite()) {
+            for v in values.into_iter().filter(|v| v.is_finite()) {
                 r.0 = r.0.min(v);
                 r.1 = r.1.max(v);
             }
@@ -494,13 +498,7 @@ fn correct_biases(
         let axes = if node.op_type == "Gemm" { vec![0] } else { axes };
         let mut reduce = if opset >= 18 {
             let axes_name = format!("{err}_axes");
-            graph.initializer.push(TensorProto {
-                name: axes_name.clone(),
-                dims: vec![axes.len() as i64],
-                data_type: data_type::INT64,
-                raw_data: Some(axes.iter().flat_map(|a| a.to_le_bytes()).collect()),
-                ..Default::default()
-            });
+            graph.initializer.push(TensorProto::i64(&axes_name, &[axes.len() as i64], &axes));
             inserted("ReduceMean", &[&err, &axes_name], &[&mean])
         } else {
             let mut r = inserted("ReduceMean", &[&err], &[&mean]);
@@ -528,9 +526,9 @@ fn correct_biases(
             if let Some(sum) =
                 measured.iter().any(|(_, m)| *m == out.name).then(|| sums.entry(out.name.clone()).or_default())
             {
-                let values = out.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64);
-                sum.resize(out.data.len() / 4, 0.0);
-                sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
+                let values = out.f32_values().ok_or_else(|| bad(format!("`{}` is not float32", out.name)))?;
+                sum.resize(values.len(), 0.0);
+                sum.iter_mut().zip(values).for_each(|(s, v)| *s += v as f64);
             }
         }
     }
@@ -543,7 +541,7 @@ fn correct_biases(
         match bias_name {
             Some(b) => {
                 let Some(init) = graph.initializer.iter_mut().find(|t| t.name == b) else { continue };
-                let Some(values) = floats(init).filter(|v| v.len() == shift.len()) else { continue };
+                let Some(values) = init.f32_values().filter(|v| v.len() == shift.len()) else { continue };
                 let corrected: Vec<f32> = values.iter().zip(&shift).map(|(v, s)| v - s).collect();
                 *init = TensorProto::f32(&b, &init.dims.clone(), &corrected);
             }

@@ -123,11 +123,10 @@ impl Plugin for Quantize {
 
 /// A host tensor as a by-value tensor for wasi-nn.
 fn to_data(t: &NamedTensor) -> Result<TensorData, PluginError> {
-    let data = match t.value.dtype() {
-        DType::F32 => update::read_all(&t.value)?.into_iter().flat_map(f32::to_le_bytes).collect(),
-        other => return Err(PluginError::rejected(format!("calibration input `{}` is {other}, not f32", t.name))),
-    };
-    Ok(TensorData { name: t.name.clone(), dtype: DType::F32, shape: t.value.shape(), data })
+    match t.value.dtype() {
+        DType::F32 => Ok(TensorData::f32(&t.name, t.value.shape(), &update::read_all(&t.value)?)),
+        other => Err(PluginError::rejected(format!("calibration input `{}` is {other}, not f32", t.name))),
+    }
 }
 
 impl Compressor for Quantize {

@@ -6,6 +6,7 @@
 //! - a tensor that is not floating point travels as it is, under its own name.
 use std::collections::HashMap;
 
+use nereid_sdk::random::{mix, uniform};
 use nereid_sdk::{max_chunk, DType, NamedTensor, PluginError, RoundContext, Tensor};
 
 /// How a value between two INT8 steps is rounded.
@@ -17,22 +18,9 @@ pub enum Rounding {
     Nearest,
 }
 
-/// splitmix64's output function.
-pub fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn name_key(name: &str) -> u64 {
     // FNV-1a: a stable key per tensor name, so each tensor has its own random stream.
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// A uniform number in [0, 1) for element `index` of the stream `key`.
-fn uniform(key: u64, index: u64) -> f64 {
-    (mix(key ^ mix(index)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Every element, read in chunks of at most `max-chunk`.

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use nereid_sdk::prelude::*;
+use nereid_sdk::random::{below, mix};
 
 struct ReplayBuffer {
     policy: Policy,
@@ -45,28 +46,6 @@ impl Default for ReplayBuffer {
 enum Policy {
     Reservoir,
     ClassBalanced,
-}
-
-/// splitmix64's output function: a well-mixed 64-bit value from any input.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A uniform integer in [0, n) from the stream (`key`, `counter`), without modulo bias.
-fn below(key: u64, counter: u64, n: u64) -> u64 {
-    let mut k = 0u64;
-    loop {
-        let x = mix(mix(key ^ mix(counter)).wrapping_add(k));
-        // Reject the top partial range so every residue is equally likely.
-        let zone = u64::MAX - u64::MAX % n;
-        if x < zone {
-            return x % n;
-        }
-        k += 1;
-    }
 }
 
 impl Plugin for ReplayBuffer {
