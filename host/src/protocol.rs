@@ -296,6 +296,64 @@ pub struct EdgeConfig {
     /// The replay buffer: its sampler plugin (e.g. replay-buffer); samples arrive on
     /// `POST /v1/samples` and their bytes are kept in `state`.
     pub replay: Option<ServicePlugin>,
+    /// The incremental-learning job: fine-tunes a joint service's model on the samples that
+    /// arrive plus a draw from the replay buffer, and switches the service to a better version.
+    pub incremental: Option<IncrementalConfig>,
+}
+
+/// `[incremental]` of edge.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalConfig {
+    /// The joint service whose model is fine-tuned and, when a version is deployed, switched.
+    pub service: String,
+    /// A data directory whose `test` split is the eval set (relative to the config file).
+    pub eval: PathBuf,
+    /// A watched directory: every `*.safetensors` batch put there (`x`, `y`, as for
+    /// `POST /v1/samples`) is taken in, then moved to `done/` (or to `failed/`, with the error in
+    /// `<file>.error`). Relative to the config file.
+    pub inbox: Option<PathBuf>,
+    /// How often the inbox and the trigger are checked, in milliseconds.
+    #[serde(default = "default_check_ms")]
+    pub check_ms: u64,
+    pub trigger: TriggerConfig,
+    /// Samples a round draws from the replay buffer [default: as many as there are new samples].
+    pub replay_draw: Option<u32>,
+    /// How a round fine-tunes [default: 5 epochs, batches of 16, SGD at 0.05].
+    #[serde(default = "default_fine_tuning")]
+    pub training: TrainParams,
+    /// Seed of the rounds' shuffling and draws (round v uses seed + v).
+    #[serde(default)]
+    pub seed: u64,
+    /// Conditions (all must hold) for deploying a new version, on the eval set against the
+    /// serving version: `accuracy`, `accuracy_delta`, `loss`, `loss_delta` with `>=`, `>`, `<=`, `<`.
+    #[serde(default = "default_deploy_if")]
+    pub deploy_if: Vec<crate::edge::trigger::Condition>,
+}
+
+/// `[incremental.trigger]`: a round starts when every configured condition holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// New samples (arrived since the last round) needed.
+    pub min_new_samples: u64,
+    /// Only within this daily window of the edge's local time, `HH:MM-HH:MM` (may wrap midnight).
+    pub window: Option<crate::edge::trigger::DailyWindow>,
+    /// Only when the serving version's accuracy on the new samples is at least this much below
+    /// its accuracy on the eval set (the data has drifted away from it).
+    pub accuracy_drop: Option<f64>,
+}
+
+fn default_check_ms() -> u64 {
+    10_000
+}
+
+fn default_fine_tuning() -> TrainParams {
+    TrainParams { epochs: 5, batch_size: 16, learning_rate: 0.05, optimizer: crate::train::OptimizerKind::Sgd }
+}
+
+fn default_deploy_if() -> Vec<crate::edge::trigger::Condition> {
+    vec!["accuracy_delta >= 0.01".parse().expect("a valid condition")]
 }
 
 fn default_outbox_retry_ms() -> u64 {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -473,6 +474,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, input BLOB NOT NULL, queued_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS replay_samples (id INTEGER PRIMARY KEY, label INTEGER NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS replay_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS new_samples (id INTEGER PRIMARY KEY, label INTEGER NOT NULL, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS inbox_files (digest TEXT PRIMARY KEY, name TEXT NOT NULL, ingested_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version INTEGER PRIMARY KEY, service TEXT NOT NULL, created_ms INTEGER NOT NULL, parent INTEGER,
+    trigger TEXT NOT NULL, new_samples INTEGER NOT NULL, replayed INTEGER NOT NULL, metrics TEXT NOT NULL,
+    decision TEXT NOT NULL, reason TEXT NOT NULL, onnx BLOB NOT NULL);
 ";
 
 /// What the replay buffer holds, as its sampler needs it after a restart.
@@ -493,6 +500,34 @@ pub struct ReplayOffer<'a> {
     pub bytes: &'a [u8],
     /// Kept (evicting the sample with this id, if any) or not.
     pub keep: Option<Option<u64>>,
+}
+
+/// Where a batch of offers came from and what else it feeds, written with it.
+#[derive(Default)]
+pub struct OfferBatch<'a> {
+    /// An incremental-learning job trains on the batch's samples (all of them, kept or not).
+    pub keep_new: bool,
+    /// The inbox file (content digest, name) the batch was read from.
+    pub source: Option<(&'a str, &'a str)>,
+}
+
+/// A model version of an incremental-learning job: how it came about, its metrics (JSON) and
+/// what was decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRow {
+    pub version: u32,
+    pub service: String,
+    pub created_ms: i64,
+    /// The version it was fine-tuned from (none for the first).
+    pub parent: Option<u32>,
+    /// What started the round ("initial" for the model the job began with).
+    pub trigger: String,
+    pub new_samples: u64,
+    pub replayed: u64,
+    pub metrics: serde_json::Value,
+    /// "initial", "deployed" or "kept" (the serving version stayed).
+    pub decision: String,
+    pub reason: String,
 }
 
 /// A hard example the edge has not yet delivered to the cloud.
@@ -614,10 +649,16 @@ impl EdgeStore {
 
     /// Records a batch of offers in one transaction: kept samples (bytes and all) in, evicted
     /// ones out, the offered count and the layout. All or nothing.
-    pub fn record_offers(&self, offers: &[ReplayOffer], offered: u64, layout: &str) -> Result<()> {
+    pub fn record_offers(&self, offers: &[ReplayOffer], offered: u64, layout: &str, batch: &OfferBatch) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for o in offers {
+            if batch.keep_new {
+                tx.execute(
+                    "INSERT INTO new_samples (id, label, bytes) VALUES (?1, ?2, ?3)",
+                    params![o.id as i64, o.label, o.bytes],
+                )?;
+            }
             if let Some(evict) = o.keep {
                 if let Some(e) = evict {
                     tx.execute("DELETE FROM replay_samples WHERE id = ?1", params![e as i64])?;
@@ -633,8 +674,112 @@ impl EdgeStore {
             params![offered.to_string()],
         )?;
         tx.execute("INSERT OR REPLACE INTO replay_meta (key, value) VALUES ('layout', ?1)", params![layout])?;
+        if let Some((digest, name)) = batch.source {
+            tx.execute(
+                "INSERT OR REPLACE INTO inbox_files (digest, name, ingested_ms) VALUES (?1, ?2, ?3)",
+                params![digest, name, now_ms()],
+            )?;
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Whether an inbox file with this content was taken in already.
+    pub fn inbox_ingested(&self, digest: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM inbox_files WHERE digest = ?1", params![digest], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// How many samples arrived since the last round.
+    pub fn new_samples_count(&self) -> Result<u64> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM new_samples", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The samples that arrived since the last round, by id: (id, label, bytes).
+    pub fn new_samples(&self) -> Result<Vec<(u64, i64, Vec<u8>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, label, bytes FROM new_samples ORDER BY id")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records a model version (`row.version`, refused if it exists) with its ONNX bytes and, in
+    /// the same transaction, forgets the new samples it was trained on (ids up to `trained_up_to`).
+    pub fn record_version(&self, row: &VersionRow, onnx: &[u8], trained_up_to: Option<u64>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO model_versions (version, service, created_ms, parent, trigger, new_samples, replayed, metrics, \
+             decision, reason, onnx) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.version,
+                row.service,
+                row.created_ms,
+                row.parent,
+                row.trigger,
+                row.new_samples as i64,
+                row.replayed as i64,
+                row.metrics.to_string(),
+                row.decision,
+                row.reason,
+                onnx
+            ],
+        )?;
+        if let Some(last) = trained_up_to {
+            tx.execute("DELETE FROM new_samples WHERE id <= ?1", params![last as i64])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The number the next version gets.
+    pub fn next_version(&self) -> Result<u32> {
+        Ok(self.conn().query_row("SELECT COALESCE(MAX(version) + 1, 0) FROM model_versions", [], |r| r.get(0))?)
+    }
+
+    /// Every model version, oldest first (without the model bytes).
+    pub fn versions(&self) -> Result<Vec<VersionRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT version, service, created_ms, parent, trigger, new_samples, replayed, metrics, decision, reason \
+             FROM model_versions ORDER BY version",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let metrics: String = r.get(7)?;
+                Ok(VersionRow {
+                    version: r.get(0)?,
+                    service: r.get(1)?,
+                    created_ms: r.get(2)?,
+                    parent: r.get(3)?,
+                    trigger: r.get(4)?,
+                    new_samples: r.get::<_, i64>(5)? as u64,
+                    replayed: r.get::<_, i64>(6)? as u64,
+                    metrics: serde_json::from_str(&metrics).unwrap_or(serde_json::Value::Null),
+                    decision: r.get(8)?,
+                    reason: r.get(9)?,
+                })
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The version that serves: the newest initial or deployed one, with its ONNX bytes.
+    pub fn serving_version(&self) -> Result<Option<(u32, Vec<u8>)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT version, onnx FROM model_versions WHERE decision IN ('initial', 'deployed') \
+                 ORDER BY version DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     /// The label and bytes of held samples, in the order of `ids` (ids not held are skipped).

@@ -108,7 +108,7 @@ fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path,
     let sampler = SamplerPlugin::load(runtime, plugin, Limits::default(), &config)?;
     let buffer = ReplayBuffer::new(sampler, store)?;
     let (x, y) = as_batch(&old);
-    buffer.offer(&x, &y)?;
+    buffer.offer(&x, &y, None)?;
     let ctx = RoundContext { job: "forgetting".into(), round: 1, seed };
     let drawn = buffer.draw(&ctx, args.capacity as u32)?;
     let mut replay = Dataset { x: Vec::new(), y: Vec::new(), features: 64 };

@@ -1,5 +1,6 @@
 //! `nereid model`: split an ONNX model at a cut, plan the best cut for a link, export a trained
-//! job's model as ONNX, compress a model through a pipeline of compressor plugins.
+//! job's model as ONNX, compress a model through a pipeline of compressor plugins, list an edge's
+//! model versions (incremental learning).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -21,6 +22,20 @@ pub enum ModelCommand {
     /// Run a pipeline of compression passes (compressor plugins: quantization, pruning) on a
     /// model; print its size, weight sparsity and accuracy before and after.
     Compress(CompressArgs),
+    /// List the model versions of an edge's incremental-learning job: what started each round,
+    /// the samples it trained on, its accuracy on the eval set against the serving version's,
+    /// and whether it was deployed (`*` marks the version that serves).
+    Ls(LsArgs),
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    /// The edge's API, e.g. http://127.0.0.1:7100 (its `listen`).
+    #[arg(long)]
+    edge: String,
+    /// Print JSON (`serving_version` and `versions`).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -140,7 +155,58 @@ pub fn run(cmd: ModelCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         ModelCommand::Plan(args) => plan(args, cache_dir),
         ModelCommand::Export(args) => export(args),
         ModelCommand::Compress(args) => compress(args, cache_dir),
+        ModelCommand::Ls(args) => ls(args),
     }
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Versions {
+    serving_version: u32,
+    versions: Vec<nereid::store::VersionRow>,
+}
+
+fn ls(args: LsArgs) -> anyhow::Result<()> {
+    let url = format!("{}/v1/models", args.edge.trim_end_matches('/'));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, body) = rt.block_on(async {
+        let resp = reqwest::Client::new().get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        Ok::<_, anyhow::Error>((resp.status(), resp.text().await?))
+    })?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<nereid::protocol::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+        bail!("GET {url}: {status}: {message}");
+    }
+    let list: Versions = serde_json::from_str(&body).with_context(|| format!("GET {url}: the answer"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:>6} {:<19} {:<9} {:>8} {:>8} {:>5} {:>8}  trigger / reason",
+        "version", "parent", "created (UTC)", "decision", "accuracy", "delta", "new", "replayed"
+    );
+    for v in &list.versions {
+        let mark = if v.version == list.serving_version { "*" } else { " " };
+        let created = chrono::DateTime::from_timestamp_millis(v.created_ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let metric = |k: &str| v.metrics.get(k).and_then(|m| m.as_f64());
+        let delta = metric("accuracy_delta").map_or("-".to_string(), |d| format!("{d:+.4}"));
+        println!(
+            "{mark}{:<8} {:>6} {:<19} {:<9} {:>8} {:>8} {:>5} {:>8}  {}: {}",
+            v.version,
+            v.parent.map_or("-".to_string(), |p| p.to_string()),
+            created,
+            v.decision,
+            metric("accuracy").map_or("-".to_string(), |a| format!("{a:.4}")),
+            delta,
+            v.new_samples,
+            v.replayed,
+            v.trigger,
+            v.reason
+        );
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -1,6 +1,7 @@
 //! The edge's HTTP API: `POST /v1/infer/<service>` (JSON, safetensors, or what the service's
 //! adapter reads), `GET /v1/infer/<service>/plan` (split services), `POST /v1/samples` and
-//! `GET /v1/samples` (the replay buffer), `GET /metrics`, `GET /v1/health`.
+//! `GET /v1/samples` (the replay buffer), `GET /v1/incremental` and `GET /v1/models` (the
+//! incremental-learning job and its model versions), `GET /metrics`, `GET /v1/health`.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -51,17 +52,12 @@ async fn offer_samples(State(services): State<Arc<Services>>, body: Bytes) -> Re
     if services.replay.is_none() {
         return error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)");
     }
-    let tensors = match crate::inference::wire::from_safetensors(&body) {
-        Ok(t) => t,
+    let (x, y) = match super::replay::parse_batch(&body) {
+        Ok(batch) => batch,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let find = |name: &str| tensors.iter().find(|t| t.name == name);
-    let (Some(x), Some(y)) = (find("x"), find("y")) else {
-        return error(StatusCode::BAD_REQUEST, "the body needs tensors `x` (samples) and `y` (labels)");
-    };
-    let (x, y) = (x.clone(), y.clone());
     let services = services.clone();
-    let offered = tokio::task::spawn_blocking(move || services.replay.as_ref().map(|r| r.offer(&x, &y))).await;
+    let offered = tokio::task::spawn_blocking(move || services.replay.as_ref().map(|r| r.offer(&x, &y, None))).await;
     match offered {
         Ok(Some(Ok(report))) => Json(report).into_response(),
         Ok(Some(Err(e))) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
@@ -77,6 +73,31 @@ async fn sample_stats(State(services): State<Arc<Services>>) -> Response {
         Some(Ok(stats)) => Json(stats).into_response(),
         Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         None => error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)"),
+    }
+}
+
+const NO_JOB: &str = "this edge has no incremental-learning job ([incremental] in edge.toml)";
+
+/// `GET /v1/incremental`: what the incremental-learning job is doing.
+async fn incremental_status(State(services): State<Arc<Services>>) -> Response {
+    match &services.incremental {
+        Some(job) => Json(job.status()).into_response(),
+        None => error(StatusCode::NOT_FOUND, NO_JOB),
+    }
+}
+
+/// `GET /v1/models`: every model version of the incremental-learning job, its metrics and the
+/// decision, and which one serves.
+async fn model_versions(State(services): State<Arc<Services>>) -> Response {
+    let Some(job) = &services.incremental else { return error(StatusCode::NOT_FOUND, NO_JOB) };
+    let serving = job.serving_version();
+    let store = services.store.clone();
+    match tokio::task::spawn_blocking(move || store.versions()).await {
+        Ok(Ok(versions)) => {
+            Json(serde_json::json!({ "serving_version": serving, "versions": versions })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -166,6 +187,8 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/infer/{service}", post(infer))
         .route("/v1/infer/{service}/plan", get(plan))
         .route("/v1/samples", post(offer_samples).get(sample_stats))
+        .route("/v1/incremental", get(incremental_status))
+        .route("/v1/models", get(model_versions))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(services)
 }
@@ -179,6 +202,7 @@ pub async fn serve(listen: &str, services: Arc<Services>) -> anyhow::Result<()> 
     });
     tokio::spawn(services.clone().deliver_outbox());
     tokio::spawn(services.clone().plan_all());
+    tokio::spawn(super::incremental::run(services.clone()));
     axum::serve(listener, router(services)).await?;
     Ok(())
 }

@@ -20,8 +20,10 @@ use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
 
 pub mod api;
+pub mod incremental;
 pub mod replay;
 pub mod services;
+pub mod trigger;
 
 /// Runs an edge node: its API and inference services if `listen` is set, its federated-learning
 /// worker if `data` is, until the process ends.
@@ -37,8 +39,10 @@ pub async fn run(
         None => crate::runtime::nn::Models::new(config.nn_backend),
     };
     let runtime = Runtime::with_models(cache_dir, models)?;
-    if config.listen.is_none() && (!config.services.is_empty() || config.replay.is_some()) {
-        anyhow::bail!("services and [replay] need `listen` (the address of the edge's API)");
+    if config.listen.is_none()
+        && (!config.services.is_empty() || config.replay.is_some() || config.incremental.is_some())
+    {
+        anyhow::bail!("services, [replay] and [incremental] need `listen` (the address of the edge's API)");
     }
     if config.listen.is_none() && config.data.is_none() {
         anyhow::bail!("nothing to do: set `data` (federated learning) and/or `listen` (inference services)");

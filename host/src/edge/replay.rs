@@ -15,11 +15,31 @@ use crate::inference::wire;
 use crate::protocol::ServicePlugin;
 use crate::runtime::bindings::types::Dtype;
 use crate::runtime::{Admission, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
-use crate::store::{EdgeStore, ReplayOffer, ReplayState};
+use crate::store::{EdgeStore, OfferBatch, ReplayOffer, ReplayState};
 
 pub struct ReplayBuffer {
     store: Arc<EdgeStore>,
     sampler: Mutex<SamplerPlugin>,
+    /// With an incremental-learning job: what its model can train on; every sample offered is
+    /// also kept as a new sample until a round has trained on it.
+    trains: Option<Trainable>,
+}
+
+/// The samples an incremental-learning job's model takes: their layout (`f32[64]`) and labels.
+#[derive(Debug, Clone)]
+pub struct Trainable {
+    pub layout: String,
+    pub classes: i64,
+}
+
+/// The `x` and `y` tensors of a batch of samples (safetensors, as `POST /v1/samples` takes it).
+pub fn parse_batch(body: &[u8]) -> Result<(TensorData, TensorData), BadRequest> {
+    let tensors = wire::from_safetensors(body).map_err(|e| BadRequest(e.to_string()))?;
+    let find = |name: &str| tensors.iter().find(|t| t.name == name).cloned();
+    match (find("x"), find("y")) {
+        (Some(x), Some(y)) => Ok((x, y)),
+        _ => Err(BadRequest("the batch needs tensors `x` (samples) and `y` (labels)".into())),
+    }
 }
 
 /// What a batch of offers did, and the buffer after it.
@@ -74,12 +94,18 @@ impl ReplayBuffer {
         let state = store.replay_state()?;
         restore(&mut sampler, &state)?;
         tracing::info!(held = state.held.len(), offered = state.offered, "replay buffer restored");
-        Ok(ReplayBuffer { store, sampler: Mutex::new(sampler) })
+        Ok(ReplayBuffer { store, sampler: Mutex::new(sampler), trains: None })
+    }
+
+    /// From now on every offered sample must fit `trains` and is kept for the incremental job.
+    pub fn feed_training(&mut self, trains: Trainable) {
+        self.trains = Some(trains);
     }
 
     /// Offers a batch: `x` [n, ...] (any element type) with labels `y` [n] (integers). The
-    /// samples get ids in arrival order; the sampler decides each.
-    pub fn offer(&self, x: &TensorData, y: &TensorData) -> anyhow::Result<OfferReport> {
+    /// samples get ids in arrival order; the sampler decides each. `source` is the inbox file
+    /// (content digest, name) the batch came from.
+    pub fn offer(&self, x: &TensorData, y: &TensorData, source: Option<(&str, &str)>) -> anyhow::Result<OfferReport> {
         let n = *x.shape.first().ok_or_else(|| BadRequest("`x` must be [samples, ...]".into()))? as usize;
         let labels: Vec<i64> = match (y.dtype, y.shape.as_slice()) {
             (Dtype::I64, [m]) if *m as usize == n => {
@@ -94,6 +120,18 @@ impl ReplayBuffer {
         };
         wire::check(x).map_err(|e| BadRequest(e.to_string()))?;
         let layout = layout(x);
+        if let Some(t) = &self.trains {
+            if layout != t.layout {
+                return Err(BadRequest(format!(
+                    "samples are {layout}; the incremental job's model takes {}",
+                    t.layout
+                ))
+                .into());
+            }
+            if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| !(0..t.classes).contains(*l)) {
+                return Err(BadRequest(format!("sample {i}: label {l} is outside 0..{}", t.classes)).into());
+            }
+        }
         let per_sample = x.data.len().checked_div(n).unwrap_or(0);
         let mut sampler = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
         let (held_before, offered_before, held_layout) = self.store.replay_summary()?;
@@ -125,7 +163,9 @@ impl ReplayBuffer {
             offers.push(ReplayOffer { id, label, bytes: &x.data[i * per_sample..(i + 1) * per_sample], keep });
         }
         let offered = offered_before + n as u64;
-        if let Err(e) = self.store.record_offers(&offers, offered, &layout) {
+        if let Err(e) =
+            self.store.record_offers(&offers, offered, &layout, &OfferBatch { keep_new: self.trains.is_some(), source })
+        {
             restore(&mut sampler, &self.store.replay_state()?)?;
             return Err(e.into());
         }

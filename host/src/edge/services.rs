@@ -168,8 +168,23 @@ impl CloudLink {
 }
 
 struct Joint {
+    /// The model in the runtime's models the service answers with, and the router instance
+    /// that runs it (an incremental-learning job replaces both at once).
+    serving: Mutex<ServingModel>,
+    component: LoadedComponent,
+    limits: Limits,
+    config: ConfigTable,
+}
+
+struct ServingModel {
     model: String,
-    router: Mutex<RouterPlugin>,
+    router: RouterPlugin,
+}
+
+/// A model version ready to serve (registered, with its own router instance), not serving yet.
+pub struct PreparedSwitch {
+    service: String,
+    serving: ServingModel,
 }
 
 /// The halves of one cut, ready to run. Cut tensors that are model inputs are sent as they came.
@@ -257,6 +272,8 @@ pub struct Services {
     pub services: BTreeMap<String, Arc<Service>>,
     /// The replay buffer, if edge.toml has a `[replay]`.
     pub replay: Option<super::replay::ReplayBuffer>,
+    /// The incremental-learning job, if edge.toml has an `[incremental]`.
+    pub incremental: Option<super::incremental::Job>,
     pub store: Arc<EdgeStore>,
     runtime: Runtime,
     pub outbox_delivered: AtomicU64,
@@ -304,7 +321,7 @@ impl Services {
                 .with_context(|| format!("[services.{name}]"))?;
             services.insert(name.clone(), Arc::new(service));
         }
-        let replay = match &edge.replay {
+        let mut replay = match &edge.replay {
             Some(cfg) => Some(
                 super::replay::ReplayBuffer::load(cfg, base, runtime, components, store.clone())
                     .await
@@ -312,16 +329,32 @@ impl Services {
             ),
             None => None,
         };
-        Ok(Services {
+        let incremental = match &edge.incremental {
+            None => None,
+            Some(cfg) => {
+                let job = super::incremental::Job::load(cfg, edge, base, store.clone()).context("[incremental]")?;
+                replay
+                    .as_mut()
+                    .context("[incremental]: the job needs a replay buffer ([replay] in edge.toml)")?
+                    .feed_training(job.trainable());
+                Some(job)
+            }
+        };
+        let services = Services {
             services,
             replay,
+            incremental,
             store,
             runtime: runtime.clone(),
             outbox_delivered: AtomicU64::new(0),
             outbox_wake: tokio::sync::Notify::new(),
             in_flight: Arc::default(),
             retry: Duration::from_millis(edge.outbox_retry_ms),
-        })
+        };
+        if let Some(job) = &services.incremental {
+            job.resume(&services).context("[incremental]")?;
+        }
+        Ok(services)
     }
 
     async fn load_one(
@@ -381,8 +414,13 @@ impl Services {
         let config: ConfigTable = plugin_cfg.config.clone();
         let kind = match cfg.kind {
             ServiceKind::Joint => Kind::Joint(Arc::new(Joint {
-                model: cfg.model.clone(),
-                router: Mutex::new(RouterPlugin::new(runtime, loaded, limits, &config).context("router")?),
+                serving: Mutex::new(ServingModel {
+                    model: cfg.model.clone(),
+                    router: RouterPlugin::new(runtime, loaded.clone(), limits, &config).context("router")?,
+                }),
+                component: loaded,
+                limits,
+                config,
             })),
             ServiceKind::Split => {
                 let plugin = SplitterPlugin::new(runtime, loaded.clone(), limits, &config).context("splitter")?;
@@ -431,6 +469,44 @@ impl Services {
         self.services.get(name).cloned()
     }
 
+    /// Registers `onnx` as `model` and starts a router instance for it (a wasi-nn context holds
+    /// the models there were when its instance started), without touching what serves.
+    pub fn prepare_switch(&self, service: &str, model: &str, onnx: &[u8]) -> anyhow::Result<PreparedSwitch> {
+        let svc = self.services.get(service).with_context(|| format!("no service `{service}`"))?;
+        let Kind::Joint(joint) = &svc.kind else { bail!("service `{service}` is not a joint service") };
+        self.runtime.models().insert(model, onnx).with_context(|| format!("registering `{model}`"))?;
+        let router = RouterPlugin::new(&self.runtime, joint.component.clone(), joint.limits, &joint.config)
+            .with_context(|| format!("service `{service}`: a router instance for `{model}`"))?;
+        Ok(PreparedSwitch { service: service.to_string(), serving: ServingModel { model: model.to_string(), router } })
+    }
+
+    /// Makes a prepared version serve. Requests running on the old one finish on it; the next
+    /// ones run on the new one. The old model leaves the runtime's models unless it was the
+    /// service's configured one.
+    pub fn switch(&self, prepared: PreparedSwitch, configured: &str) -> anyhow::Result<()> {
+        let svc = self.services.get(&prepared.service).with_context(|| format!("no service `{}`", prepared.service))?;
+        let Kind::Joint(joint) = &svc.kind else { bail!("service `{}` is not a joint service", prepared.service) };
+        let old = std::mem::replace(&mut *lock(&joint.serving), prepared.serving);
+        if old.model != configured {
+            self.runtime.models().remove(&old.model);
+        }
+        tracing::info!(service = %svc.name, from = %old.model, to = %lock(&joint.serving).model, "serving model switched");
+        Ok(())
+    }
+
+    /// The model a joint service answers with now.
+    pub fn serving_model(&self, service: &str) -> Option<String> {
+        match &self.services.get(service)?.kind {
+            Kind::Joint(joint) => Some(lock(&joint.serving).model.clone()),
+            Kind::Split(_) => None,
+        }
+    }
+
+    /// Whether `service` is a joint service (one an incremental-learning job can train).
+    pub fn is_joint(&self, service: &str) -> Option<bool> {
+        self.services.get(service).map(|s| matches!(s.kind, Kind::Joint(_)))
+    }
+
     /// Answers one request. `forced_cut` (split only) measures a given cut instead of the plan's.
     pub async fn infer(
         self: &Arc<Self>,
@@ -469,8 +545,9 @@ impl Services {
     ) -> anyhow::Result<InferResponse> {
         let t0 = Instant::now();
         let (inputs, mut outputs, decisions) = blocking(move || {
-            let mut router = lock(&joint.router);
-            let outputs = router.run(&joint.model, &inputs)?;
+            let mut serving = lock(&joint.serving);
+            let ServingModel { model, router } = &mut *serving;
+            let outputs = router.run(model, &inputs)?;
             let first = outputs.first().context("the edge model has no output")?;
             let rows = first.shape.first().copied().unwrap_or(1).max(1);
             let mut decisions = Vec::with_capacity(rows as usize);

@@ -108,3 +108,84 @@ pub fn to_onnx(spec: &ModelSpec, weights: &NamedTensors) -> Result<ModelProto, M
         ..Default::default()
     })
 }
+
+/// The architecture and weights of a model [`to_onnx`] wrote (e.g. `nereid model export`), so
+/// that it can be trained further. Any other graph is refused: its weights would mean something
+/// else to the trainer.
+pub fn from_onnx(onnx: &[u8]) -> Result<(ModelSpec, NamedTensors), ModelError> {
+    let model = nereid_onnx::Model::decode(onnx).map_err(|e| ModelError::Spec(format!("not an ONNX model: {e}")))?;
+    let graph = model.graph();
+    let init = |name: &str| graph.initializer.iter().find(|t| t.name == name);
+    let dims = |name: &str| init(name).map(|t| t.dims.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>());
+    let dense: Vec<Vec<usize>> = (0..).map_while(|i| dims(&format!("dense.{i}.weight"))).collect();
+    let (last, hidden) = dense.split_last().ok_or_else(|| {
+        ModelError::Spec(
+            "it has no `dense.0.weight`: only models nereid exported (nereid model export) can be trained".into(),
+        )
+    })?;
+    let hidden: Vec<usize> = hidden.iter().map(|d| d.first().copied().unwrap_or(0)).collect();
+    let classes = last.first().copied().unwrap_or(0);
+    let spec = match init("image_shape") {
+        Some(shape) => {
+            let raw = shape.raw_data.as_deref().unwrap_or_default();
+            let s: Vec<usize> = raw
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])).max(0) as usize)
+                .collect();
+            let [_, c, h, w] = s[..] else {
+                return Err(ModelError::Spec("`image_shape` is not [batch, channels, height, width]".into()));
+            };
+            let conv = (0..).map_while(|i| dims(&format!("conv.{i}.weight"))).map(|d| d[0]).collect();
+            ModelSpec::Cnn { input_shape: [c, h, w], conv, hidden, classes }
+        }
+        None => ModelSpec::Mlp { inputs: dense[0].get(1).copied().unwrap_or(0), hidden, classes },
+    };
+    spec.validate()?;
+    let mut weights = NamedTensors::new();
+    for (name, shape) in spec.parameters() {
+        let t = init(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+        let values = t.f32_values().ok_or_else(|| ModelError::Dtype(name.clone()))?;
+        let got: Vec<u64> = t.dims.iter().map(|&d| d.max(0) as u64).collect();
+        if got != shape {
+            return Err(ModelError::Shape { name, got, want: shape });
+        }
+        let tensor = crate::tensor::Tensor::from_f32(got, values).ok_or_else(|| ModelError::Dtype(name.clone()))?;
+        weights.push((name, tensor));
+    }
+    let rebuilt = to_onnx(&spec, &weights)?;
+    if rebuilt.graph.as_ref().map(|g| &g.node) != Some(&graph.node) {
+        return Err(ModelError::Spec(format!(
+            "its graph is not the one nereid exports for {spec:?}: only models nereid exported can be trained"
+        )));
+    }
+    Ok((spec, weights))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nereid_onnx::Message;
+
+    #[test]
+    fn an_exported_model_reads_back_as_its_architecture_and_weights_and_others_are_refused() {
+        for spec in [
+            ModelSpec::Mlp { inputs: 64, hidden: vec![32, 16], classes: 10 },
+            ModelSpec::Mlp { inputs: 8, hidden: vec![], classes: 3 },
+            ModelSpec::Cnn { input_shape: [1, 8, 8], conv: vec![4], hidden: vec![16], classes: 10 },
+        ] {
+            let weights = spec.init(3);
+            let onnx = to_onnx(&spec, &weights).expect("exports").encode_to_vec();
+            let (read_spec, read_weights) = from_onnx(&onnx).expect("reads back");
+            assert_eq!(read_spec, spec);
+            assert_eq!(read_weights, weights);
+        }
+        let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
+        let mut proto = to_onnx(&spec, &spec.init(3)).expect("exports");
+        // Another graph over the same weights (no softmax) would be trained as if it had one.
+        proto.graph.as_mut().expect("graph").node.pop();
+        let err = from_onnx(&proto.encode_to_vec()).expect_err("refused");
+        assert!(err.to_string().contains("only models nereid exported"), "{err}");
+        let err = from_onnx(b"not onnx").expect_err("refused");
+        assert!(err.to_string().contains("not an ONNX model"), "{err}");
+    }
+}

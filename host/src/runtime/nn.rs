@@ -221,6 +221,11 @@ impl Models {
         Ok(())
     }
 
+    /// Forgets the model `name` (plugin instances started with it keep their own handle).
+    pub fn remove(&self, name: &str) {
+        self.graphs.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
     /// A wasi-nn context for one plugin instance: these models and, if there are any (or plugins
     /// may load their own), their backend (a node without models never loads a runtime, which
     /// costs ~20 MB of memory).

@@ -1,0 +1,355 @@
+//! The edge's incremental-learning job: samples arrive through the API and the inbox directory,
+//! each trigger (count, a daily window wrapping midnight, an accuracy drop) starts a round, a
+//! round's version is deployed or not by the deploy condition, and the joint service switches to
+//! a deployed version without a restart.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nereid::inference::export::to_onnx;
+use nereid::inference::wire;
+use nereid::runtime::bindings::types::Dtype;
+use nereid::runtime::TensorData;
+use nereid::train::{self, Dataset, ModelSpec, OptimizerKind, TrainParams};
+use nereid_onnx::Message;
+
+use crate::cluster::*;
+use crate::common::*;
+
+fn classes(data: &Dataset, range: std::ops::Range<u32>) -> Dataset {
+    let idx: Vec<usize> = (0..data.len()).filter(|&i| range.contains(&data.y[i])).collect();
+    data.subset(&idx)
+}
+
+/// Samples as `POST /v1/samples` and the inbox take them: `x` f32 [n, 64], `y` i64 [n].
+fn batch(data: &Dataset) -> Vec<u8> {
+    let x = wire::f32_tensor("x", vec![data.len() as u64, data.features as u64], &data.x);
+    let y = TensorData {
+        name: "y".into(),
+        dtype: Dtype::I64,
+        shape: vec![data.len() as u64],
+        data: data.y.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
+    };
+    wire::to_safetensors(&[x, y]).expect("safetensors")
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let (code, body) = http("GET", url, None, Vec::new());
+    assert_eq!(code, 200, "{url}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).expect("json")
+}
+
+fn post_samples(edge: &str, data: &Dataset) {
+    let (code, body) = http("POST", &format!("{edge}/v1/samples"), None, batch(data));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// The job's status once `checks` more checks have run than when it was called.
+fn after_checks(edge: &str, checks: u64) -> serde_json::Value {
+    let start = get_json(&format!("{edge}/v1/incremental"))["checks"].as_u64().unwrap_or(0);
+    let t = Instant::now();
+    loop {
+        let s = get_json(&format!("{edge}/v1/incremental"));
+        if s["checks"].as_u64().unwrap_or(0) >= start + checks {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the job stopped checking: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn versions(edge: &str) -> serde_json::Value {
+    get_json(&format!("{edge}/v1/models"))
+}
+
+/// Waits until the edge has recorded `count` versions (version 0 included).
+fn wait_for_versions(edge: &str, count: usize) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let v = versions(edge);
+        if v["versions"].as_array().map_or(0, Vec::len) >= count {
+            return v;
+        }
+        let status = get_json(&format!("{edge}/v1/incremental"));
+        assert!(t.elapsed() < Duration::from_secs(120), "no version {count}: {v}\nstatus: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Digits {
+    train: Dataset,
+    test: Dataset,
+}
+
+/// The digits split, a model that learned classes 0-4 (the service's model, version 0) and the
+/// whole test split as the eval set.
+fn setup(c: &Cluster) -> Digits {
+    let (train_set, test) = Dataset::digits().holdout(0.2, 5);
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
+    let params = TrainParams { epochs: 20, batch_size: 16, learning_rate: 0.05, optimizer: OptimizerKind::Sgd };
+    let first = train::train(&spec, &spec.init(5), &classes(&train_set, 0..5), &params, 5, None, |_, _| {})
+        .expect("trains")
+        .model;
+    let dir = c.path("models/digits");
+    std::fs::create_dir_all(&dir).expect("models");
+    std::fs::write(dir.join("model.onnx"), to_onnx(&spec, &first).expect("exports").encode_to_vec()).expect("write");
+    std::fs::create_dir_all(c.path("eval")).expect("eval");
+    test.write_csv(&c.path("eval/test.csv")).expect("eval csv");
+    Digits { train: train_set, test }
+}
+
+/// The edge.toml of a joint service `digits` with a replay buffer and an incremental job.
+fn edge_toml(c: &Cluster, job: &str, trigger: &str) -> String {
+    format!(
+        "models = {models:?}\n\
+         [services.digits]\nkind = \"joint\"\nmodel = \"digits\"\n\
+         router = {{ plugin = {router:?}, config = {{ policy = \"edge-only\" }} }}\n\
+         [replay]\nplugin = {replay:?}\nconfig = {{ policy = \"class-balanced\", capacity = 300, seed = 3 }}\n\
+         [incremental]\nservice = \"digits\"\neval = {eval:?}\ncheck_ms = 100\nreplay_draw = 300\n\
+         training = {{ epochs = 20, batch_size = 16, learning_rate = 0.05, optimizer = \"sgd\" }}\n{job}\n\
+         [incremental.trigger]\n{trigger}\n",
+        models = c.path("models").display().to_string(),
+        router = plugin("hard-example-mining").display().to_string(),
+        replay = plugin("replay-buffer").display().to_string(),
+        eval = c.path("eval").display().to_string(),
+    )
+}
+
+/// Classes the edge's service predicts for `data`'s rows, and how many were right.
+fn correct(edge: &str, data: &Dataset) -> usize {
+    let body = serde_json::json!({ "shape": [data.len(), 64], "data": data.x });
+    let (code, out) = http("POST", &format!("{edge}/v1/infer/digits"), None, serde_json::to_vec(&body).expect("json"));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    let p: Vec<f64> =
+        answer["outputs"][0]["data"].as_array().expect("data").iter().filter_map(|v| v.as_f64()).collect();
+    p.chunks(10)
+        .zip(&data.y)
+        .filter(|(row, &y)| {
+            let best = row.iter().enumerate().fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+            best == y as usize
+        })
+        .count()
+}
+
+#[test]
+fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let inbox = c.path("inbox");
+    std::fs::create_dir_all(&inbox).expect("inbox");
+    let job = format!("inbox = {:?}", inbox.display().to_string());
+    let edge = c.start_serving_edge(0, &edge_toml(&c, &job, "min_new_samples = 200"));
+    let old = classes(&d.train, 0..5);
+    post_samples(&edge, &old.subset(&(0..120).collect::<Vec<_>>()));
+    let s = after_checks(&edge, 3);
+    assert_eq!(s["new_samples"], 120, "{s}");
+    assert!(s["trigger"].as_str().unwrap_or("").contains("waiting for new samples: 120 of 200"), "{s}");
+    assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "only version 0");
+
+    // A refused file goes to failed/ with its error; a good one brings the count to 200.
+    let no_labels = wire::to_safetensors(&[wire::f32_tensor("x", vec![1, 64], &[0.0; 64])]).expect("safetensors");
+    std::fs::write(inbox.join("a-bad.safetensors"), no_labels).expect("write");
+    std::fs::write(inbox.join("b-good.safetensors"), batch(&old.subset(&(120..200).collect::<Vec<_>>())))
+        .expect("write");
+    let v = wait_for_versions(&edge, 2);
+    let v1 = &v["versions"][1];
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["parent"], 0);
+    assert_eq!(v1["new_samples"], 200, "{v1}");
+    assert!(v1["trigger"].as_str().unwrap_or("").contains("200 new samples (>= 200)"), "{v1}");
+    let error = std::fs::read_to_string(inbox.join("failed/a-bad.safetensors.error")).expect("the error is kept");
+    assert!(error.contains("`y`"), "{error}");
+    assert!(inbox.join("done/b-good.safetensors").is_file() && !inbox.join("b-good.safetensors").exists());
+    let s = get_json(&format!("{edge}/v1/incremental"));
+    assert_eq!(
+        (s["inbox_taken"].as_u64(), s["inbox_failed"].as_u64(), s["new_samples"].as_u64()),
+        (Some(1), Some(1), Some(0)),
+        "{s}"
+    );
+
+    // A batch the model cannot take is refused at the door, naming what it takes.
+    let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, {
+        let x = wire::f32_tensor("x", vec![1, 32], &[0.0; 32]);
+        let y = TensorData { name: "y".into(), dtype: Dtype::I64, shape: vec![1], data: 3i64.to_le_bytes().to_vec() };
+        wire::to_safetensors(&[x, y]).expect("safetensors")
+    });
+    let text = String::from_utf8_lossy(&out);
+    assert!(code == 400 && text.contains("f32[64]"), "{code}: {text}");
+
+    // `nereid model ls` shows both versions, the serving one marked.
+    let out = c.nereid(&["model", "ls", "--edge", &edge]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[1].starts_with("*0") && lines[1].contains("initial"), "{text}");
+    assert!(lines[2].starts_with(" 1") && lines[2].contains(v1["decision"].as_str().unwrap_or("?")), "{text}");
+    let out = c.nereid(&["model", "ls", "--edge", &edge, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    assert_eq!(json["versions"].as_array().map(Vec::len), Some(2));
+}
+
+/// Minutes after midnight, local time (as the edge reads it).
+fn local_minute() -> u16 {
+    use chrono::Timelike;
+    let now = chrono::Local::now();
+    (now.hour() * 60 + now.minute()) as u16
+}
+
+fn hhmm(minute: u16) -> String {
+    format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
+#[test]
+fn the_window_trigger_waits_outside_a_window_that_wraps_midnight() {
+    // Both windows below wrap midnight; right before midnight that leaves no room around now.
+    while !(3..1435).contains(&local_minute()) {
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    let m = local_minute();
+    // Excluding now: [start, 24:00) and [00:00, end) with end <= now < start.
+    let (start, end) = if m < 720 { (m + 30, m.saturating_sub(30)) } else { ((m + 30).min(1439), m - 30) };
+    let outside = format!("{}-{}", hhmm(start), hhmm(end));
+    // Including now: from before now past midnight, or from late evening to after now.
+    let inside = if m >= 720 { format!("{}-01:00", hhmm(m - 30)) } else { format!("23:00-{}", hhmm(m + 30)) };
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let edge = c.start_serving_edge(0, &edge_toml(&c, "", &format!("min_new_samples = 50\nwindow = {outside:?}")));
+    post_samples(&edge, &classes(&d.train, 0..5).subset(&(0..60).collect::<Vec<_>>()));
+    let s = after_checks(&edge, 5);
+    assert!(s["trigger"].as_str().unwrap_or("").contains(&format!("outside the window {outside}")), "{s}");
+    assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "no round outside {outside}");
+
+    // The same samples, waiting in the store across the restart, start a round inside the window.
+    c.kill_edge(0);
+    let edge = c.start_serving_edge(0, &edge_toml(&c, "", &format!("min_new_samples = 50\nwindow = {inside:?}")));
+    let v = wait_for_versions(&edge, 2);
+    let v1 = &v["versions"][1];
+    assert_eq!(v1["new_samples"], 60, "{v1}");
+    assert!(v1["trigger"].as_str().unwrap_or("").contains(&format!("within {inside}")), "{v1}");
+}
+
+#[test]
+fn the_metric_trigger_starts_a_round_only_when_accuracy_on_new_samples_drops() {
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let edge = c.start_serving_edge(0, &edge_toml(&c, "", "min_new_samples = 40\naccuracy_drop = 0.2"));
+    // Samples of the classes the model knows: it does better on them than on the eval set.
+    post_samples(&edge, &classes(&d.train, 0..5).subset(&(0..40).collect::<Vec<_>>()));
+    let s = after_checks(&edge, 5);
+    let trigger = s["trigger"].as_str().unwrap_or("");
+    assert!(trigger.contains("40 new samples, no drop"), "{s}");
+    assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "no round without a drop");
+    // New classes arrive: the serving model gets most of the new samples wrong.
+    post_samples(&edge, &classes(&d.train, 5..10).subset(&(0..200).collect::<Vec<_>>()));
+    let v = wait_for_versions(&edge, 2);
+    let v1 = &v["versions"][1];
+    assert_eq!(v1["new_samples"], 240, "{v1}");
+    assert!(v1["trigger"].as_str().unwrap_or("").contains("accuracy dropped by"), "{v1}");
+}
+
+#[test]
+fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not() {
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let edge =
+        c.start_serving_edge(0, &edge_toml(&c, "deploy_if = [\"accuracy_delta >= 0.01\"]", "min_new_samples = 300"));
+    let pid = c.edge_pid(0);
+    let (old, new) = (classes(&d.train, 0..5), classes(&d.train, 5..10));
+    let new_test = classes(&d.test, 5..10);
+    let before = correct(&edge, &new_test);
+    println!("served answers on classes 5-9 before: {before}/{}", new_test.len());
+    assert!(before <= new_test.len() / 10, "version 0 never learned 5-9");
+
+    // Round 1: more of what the model knows. It cannot gain a point on the eval set: kept.
+    post_samples(&edge, &old.subset(&(0..300).collect::<Vec<_>>()));
+    let v = wait_for_versions(&edge, 2);
+    let v1 = &v["versions"][1];
+    assert_eq!(v1["decision"], "kept", "{v1}");
+    assert!(v1["metrics"]["accuracy_delta"].as_f64().unwrap_or(1.0) < 0.01, "{v1}");
+    assert!(v1["reason"].as_str().unwrap_or("").contains("`accuracy_delta >= 0.01` fails"), "{v1}");
+    assert_eq!(v["serving_version"], 0);
+    assert!(correct(&edge, &new_test) <= new_test.len() / 10, "still version 0");
+
+    // Round 2: classes 5-9 arrive; with the buffer's draw of 0-4 the model learns them without
+    // forgetting the old ones. Requests keep coming while the round runs and the service switches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, answered, url, probe) = (stop.clone(), answered.clone(), edge.clone(), d.test.subset(&[0]));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                correct(&url, &probe);
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    post_samples(&edge, &new.subset(&(0..300).collect::<Vec<_>>()));
+    let v = wait_for_versions(&edge, 3);
+    let before = answered.load(Ordering::Relaxed);
+    while answered.load(Ordering::Relaxed) < before + 20 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("every request during the switch was answered (correct() asserts 200)");
+    let v2 = &v["versions"][2];
+    println!("version 1: {}\nversion 2: {}", v["versions"][1]["metrics"], v2["metrics"]);
+    assert_eq!(v2["decision"], "deployed", "{v2}");
+    assert_eq!(v2["parent"], 0, "fine-tuned from the serving version, not the kept one");
+    assert!(v2["replayed"].as_u64().unwrap_or(0) >= 100, "old classes came from the buffer: {v2}");
+    assert!(v2["metrics"]["accuracy_delta"].as_f64().unwrap_or(0.0) >= 0.2, "{v2}");
+    assert_eq!(v["serving_version"], 2);
+    let s = get_json(&format!("{edge}/v1/incremental"));
+    assert_eq!(s["serving_model"], "digits@v2", "{s}");
+    assert_eq!(c.edge_pid(0), pid, "no restart");
+    let out = c.nereid(&["model", "ls", "--edge", &edge]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    println!("{listing}");
+    let marked: Vec<&str> = listing.lines().filter(|l| l.starts_with('*')).collect();
+    assert!(marked.len() == 1 && marked[0].starts_with("*2 ") && marked[0].contains("deployed"), "{listing}");
+    let right = correct(&edge, &new_test);
+    println!("served answers on classes 5-9 after the switch: {right}/{}", new_test.len());
+    assert!(right >= new_test.len() * 8 / 10, "the service answers with version 2: {right}/{}", new_test.len());
+    let old_test = classes(&d.test, 0..5);
+    assert!(correct(&edge, &old_test) >= old_test.len() * 8 / 10, "and still knows 0-4");
+
+    // After a restart the deployed version serves again.
+    c.kill_edge(0);
+    c.start_edge(0);
+    c.wait_for_edge(0, &edge);
+    assert_eq!(versions(&edge)["serving_version"], 2);
+    assert_eq!(correct(&edge, &new_test), right, "the same version, the same answers");
+}
+
+#[test]
+fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
+    let c = Cluster::new(1, "");
+    setup(&c);
+    let dir = c.path("bad");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let base = "name = \"edge-1\"\ncloud = \"http://127.0.0.1:9\"\ntoken = \"t\"\nstate = \"edge.db\"\nlisten = \"127.0.0.1:0\"\n";
+    let run = |toml: &str| -> String {
+        let path = dir.join("edge.toml");
+        std::fs::write(&path, format!("{base}{toml}")).expect("edge.toml");
+        let out = nereid(&["edge", "--config", &path.display().to_string()]);
+        assert!(!out.status.success(), "refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let good = edge_toml(&c, "", "min_new_samples = 10\nwindow = \"22:00-06:00\"");
+    let line = |text: &str, what: &str| text.lines().position(|l| l.contains(what)).map(|i| i + 6).expect(what);
+    let bad_window = good.replace("22:00-06:00", "25:00-06:00");
+    let err = run(&bad_window);
+    assert!(
+        err.contains(&format!("edge.toml:{}", line(&bad_window, "25:00"))) && err.contains("not a daily window"),
+        "{err}"
+    );
+    let bad_condition = good.replace("check_ms = 100", "check_ms = 100\ndeploy_if = [\"accuracy ~ 1\"]");
+    let err = run(&bad_condition);
+    assert!(err.contains(&format!("edge.toml:{}", line(&bad_condition, "accuracy ~"))) && err.contains(">="), "{err}");
+    let lines: Vec<&str> = good.lines().collect();
+    let at = lines.iter().position(|l| *l == "[replay]").expect("[replay]");
+    let no_replay = [&lines[..at], &lines[at + 3..]].concat().join("\n");
+    let err = run(&no_replay);
+    assert!(err.contains("[incremental]") && err.contains("[replay]"), "{err}");
+}
