@@ -313,6 +313,8 @@ pub struct IncrementalConfig {
     /// `POST /v1/samples`) is taken in, then moved to `done/` (or to `failed/`, with the error in
     /// `<file>.error`). Relative to the config file.
     pub inbox: Option<PathBuf>,
+    /// Sample batches published to an MQTT broker.
+    pub mqtt: Option<MqttSource>,
     /// How often the inbox and the trigger are checked, in milliseconds.
     #[serde(default = "default_check_ms")]
     pub check_ms: u64,
@@ -329,6 +331,32 @@ pub struct IncrementalConfig {
     /// serving version: `accuracy`, `accuracy_delta`, `loss`, `loss_delta` with `>=`, `>`, `<=`, `<`.
     #[serde(default = "default_deploy_if")]
     pub deploy_if: Vec<crate::edge::trigger::Condition>,
+}
+
+/// `[incremental.mqtt]`: sample batches (safetensors with `x` and `y`, as `POST /v1/samples`
+/// takes them) published to an MQTT broker. The edge subscribes with QoS 1 in a persistent
+/// session and acknowledges a batch once it is stored, so batches published while it is down or
+/// before it stored them arrive again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSource {
+    /// The broker, `host:port`.
+    pub broker: String,
+    /// The topic filter to subscribe to, e.g. "site/+/samples".
+    pub topic: String,
+    /// The session's client id [default: "nereid-<name>"].
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// An environment variable holding the password (instead of `password`).
+    pub password_env: Option<String>,
+    /// The largest message taken, in MiB.
+    #[serde(default = "default_mqtt_mib")]
+    pub max_message_mib: usize,
+}
+
+fn default_mqtt_mib() -> usize {
+    16
 }
 
 /// `[incremental.trigger]`: a round starts when every configured condition holds.

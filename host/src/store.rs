@@ -675,8 +675,10 @@ impl EdgeStore {
         )?;
         tx.execute("INSERT OR REPLACE INTO replay_meta (key, value) VALUES ('layout', ?1)", params![layout])?;
         if let Some((digest, name)) = batch.source {
+            // Not OR REPLACE: the same content arriving twice at once fails the second batch,
+            // whose next attempt finds the first one's record.
             tx.execute(
-                "INSERT OR REPLACE INTO inbox_files (digest, name, ingested_ms) VALUES (?1, ?2, ?3)",
+                "INSERT INTO inbox_files (digest, name, ingested_ms) VALUES (?1, ?2, ?3)",
                 params![digest, name, now_ms()],
             )?;
         }

@@ -132,6 +132,13 @@ fn correct(edge: &str, data: &Dataset) -> usize {
         .count()
 }
 
+/// Puts a file in the inbox as a producer should: written under another name, then renamed.
+fn drop_in(inbox: &std::path::Path, name: &str, bytes: &[u8]) {
+    let tmp = inbox.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, inbox.join(name)).expect("rename");
+}
+
 #[test]
 fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     let mut c = Cluster::new(1, "");
@@ -149,9 +156,8 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
 
     // A refused file goes to failed/ with its error; a good one brings the count to 200.
     let no_labels = wire::to_safetensors(&[wire::f32_tensor("x", vec![1, 64], &[0.0; 64])]).expect("safetensors");
-    std::fs::write(inbox.join("a-bad.safetensors"), no_labels).expect("write");
-    std::fs::write(inbox.join("b-good.safetensors"), batch(&old.subset(&(120..200).collect::<Vec<_>>())))
-        .expect("write");
+    drop_in(&inbox, "a-bad.safetensors", &no_labels);
+    drop_in(&inbox, "b-good.safetensors", &batch(&old.subset(&(120..200).collect::<Vec<_>>())));
     let v = wait_for_versions(&edge, 2);
     let v1 = &v["versions"][1];
     assert_eq!(v1["version"], 1);
@@ -167,6 +173,16 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
         (Some(1), Some(1), Some(0)),
         "{s}"
     );
+
+    // The same content again (a re-dropped file) is moved, not taken twice.
+    drop_in(&inbox, "c-again.safetensors", &batch(&old.subset(&(120..200).collect::<Vec<_>>())));
+    let t = Instant::now();
+    while !inbox.join("done/c-again.safetensors").is_file() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the inbox did not move the file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = after_checks(&edge, 1);
+    assert_eq!((s["inbox_taken"].as_u64(), s["new_samples"].as_u64()), (Some(1), Some(0)), "{s}");
 
     // A batch the model cannot take is refused at the door, naming what it takes.
     let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, {
@@ -352,4 +368,93 @@ fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
     let no_replay = [&lines[..at], &lines[at + 3..]].concat().join("\n");
     let err = run(&no_replay);
     assert!(err.contains("[incremental]") && err.contains("[replay]"), "{err}");
+}
+
+/// Debian's mosquitto on a free port of 127.0.0.1, stopped when dropped.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &std::path::Path) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+            .expect("mosquitto.conf");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("log"))
+            .spawn()
+            .expect("mosquitto (Debian's mosquitto package; `cargo xtask test` installs it)");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "mosquitto did not start on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, port }
+    }
+
+    /// Publishes `payload` with QoS 1 through mosquitto_pub (another MQTT client than the edge's).
+    fn publish(&self, dir: &std::path::Path, topic: &str, payload: &[u8]) {
+        let file = dir.join("message");
+        std::fs::write(&file, payload).expect("message");
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+            .arg(&file)
+            .output()
+            .expect("mosquitto_pub (Debian's mosquitto-clients package)");
+        assert!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_status(edge: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let s = get_json(&format!("{edge}/v1/incremental"));
+        if done(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{what}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let broker = Broker::start(&c.path(""));
+    let job = format!("[incremental.mqtt]\nbroker = \"127.0.0.1:{}\"\ntopic = \"site/+/samples\"", broker.port);
+    let toml = edge_toml(&c, "", "min_new_samples = 100");
+    // `[incremental.mqtt]` after the trigger table, so it does not end up inside it.
+    let edge = c.start_serving_edge(0, &format!("{toml}{job}\n"));
+    wait_for_status(&edge, "the edge subscribes", |s| s["mqtt"].as_str().unwrap_or("").starts_with("subscribed"));
+    let old = classes(&d.train, 0..5);
+    broker.publish(&c.path(""), "site/a/samples", &batch(&old.subset(&(0..60).collect::<Vec<_>>())));
+    let s = wait_for_status(&edge, "60 samples arrive", |s| s["new_samples"] == 60);
+    assert_eq!(s["mqtt_taken"], 1, "{s}");
+    // Not a batch: refused, nothing taken in.
+    broker.publish(&c.path(""), "site/b/samples", b"not safetensors");
+    let s = wait_for_status(&edge, "the bad message is refused", |s| s["mqtt_refused"] == 1);
+    assert_eq!(s["new_samples"], 60, "{s}");
+
+    // Published while the edge is down: the broker keeps it for the edge's session.
+    c.kill_edge(0);
+    broker.publish(&c.path(""), "site/a/samples", &batch(&old.subset(&(60..100).collect::<Vec<_>>())));
+    c.start_edge(0);
+    c.wait_for_edge(0, &edge);
+    let v = wait_for_versions(&edge, 2);
+    assert_eq!(v["versions"][1]["new_samples"], 100, "{}", v["versions"][1]);
+    let s = get_json(&format!("{edge}/v1/incremental"));
+    assert_eq!(s["mqtt_taken"], 1, "the batch sent while the edge was down, taken in once: {s}");
 }

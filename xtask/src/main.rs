@@ -11,14 +11,16 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extr
             `openvino` wheel (into target/openvino/)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
-  test      plugins and the test tools (Debian's docker-registry and apache2-utils, `cargo install
-            wkg`, the `onnx` Python package), then run the whole test suite (cargo test --release)
+  test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
+            mosquitto-clients, `cargo install wkg`, the `onnx` Python package), then run the whole
+            test suite (cargo test --release)
   bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)";
 
 /// Debian packages the build needs (oci-client's TLS through OpenSSL, like wkg).
 const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
-/// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth.
-const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils"];
+/// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth, an MQTT
+/// broker and its command-line publisher.
+const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils", "mosquitto", "mosquitto-clients"];
 /// The ONNX Runtime the `ort` crate (2.0.0-rc.10) is built for, from its PyPI wheel.
 const ONNXRUNTIME_VERSION: &str = "1.22.1";
 /// The OpenVINO whose runtime (`libopenvino_c.so` and its CPU plugin) comes from its PyPI wheel:

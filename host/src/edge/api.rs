@@ -89,14 +89,17 @@ async fn incremental_status(State(services): State<Arc<Services>>) -> Response {
 /// `GET /v1/models`: every model version of the incremental-learning job, its metrics and the
 /// decision, and which one serves.
 async fn model_versions(State(services): State<Arc<Services>>) -> Response {
-    let Some(job) = &services.incremental else { return error(StatusCode::NOT_FOUND, NO_JOB) };
-    let serving = job.serving_version();
-    let store = services.store.clone();
-    match tokio::task::spawn_blocking(move || store.versions()).await {
-        Ok(Ok(versions)) => {
+    if services.incremental.is_none() {
+        return error(StatusCode::NOT_FOUND, NO_JOB);
+    }
+    let s = services.clone();
+    let read = tokio::task::spawn_blocking(move || s.incremental.as_ref().map(|job| job.versions())).await;
+    match read {
+        Ok(Some(Ok((serving, versions)))) => {
             Json(serde_json::json!({ "serving_version": serving, "versions": versions })).into_response()
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(None) => error(StatusCode::NOT_FOUND, NO_JOB),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
@@ -203,6 +206,7 @@ pub async fn serve(listen: &str, services: Arc<Services>) -> anyhow::Result<()> 
     tokio::spawn(services.clone().deliver_outbox());
     tokio::spawn(services.clone().plan_all());
     tokio::spawn(super::incremental::run(services.clone()));
+    tokio::spawn(super::mqtt::subscribe(services.clone()));
     axum::serve(listener, router(services)).await?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The edge's incremental-learning job (edge.toml `[incremental]`; Sedna's
-//! IncrementalLearningJob, with a replay buffer): labelled samples arrive (`POST /v1/samples`
-//! or the watched inbox directory) and are kept as new samples; when the trigger holds (enough
+//! IncrementalLearningJob, with a replay buffer): labelled samples arrive (`POST /v1/samples`,
+//! the watched inbox directory, or MQTT: [`super::mqtt`]) and are kept as new samples; when the trigger holds (enough
 //! new samples, optionally within a daily window, optionally when the serving model's accuracy on
 //! them has dropped) a round fine-tunes the serving version on the new samples plus a draw from
 //! the replay buffer, evaluates it against the serving version on the eval set, records it, and
@@ -10,7 +10,7 @@
 //! Versions, their metrics and the decisions live in the edge's store; the new samples of a round
 //! are forgotten in the same transaction that records its version, so a crash mid-round trains
 //! the same round again.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use nereid_onnx::Message;
 use serde::Serialize;
 
-use super::replay::{parse_batch, ReplayBuffer, Trainable};
+use super::replay::{parse_batch, OfferReport, ReplayBuffer, Trainable};
 use super::services::{is_bad_request, Services};
 use crate::inference::export;
 use crate::model_io::NamedTensors;
@@ -51,6 +51,10 @@ pub struct JobStatus {
     pub rounds: u64,
     pub inbox_taken: u64,
     pub inbox_failed: u64,
+    /// The MQTT subscription's state (connected and subscribed, or why not), if there is one.
+    pub mqtt: Option<String>,
+    pub mqtt_taken: u64,
+    pub mqtt_refused: u64,
     /// The last check's error, if it failed (it is tried again at the next check).
     pub last_error: Option<String>,
 }
@@ -66,6 +70,30 @@ pub struct Job {
     store: Arc<EdgeStore>,
     serving: Mutex<Serving>,
     status: Mutex<JobStatus>,
+    /// Failed attempts per batch (content digest) that failed for a reason of the moment; at
+    /// [`ATTEMPTS`] the batch is refused for good, so one batch a plugin always traps on cannot
+    /// hold up the others.
+    attempts: Mutex<HashMap<String, u32>>,
+    /// Where the MQTT source connects, checked at load.
+    mqtt_target: Option<MqttTarget>,
+}
+
+/// The broker of `[incremental.mqtt]` and the session's client id.
+#[derive(Debug, Clone)]
+pub struct MqttTarget {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+}
+
+/// How often a batch is tried before it is refused for good.
+pub const ATTEMPTS: u32 = 5;
+
+/// What became of a batch.
+pub enum Taken {
+    New(OfferReport),
+    /// Its content was taken in before (a redelivery).
+    Duplicate,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,6 +136,25 @@ impl Job {
         if let Some(d) = cfg.trigger.accuracy_drop.filter(|d| !(0.0..=1.0).contains(d)) {
             bail!("trigger.accuracy_drop: must be within 0..1 (got {d})");
         }
+        let mqtt_target = match &cfg.mqtt {
+            None => None,
+            Some(m) => {
+                let (host, port) = m
+                    .broker
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                    .filter(|(h, _)| !h.is_empty())
+                    .with_context(|| format!("mqtt.broker: `{}` is not host:port", m.broker))?;
+                if m.topic.is_empty() {
+                    bail!("mqtt.topic: empty");
+                }
+                if let Some(var) = &m.password_env {
+                    std::env::var(var).with_context(|| format!("mqtt.password_env: ${var} is not set"))?;
+                }
+                let client_id = m.client_id.clone().unwrap_or_else(|| format!("nereid-{}", edge.name));
+                Some(MqttTarget { host, port, client_id })
+            }
+        };
         if cfg.training.epochs == 0 || cfg.training.batch_size == 0 {
             bail!("training: epochs and batch_size must be at least 1");
         }
@@ -121,6 +168,9 @@ impl Job {
             rounds: 0,
             inbox_taken: 0,
             inbox_failed: 0,
+            mqtt: cfg.mqtt.as_ref().map(|_| "not connected yet".to_string()),
+            mqtt_taken: 0,
+            mqtt_refused: 0,
             last_error: None,
         };
         Ok(Job {
@@ -138,6 +188,8 @@ impl Job {
             inbox: cfg.inbox.as_ref().map(|d| base.join(d)),
             store,
             status: Mutex::new(status),
+            attempts: Mutex::default(),
+            mqtt_target,
         })
     }
 
@@ -213,10 +265,6 @@ impl Job {
 
     pub fn status(&self) -> JobStatus {
         lock(&self.status).clone()
-    }
-
-    pub fn serving_version(&self) -> u32 {
-        lock(&self.serving).version
     }
 
     /// One check: takes in the inbox, evaluates the trigger, runs a round if it holds.
@@ -338,22 +386,78 @@ impl Job {
             decision: if deploy { "deployed" } else { "kept" }.into(),
             reason: reason.clone(),
         };
+        // Recorded, switched and shown as one step for readers of the versions (`versions`).
+        let mut serving = lock(&self.serving);
         self.store.record_version(&row, &onnx, last_id)?;
-        let version = next;
         tracing::info!(
-            service = %self.cfg.service, version, accuracy = eval.accuracy, serving_accuracy = serving_eval.accuracy,
-            deployed = deploy, "incremental round: {reason}"
+            service = %self.cfg.service, version = next, accuracy = eval.accuracy,
+            serving_accuracy = serving_eval.accuracy, deployed = deploy, "incremental round: {reason}"
         );
         if let Some(prepared) = prepared {
             services.switch(prepared, &self.configured)?;
-            *lock(&self.serving) = Serving { version, weights: outcome.model, eval };
+            *serving = Serving { version: next, weights: outcome.model, eval };
         }
         let mut status = lock(&self.status);
         status.rounds += 1;
         status.new_samples = self.store.new_samples_count()?;
-        status.serving_version = self.serving_version();
+        status.serving_version = serving.version;
         status.serving_model = services.serving_model(&self.cfg.service).unwrap_or_default();
         Ok(())
+    }
+
+    /// The serving version and every version recorded, read together (a round records and
+    /// switches under the same lock).
+    pub fn versions(&self) -> anyhow::Result<(u32, Vec<VersionRow>)> {
+        let serving = lock(&self.serving);
+        Ok((serving.version, self.store.versions()?))
+    }
+
+    /// Takes in one batch (an inbox file, an MQTT message) unless its content was taken in
+    /// before. An error the batch causes is a [`super::services::BadRequest`] (refused for good);
+    /// any other is of the moment, and after [`ATTEMPTS`] of those the batch is refused too.
+    pub fn take_in(&self, replay: &ReplayBuffer, bytes: &[u8], name: &str) -> anyhow::Result<Taken> {
+        let digest = content_digest(bytes);
+        if self.store.inbox_ingested(&digest)? {
+            return Ok(Taken::Duplicate);
+        }
+        let taken = parse_batch(bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(|(x, y)| replay.offer(&x, &y, Some((&digest, name))));
+        let mut attempts = lock(&self.attempts);
+        match taken {
+            Ok(report) => {
+                attempts.remove(&digest);
+                Ok(Taken::New(report))
+            }
+            Err(e) if is_bad_request(&e) => Err(e),
+            Err(e) => {
+                let n = attempts.entry(digest.clone()).or_insert(0);
+                *n += 1;
+                if *n >= ATTEMPTS {
+                    attempts.remove(&digest);
+                    return Err(super::services::BadRequest(format!("failed {ATTEMPTS} times, the last: {e:#}")).into());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The MQTT source and where it connects, if the job has one.
+    pub fn mqtt(&self) -> Option<(&crate::protocol::MqttSource, &MqttTarget)> {
+        self.cfg.mqtt.as_ref().zip(self.mqtt_target.as_ref())
+    }
+
+    /// Notes the MQTT subscription's state, and a batch taken in (`Some(true)`) or refused.
+    pub fn note_mqtt(&self, state: Option<String>, taken: Option<bool>) {
+        let mut status = lock(&self.status);
+        if let Some(state) = state {
+            status.mqtt = Some(state);
+        }
+        match taken {
+            Some(true) => status.mqtt_taken += 1,
+            Some(false) => status.mqtt_refused += 1,
+            None => {}
+        }
     }
 
     /// Takes in every `*.safetensors` file of the inbox (by name): into the buffer and the new
@@ -374,33 +478,27 @@ impl Job {
         for path in files {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let bytes = std::fs::read(&path).with_context(|| format!("inbox file {}", path.display()))?;
-            let digest = content_digest(&bytes);
-            if !self.store.inbox_ingested(&digest)? {
-                let taken = parse_batch(&bytes)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|(x, y)| replay.offer(&x, &y, Some((&digest, &name))));
-                match taken {
-                    Ok(report) => {
-                        tracing::info!(file = %path.display(), kept = report.kept, offered = report.offered, "inbox: taken in");
-                        lock(&self.status).inbox_taken += 1;
-                    }
-                    Err(e) if is_bad_request(&e) => {
-                        tracing::warn!(file = %path.display(), "inbox: refused: {e:#}");
-                        let failed = dir.join("failed");
-                        std::fs::create_dir_all(&failed).with_context(|| format!("creating {}", failed.display()))?;
-                        std::fs::write(failed.join(format!("{name}.error")), format!("{e:#}\n"))?;
-                        std::fs::rename(&path, failed.join(&name))
-                            .with_context(|| format!("moving {} to {}", path.display(), failed.display()))?;
-                        lock(&self.status).inbox_failed += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(e.context(format!("inbox file {}", path.display()))),
+            let to = match self.take_in(replay, &bytes, &name) {
+                Ok(Taken::New(report)) => {
+                    tracing::info!(file = %path.display(), kept = report.kept, offered = report.offered, "inbox: taken in");
+                    lock(&self.status).inbox_taken += 1;
+                    "done"
                 }
-            }
-            let done = dir.join("done");
-            std::fs::create_dir_all(&done).with_context(|| format!("creating {}", done.display()))?;
-            std::fs::rename(&path, done.join(&name))
-                .with_context(|| format!("moving {} to {}", path.display(), done.display()))?;
+                Ok(Taken::Duplicate) => "done",
+                Err(e) if is_bad_request(&e) => {
+                    tracing::warn!(file = %path.display(), "inbox: refused: {e:#}");
+                    let failed = dir.join("failed");
+                    std::fs::create_dir_all(&failed).with_context(|| format!("creating {}", failed.display()))?;
+                    std::fs::write(failed.join(format!("{name}.error")), format!("{e:#}\n"))?;
+                    lock(&self.status).inbox_failed += 1;
+                    "failed"
+                }
+                Err(e) => return Err(e.context(format!("inbox file {}", path.display()))),
+            };
+            let to = dir.join(to);
+            std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+            std::fs::rename(&path, to.join(&name))
+                .with_context(|| format!("moving {} to {}", path.display(), to.display()))?;
         }
         Ok(())
     }

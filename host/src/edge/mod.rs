@@ -21,6 +21,7 @@ use crate::train::{self, Dataset};
 
 pub mod api;
 pub mod incremental;
+pub mod mqtt;
 pub mod replay;
 pub mod services;
 pub mod trigger;
