@@ -363,6 +363,8 @@ fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
     let bad_condition = good.replace("check_ms = 100", "check_ms = 100\ndeploy_if = [\"accuracy ~ 1\"]");
     let err = run(&bad_condition);
     assert!(err.contains(&format!("edge.toml:{}", line(&bad_condition, "accuracy ~"))) && err.contains(">="), "{err}");
+    let err = run(&good.replace("learning_rate = 0.05", "learning_rate = -1.0"));
+    assert!(err.contains("[incremental]") && err.contains("learning_rate above 0"), "{err}");
     let lines: Vec<&str> = good.lines().collect();
     let at = lines.iter().position(|l| *l == "[replay]").expect("[replay]");
     let no_replay = [&lines[..at], &lines[at + 3..]].concat().join("\n");

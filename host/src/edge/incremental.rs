@@ -155,8 +155,9 @@ impl Job {
                 Some(MqttTarget { host, port, client_id })
             }
         };
-        if cfg.training.epochs == 0 || cfg.training.batch_size == 0 {
-            bail!("training: epochs and batch_size must be at least 1");
+        let t = &cfg.training;
+        if t.epochs == 0 || t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            bail!("training: epochs and batch_size must be at least 1, learning_rate above 0");
         }
         let status = JobStatus {
             service: cfg.service.clone(),
