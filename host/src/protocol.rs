@@ -333,6 +333,13 @@ pub struct IncrementalConfig {
     pub deploy_if: Vec<crate::edge::trigger::Condition>,
 }
 
+/// `GET /v1/models` of an edge: its incremental-learning job's model versions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionList {
+    pub serving_version: u32,
+    pub versions: Vec<crate::store::VersionRow>,
+}
+
 /// `[incremental.mqtt]`: sample batches (safetensors with `x` and `y`, as `POST /v1/samples`
 /// takes them) published to an MQTT broker. The edge subscribes with QoS 1 in a persistent
 /// session and acknowledges a batch once it is stored, so batches published while it is down or

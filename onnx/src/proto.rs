@@ -456,6 +456,19 @@ impl TensorProto {
         };
         (values.len() as i64 == self.dims.iter().product::<i64>()).then_some(values)
     }
+
+    /// The elements of an int64 tensor stored in the model (raw or `int64_data`), as
+    /// [`TensorProto::f32_values`].
+    pub fn i64_values(&self) -> Option<Vec<i64>> {
+        if self.data_type != data_type::INT64 || self.data_location == Some(1) {
+            return None;
+        }
+        let values: Vec<i64> = match &self.raw_data {
+            Some(raw) => raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect(),
+            None => self.int64_data.clone(),
+        };
+        (values.len() as i64 == self.dims.iter().product::<i64>()).then_some(values)
+    }
 }
 
 impl AttributeProto {

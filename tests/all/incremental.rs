@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nereid::edge::replay::batch_of;
 use nereid::inference::export::to_onnx;
 use nereid::inference::wire;
 use nereid::runtime::bindings::types::Dtype;
@@ -16,21 +17,27 @@ use nereid_onnx::Message;
 use crate::cluster::*;
 use crate::common::*;
 
-fn classes(data: &Dataset, range: std::ops::Range<u32>) -> Dataset {
-    let idx: Vec<usize> = (0..data.len()).filter(|&i| range.contains(&data.y[i])).collect();
-    data.subset(&idx)
+/// Rows `range` of `data`.
+fn rows(data: &Dataset, range: std::ops::Range<usize>) -> Dataset {
+    data.subset(&range.collect::<Vec<_>>())
 }
 
-/// Samples as `POST /v1/samples` and the inbox take them: `x` f32 [n, 64], `y` i64 [n].
+/// Samples as `POST /v1/samples`, the inbox and MQTT take them: `x` f32 [n, 64], `y` i64 [n].
 fn batch(data: &Dataset) -> Vec<u8> {
-    let x = wire::f32_tensor("x", vec![data.len() as u64, data.features as u64], &data.x);
-    let y = TensorData {
-        name: "y".into(),
-        dtype: Dtype::I64,
-        shape: vec![data.len() as u64],
-        data: data.y.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
-    };
+    let (x, y) = batch_of(data);
     wire::to_safetensors(&[x, y]).expect("safetensors")
+}
+
+/// Polls `f` until it gives a value (120 s at most, then fails with `what` and the last state).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(value) => return value,
+            Err(state) => assert!(t.elapsed() < Duration::from_secs(120), "{what}: {state}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn get_json(url: &str) -> serde_json::Value {
@@ -44,18 +51,26 @@ fn post_samples(edge: &str, data: &Dataset) {
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
 }
 
+fn status(edge: &str) -> serde_json::Value {
+    get_json(&format!("{edge}/v1/incremental"))
+}
+
+/// The job's status once `done` holds for it.
+fn wait_for_status(edge: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    eventually(what, || {
+        let s = status(edge);
+        if done(&s) {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+}
+
 /// The job's status once `checks` more checks have run than when it was called.
 fn after_checks(edge: &str, checks: u64) -> serde_json::Value {
-    let start = get_json(&format!("{edge}/v1/incremental"))["checks"].as_u64().unwrap_or(0);
-    let t = Instant::now();
-    loop {
-        let s = get_json(&format!("{edge}/v1/incremental"));
-        if s["checks"].as_u64().unwrap_or(0) >= start + checks {
-            return s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "the job stopped checking: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let start = status(edge)["checks"].as_u64().unwrap_or(0);
+    wait_for_status(edge, "the job stopped checking", |s| s["checks"].as_u64().unwrap_or(0) >= start + checks)
 }
 
 fn versions(edge: &str) -> serde_json::Value {
@@ -64,16 +79,13 @@ fn versions(edge: &str) -> serde_json::Value {
 
 /// Waits until the edge has recorded `count` versions (version 0 included).
 fn wait_for_versions(edge: &str, count: usize) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
+    eventually(&format!("no version {count}"), || {
         let v = versions(edge);
-        if v["versions"].as_array().map_or(0, Vec::len) >= count {
-            return v;
+        match v["versions"].as_array().map_or(0, Vec::len) >= count {
+            true => Ok(v),
+            false => Err(format!("{v}\nstatus: {}", status(edge))),
         }
-        let status = get_json(&format!("{edge}/v1/incremental"));
-        assert!(t.elapsed() < Duration::from_secs(120), "no version {count}: {v}\nstatus: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 struct Digits {
@@ -87,7 +99,7 @@ fn setup(c: &Cluster) -> Digits {
     let (train_set, test) = Dataset::digits().holdout(0.2, 5);
     let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![32], classes: 10 };
     let params = TrainParams { epochs: 20, batch_size: 16, learning_rate: 0.05, optimizer: OptimizerKind::Sgd };
-    let first = train::train(&spec, &spec.init(5), &classes(&train_set, 0..5), &params, 5, None, |_, _| {})
+    let first = train::train(&spec, &spec.init(5), &train_set.of_classes(0..5), &params, 5, None, |_, _| {})
         .expect("trains")
         .model;
     let dir = c.path("models/digits");
@@ -147,8 +159,8 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     std::fs::create_dir_all(&inbox).expect("inbox");
     let job = format!("inbox = {:?}", inbox.display().to_string());
     let edge = c.start_serving_edge(0, &edge_toml(&c, &job, "min_new_samples = 200"));
-    let old = classes(&d.train, 0..5);
-    post_samples(&edge, &old.subset(&(0..120).collect::<Vec<_>>()));
+    let old = d.train.of_classes(0..5);
+    post_samples(&edge, &rows(&old, 0..120));
     let s = after_checks(&edge, 3);
     assert_eq!(s["new_samples"], 120, "{s}");
     assert!(s["trigger"].as_str().unwrap_or("").contains("waiting for new samples: 120 of 200"), "{s}");
@@ -157,7 +169,7 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     // A refused file goes to failed/ with its error; a good one brings the count to 200.
     let no_labels = wire::to_safetensors(&[wire::f32_tensor("x", vec![1, 64], &[0.0; 64])]).expect("safetensors");
     drop_in(&inbox, "a-bad.safetensors", &no_labels);
-    drop_in(&inbox, "b-good.safetensors", &batch(&old.subset(&(120..200).collect::<Vec<_>>())));
+    drop_in(&inbox, "b-good.safetensors", &batch(&rows(&old, 120..200)));
     let v = wait_for_versions(&edge, 2);
     let v1 = &v["versions"][1];
     assert_eq!(v1["version"], 1);
@@ -167,7 +179,7 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     let error = std::fs::read_to_string(inbox.join("failed/a-bad.safetensors.error")).expect("the error is kept");
     assert!(error.contains("`y`"), "{error}");
     assert!(inbox.join("done/b-good.safetensors").is_file() && !inbox.join("b-good.safetensors").exists());
-    let s = get_json(&format!("{edge}/v1/incremental"));
+    let s = status(&edge);
     assert_eq!(
         (s["inbox_taken"].as_u64(), s["inbox_failed"].as_u64(), s["new_samples"].as_u64()),
         (Some(1), Some(1), Some(0)),
@@ -175,12 +187,11 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     );
 
     // The same content again (a re-dropped file) is moved, not taken twice.
-    drop_in(&inbox, "c-again.safetensors", &batch(&old.subset(&(120..200).collect::<Vec<_>>())));
-    let t = Instant::now();
-    while !inbox.join("done/c-again.safetensors").is_file() {
-        assert!(t.elapsed() < Duration::from_secs(30), "the inbox did not move the file");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    drop_in(&inbox, "c-again.safetensors", &batch(&rows(&old, 120..200)));
+    let moved = inbox.join("done/c-again.safetensors");
+    eventually("the inbox did not move the file", || {
+        moved.is_file().then_some(()).ok_or_else(|| status(&edge).to_string())
+    });
     let s = after_checks(&edge, 1);
     assert_eq!((s["inbox_taken"].as_u64(), s["new_samples"].as_u64()), (Some(1), Some(0)), "{s}");
 
@@ -232,7 +243,7 @@ fn the_window_trigger_waits_outside_a_window_that_wraps_midnight() {
     let mut c = Cluster::new(1, "");
     let d = setup(&c);
     let edge = c.start_serving_edge(0, &edge_toml(&c, "", &format!("min_new_samples = 50\nwindow = {outside:?}")));
-    post_samples(&edge, &classes(&d.train, 0..5).subset(&(0..60).collect::<Vec<_>>()));
+    post_samples(&edge, &rows(&d.train.of_classes(0..5), 0..60));
     let s = after_checks(&edge, 5);
     assert!(s["trigger"].as_str().unwrap_or("").contains(&format!("outside the window {outside}")), "{s}");
     assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "no round outside {outside}");
@@ -252,13 +263,13 @@ fn the_metric_trigger_starts_a_round_only_when_accuracy_on_new_samples_drops() {
     let d = setup(&c);
     let edge = c.start_serving_edge(0, &edge_toml(&c, "", "min_new_samples = 40\naccuracy_drop = 0.2"));
     // Samples of the classes the model knows: it does better on them than on the eval set.
-    post_samples(&edge, &classes(&d.train, 0..5).subset(&(0..40).collect::<Vec<_>>()));
+    post_samples(&edge, &rows(&d.train.of_classes(0..5), 0..40));
     let s = after_checks(&edge, 5);
     let trigger = s["trigger"].as_str().unwrap_or("");
     assert!(trigger.contains("40 new samples, no drop"), "{s}");
     assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "no round without a drop");
     // New classes arrive: the serving model gets most of the new samples wrong.
-    post_samples(&edge, &classes(&d.train, 5..10).subset(&(0..200).collect::<Vec<_>>()));
+    post_samples(&edge, &rows(&d.train.of_classes(5..10), 0..200));
     let v = wait_for_versions(&edge, 2);
     let v1 = &v["versions"][1];
     assert_eq!(v1["new_samples"], 240, "{v1}");
@@ -272,14 +283,14 @@ fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not(
     let edge =
         c.start_serving_edge(0, &edge_toml(&c, "deploy_if = [\"accuracy_delta >= 0.01\"]", "min_new_samples = 300"));
     let pid = c.edge_pid(0);
-    let (old, new) = (classes(&d.train, 0..5), classes(&d.train, 5..10));
-    let new_test = classes(&d.test, 5..10);
+    let (old, new) = (d.train.of_classes(0..5), d.train.of_classes(5..10));
+    let new_test = d.test.of_classes(5..10);
     let before = correct(&edge, &new_test);
     println!("served answers on classes 5-9 before: {before}/{}", new_test.len());
     assert!(before <= new_test.len() / 10, "version 0 never learned 5-9");
 
     // Round 1: more of what the model knows. It cannot gain a point on the eval set: kept.
-    post_samples(&edge, &old.subset(&(0..300).collect::<Vec<_>>()));
+    post_samples(&edge, &rows(&old, 0..300));
     let v = wait_for_versions(&edge, 2);
     let v1 = &v["versions"][1];
     assert_eq!(v1["decision"], "kept", "{v1}");
@@ -301,7 +312,7 @@ fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not(
             }
         })
     };
-    post_samples(&edge, &new.subset(&(0..300).collect::<Vec<_>>()));
+    post_samples(&edge, &rows(&new, 0..300));
     let v = wait_for_versions(&edge, 3);
     let before = answered.load(Ordering::Relaxed);
     while answered.load(Ordering::Relaxed) < before + 20 {
@@ -316,7 +327,7 @@ fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not(
     assert!(v2["replayed"].as_u64().unwrap_or(0) >= 100, "old classes came from the buffer: {v2}");
     assert!(v2["metrics"]["accuracy_delta"].as_f64().unwrap_or(0.0) >= 0.2, "{v2}");
     assert_eq!(v["serving_version"], 2);
-    let s = get_json(&format!("{edge}/v1/incremental"));
+    let s = status(&edge);
     assert_eq!(s["serving_model"], "digits@v2", "{s}");
     assert_eq!(c.edge_pid(0), pid, "no restart");
     let out = c.nereid(&["model", "ls", "--edge", &edge]);
@@ -327,7 +338,7 @@ fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not(
     let right = correct(&edge, &new_test);
     println!("served answers on classes 5-9 after the switch: {right}/{}", new_test.len());
     assert!(right >= new_test.len() * 8 / 10, "the service answers with version 2: {right}/{}", new_test.len());
-    let old_test = classes(&d.test, 0..5);
+    let old_test = d.test.of_classes(0..5);
     assert!(correct(&edge, &old_test) >= old_test.len() * 8 / 10, "and still knows 0-4");
 
     // After a restart the deployed version serves again.
@@ -419,18 +430,6 @@ impl Drop for Broker {
     }
 }
 
-fn wait_for_status(edge: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let s = get_json(&format!("{edge}/v1/incremental"));
-        if done(&s) {
-            return s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "{what}: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
     let mut c = Cluster::new(1, "");
@@ -441,8 +440,8 @@ fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
     // `[incremental.mqtt]` after the trigger table, so it does not end up inside it.
     let edge = c.start_serving_edge(0, &format!("{toml}{job}\n"));
     wait_for_status(&edge, "the edge subscribes", |s| s["mqtt"].as_str().unwrap_or("").starts_with("subscribed"));
-    let old = classes(&d.train, 0..5);
-    broker.publish(&c.path(""), "site/a/samples", &batch(&old.subset(&(0..60).collect::<Vec<_>>())));
+    let old = d.train.of_classes(0..5);
+    broker.publish(&c.path(""), "site/a/samples", &batch(&rows(&old, 0..60)));
     let s = wait_for_status(&edge, "60 samples arrive", |s| s["new_samples"] == 60);
     assert_eq!(s["mqtt_taken"], 1, "{s}");
     // Not a batch: refused, nothing taken in.
@@ -452,11 +451,11 @@ fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
 
     // Published while the edge is down: the broker keeps it for the edge's session.
     c.kill_edge(0);
-    broker.publish(&c.path(""), "site/a/samples", &batch(&old.subset(&(60..100).collect::<Vec<_>>())));
+    broker.publish(&c.path(""), "site/a/samples", &batch(&rows(&old, 60..100)));
     c.start_edge(0);
     c.wait_for_edge(0, &edge);
     let v = wait_for_versions(&edge, 2);
     assert_eq!(v["versions"][1]["new_samples"], 100, "{}", v["versions"][1]);
-    let s = get_json(&format!("{edge}/v1/incremental"));
+    let s = status(&edge);
     assert_eq!(s["mqtt_taken"], 1, "the batch sent while the edge was down, taken in once: {s}");
 }

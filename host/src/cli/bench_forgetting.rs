@@ -9,13 +9,11 @@ use std::sync::Arc;
 use clap::Args;
 use serde::Serialize;
 
-use nereid::edge::replay::ReplayBuffer;
-use nereid::inference::wire;
+use nereid::edge::replay::{batch_of, to_dataset, ReplayBuffer};
 
 use nereid::model_io::NamedTensors;
-use nereid::runtime::bindings::types::Dtype;
 use nereid::runtime::config::ConfigTable;
-use nereid::runtime::{Limits, RoundContext, Runtime, SamplerPlugin, TensorData};
+use nereid::runtime::{Limits, RoundContext, Runtime, SamplerPlugin};
 use nereid::store::EdgeStore;
 use nereid::train::{self, Dataset, ModelSpec, OptimizerKind, TrainParams};
 
@@ -65,29 +63,12 @@ struct Report {
     replayed_per_class: Vec<u64>,
 }
 
-fn classes(data: &Dataset, range: std::ops::Range<u32>) -> Dataset {
-    let idx: Vec<usize> = (0..data.len()).filter(|&i| range.contains(&data.y[i])).collect();
-    data.subset(&idx)
-}
-
 fn accuracies(spec: &ModelSpec, model: &NamedTensors, test: &Dataset) -> anyhow::Result<Accuracies> {
     Ok(Accuracies {
-        old: train::evaluate(spec, model, &classes(test, 0..5))?.accuracy,
-        new: train::evaluate(spec, model, &classes(test, 5..10))?.accuracy,
+        old: train::evaluate(spec, model, &test.of_classes(0..5))?.accuracy,
+        new: train::evaluate(spec, model, &test.of_classes(5..10))?.accuracy,
         all: train::evaluate(spec, model, test)?.accuracy,
     })
-}
-
-/// The samples as a batch for the buffer: `x` f32 [n, features], `y` i64 [n].
-fn as_batch(data: &Dataset) -> (TensorData, TensorData) {
-    let x = wire::f32_tensor("x", vec![data.len() as u64, data.features as u64], &data.x);
-    let y = TensorData {
-        name: "y".into(),
-        dtype: Dtype::I64,
-        shape: vec![data.len() as u64],
-        data: data.y.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
-    };
-    (x, y)
 }
 
 fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path, seed: u64) -> anyhow::Result<Report> {
@@ -95,7 +76,7 @@ fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path,
     let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![super::demo::DIGITS_MLP_HIDDEN], classes: 10 };
     let params =
         TrainParams { epochs: args.epochs, batch_size: 16, learning_rate: 0.05, optimizer: OptimizerKind::Sgd };
-    let (old, new) = (classes(&train_set, 0..5), classes(&train_set, 5..10));
+    let (old, new) = (train_set.of_classes(0..5), train_set.of_classes(5..10));
     let first = train::train(&spec, &spec.init(seed), &old, &params, seed, None, |_, _| {})?.model;
 
     // The first phase's samples went through the replay buffer as they arrived.
@@ -107,15 +88,10 @@ fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path,
     config.insert("seed".into(), toml::Value::Integer(seed as i64));
     let sampler = SamplerPlugin::load(runtime, plugin, Limits::default(), &config)?;
     let buffer = ReplayBuffer::new(sampler, store)?;
-    let (x, y) = as_batch(&old);
+    let (x, y) = batch_of(&old);
     buffer.offer(&x, &y, None)?;
     let ctx = RoundContext { job: "forgetting".into(), round: 1, seed };
-    let drawn = buffer.draw(&ctx, args.capacity as u32)?;
-    let mut replay = Dataset { x: Vec::new(), y: Vec::new(), features: 64 };
-    for (_, label, bytes) in &drawn {
-        replay.x.extend(wire::le_f32s(bytes));
-        replay.y.push(*label as u32);
-    }
+    let replay = to_dataset(&buffer.draw(&ctx, args.capacity as u32)?, 64)?;
     let mut with = new.clone();
     with.x.extend_from_slice(&replay.x);
     with.y.extend_from_slice(&replay.y);

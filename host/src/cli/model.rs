@@ -159,12 +159,6 @@ pub fn run(cmd: ModelCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
     }
 }
 
-#[derive(serde::Deserialize, serde::Serialize)]
-struct Versions {
-    serving_version: u32,
-    versions: Vec<nereid::store::VersionRow>,
-}
-
 fn ls(args: LsArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", args.edge.trim_end_matches('/'));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -176,7 +170,8 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
         let message = serde_json::from_str::<nereid::protocol::ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
         bail!("GET {url}: {status}: {message}");
     }
-    let list: Versions = serde_json::from_str(&body).with_context(|| format!("GET {url}: the answer"))?;
+    let list: nereid::protocol::VersionList =
+        serde_json::from_str(&body).with_context(|| format!("GET {url}: the answer"))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());

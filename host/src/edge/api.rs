@@ -76,32 +76,32 @@ async fn sample_stats(State(services): State<Arc<Services>>) -> Response {
     }
 }
 
-const NO_JOB: &str = "this edge has no incremental-learning job ([incremental] in edge.toml)";
+/// Answers with what `f` reads from the incremental-learning job (off the async threads: it
+/// reads the store), or 404 if the edge has none.
+async fn from_job<T: serde::Serialize + Send + 'static>(
+    services: Arc<Services>,
+    f: impl FnOnce(&super::incremental::Job) -> anyhow::Result<T> + Send + 'static,
+) -> Response {
+    let read = tokio::task::spawn_blocking(move || services.incremental.as_ref().map(f)).await;
+    match read {
+        Ok(Some(Ok(answer))) => Json(answer).into_response(),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(None) => {
+            error(StatusCode::NOT_FOUND, "this edge has no incremental-learning job ([incremental] in edge.toml)")
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
 
 /// `GET /v1/incremental`: what the incremental-learning job is doing.
 async fn incremental_status(State(services): State<Arc<Services>>) -> Response {
-    match &services.incremental {
-        Some(job) => Json(job.status()).into_response(),
-        None => error(StatusCode::NOT_FOUND, NO_JOB),
-    }
+    from_job(services, |job| job.status()).await
 }
 
 /// `GET /v1/models`: every model version of the incremental-learning job, its metrics and the
 /// decision, and which one serves.
 async fn model_versions(State(services): State<Arc<Services>>) -> Response {
-    if services.incremental.is_none() {
-        return error(StatusCode::NOT_FOUND, NO_JOB);
-    }
-    let s = services.clone();
-    let read = tokio::task::spawn_blocking(move || s.incremental.as_ref().map(|job| job.versions())).await;
-    match read {
-        Ok(Some(Ok((serving, versions)))) => {
-            Json(serde_json::json!({ "serving_version": serving, "versions": versions })).into_response()
-        }
-        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Ok(None) => error(StatusCode::NOT_FOUND, NO_JOB),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+    from_job(services, |job| job.versions()).await
 }
 
 async fn plan(State(services): State<Arc<Services>>, Path(name): Path<String>) -> Response {

@@ -19,11 +19,11 @@ use anyhow::{bail, Context};
 use nereid_onnx::Message;
 use serde::Serialize;
 
-use super::replay::{parse_batch, OfferReport, ReplayBuffer, Trainable};
+use super::replay::{parse_batch, to_dataset, OfferReport, ReplayBuffer, Trainable};
 use super::services::{is_bad_request, Services};
 use crate::inference::export;
 use crate::model_io::NamedTensors;
-use crate::protocol::{EdgeConfig, IncrementalConfig};
+use crate::protocol::{EdgeConfig, IncrementalConfig, VersionList};
 use crate::runtime::{content_digest, RoundContext};
 use crate::store::{now_ms, EdgeStore, VersionRow};
 use crate::train::{self, Dataset, Evaluation, ModelSpec};
@@ -45,6 +45,13 @@ pub struct JobStatus {
     pub serving_model: String,
     /// Samples arrived since the last round.
     pub new_samples: u64,
+    #[serde(flatten)]
+    pub activity: Activity,
+}
+
+/// What the checks, the inbox and the MQTT source did so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Activity {
     /// What the last check found: why no round started, or what started the last one.
     pub trigger: String,
     pub checks: u64,
@@ -69,7 +76,7 @@ pub struct Job {
     inbox: Option<PathBuf>,
     store: Arc<EdgeStore>,
     serving: Mutex<Serving>,
-    status: Mutex<JobStatus>,
+    activity: Mutex<Activity>,
     /// Failed attempts per batch (content digest) that failed for a reason of the moment; at
     /// [`ATTEMPTS`] the batch is refused for good, so one batch a plugin always traps on cannot
     /// hold up the others.
@@ -100,17 +107,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `f32` samples (as the buffer stores them) and their labels as a dataset.
-fn dataset(samples: &[(u64, i64, Vec<u8>)], features: usize) -> anyhow::Result<Dataset> {
-    let mut data = Dataset { x: Vec::with_capacity(samples.len() * features), y: Vec::new(), features };
-    for (id, label, bytes) in samples {
-        if bytes.len() != features * 4 {
-            bail!("sample {id} has {} bytes, the model takes {features} f32 values", bytes.len());
-        }
-        data.x.extend(crate::inference::wire::le_f32s(bytes));
-        data.y.push(u32::try_from(*label).with_context(|| format!("sample {id}: label {label}"))?);
-    }
-    Ok(data)
+/// The samples arrived since the last round, read once per check that needs them.
+struct NewSamples {
+    ids: Vec<u64>,
+    data: Dataset,
 }
 
 impl Job {
@@ -120,10 +120,13 @@ impl Job {
             .services
             .get(&cfg.service)
             .with_context(|| format!("service: there is no [services.{}] in edge.toml", cfg.service))?;
+        if service.kind != crate::protocol::ServiceKind::Joint {
+            bail!("service: `{}` is not a joint service", cfg.service);
+        }
         let models = edge.models.as_ref().context("`models` (the model directory) is not set in edge.toml")?;
         let path = base.join(models).join(&service.model).join("model.onnx");
         let onnx = std::fs::read(&path).with_context(|| format!("service: reading {}", path.display()))?;
-        let (spec, _) = export::from_onnx(&onnx).with_context(|| format!("service: {}", path.display()))?;
+        let (spec, weights) = export::from_onnx(&onnx).with_context(|| format!("service: {}", path.display()))?;
         let eval_dir = base.join(&cfg.eval);
         let eval = Dataset::load(&eval_dir, "test").context("eval")?;
         eval.check(&format!("eval {}", eval_dir.display()), spec.input_len(), spec.classes()).context("eval")?;
@@ -159,36 +162,25 @@ impl Job {
         if t.epochs == 0 || t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             bail!("training: epochs and batch_size must be at least 1, learning_rate above 0");
         }
-        let status = JobStatus {
-            service: cfg.service.clone(),
-            serving_version: 0,
-            serving_model: service.model.clone(),
-            new_samples: 0,
-            trigger: "not checked yet".into(),
-            checks: 0,
-            rounds: 0,
-            inbox_taken: 0,
-            inbox_failed: 0,
-            mqtt: cfg.mqtt.as_ref().map(|_| "not connected yet".to_string()),
-            mqtt_taken: 0,
-            mqtt_refused: 0,
-            last_error: None,
-        };
         Ok(Job {
             cfg: cfg.clone(),
             configured: service.model.clone(),
             configured_onnx: onnx,
-            // Until `resume` reads the store.
+            // Version 0 until `resume` reads the store (and measures what serves).
             serving: Mutex::new(Serving {
                 version: 0,
-                weights: NamedTensors::new(),
+                weights,
                 eval: Evaluation { accuracy: 0.0, loss: 0.0, examples: 0 },
             }),
             spec,
             eval,
             inbox: cfg.inbox.as_ref().map(|d| base.join(d)),
             store,
-            status: Mutex::new(status),
+            activity: Mutex::new(Activity {
+                trigger: "not checked yet".into(),
+                mqtt: cfg.mqtt.as_ref().map(|_| "not connected yet".to_string()),
+                ..Activity::default()
+            }),
             attempts: Mutex::default(),
             mqtt_target,
         })
@@ -202,25 +194,25 @@ impl Job {
     /// Picks up where the store left off: records the configured model as version 0 the first
     /// time, and makes the newest deployed version serve.
     pub fn resume(&self, services: &Services) -> anyhow::Result<()> {
-        match services.is_joint(&self.cfg.service) {
-            Some(true) => {}
-            Some(false) => bail!("service: `{}` is not a joint service", self.cfg.service),
-            None => bail!("service: no service `{}`", self.cfg.service),
-        }
-        let (held, _, layout) = self.store.replay_summary()?;
-        let want = self.trainable().layout;
-        if let Some(layout) = layout.filter(|l| held > 0 && *l != want) {
-            bail!(
-                "the replay buffer holds {layout} samples; the model of [services.{}] takes {want}",
-                self.cfg.service
-            );
-        }
-        let (version, onnx) = match self.store.serving_version()? {
-            Some(found) => found,
+        let stored = self.store.serving_version()?;
+        let (version, weights) = match &stored {
+            None => (0, lock(&self.serving).weights.clone()),
+            Some((version, onnx)) => {
+                let (spec, weights) = export::from_onnx(onnx).with_context(|| format!("model version {version}"))?;
+                if spec != self.spec {
+                    bail!(
+                        "model version {version} (in `state`) is a {spec:?}, the model of [services.{}] a {:?}: \
+                         the job cannot go on from it (start it over with another `state`, or restore the model)",
+                        self.cfg.service,
+                        self.spec
+                    );
+                }
+                (*version, weights)
+            }
+        };
+        let eval = train::evaluate(&self.spec, &weights, &self.eval)?;
+        match &stored {
             None => {
-                let onnx = self.configured_onnx.clone();
-                let (_, weights) = export::from_onnx(&onnx)?;
-                let eval = train::evaluate(&self.spec, &weights, &self.eval)?;
                 let row = VersionRow {
                     version: 0,
                     service: self.cfg.service.clone(),
@@ -233,63 +225,70 @@ impl Job {
                     decision: "initial".into(),
                     reason: format!("the model of [services.{}] when the job started", self.cfg.service),
                 };
-                self.store.record_version(&row, &onnx, None)?;
-                (0, onnx)
+                self.store.record_version(&row, &self.configured_onnx, None)?;
             }
-        };
-        let (spec, weights) = export::from_onnx(&onnx).with_context(|| format!("model version {version}"))?;
-        if spec != self.spec {
-            bail!(
-                "model version {version} (in `state`) is a {spec:?}, the model of [services.{}] a {:?}: \
-                 the job cannot go on from it (start it over with another `state`, or restore the model)",
-                self.cfg.service,
-                self.spec
-            );
-        }
-        let eval = train::evaluate(&self.spec, &weights, &self.eval)?;
-        if version > 0 {
-            let name = self.version_name(version);
-            services.switch(services.prepare_switch(&self.cfg.service, &name, &onnx)?, &self.configured)?;
+            Some((version, onnx)) if *version > 0 => {
+                services.switch(services.prepare_switch(&self.cfg.service, &self.version_name(*version), onnx)?);
+            }
+            Some(_) => {}
         }
         *lock(&self.serving) = Serving { version, weights, eval };
-        let mut status = lock(&self.status);
-        status.serving_version = version;
-        status.serving_model = services.serving_model(&self.cfg.service).unwrap_or_default();
-        status.new_samples = self.store.new_samples_count()?;
         tracing::info!(service = %self.cfg.service, version, accuracy = eval.accuracy, "incremental job: serving version");
         Ok(())
     }
 
+    /// The name version `version` is registered under (version 0 is the configured model).
     fn version_name(&self, version: u32) -> String {
-        format!("{}@v{version}", self.configured)
+        match version {
+            0 => self.configured.clone(),
+            v => format!("{}@v{v}", self.configured),
+        }
     }
 
-    pub fn status(&self) -> JobStatus {
-        lock(&self.status).clone()
+    pub fn status(&self) -> anyhow::Result<JobStatus> {
+        let version = lock(&self.serving).version;
+        Ok(JobStatus {
+            service: self.cfg.service.clone(),
+            serving_version: version,
+            serving_model: self.version_name(version),
+            new_samples: self.store.new_samples_count()?,
+            activity: lock(&self.activity).clone(),
+        })
+    }
+
+    fn load_new_samples(&self) -> anyhow::Result<NewSamples> {
+        let samples = self.store.new_samples()?;
+        let data = to_dataset(&samples, self.spec.input_len())?;
+        Ok(NewSamples { ids: samples.into_iter().map(|s| s.0).collect(), data })
     }
 
     /// One check: takes in the inbox, evaluates the trigger, runs a round if it holds.
     pub fn check(&self, services: &Services) -> anyhow::Result<()> {
         let replay = services.replay.as_ref().context("the incremental job needs [replay]")?;
-        lock(&self.status).checks += 1;
+        lock(&self.activity).checks += 1;
         // A file that fails for a reason of the moment (the store, the plugin) stays in the inbox
         // for the next check; the samples already here still get their round.
         let inbox_failure = self.inbox.as_ref().and_then(|inbox| self.take_inbox(inbox, replay).err());
-        let pending = self.store.new_samples_count()?;
-        lock(&self.status).new_samples = pending;
-        match self.trigger(pending)? {
-            Err(waiting) => lock(&self.status).trigger = waiting,
+        let mut new = None;
+        match self.trigger(&mut new)? {
+            Err(waiting) => lock(&self.activity).trigger = waiting,
             Ok(fired) => {
-                lock(&self.status).trigger = format!("round started: {fired}");
-                self.round(services, replay, &fired)?;
+                lock(&self.activity).trigger = format!("round started: {fired}");
+                let new = match new {
+                    Some(n) => n,
+                    None => self.load_new_samples()?,
+                };
+                self.round(services, replay, new, &fired)?;
             }
         }
         inbox_failure.map_or(Ok(()), Err)
     }
 
-    /// `Ok(reason)` when a round should start, `Err(why not)` when not.
-    fn trigger(&self, pending: u64) -> anyhow::Result<Result<String, String>> {
+    /// `Ok(reason)` when a round should start, `Err(why not)` when not. The new samples, if it
+    /// had to read them, are left in `new` for the round.
+    fn trigger(&self, new: &mut Option<NewSamples>) -> anyhow::Result<Result<String, String>> {
         let t = &self.cfg.trigger;
+        let pending = self.store.new_samples_count()?;
         if pending < t.min_new_samples {
             return Ok(Err(format!("waiting for new samples: {pending} of {}", t.min_new_samples)));
         }
@@ -308,9 +307,9 @@ impl Job {
             reason.push_str(&format!(", within {window}"));
         }
         if let Some(drop) = t.accuracy_drop {
-            let new = dataset(&self.store.new_samples()?, self.spec.input_len())?;
+            let samples = new.insert(self.load_new_samples()?);
             let serving = lock(&self.serving);
-            let on_new = train::evaluate(&self.spec, &serving.weights, &new)?.accuracy;
+            let on_new = train::evaluate(&self.spec, &serving.weights, &samples.data)?.accuracy;
             let fell = serving.eval.accuracy - on_new;
             let words = format!(
                 "the serving version's accuracy on the new samples is {on_new:.4}, on the eval set {:.4}",
@@ -325,19 +324,16 @@ impl Job {
     }
 
     /// Fine-tunes, evaluates, records, and deploys if the conditions hold.
-    fn round(&self, services: &Services, replay: &ReplayBuffer, trigger: &str) -> anyhow::Result<()> {
-        let new = self.store.new_samples()?;
-        let last_id = new.last().map(|s| s.0);
-        let features = self.spec.input_len();
-        let mut data = dataset(&new, features)?;
+    fn round(&self, services: &Services, replay: &ReplayBuffer, new: NewSamples, trigger: &str) -> anyhow::Result<()> {
+        let NewSamples { ids, mut data } = new;
         let next = self.store.next_version()?;
         let seed = self.cfg.seed.wrapping_add(next as u64);
         let ctx = RoundContext { job: format!("incremental/{}", self.cfg.service), round: next, seed };
-        let count = self.cfg.replay_draw.unwrap_or(new.len().min(u32::MAX as usize) as u32);
+        let count = self.cfg.replay_draw.unwrap_or(ids.len().min(u32::MAX as usize) as u32);
         // The buffer took the new samples in too: those are in the round already.
-        let fresh: HashSet<u64> = new.iter().map(|s| s.0).collect();
+        let fresh: HashSet<u64> = ids.iter().copied().collect();
         let drawn: Vec<_> = replay.draw(&ctx, count)?.into_iter().filter(|s| !fresh.contains(&s.0)).collect();
-        let replayed = dataset(&drawn, features).context("a sample drawn from the replay buffer")?;
+        let replayed = to_dataset(&drawn, self.spec.input_len()).context("a sample drawn from the replay buffer")?;
         data.x.extend_from_slice(&replayed.x);
         data.y.extend_from_slice(&replayed.y);
         let (parent, start, serving_eval) = {
@@ -362,17 +358,15 @@ impl Job {
         let onnx = export::to_onnx(&self.spec, &outcome.model)?.encode_to_vec();
         // Registered and instantiated before it is recorded as deployed: a version that cannot
         // serve is never recorded as serving.
-        let prepared = match deploy {
-            true => Some(services.prepare_switch(&self.cfg.service, &self.version_name(next), &onnx)?),
-            false => None,
-        };
+        let prepared =
+            deploy.then(|| services.prepare_switch(&self.cfg.service, &self.version_name(next), &onnx)).transpose()?;
         let row = VersionRow {
             version: next,
             service: self.cfg.service.clone(),
             created_ms: now_ms(),
             parent: Some(parent),
             trigger: trigger.to_string(),
-            new_samples: new.len() as u64,
+            new_samples: ids.len() as u64,
             replayed: drawn.len() as u64,
             metrics: serde_json::json!({
                 "accuracy": eval.accuracy,
@@ -389,28 +383,24 @@ impl Job {
         };
         // Recorded, switched and shown as one step for readers of the versions (`versions`).
         let mut serving = lock(&self.serving);
-        self.store.record_version(&row, &onnx, last_id)?;
+        self.store.record_version(&row, &onnx, ids.last().copied())?;
         tracing::info!(
             service = %self.cfg.service, version = next, accuracy = eval.accuracy,
             serving_accuracy = serving_eval.accuracy, deployed = deploy, "incremental round: {reason}"
         );
         if let Some(prepared) = prepared {
-            services.switch(prepared, &self.configured)?;
+            services.switch(prepared);
             *serving = Serving { version: next, weights: outcome.model, eval };
         }
-        let mut status = lock(&self.status);
-        status.rounds += 1;
-        status.new_samples = self.store.new_samples_count()?;
-        status.serving_version = serving.version;
-        status.serving_model = services.serving_model(&self.cfg.service).unwrap_or_default();
+        lock(&self.activity).rounds += 1;
         Ok(())
     }
 
     /// The serving version and every version recorded, read together (a round records and
     /// switches under the same lock).
-    pub fn versions(&self) -> anyhow::Result<(u32, Vec<VersionRow>)> {
+    pub fn versions(&self) -> anyhow::Result<VersionList> {
         let serving = lock(&self.serving);
-        Ok((serving.version, self.store.versions()?))
+        Ok(VersionList { serving_version: serving.version, versions: self.store.versions()? })
     }
 
     /// Takes in one batch (an inbox file, an MQTT message) unless its content was taken in
@@ -450,13 +440,13 @@ impl Job {
 
     /// Notes the MQTT subscription's state, and a batch taken in (`Some(true)`) or refused.
     pub fn note_mqtt(&self, state: Option<String>, taken: Option<bool>) {
-        let mut status = lock(&self.status);
+        let mut activity = lock(&self.activity);
         if let Some(state) = state {
-            status.mqtt = Some(state);
+            activity.mqtt = Some(state);
         }
         match taken {
-            Some(true) => status.mqtt_taken += 1,
-            Some(false) => status.mqtt_refused += 1,
+            Some(true) => activity.mqtt_taken += 1,
+            Some(false) => activity.mqtt_refused += 1,
             None => {}
         }
     }
@@ -482,7 +472,7 @@ impl Job {
             let to = match self.take_in(replay, &bytes, &name) {
                 Ok(Taken::New(report)) => {
                     tracing::info!(file = %path.display(), kept = report.kept, offered = report.offered, "inbox: taken in");
-                    lock(&self.status).inbox_taken += 1;
+                    lock(&self.activity).inbox_taken += 1;
                     "done"
                 }
                 Ok(Taken::Duplicate) => "done",
@@ -491,7 +481,7 @@ impl Job {
                     let failed = dir.join("failed");
                     std::fs::create_dir_all(&failed).with_context(|| format!("creating {}", failed.display()))?;
                     std::fs::write(failed.join(format!("{name}.error")), format!("{e:#}\n"))?;
-                    lock(&self.status).inbox_failed += 1;
+                    lock(&self.activity).inbox_failed += 1;
                     "failed"
                 }
                 Err(e) => return Err(e.context(format!("inbox file {}", path.display()))),
@@ -528,7 +518,7 @@ pub async fn run(services: Arc<Services>) {
             tracing::warn!("incremental job: {e}");
         }
         if let Some(job) = &services.incremental {
-            lock(&job.status).last_error = error;
+            lock(&job.activity).last_error = error;
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::protocol::ServicePlugin;
 use crate::runtime::bindings::types::Dtype;
 use crate::runtime::{Admission, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
 use crate::store::{EdgeStore, OfferBatch, ReplayOffer, ReplayState};
+use crate::train::Dataset;
 
 pub struct ReplayBuffer {
     store: Arc<EdgeStore>,
@@ -40,6 +41,31 @@ pub fn parse_batch(body: &[u8]) -> Result<(TensorData, TensorData), BadRequest> 
         (Some(x), Some(y)) => Ok((x, y)),
         _ => Err(BadRequest("the batch needs tensors `x` (samples) and `y` (labels)".into())),
     }
+}
+
+/// A dataset as a batch of samples: `x` f32 [n, features], `y` i64 [n].
+pub fn batch_of(data: &Dataset) -> (TensorData, TensorData) {
+    let x = wire::f32_tensor("x", vec![data.len() as u64, data.features as u64], &data.x);
+    let y = TensorData {
+        name: "y".into(),
+        dtype: Dtype::I64,
+        shape: vec![data.len() as u64],
+        data: data.y.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
+    };
+    (x, y)
+}
+
+/// Stored `f32` samples `(id, label, bytes)` as a dataset of `features` per example.
+pub fn to_dataset(samples: &[(u64, i64, Vec<u8>)], features: usize) -> anyhow::Result<Dataset> {
+    let mut data = Dataset { x: Vec::with_capacity(samples.len() * features), y: Vec::new(), features };
+    for (id, label, bytes) in samples {
+        if bytes.len() != features * 4 {
+            anyhow::bail!("sample {id} has {} bytes, the model takes {features} f32 values", bytes.len());
+        }
+        data.x.extend(wire::le_f32s(bytes));
+        data.y.push(u32::try_from(*label).with_context(|| format!("sample {id}: label {label}"))?);
+    }
+    Ok(data)
 }
 
 /// What a batch of offers did, and the buffer after it.
@@ -97,9 +123,15 @@ impl ReplayBuffer {
         Ok(ReplayBuffer { store, sampler: Mutex::new(sampler), trains: None })
     }
 
-    /// From now on every offered sample must fit `trains` and is kept for the incremental job.
-    pub fn feed_training(&mut self, trains: Trainable) {
+    /// From now on every offered sample must fit `trains` and is kept for the incremental job;
+    /// refused if the buffer holds samples of another layout.
+    pub fn feed_training(&mut self, trains: Trainable) -> anyhow::Result<()> {
+        let (held, _, layout) = self.store.replay_summary()?;
+        if let Some(layout) = layout.filter(|l| held > 0 && *l != trains.layout) {
+            anyhow::bail!("the replay buffer holds {layout} samples; the job's model takes {}", trains.layout);
+        }
         self.trains = Some(trains);
+        Ok(())
     }
 
     /// Offers a batch: `x` [n, ...] (any element type) with labels `y` [n] (integers). The

@@ -171,6 +171,8 @@ struct Joint {
     /// The model in the runtime's models the service answers with, and the router instance
     /// that runs it (an incremental-learning job replaces both at once).
     serving: Mutex<ServingModel>,
+    /// The model of edge.toml (stays registered when another one serves).
+    configured: String,
     component: LoadedComponent,
     limits: Limits,
     config: ConfigTable,
@@ -184,6 +186,7 @@ struct ServingModel {
 /// A model version ready to serve (registered, with its own router instance), not serving yet.
 pub struct PreparedSwitch {
     service: String,
+    joint: Arc<Joint>,
     serving: ServingModel,
 }
 
@@ -336,7 +339,8 @@ impl Services {
                 replay
                     .as_mut()
                     .context("[incremental]: the job needs a replay buffer ([replay] in edge.toml)")?
-                    .feed_training(job.trainable());
+                    .feed_training(job.trainable())
+                    .context("[incremental]")?;
                 Some(job)
             }
         };
@@ -418,6 +422,7 @@ impl Services {
                     model: cfg.model.clone(),
                     router: RouterPlugin::new(runtime, loaded.clone(), limits, &config).context("router")?,
                 }),
+                configured: cfg.model.clone(),
                 component: loaded,
                 limits,
                 config,
@@ -477,34 +482,24 @@ impl Services {
         self.runtime.models().insert(model, onnx).with_context(|| format!("registering `{model}`"))?;
         let router = RouterPlugin::new(&self.runtime, joint.component.clone(), joint.limits, &joint.config)
             .with_context(|| format!("service `{service}`: a router instance for `{model}`"))?;
-        Ok(PreparedSwitch { service: service.to_string(), serving: ServingModel { model: model.to_string(), router } })
+        Ok(PreparedSwitch {
+            service: service.to_string(),
+            joint: joint.clone(),
+            serving: ServingModel { model: model.to_string(), router },
+        })
     }
 
     /// Makes a prepared version serve. Requests running on the old one finish on it; the next
-    /// ones run on the new one. The old model leaves the runtime's models unless it was the
+    /// ones run on the new one. The old model leaves the runtime's models unless it is the
     /// service's configured one.
-    pub fn switch(&self, prepared: PreparedSwitch, configured: &str) -> anyhow::Result<()> {
-        let svc = self.services.get(&prepared.service).with_context(|| format!("no service `{}`", prepared.service))?;
-        let Kind::Joint(joint) = &svc.kind else { bail!("service `{}` is not a joint service", prepared.service) };
-        let old = std::mem::replace(&mut *lock(&joint.serving), prepared.serving);
-        if old.model != configured {
+    pub fn switch(&self, prepared: PreparedSwitch) {
+        let PreparedSwitch { service, joint, serving } = prepared;
+        let to = serving.model.clone();
+        let old = std::mem::replace(&mut *lock(&joint.serving), serving);
+        if old.model != joint.configured {
             self.runtime.models().remove(&old.model);
         }
-        tracing::info!(service = %svc.name, from = %old.model, to = %lock(&joint.serving).model, "serving model switched");
-        Ok(())
-    }
-
-    /// The model a joint service answers with now.
-    pub fn serving_model(&self, service: &str) -> Option<String> {
-        match &self.services.get(service)?.kind {
-            Kind::Joint(joint) => Some(lock(&joint.serving).model.clone()),
-            Kind::Split(_) => None,
-        }
-    }
-
-    /// Whether `service` is a joint service (one an incremental-learning job can train).
-    pub fn is_joint(&self, service: &str) -> Option<bool> {
-        self.services.get(service).map(|s| matches!(s.kind, Kind::Joint(_)))
+        tracing::info!(%service, from = %old.model, %to, "serving model switched");
     }
 
     /// Answers one request. `forced_cut` (split only) measures a given cut instead of the plan's.

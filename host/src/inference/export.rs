@@ -127,11 +127,7 @@ pub fn from_onnx(onnx: &[u8]) -> Result<(ModelSpec, NamedTensors), ModelError> {
     let classes = last.first().copied().unwrap_or(0);
     let spec = match init("image_shape") {
         Some(shape) => {
-            let raw = shape.raw_data.as_deref().unwrap_or_default();
-            let s: Vec<usize> = raw
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])).max(0) as usize)
-                .collect();
+            let s: Vec<usize> = shape.i64_values().unwrap_or_default().iter().map(|&d| d.max(0) as usize).collect();
             let [_, c, h, w] = s[..] else {
                 return Err(ModelError::Spec("`image_shape` is not [batch, channels, height, width]".into()));
             };

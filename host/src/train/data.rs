@@ -57,6 +57,12 @@ impl Dataset {
         }
     }
 
+    /// The examples whose class is in `classes` (in their order).
+    pub fn of_classes(&self, classes: std::ops::Range<u32>) -> Dataset {
+        let idx: Vec<usize> = (0..self.len()).filter(|&i| classes.contains(&self.y[i])).collect();
+        self.subset(&idx)
+    }
+
     /// The 1,797 UCI handwritten digits (8x8 images, features scaled to 0..1), shipped inside
     /// the `smartcore` crate.
     pub fn digits() -> Dataset {
