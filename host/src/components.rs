@@ -101,8 +101,13 @@ impl Components {
             return self.fetch_reference(&reference, progress).await;
         }
         let path = base.join(source);
-        let bytes =
-            tokio::fs::read(&path).await.map_err(|source| ComponentError::File { path: path.clone(), source })?;
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::files::read_limited(&path, crate::files::MAX_COMPONENT_BYTES))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        let bytes = read.map_err(|source| ComponentError::File { path: path.clone(), source })?;
         Ok(Fetched { digest: content_digest(&bytes), bytes, pinned: None, origin: path.display().to_string() })
     }
 

@@ -50,13 +50,19 @@ pub struct RoundsSection {
     /// Seconds after which a round closes with the updates that arrived (if at least
     /// `min_clients` did).
     pub deadline_secs: f64,
+    /// The most examples one update may claim (an update claiming more is refused): an
+    /// update's weight in the aggregate is its example count, so this bounds what one node weighs.
+    pub max_examples: u64,
 }
 
 impl Default for RoundsSection {
     fn default() -> Self {
-        RoundsSection { min_clients: 1, fraction: 1.0, deadline_secs: 60.0 }
+        RoundsSection { min_clients: 1, fraction: 1.0, deadline_secs: 60.0, max_examples: DEFAULT_MAX_EXAMPLES }
     }
 }
+
+/// Default `[rounds] max_examples`.
+pub const DEFAULT_MAX_EXAMPLES: u64 = 1_000_000_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -209,8 +215,18 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The dotted key written on the line holding `offset` (with its table header), if any.
+/// The dotted key written on the line holding `offset` (with its table header), if any. Only
+/// what looks like a TOML key is returned: an error about a file that is not TOML must not
+/// echo its lines.
 fn key_at(source: &str, offset: usize) -> Option<String> {
+    let key = key_at_unchecked(source, offset)?;
+    let plausible = key.len() <= 128
+        && !key.is_empty()
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | ' '));
+    plausible.then_some(key)
+}
+
+fn key_at_unchecked(source: &str, offset: usize) -> Option<String> {
     let offset = offset.min(source.len());
     let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = source[start..].lines().next().unwrap_or("");
@@ -246,67 +262,164 @@ impl Source<'_> {
         JobError { file: self.path.to_path_buf(), line, column, key, message: message.into() }
     }
 
-    /// An error at the first line that sets `key` (a dotted path), else at the start.
+    /// An error at the first line that sets `key` (a dotted path), else at the header of the
+    /// table `key` is or is in, else at the start.
     fn error_at_key(&self, key: &str, message: impl Into<String>) -> JobError {
         let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
         let mut current = String::new();
         let mut offset = 0;
+        let mut header = None;
         for line in self.text.split_inclusive('\n') {
             let t = line.trim();
+            let at = offset + (line.len() - line.trim_start().len());
             if t.starts_with('[') {
                 current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                if header.is_none() && (current == key || current == table) {
+                    header = Some(at);
+                }
             } else if current == table && t.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == leaf) {
-                return self.error(offset + (line.len() - line.trim_start().len()), Some(key.to_string()), message);
+                return self.error(at, Some(key.to_string()), message);
             }
             offset += line.len();
         }
-        self.error(0, Some(key.to_string()), message)
+        self.error(header.unwrap_or(0), Some(key.to_string()), message)
     }
 }
 
-fn check_ranges(job: &JobFile, src: &Source) -> Result<(), JobError> {
-    let bad = |key: &str, message: &str| Err(src.error_at_key(key, message));
-    if job.job.name.is_empty() || !job.job.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return bad("job.name", "must be letters, digits, '-' or '_'");
+/// What a job's settings may ask at most (the model's own caps are in [`crate::train::model`]).
+pub mod caps {
+    pub const EPOCHS: u32 = 10_000;
+    pub const BATCH_SIZE: usize = 1 << 16;
+    pub const LEARNING_RATE: f64 = 100.0;
+    pub const MIN_CLIENTS: usize = 1_000_000;
+    pub const DEADLINE_SECS: f64 = 7.0 * 86_400.0;
+    pub const ROUNDS: u32 = 1_000_000;
+    pub const WALL_SECS: f64 = 366.0 * 86_400.0;
+    pub const MAX_EXAMPLES: u64 = 1 << 40;
+    pub const NODE_OVERRIDES: usize = 100_000;
+    /// Activation elements of one training batch (4 GiB as f32).
+    pub const BATCH_ACTIVATIONS: u128 = 1 << 30;
+}
+
+/// Where a job is wrong: the dotted key (as the job file spells it) and what.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("key `{key}`: {message}")]
+pub struct SpecError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError { key: key.into(), message: message.into() }
+}
+
+/// The one check of a job's settings, for the CLI (`job apply`, `--dry-run`) and the cloud's
+/// API alike: names, ranges, and the model's size.
+pub fn check_settings(
+    name: &str,
+    rounds: &RoundsSection,
+    stop: &StopSection,
+    model: &ModelSpec,
+    training: &TrainingSection,
+) -> Result<(), SpecError> {
+    use crate::names::{check, Kind};
+    check(Kind::Job, name).map_err(|e| bad("job.name", e.to_string()))?;
+    if !(1..=caps::MIN_CLIENTS).contains(&rounds.min_clients) {
+        return Err(bad("rounds.min_clients", format!("must be between 1 and {}", caps::MIN_CLIENTS)));
     }
-    if job.rounds.min_clients == 0 {
-        return bad("rounds.min_clients", "must be at least 1");
+    if !(rounds.fraction > 0.0 && rounds.fraction <= 1.0) {
+        return Err(bad("rounds.fraction", "must be in (0, 1]"));
     }
-    if !(job.rounds.fraction > 0.0 && job.rounds.fraction <= 1.0) {
-        return bad("rounds.fraction", "must be in (0, 1]");
+    if !(rounds.deadline_secs.is_finite() && rounds.deadline_secs > 0.0 && rounds.deadline_secs <= caps::DEADLINE_SECS)
+    {
+        return Err(bad(
+            "rounds.deadline_secs",
+            format!("must be a positive number of seconds, at most {}", caps::DEADLINE_SECS),
+        ));
     }
-    if !(job.rounds.deadline_secs.is_finite() && job.rounds.deadline_secs > 0.0) {
-        return bad("rounds.deadline_secs", "must be a positive number of seconds");
+    if !(1..=caps::MAX_EXAMPLES).contains(&rounds.max_examples) {
+        return Err(bad("rounds.max_examples", format!("must be between 1 and {}", caps::MAX_EXAMPLES)));
     }
-    if job.stop.rounds == 0 {
-        return bad("stop.rounds", "must be at least 1");
+    if !(1..=caps::ROUNDS).contains(&stop.rounds) {
+        return Err(bad("stop.rounds", format!("must be between 1 and {}", caps::ROUNDS)));
     }
-    if job.stop.target_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
-        return bad("stop.target_accuracy", "must be in (0, 1]");
+    if stop.target_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+        return Err(bad("stop.target_accuracy", "must be in (0, 1]"));
     }
-    if job.stop.wall_secs.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
-        return bad("stop.wall_secs", "must be a positive number of seconds");
+    if stop.wall_secs.is_some_and(|w| !(w.is_finite() && w > 0.0 && w <= caps::WALL_SECS)) {
+        return Err(bad(
+            "stop.wall_secs",
+            format!("must be a positive number of seconds, at most {}", caps::WALL_SECS),
+        ));
     }
-    if let Err(e) = job.model.validate() {
-        return Err(src.error_at_key("model.kind", e.to_string()));
+    if let Err(e) = model.validate() {
+        let key = match &e {
+            crate::train::ModelError::Invalid { key, .. } => format!("model.{key}"),
+            _ => "model.kind".to_string(),
+        };
+        let message = match e {
+            crate::train::ModelError::Invalid { message, .. } => message,
+            other => other.to_string(),
+        };
+        return Err(bad(key, message));
+    }
+    if training.nodes.len() > caps::NODE_OVERRIDES {
+        return Err(bad("training.nodes", format!("at most {} per-node overrides", caps::NODE_OVERRIDES)));
     }
     let check_params = |prefix: &str, p: &TrainParams| {
-        if p.epochs == 0 {
-            return Err(src.error_at_key(&format!("{prefix}.epochs"), "must be at least 1"));
+        if !(1..=caps::EPOCHS).contains(&p.epochs) {
+            return Err(bad(format!("{prefix}.epochs"), format!("must be between 1 and {}", caps::EPOCHS)));
         }
-        if p.batch_size == 0 {
-            return Err(src.error_at_key(&format!("{prefix}.batch_size"), "must be at least 1"));
+        if !(1..=caps::BATCH_SIZE).contains(&p.batch_size) {
+            return Err(bad(format!("{prefix}.batch_size"), format!("must be between 1 and {}", caps::BATCH_SIZE)));
         }
-        if !(p.learning_rate.is_finite() && p.learning_rate > 0.0) {
-            return Err(src.error_at_key(&format!("{prefix}.learning_rate"), "must be a positive number"));
+        if model.batch_activations(p.batch_size) > caps::BATCH_ACTIVATIONS {
+            return Err(bad(
+                format!("{prefix}.batch_size"),
+                format!(
+                    "a batch of {} makes more than {} activations in this model: use a smaller batch",
+                    p.batch_size,
+                    caps::BATCH_ACTIVATIONS
+                ),
+            ));
+        }
+        if !(p.learning_rate.is_finite() && p.learning_rate > 0.0 && p.learning_rate <= caps::LEARNING_RATE) {
+            return Err(bad(
+                format!("{prefix}.learning_rate"),
+                format!("must be a positive number, at most {}", caps::LEARNING_RATE),
+            ));
         }
         Ok(())
     };
-    check_params("training", &job.training.for_node(""))?;
-    for node in job.training.nodes.keys() {
-        check_params(&format!("training.nodes.{node}"), &job.training.for_node(node))?;
+    check_params("training", &training.for_node(""))?;
+    for node in training.nodes.keys() {
+        check(Kind::Node, node).map_err(|e| bad(format!("training.nodes.{node}"), e.to_string()))?;
+        check_params(&format!("training.nodes.{node}"), &training.for_node(node))?;
     }
     Ok(())
+}
+
+/// Checks a plugin's limits; the key is under `table`.
+fn check_limits(table: &str, limits: &Limits) -> Result<(), SpecError> {
+    limits.validate().map_err(|(key, message)| bad(format!("{table}.{key}"), message))
+}
+
+impl JobSpec {
+    /// The checks of [`check_settings`], and that the plugins are named by a digest and valid
+    /// references, with limits a host can give: what the cloud checks of a job it is sent.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_settings(&self.name, &self.rounds, &self.stop, &self.model, &self.training)?;
+        for (table, p) in self.plugins() {
+            if nereid_registry::sha256_hex(&p.digest).is_none() {
+                return Err(bad(format!("{table}.plugin"), "the component's digest is not `sha256:<64 hex digits>`"));
+            }
+            for r in p.source.iter().chain(&p.pinned) {
+                nereid_registry::Reference::parse(r).map_err(|e| bad(format!("{table}.plugin"), e.to_string()))?;
+            }
+            check_limits(table, &p.limits)?;
+        }
+        Ok(())
+    }
 }
 
 /// A job file read and checked, with the bytes of its plugins.
@@ -325,7 +438,7 @@ fn limits(section: &PluginSection) -> Limits {
 }
 
 fn read(path: &Path) -> Result<String, JobError> {
-    std::fs::read_to_string(path).map_err(|e| JobError {
+    crate::files::read_text_limited(path, crate::files::MAX_CONFIG_BYTES).map_err(|e| JobError {
         file: path.to_path_buf(),
         line: 0,
         column: 0,
@@ -348,13 +461,30 @@ pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JobE
     parse(&Source { path, text: &text })
 }
 
+/// A file's own checks beyond its types (ranges, names): the error's key is the dotted path of
+/// the offending entry, which the reader turns into a line.
+pub trait CheckConfig {
+    fn check(&self) -> Result<(), SpecError>;
+}
+
+/// As [`parse_file`], then the type's own [`CheckConfig`], its error pointing at the line of
+/// the key at fault.
+pub fn parse_checked_file<T: serde::de::DeserializeOwned + CheckConfig>(path: &Path) -> Result<T, JobError> {
+    let text = read(path)?;
+    let src = Source { path, text: &text };
+    let value: T = parse(&src)?;
+    value.check().map_err(|e| src.error_at_key(&e.key, e.message))?;
+    Ok(value)
+}
+
 /// Parses and validates the job file at `path`, loading its plugins into `runtime` to check
 /// their slots and configurations.
 pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, JobError> {
     let text = read(path)?;
     let src = Source { path, text: &text };
     let file: JobFile = parse(&src)?;
-    check_ranges(&file, &src)?;
+    check_settings(&file.job.name, &file.rounds, &file.stop, &file.model, &file.training)
+        .map_err(|e| src.error_at_key(&e.key, e.message))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut components = BTreeMap::new();
     let mut load_plugin = |section: &PluginSection, table: &str| -> Result<PluginRef, JobError> {
@@ -381,6 +511,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, J
         let fetched = fetch(source, base).map_err(|e| at_plugin(e.to_string()))?;
         let config: ConfigTable = section.config.iter().map(|(k, v)| (k.get_ref().clone(), v.clone())).collect();
         let limits = limits(section);
+        check_limits(table, &limits).map_err(|e| src.error_at_key(&e.key, e.message))?;
         let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at_plugin(e.to_string()))?;
         let checked = match table {
             "aggregator" => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::aggregate::Rejection;
-use crate::job::{JobError, JobSpec, PluginRef};
+use crate::job::{JobError, JobSpec, PluginRef, SpecError};
 use crate::runtime::bindings::types::{ConfigEntry, ConfigValue};
 use crate::runtime::config::ConfigTable;
 use crate::train::{ModelSpec, TrainParams};
@@ -78,6 +78,63 @@ pub struct UpdateMetrics {
     pub steps: u64,
 }
 
+impl UpdateMetrics {
+    /// Checks the values are what a node could measure: accuracy in [0, 1], losses finite and
+    /// not negative, a finite penalty, at most `max_examples` evaluation examples.
+    pub fn validate(&self, max_examples: u64) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.eval_accuracy) {
+            return Err(format!("eval_accuracy is {}, not in [0, 1]", self.eval_accuracy));
+        }
+        for (key, v) in [("eval_loss", self.eval_loss), ("train_loss", self.train_loss)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{key} is {v}, not a finite number >= 0"));
+            }
+        }
+        if !self.penalty.is_finite() {
+            return Err(format!("penalty is {}, not a finite number", self.penalty));
+        }
+        if self.eval_examples > max_examples {
+            return Err(format!(
+                "eval_examples is {}, more than the job's max_examples ({max_examples})",
+                self.eval_examples
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/jobs/<job>/rounds/<round>/failure`: why a node cannot make its update.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailureReport {
+    pub reason: String,
+}
+
+/// Longest failure reason kept.
+pub const MAX_FAILURE_REASON: usize = 2000;
+
+impl FailureReport {
+    /// The reason as the cloud keeps and shows it: one line, at most [`MAX_FAILURE_REASON`]
+    /// characters.
+    pub fn sanitized_reason(&self) -> String {
+        let mut reason: String =
+            self.reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_FAILURE_REASON).collect();
+        if reason.trim().is_empty() {
+            reason = "no reason given".into();
+        }
+        reason
+    }
+}
+
+/// `GET /v1/jobs/<job>/rounds/<round>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundState {
+    /// The job runs and the round has not closed.
+    pub open: bool,
+    /// The round still waits for the caller's update (a node selected that has neither sent one
+    /// nor reported a failure; for the operator, the same as `open`).
+    pub waits_for_caller: bool,
+}
+
 /// One closed round, as the cloud records it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RoundSummary {
@@ -107,6 +164,9 @@ pub struct CurrentRound {
     /// Updates the aggregator took in already (in node-name order, as they become contiguous).
     #[serde(default)]
     pub folded: Vec<String>,
+    /// Selected nodes that reported they cannot make their update, with the reason.
+    #[serde(default)]
+    pub failed: BTreeMap<String, String>,
     pub deadline_ms: i64,
 }
 
@@ -114,7 +174,8 @@ pub struct CurrentRound {
 pub struct NodeStatus {
     pub name: String,
     pub last_seen_ms: Option<i64>,
-    /// "uploaded", "training" (selected, no update yet), "idle" (not selected), or "offline".
+    /// "uploaded", "failed" (reported it cannot make its update), "training" (selected, no
+    /// update yet), "idle" (not selected), or "offline".
     pub state: String,
 }
 
@@ -236,6 +297,66 @@ pub struct CloudConfig {
     /// Inference services edges call: hard examples of joint inference, tails of split inference.
     #[serde(default)]
     pub services: BTreeMap<String, CloudServiceConfig>,
+    /// Time limits and connection bounds of the API's server.
+    #[serde(default)]
+    pub http: nereid_net::ServerLimits,
+}
+
+/// Largest `max_upload_mib`.
+pub const MAX_UPLOAD_MIB: usize = 1 << 16;
+
+fn limits_error(table: &str, e: nereid_net::LimitsError) -> SpecError {
+    let message = e.to_string();
+    let key = message.split('`').nth(1).unwrap_or("").to_string();
+    SpecError { key: format!("{table}.{key}"), message }
+}
+
+fn plugin_limits(key: &str, p: &ServicePlugin) -> Result<(), SpecError> {
+    crate::runtime::Limits::with_overrides(p.timeout_ms, p.memory_mib)
+        .validate()
+        .map_err(|(k, message)| SpecError { key: format!("{key}.{k}"), message })
+}
+
+fn name(kind: crate::names::Kind, key: String, value: &str) -> Result<(), SpecError> {
+    crate::names::check(kind, value).map_err(|e| SpecError { key, message: e.to_string() })
+}
+
+impl crate::job::CheckConfig for CloudConfig {
+    fn check(&self) -> Result<(), SpecError> {
+        use crate::names::Kind;
+        if !(1..=MAX_UPLOAD_MIB).contains(&self.max_upload_mib) {
+            return Err(SpecError {
+                key: "max_upload_mib".into(),
+                message: format!("must be between 1 and {MAX_UPLOAD_MIB}"),
+            });
+        }
+        if !(self.online_secs.is_finite() && self.online_secs > 0.0 && self.online_secs <= 86_400.0) {
+            return Err(SpecError {
+                key: "online_secs".into(),
+                message: "must be a positive number of seconds, at most a day".into(),
+            });
+        }
+        if self.admin_token.len() < 8 {
+            return Err(SpecError { key: "admin_token".into(), message: "must be at least 8 characters".into() });
+        }
+        for (node, entry) in &self.nodes {
+            name(Kind::Node, format!("nodes.{node}"), node)?;
+            if entry.token.len() < 8 {
+                return Err(SpecError {
+                    key: format!("nodes.{node}.token"),
+                    message: "must be at least 8 characters".into(),
+                });
+            }
+        }
+        for (service, cfg) in &self.services {
+            name(Kind::Service, format!("services.{service}"), service)?;
+            name(Kind::Model, format!("services.{service}.model"), &cfg.model)?;
+            if let Some(c) = &cfg.compressor {
+                plugin_limits(&format!("services.{service}.compressor"), c)?;
+            }
+        }
+        self.http.validate().map_err(|e| limits_error("http", e))
+    }
 }
 
 /// `[services.<name>]` of cloud.toml.
@@ -299,6 +420,130 @@ pub struct EdgeConfig {
     /// The incremental-learning job: fine-tunes a joint service's model on the samples that
     /// arrive plus a draw from the replay buffer, and switches the service to a better version.
     pub incremental: Option<IncrementalConfig>,
+    /// Who may call the edge's API (required with `listen`).
+    pub api: Option<EdgeApiConfig>,
+    /// Time limits and connection bounds of the edge API's server.
+    #[serde(default)]
+    pub http: nereid_net::ServerLimits,
+}
+
+/// `[api]` of edge.toml: who may call the edge's API. `/v1/health` and `/metrics` are open;
+/// everything else needs a client's bearer token, unless `open = true`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeApiConfig {
+    /// Serve the API without authentication: anyone who reaches `listen` may infer, send
+    /// samples and read the edge's state.
+    #[serde(default)]
+    pub open: bool,
+    /// `[api.clients.<name>]`: a caller's token (`token`, or `token_env` naming an environment
+    /// variable) and what it may do.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ApiClient>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClient {
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    /// What the client may do [default: all]: "infer" (`POST /v1/infer/...`), "samples"
+    /// (`POST /v1/samples`), "read" (`GET` of samples, plans, the incremental job and models).
+    #[serde(default = "ApiRight::all")]
+    pub allow: Vec<ApiRight>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiRight {
+    Infer,
+    Samples,
+    Read,
+}
+
+impl ApiRight {
+    fn all() -> Vec<ApiRight> {
+        vec![ApiRight::Infer, ApiRight::Samples, ApiRight::Read]
+    }
+
+    /// What the right allows, for messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            ApiRight::Infer => "infer",
+            ApiRight::Samples => "send samples",
+            ApiRight::Read => "read",
+        }
+    }
+}
+
+impl ApiClient {
+    /// The client's token: `token`, or the value of the variable `token_env` names.
+    pub fn resolve_token(&self) -> Result<String, String> {
+        match (&self.token, &self.token_env) {
+            (Some(t), None) => Ok(t.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("the environment variable `{var}` is not set")),
+            _ => Err("give exactly one of `token` and `token_env`".into()),
+        }
+    }
+}
+
+impl crate::job::CheckConfig for EdgeConfig {
+    fn check(&self) -> Result<(), SpecError> {
+        use crate::names::Kind;
+        name(Kind::Node, "name".into(), &self.name)?;
+        for (service, cfg) in &self.services {
+            name(Kind::Service, format!("services.{service}"), service)?;
+            name(Kind::Model, format!("services.{service}.model"), &cfg.model)?;
+            if let Some(remote) = &cfg.cloud_service {
+                name(Kind::Service, format!("services.{service}.cloud_service"), remote)?;
+            }
+            let plugins = [
+                ("router", &cfg.router),
+                ("splitter", &cfg.splitter),
+                ("adapter", &cfg.adapter),
+                ("compressor", &cfg.compressor),
+            ];
+            for (slot, p) in plugins {
+                if let Some(p) = p {
+                    plugin_limits(&format!("services.{service}.{slot}"), p)?;
+                }
+            }
+        }
+        if let Some(p) = &self.replay {
+            plugin_limits("replay", p)?;
+        }
+        if self.listen.is_some() {
+            let api = self.api.as_ref().ok_or_else(|| SpecError {
+                key: "listen".into(),
+                message: "the edge's API needs callers' tokens ([api.clients.<name>] token = ...) or [api] open = true                           to serve without authentication"
+                    .into(),
+            })?;
+            if !api.open && api.clients.is_empty() {
+                return Err(SpecError {
+                    key: "api".into(),
+                    message: "no [api.clients.<name>] and not `open = true`: nobody could call the API".into(),
+                });
+            }
+        }
+        if let Some(api) = &self.api {
+            for (client, c) in &api.clients {
+                name(Kind::Node, format!("api.clients.{client}"), client)?;
+                let token = c
+                    .resolve_token()
+                    .map_err(|message| SpecError { key: format!("api.clients.{client}.token"), message })?;
+                if token.len() < 8 {
+                    return Err(SpecError {
+                        key: format!("api.clients.{client}.token"),
+                        message: "must be at least 8 characters".into(),
+                    });
+                }
+            }
+        }
+        self.http.validate().map_err(|e| limits_error("http", e))
+    }
 }
 
 /// `[incremental]` of edge.toml.
@@ -473,10 +718,12 @@ pub struct ServicePlugin {
     pub memory_mib: Option<usize>,
 }
 
-/// Reads a TOML file into `T`, with errors naming the file, the line and the key; relative paths
-/// in it are resolved by the caller against the returned directory.
-pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, PathBuf), JobError> {
-    let value = crate::job::parse_file(path)?;
+/// Reads a TOML file into `T` and checks it, with errors naming the file, the line and the key;
+/// relative paths in it are resolved by the caller against the returned directory.
+pub fn read_config<T: serde::de::DeserializeOwned + crate::job::CheckConfig>(
+    path: &Path,
+) -> Result<(T, PathBuf), JobError> {
+    let value = crate::job::parse_checked_file(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok((value, base))
 }

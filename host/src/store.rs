@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL, file TEXT NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+CREATE TABLE IF NOT EXISTS failures (
+    job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
 CREATE TABLE IF NOT EXISTS hard_examples (
     node TEXT NOT NULL, id INTEGER NOT NULL, service TEXT NOT NULL, input BLOB NOT NULL,
     queued_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (node, id));
@@ -118,8 +121,10 @@ pub struct CloudStore {
 impl CloudStore {
     pub fn open(path: &Path) -> Result<CloudStore> {
         let updates_dir = path.with_extension("updates");
-        std::fs::create_dir_all(&updates_dir)
-            .map_err(|e| StoreError::Files { path: updates_dir.clone(), source: e })?;
+        let incoming = updates_dir.join("incoming");
+        // Uploads that were arriving when the process ended were never accepted.
+        let _ = std::fs::remove_dir_all(&incoming);
+        std::fs::create_dir_all(&incoming).map_err(|e| StoreError::Files { path: incoming.clone(), source: e })?;
         let conn = open(path, CLOUD_SCHEMA)?;
         // A state written before hot swap existed has no `pending_spec` column yet.
         let has_pending: bool = conn
@@ -335,10 +340,26 @@ impl CloudStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// A fresh path for an arriving update's file.
-    pub fn new_update_file(&self, job: &str, round: u32, node: &str) -> PathBuf {
+    /// A fresh path for an arriving update's file, in `incoming/` until it is accepted (so
+    /// that collecting old update files never takes one still arriving). Its name is random,
+    /// nothing a caller sent: no job or node name can lead the file elsewhere or make its name
+    /// too long.
+    pub fn new_update_file(&self) -> PathBuf {
         use rand::RngCore;
-        self.updates_dir.join(format!("{job}.{round}.{node}.{:016x}.safetensors", rand::rngs::OsRng.next_u64()))
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        self.updates_dir.join("incoming").join(format!("{}.safetensors", hex::encode(id)))
+    }
+
+    /// Moves an arrived update's file (written and fsynced) out of `incoming/`, durably; returns
+    /// where it is now, what [`CloudStore::insert_update`] records.
+    pub fn settle_update_file(&self, incoming: &Path) -> Result<PathBuf> {
+        let files = |source| StoreError::Files { path: self.updates_dir.clone(), source };
+        let name = incoming.file_name().ok_or_else(|| files(std::io::Error::other("no file name")))?;
+        let settled = self.updates_dir.join(name);
+        std::fs::rename(incoming, &settled).map_err(files)?;
+        std::fs::File::open(&self.updates_dir).and_then(|d| d.sync_all()).map_err(files)?;
+        Ok(settled)
     }
 
     /// Records an update whose file (from `new_update_file`) is written and fsynced; a second
@@ -381,13 +402,44 @@ impl CloudStore {
         let entries = std::fs::read_dir(&self.updates_dir)
             .map_err(|e| StoreError::Files { path: self.updates_dir.clone(), source: e })?;
         for entry in entries.flatten() {
-            if !keep.contains(&entry.file_name().to_string_lossy().to_string())
+            if entry.file_type().is_ok_and(|t| t.is_file())
+                && !keep.contains(&entry.file_name().to_string_lossy().to_string())
                 && std::fs::remove_file(entry.path()).is_ok()
             {
                 removed += 1;
             }
         }
         Ok(removed)
+    }
+
+    /// Records that `node` could not make its update for a round (the reason it gave), unless
+    /// it sent one or reported a failure already; returns whether this is new.
+    pub fn record_failure(&self, job: &str, round: u32, node: &str, reason: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let uploaded: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3)",
+            params![job, round, node],
+            |r| r.get(0),
+        )?;
+        let n = if uploaded {
+            0
+        } else {
+            tx.execute(
+                "INSERT OR IGNORE INTO failures (job, round, node, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job, round, node, reason, now_ms()],
+            )?
+        };
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    /// (node, reason) of the nodes that reported a failure in a round, by name.
+    pub fn failures(&self, job: &str, round: u32) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, reason FROM failures WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Nodes with an update in a round, by name (the canonical fold order).

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -23,6 +24,36 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
 /// Bytes per request when pushing a layer (and per progress step).
 const PUSH_CHUNK: usize = 1 << 20;
+
+/// Time to connect to a registry.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the next bytes of an answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a registry operation without a blob transfer may take in all (resolving a tag,
+/// fetching a manifest, listing tags): a registry that trickles fails it in seconds.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Slowest a blob may travel: a transfer gets [`REQUEST_TIMEOUT`] plus its size at this rate.
+const MIN_TRANSFER_RATE: u64 = 256 << 10;
+
+fn transfer_timeout(size: u64) -> Duration {
+    REQUEST_TIMEOUT + Duration::from_secs(size / MIN_TRANSFER_RATE)
+}
+
+/// `f`, or an `Unreachable` error naming `what` if it takes longer than `limit`.
+async fn within<T>(
+    reference: &Reference,
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, RegistryError>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(unreachable(reference, format!("{what} took longer than {} s", limit.as_secs()))),
+    }
+}
+
+/// Largest artifact config pulled (a Wasm config lists the component's imports and exports).
+const MAX_CONFIG_BYTES: i64 = 4 << 20;
 
 /// A component available locally after a pull.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -155,8 +186,8 @@ impl RegistryClient {
                 if self.settings.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
             oci_client::Client::new(ClientConfig {
                 protocol,
-                connect_timeout: Some(std::time::Duration::from_secs(10)),
-                read_timeout: Some(std::time::Duration::from_secs(60)),
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                read_timeout: Some(READ_TIMEOUT),
                 ..Default::default()
             })
         };
@@ -172,10 +203,10 @@ impl RegistryClient {
             return Ok(d.clone());
         }
         let auth = self.settings.auth(&reference.registry);
-        self.oci(&reference.registry)
-            .fetch_manifest_digest(&reference.to_oci(), &auth)
-            .await
-            .map_err(|e| classify(reference, e))
+        let oci = self.oci(&reference.registry);
+        let ask =
+            async { oci.fetch_manifest_digest(&reference.to_oci(), &auth).await.map_err(|e| classify(reference, e)) };
+        within(reference, "resolving the tag", REQUEST_TIMEOUT, ask).await
     }
 
     /// The component `reference` names, from the cache if it has that manifest, else from the
@@ -219,10 +250,10 @@ impl RegistryClient {
         let oci = self.oci(&reference.registry);
         let image = pinned.to_oci();
         let auth = self.settings.auth(&reference.registry);
-        let (manifest_bytes, _) = oci
-            .pull_manifest_raw(&image, &auth, &[WASM_MANIFEST_MEDIA_TYPE])
-            .await
-            .map_err(|e| classify(&pinned, e))?;
+        let fetch = async {
+            oci.pull_manifest_raw(&image, &auth, &[WASM_MANIFEST_MEDIA_TYPE]).await.map_err(|e| classify(&pinned, e))
+        };
+        let (manifest_bytes, _) = within(&pinned, "fetching the manifest", REQUEST_TIMEOUT, fetch).await?;
         let actual = sha256_digest(&manifest_bytes);
         if actual != digest {
             return Err(RegistryError::DigestMismatch { reference: pinned.to_string(), expected: digest, actual });
@@ -231,8 +262,14 @@ impl RegistryClient {
             .map_err(|e| not_a_component(&pinned, format!("not an OCI image manifest: {e}")))?;
         let layer = component_layer(&pinned, &manifest)?.clone();
 
+        if manifest.config.size > MAX_CONFIG_BYTES {
+            return Err(not_a_component(&pinned, format!("its config is {} bytes", manifest.config.size)));
+        }
         let mut config_bytes = Vec::new();
-        oci.pull_blob(&image, &manifest.config, &mut config_bytes).await.map_err(|e| classify(&pinned, e))?;
+        let fetch = async {
+            oci.pull_blob(&image, &manifest.config, &mut config_bytes).await.map_err(|e| classify(&pinned, e))
+        };
+        within(&pinned, "fetching the config", REQUEST_TIMEOUT, fetch).await?;
         let config: WasmConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| not_a_component(&pinned, format!("config is not a Wasm config: {e}")))?;
         if config.architecture != oci_wasm::WASM_ARCHITECTURE {
@@ -242,7 +279,10 @@ impl RegistryClient {
         std::io::Write::write_all(&mut config_file, &config_bytes).map_err(RegistryError::io(config_file.path()))?;
         self.cache.commit_blob(config_file, &manifest.config.digest)?;
 
-        let path = self.pull_layer(&oci, &pinned, &layer, progress).await?;
+        let limit = transfer_timeout(layer.size.max(0) as u64);
+        let path =
+            within(&pinned, "downloading the component", limit, self.pull_layer(&oci, &pinned, &layer, progress))
+                .await?;
         self.cache.put_manifest(reference, &digest, &manifest_bytes)?;
         Ok(Pulled {
             reference: pinned.to_string(),
@@ -266,6 +306,15 @@ impl RegistryClient {
     ) -> Result<PathBuf, RegistryError> {
         let expected = layer.digest.clone();
         let declared = layer.size.max(0) as u64;
+        if declared > crate::MAX_COMPONENT_BYTES {
+            return Err(not_a_component(
+                pinned,
+                format!(
+                    "its layer is {declared} bytes, more than the {} a component may be",
+                    crate::MAX_COMPONENT_BYTES
+                ),
+            ));
+        }
         let mut stream = oci.pull_blob_stream(&pinned.to_oci(), layer).await.map_err(|e| classify(pinned, e))?;
         let tmp = self.cache.temp_file()?;
         let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(RegistryError::io(tmp.path()))?);
@@ -313,6 +362,16 @@ impl RegistryClient {
     /// Pushes component `bytes` as `reference` (a tag; a digest reference must be the manifest's
     /// own digest). Blobs the registry has already are not sent again.
     pub async fn push(
+        &self,
+        bytes: Vec<u8>,
+        reference: &Reference,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Pushed, RegistryError> {
+        let limit = transfer_timeout(bytes.len() as u64);
+        within(reference, "pushing the component", limit, self.push_unbounded(bytes, reference, progress)).await
+    }
+
+    async fn push_unbounded(
         &self,
         bytes: Vec<u8>,
         reference: &Reference,
@@ -374,12 +433,10 @@ impl RegistryClient {
     /// The repository's tags, sorted.
     pub async fn tags(&self, reference: &Reference) -> Result<Vec<String>, RegistryError> {
         let auth = self.settings.auth(&reference.registry);
-        let mut tags = self
-            .oci(&reference.registry)
-            .list_tags(&reference.to_oci(), &auth, None, None)
-            .await
-            .map_err(|e| classify(reference, e))?
-            .tags;
+        let oci = self.oci(&reference.registry);
+        let list =
+            async { oci.list_tags(&reference.to_oci(), &auth, None, None).await.map_err(|e| classify(reference, e)) };
+        let mut tags = within(reference, "listing the tags", REQUEST_TIMEOUT, list).await?.tags;
         tags.sort();
         Ok(tags)
     }

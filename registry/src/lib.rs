@@ -25,6 +25,10 @@ pub use settings::{HostSettings, RegistrySettings};
 /// Media types of the CNCF Wasm OCI artifact (the `oci-wasm` crate's, which `wkg` uses).
 pub use oci_wasm::{WASM_LAYER_MEDIA_TYPE, WASM_MANIFEST_CONFIG_MEDIA_TYPE, WASM_MANIFEST_MEDIA_TYPE};
 
+/// Largest component nereid pulls, loads or stores (128 MiB: a Python plugin with its
+/// interpreter is about 40 MiB).
+pub const MAX_COMPONENT_BYTES: u64 = 128 << 20;
+
 /// `sha256:<hex>` of `bytes`, the digest form OCI uses.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     use sha2::Digest;

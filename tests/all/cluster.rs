@@ -26,6 +26,9 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Vec<u8>) -> (u16
     })
 }
 
+/// The token edges started by [`Cluster::start_serving_edge`] take on their API.
+pub const EDGE_TOKEN: &str = "edge-api-token";
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -145,6 +148,7 @@ impl Cluster {
             .args(args)
             .env("NEREID_CLOUD", self.url(""))
             .env("NEREID_TOKEN", &self.admin)
+            .env("NEREID_EDGE_TOKEN", EDGE_TOKEN)
             .env("NEREID_CACHE_DIR", self.path("cache"))
             .output()
             .expect("run nereid")
@@ -193,15 +197,21 @@ impl Cluster {
     }
 
     /// Writes edge `i`'s edge.toml (its name, cloud, token and state, a free listen port, then
-    /// `rest`), starts it and waits until it serves; returns its base URL.
+    /// `rest`, and unless `rest` has an `[api]` of its own, an API client with [`EDGE_TOKEN`]),
+    /// starts it and waits until it serves; returns its base URL.
     pub fn start_serving_edge(&mut self, i: usize, rest: &str) -> String {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
         let (name, token) = self.nodes[i].clone();
+        let api = if rest.contains("[api") {
+            String::new()
+        } else {
+            format!("\n[api.clients.tests]\ntoken = {EDGE_TOKEN:?}\n")
+        };
         std::fs::write(
             self.path(&format!("{name}/edge.toml")),
             format!(
                 "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
-                 listen = \"127.0.0.1:{port}\"\n{rest}",
+                 listen = \"127.0.0.1:{port}\"\n{rest}{api}",
                 self.port
             ),
         )

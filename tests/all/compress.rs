@@ -406,7 +406,7 @@ fn model_compress_calibrates_on_an_edges_replay_buffer() {
         data: train_set.y[..n].iter().flat_map(|&l| (l as i64).to_le_bytes()).collect(),
     };
     let body = nereid::inference::wire::to_safetensors(&[x, y]).expect("safetensors");
-    let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, body);
+    let (code, out) = http("POST", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), body);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     let dir = tempfile::tempdir().expect("temp dir");
     let (model, out) = (dir.path().join("mlp.onnx"), dir.path().join("out.onnx"));

@@ -41,13 +41,13 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
 }
 
 fn get_json(url: &str) -> serde_json::Value {
-    let (code, body) = http("GET", url, None, Vec::new());
+    let (code, body) = http("GET", url, Some(EDGE_TOKEN), Vec::new());
     assert_eq!(code, 200, "{url}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).expect("json")
 }
 
 fn post_samples(edge: &str, data: &Dataset) {
-    let (code, body) = http("POST", &format!("{edge}/v1/samples"), None, batch(data));
+    let (code, body) = http("POST", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), batch(data));
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -130,7 +130,8 @@ fn edge_toml(c: &Cluster, job: &str, trigger: &str) -> String {
 /// Classes the edge's service predicts for `data`'s rows, and how many were right.
 fn correct(edge: &str, data: &Dataset) -> usize {
     let body = serde_json::json!({ "shape": [data.len(), 64], "data": data.x });
-    let (code, out) = http("POST", &format!("{edge}/v1/infer/digits"), None, serde_json::to_vec(&body).expect("json"));
+    let (code, out) =
+        http("POST", &format!("{edge}/v1/infer/digits"), Some(EDGE_TOKEN), serde_json::to_vec(&body).expect("json"));
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     let answer: serde_json::Value = serde_json::from_slice(&out).expect("json");
     let p: Vec<f64> =
@@ -196,7 +197,7 @@ fn the_count_trigger_starts_a_round_on_samples_from_the_api_and_the_inbox() {
     assert_eq!((s["inbox_taken"].as_u64(), s["new_samples"].as_u64()), (Some(1), Some(0)), "{s}");
 
     // A batch the model cannot take is refused at the door, naming what it takes.
-    let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, {
+    let (code, out) = http("POST", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), {
         let x = wire::f32_tensor("x", vec![1, 32], &[0.0; 32]);
         let y = TensorData { name: "y".into(), dtype: Dtype::I64, shape: vec![1], data: 3i64.to_le_bytes().to_vec() };
         wire::to_safetensors(&[x, y]).expect("safetensors")
@@ -358,7 +359,7 @@ fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
     let base = "name = \"edge-1\"\ncloud = \"http://127.0.0.1:9\"\ntoken = \"t\"\nstate = \"edge.db\"\nlisten = \"127.0.0.1:0\"\n";
     let run = |toml: &str| -> String {
         let path = dir.join("edge.toml");
-        std::fs::write(&path, format!("{base}{toml}")).expect("edge.toml");
+        std::fs::write(&path, format!("{base}{toml}\n[api]\nopen = true\n")).expect("edge.toml");
         let out = nereid(&["edge", "--config", &path.display().to_string()]);
         assert!(!out.status.success(), "refused");
         String::from_utf8_lossy(&out.stderr).into_owned()

@@ -11,7 +11,7 @@ use nereid::runtime::{Limits, SplitterPlugin, TensorData};
 use nereid::train::model::ModelSpec;
 use nereid_onnx::Message;
 
-use crate::cluster::{block, http, metric, Cluster};
+use crate::cluster::{block, http, metric, Cluster, EDGE_TOKEN};
 use crate::common::*;
 
 /// The test CNN (tests/fixtures/models/cnn.py: 21 nodes, 7 convolutions, a residual block).
@@ -183,7 +183,7 @@ fn write_model(dir: &Path, name: &str, seed: u64) {
 fn infer(url: &str, row: usize) -> serde_json::Value {
     let data: Vec<f32> = (0..64).map(|i| ((i + row) % 16) as f32).collect();
     let body = serde_json::to_vec(&serde_json::json!({"shape": [1, 64], "data": data})).expect("json");
-    let (code, body) = http("POST", url, None, body);
+    let (code, body) = http("POST", url, Some(EDGE_TOKEN), body);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).expect("json answer")
 }
@@ -259,6 +259,7 @@ fn infer_at_cut(url: &str, cut: &str, body: &[u8]) -> serde_json::Value {
     block(async {
         let r = reqwest::Client::new()
             .post(url)
+            .bearer_auth(EDGE_TOKEN)
             .header("x-nereid-cut", cut)
             .body(body.to_vec())
             .send()
@@ -314,11 +315,11 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
     let check = |r: &serde_json::Value| assert_answers(r, &want);
 
     let url = format!("{edge}/v1/infer/camera");
-    let (code, planned) = http("POST", &url, None, body.clone());
+    let (code, planned) = http("POST", &url, Some(EDGE_TOKEN), body.clone());
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&planned));
     let planned: serde_json::Value = serde_json::from_slice(&planned).expect("json");
     check(&planned);
-    let (code, plan) = http("GET", &format!("{edge}/v1/infer/camera/plan"), None, Vec::new());
+    let (code, plan) = http("GET", &format!("{edge}/v1/infer/camera/plan"), Some(EDGE_TOKEN), Vec::new());
     assert_eq!(code, 200);
     let plan: serde_json::Value = serde_json::from_slice(&plan).expect("json");
     assert_eq!(plan["cut"], planned["cut"], "the answer used the plan's cut");
@@ -411,6 +412,7 @@ fn an_image_adapter_turns_a_png_body_into_the_models_input() {
         block(async {
             let r = reqwest::Client::new()
                 .post(format!("{edge}/v1/infer/{service}"))
+                .bearer_auth(EDGE_TOKEN)
                 .header("content-type", content_type)
                 .body(body)
                 .send()

@@ -7,6 +7,7 @@ mod compress;
 mod fedavg;
 mod federated;
 mod fedprox;
+mod hostile;
 mod incremental;
 mod inference;
 mod nn;

@@ -32,13 +32,13 @@ fn batch(first: u64, n: u64, size: usize, classes: i64) -> Vec<u8> {
 }
 
 fn post(edge: &str, body: Vec<u8>) -> serde_json::Value {
-    let (code, out) = http("POST", &format!("{edge}/v1/samples"), None, body);
+    let (code, out) = http("POST", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), body);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     serde_json::from_slice(&out).expect("json")
 }
 
 fn stats(edge: &str) -> serde_json::Value {
-    let (code, out) = http("GET", &format!("{edge}/v1/samples"), None, Vec::new());
+    let (code, out) = http("GET", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), Vec::new());
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     serde_json::from_slice(&out).expect("json")
 }
@@ -67,7 +67,7 @@ fn the_buffer_survives_a_restart_and_decides_as_without_one() {
     }
     assert_eq!(stats(&a)["held_digest"], stats(&b)["held_digest"], "the restarted buffer kept the same samples");
     // A batch of another layout is refused, naming both, and changes nothing.
-    let (code, out) = http("POST", &format!("{a}/v1/samples"), None, batch(400, 10, 16, 3));
+    let (code, out) = http("POST", &format!("{a}/v1/samples"), Some(EDGE_TOKEN), batch(400, 10, 16, 3));
     let text = String::from_utf8_lossy(&out);
     assert!(code == 400 && text.contains("u8[32]") && text.contains("u8[16]"), "{code}: {text}");
     assert_eq!(stats(&a)["offered"].as_u64(), Some(400));

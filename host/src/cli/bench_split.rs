@@ -270,7 +270,8 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
                 "name = \"bench-edge\"\ncloud = \"http://127.0.0.1:{cloud_port}\"\ntoken = \"{token}\"\n\
                  state = \"edge-{i}.db\"\nlisten = \"127.0.0.1:{edge_port}\"\nmodels = \"models\"\n\
                  [services.bench]\nkind = \"split\"\nmodel = \"bench\"\ncloud = \"http://{}\"\nrelink_secs = 0\n\
-                 cloud_timeout_ms = 60000\nsplitter = {{ plugin = {:?} }}\n",
+                 cloud_timeout_ms = 60000\nsplitter = {{ plugin = {:?} }}\n\
+                 # The benchmark's own edge on loopback: its API needs no tokens.\n[api]\nopen = true\n",
                 shaper.addr(),
                 plugin.display().to_string()
             ),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use nereid::components::Components;
 use nereid::runtime::{AggregatorPlugin, Limits, Runtime};
-use nereid_registry::server::{ServerOptions, UsersFile};
+use nereid_registry::server::ServerOptions;
 use nereid_registry::Reference;
 
 #[derive(Args)]
@@ -77,8 +77,7 @@ pub fn run(args: SwapBench) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let host = listener.local_addr()?.to_string();
-    let options =
-        ServerOptions { root: dir.path().join("registry"), users: UsersFile::default(), anonymous_pull: false };
+    let options = ServerOptions::open(dir.path().join("registry"));
     rt.spawn(nereid_registry::server::serve(listener, options));
 
     let pusher = Components::new(dir.path().join("push-cache"), &Default::default())?;

@@ -52,3 +52,38 @@ pub fn components(cache_dir: Option<&std::path::Path>) -> anyhow::Result<nereid:
         &std::collections::BTreeMap::new(),
     )?)
 }
+
+/// The limits a server puts on its callers, as flags (cloud.toml and edge.toml have `[http]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpLimitArgs {
+    /// Seconds a client has to send a request's headers (also how long an idle connection stays).
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().header_timeout_secs)]
+    header_timeout_secs: f64,
+    /// Seconds a request body may go without a byte arriving.
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().body_idle_secs)]
+    body_idle_secs: f64,
+    /// Seconds a whole request body may take.
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().body_timeout_secs)]
+    body_timeout_secs: f64,
+    /// Connections open at once, in all.
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().max_connections)]
+    max_connections: usize,
+    /// Connections open at once from one address.
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().max_connections_per_peer)]
+    max_connections_per_peer: usize,
+}
+
+impl HttpLimitArgs {
+    pub fn limits(&self) -> anyhow::Result<nereid_net::ServerLimits> {
+        let limits = nereid_net::ServerLimits {
+            header_timeout_secs: self.header_timeout_secs,
+            body_idle_secs: self.body_idle_secs,
+            body_timeout_secs: self.body_timeout_secs,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+        };
+        // The error names the key; as flags, keys are spelled with dashes.
+        limits.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('`', "").replace('_', "-")))?;
+        Ok(limits)
+    }
+}

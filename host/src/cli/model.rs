@@ -33,6 +33,9 @@ pub struct LsArgs {
     /// The edge's API, e.g. http://127.0.0.1:7100 (its `listen`).
     #[arg(long)]
     edge: String,
+    /// A token of the edge's API with the `read` right ([api.clients.<name>] in its edge.toml).
+    #[arg(long, env = "NEREID_EDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON (`serving_version` and `versions`).
     #[arg(long)]
     json: bool,
@@ -163,7 +166,11 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", args.edge.trim_end_matches('/'));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (status, body) = rt.block_on(async {
-        let resp = reqwest::Client::new().get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let mut req = reqwest::Client::new().get(&url);
+        if let Some(token) = &args.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.with_context(|| format!("GET {url}"))?;
         Ok::<_, anyhow::Error>((resp.status(), resp.text().await?))
     })?;
     if !status.is_success() {
@@ -205,7 +212,8 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    nereid::files::read_limited(path, nereid::files::MAX_MODEL_BYTES)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// The model with every tensor typed: as given if the cut's tensors already are, else measured.

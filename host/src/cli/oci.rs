@@ -84,13 +84,22 @@ pub enum RegistryCommand {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:5000")]
         addr: String,
-        /// Users allowed to push and pull: TOML `[users.NAME] password_sha256 = "<hex>"`.
-        /// Without it, anyone may push and pull.
+        /// Users and what they may do: TOML `[users.NAME] password_sha256 = "<hex>"`, with
+        /// optional `pull`, `push`, `delete` lists of repositories (names, or prefixes ending in
+        /// `*`; a user with no list may do everything). Without it, anyone may push and pull.
         #[arg(long, value_name = "FILE")]
         users: Option<PathBuf>,
         /// With --users: let anyone pull (pushing still needs a user).
         #[arg(long)]
         anonymous_pull: bool,
+        /// Largest blob an upload may make, in MiB.
+        #[arg(long, default_value_t = 1024, value_name = "MIB")]
+        max_blob_mib: u64,
+        /// Seconds an upload session is kept without a request.
+        #[arg(long, default_value_t = 600)]
+        upload_ttl_secs: u64,
+        #[command(flatten)]
+        http: super::HttpLimitArgs,
     },
     /// A repository's tags.
     Tags {
@@ -142,7 +151,8 @@ pub fn transfer_bar(prefix: String) -> indicatif::ProgressBar {
 
 pub fn push(args: PushArgs, cache_dir: Option<&Path>) -> anyhow::Result<()> {
     let reference = Reference::parse(&args.reference)?;
-    let bytes = std::fs::read(&args.component).with_context(|| format!("reading {}", args.component.display()))?;
+    let bytes = nereid::files::read_limited(&args.component, nereid::files::MAX_COMPONENT_BYTES)
+        .with_context(|| format!("reading {}", args.component.display()))?;
     let client = args.registry.client(cache_dir)?;
     let bar = transfer_bar(format!("push {}", reference.repository));
     let progress = |done: u64, total: u64| {
@@ -228,13 +238,23 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<&Path>) -> anyhow::Result<()> 
 
 pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Result<()> {
     match cmd {
-        RegistryCommand::Serve { root, addr, users, anonymous_pull } => {
+        RegistryCommand::Serve { root, addr, users, anonymous_pull, max_blob_mib, upload_ttl_secs, http } => {
             let users = users.as_deref().map(UsersFile::read).transpose()?.unwrap_or_default();
+            anyhow::ensure!(max_blob_mib >= 1, "--max-blob-mib must be at least 1");
+            anyhow::ensure!(upload_ttl_secs >= 1, "--upload-ttl-secs must be at least 1");
+            let options = ServerOptions {
+                users,
+                anonymous_pull,
+                max_blob_bytes: max_blob_mib.saturating_mul(1 << 20),
+                upload_ttl: std::time::Duration::from_secs(upload_ttl_secs),
+                limits: http.limits()?,
+                ..ServerOptions::open(root.clone())
+            };
             let rt = tokio()?;
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
                 tracing::info!(root = %root.display(), "registry listening on {}", listener.local_addr()?);
-                nereid_registry::server::serve(listener, ServerOptions { root, users, anonymous_pull }).await?;
+                nereid_registry::server::serve(listener, options).await?;
                 Ok(())
             })
         }

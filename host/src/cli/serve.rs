@@ -181,10 +181,7 @@ pub enum TokenCommand {
 pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create { node, config } => {
-            anyhow::ensure!(
-                !node.is_empty() && node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-                "a node name is letters, digits, '-' or '_'"
-            );
+            nereid::names::check(nereid::names::Kind::Node, &node)?;
             let (cfg, base): (CloudConfig, _) = read_config(&config)?;
             let store = CloudStore::open(&base.join(&cfg.state)).context("opening the cloud's state")?;
             let token = new_token();

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use nereid_onnx::Message;
 
 use super::{err, ApiResult, Caller, Cloud};
@@ -54,7 +54,7 @@ impl CloudInference {
         for (name, cfg) in services {
             let dir = models.ok_or_else(|| anyhow::anyhow!("[services.{name}]: `models` is not set in cloud.toml"))?;
             let path = dir.join(&cfg.model).join("model.onnx");
-            let onnx = std::fs::read(&path)
+            let onnx = crate::files::read_limited(&path, crate::files::MAX_MODEL_BYTES)
                 .map_err(|e| anyhow::anyhow!("[services.{name}] model: reading {}: {e}", path.display()))?;
             let full = NativeModel::new(&onnx)
                 .map_err(|e| anyhow::anyhow!("[services.{name}] model {}: {e}", path.display()))?;
@@ -142,11 +142,12 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> +
 /// carries an outbox id, and answered by the service's model.
 pub async fn infer(
     State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let node = cloud.node(&headers)?;
+    let node = caller.node()?;
     let service = cloud.inference.service(&name)?;
     let inputs = tensors(&body)?;
     if let Some(id) = header(&headers, EXAMPLE_HEADER) {
@@ -166,11 +167,12 @@ pub async fn infer(
 /// the `x-nereid-cut` header says; the model must be the one the edge cut (`x-nereid-model-digest`).
 pub async fn tail(
     State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let node = cloud.node(&headers)?;
+    let node = caller.node()?;
     let service = cloud.inference.service(&name)?;
     let digest = header(&headers, DIGEST_HEADER).unwrap_or_default();
     if digest != service.digest {
@@ -220,12 +222,7 @@ pub async fn tail(
 }
 
 /// `GET /v1/infer/<service>/profile`: the model's digest and per-node milliseconds here.
-pub async fn profile(
-    State(cloud): State<Arc<Cloud>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    cloud.caller(&headers)?;
+pub async fn profile(State(cloud): State<Arc<Cloud>>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
     let service = cloud.inference.service(&name)?;
     let s = service.clone();
     let node_ms = run_blocking(move || s.node_ms().cloned()).await?;
@@ -235,17 +232,18 @@ pub async fn profile(
 /// `GET /v1/infer/<service>/hard-examples`: the kept hard examples, `[[node, id], ...]`.
 pub async fn hard_examples(
     State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    if let Caller::Node(n) = cloud.caller(&headers)? {
+    if let Caller::Node(n) = caller {
         return Err(err(StatusCode::FORBIDDEN, format!("node `{n}` may not list hard examples")));
     }
     cloud.inference.service(&name)?;
     Ok(Json(cloud.store.hard_examples(&name)?).into_response())
 }
 
-/// `GET|POST /v1/ping`: the number of bytes received, for round-trip and bandwidth probes.
+/// `GET|POST /v1/ping`: the number of bytes received, for round-trip and bandwidth probes (by
+/// authenticated callers only: a probe's body is read whole).
 pub async fn ping(body: Bytes) -> impl IntoResponse {
     body.len().to_string()
 }

@@ -8,7 +8,7 @@
 //! exactly what it had — then commit v(r) and the round's summary in one transaction.
 mod inference;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -89,6 +89,8 @@ pub struct Cloud {
     /// Upload bodies held in memory at once; further uploads wait (TCP backpressure), which
     /// bounds the cloud's memory whatever the number of clients.
     upload_slots: tokio::sync::Semaphore,
+    /// Nodes with an upload in progress (one each).
+    uploading: Uploading,
     max_upload: usize,
 }
 
@@ -108,9 +110,43 @@ struct ActiveFold {
     fold: RoundFold,
 }
 
-enum Caller {
+/// Who a request is from, established before its body is read (see [`authenticate`]).
+#[derive(Debug, Clone)]
+pub enum Caller {
     Admin,
     Node(String),
+}
+
+impl Caller {
+    fn admin(&self) -> ApiResult<()> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Node(n) => Err(err(StatusCode::FORBIDDEN, format!("node `{n}` may not manage jobs"))),
+        }
+    }
+
+    fn node(&self) -> ApiResult<String> {
+        match self {
+            Caller::Node(n) => Ok(n.clone()),
+            Caller::Admin => Err(err(StatusCode::FORBIDDEN, "this endpoint is for nodes")),
+        }
+    }
+}
+
+/// Refuses a request without a valid token before anything reads its body, and hands the
+/// handler who it is from.
+async fn authenticate(
+    State(cloud): State<Arc<Cloud>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match cloud.caller(req.headers()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 impl Cloud {
@@ -137,20 +173,6 @@ impl Cloud {
                 Ok(Caller::Node(node))
             }
             None => Err(refuse()),
-        }
-    }
-
-    fn admin(&self, headers: &HeaderMap) -> ApiResult<()> {
-        match self.caller(headers)? {
-            Caller::Admin => Ok(()),
-            Caller::Node(n) => Err(err(StatusCode::FORBIDDEN, format!("node `{n}` may not manage jobs"))),
-        }
-    }
-
-    fn node(&self, headers: &HeaderMap) -> ApiResult<String> {
-        match self.caller(headers)? {
-            Caller::Node(n) => Ok(n),
-            Caller::Admin => Err(err(StatusCode::FORBIDDEN, "this endpoint is for nodes")),
         }
     }
 
@@ -196,14 +218,19 @@ async fn health() -> &'static str {
     "ok"
 }
 
-async fn task(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Json<TaskResponse>> {
-    let node = cloud.node(&headers)?;
+async fn task(State(cloud): State<Arc<Cloud>>, Extension(caller): Extension<Caller>) -> ApiResult<Json<TaskResponse>> {
+    let node = caller.node()?;
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let Some(round) = cloud.store.round(&row.name, row.next_round)? else { continue };
         if round.closed_ms.is_some() || !round.selected.contains(&node) {
             continue;
         }
         if cloud.store.update_nodes(&row.name, round.round)?.contains(&node) {
+            continue;
+        }
+        // A node that could not make its update this round is not asked again: it takes the
+        // next job's task instead.
+        if cloud.store.failures(&row.name, round.round)?.iter().any(|(n, _)| *n == node) {
             continue;
         }
         let spec = spec_of(&row)?;
@@ -228,10 +255,24 @@ async fn task(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<
 
 async fn model(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     UrlPath((job, version)): UrlPath<(String, u32)>,
 ) -> ApiResult<Bytes> {
-    let caller = cloud.caller(&headers)?;
+    if let Caller::Node(node) = &caller {
+        // A node gets v(r-1) only to train round r, and only if it was selected for it.
+        let selected = version
+            .checked_add(1)
+            .map(|r| cloud.store.round(&job, r))
+            .transpose()?
+            .flatten()
+            .is_some_and(|r| r.selected.contains(node));
+        if !selected {
+            return Err(err(
+                StatusCode::FORBIDDEN,
+                format!("node `{node}` takes no part in the round of job `{job}` that starts from version {version}"),
+            ));
+        }
+    }
     let cached =
         cloud.served.lock().ok().and_then(|m| m.get(&job).filter(|(v, _)| *v == version).map(|(_, b)| b.clone()));
     let bytes = match cached {
@@ -256,44 +297,77 @@ async fn model(
     Ok(bytes)
 }
 
-async fn component(
-    State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
-    UrlPath(digest): UrlPath<String>,
-) -> ApiResult<Vec<u8>> {
-    cloud.caller(&headers)?;
+async fn component(State(cloud): State<Arc<Cloud>>, UrlPath(digest): UrlPath<String>) -> ApiResult<Vec<u8>> {
     cloud.store.component(&digest)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no component {digest}")))
 }
 
 async fn put_component(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    cloud.admin(&headers)?;
+    caller.admin()?;
     let digest = content_digest(&body);
     cloud.store.put_component(&digest, &body)?;
     Ok(Json(serde_json::json!({ "digest": digest })))
 }
 
+/// The nodes uploading now: one upload per node at a time, so one node cannot take every slot.
+#[derive(Default)]
+struct Uploading(Mutex<HashSet<String>>);
+
+/// A node's claim on uploading; dropping it (also when the request is abandoned) lets go.
+struct UploadClaim<'a> {
+    uploading: &'a Uploading,
+    node: String,
+}
+
+impl Uploading {
+    fn claim(&self, node: &str) -> Option<UploadClaim<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(node.to_string()).then(|| UploadClaim { uploading: self, node: node.to_string() })
+    }
+}
+
+impl Drop for UploadClaim<'_> {
+    fn drop(&mut self) {
+        self.uploading.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.node);
+    }
+}
+
+/// How long an upload waits for a slot before the node is told to come back.
+const SLOT_WAIT: Duration = Duration::from_secs(30);
+
+fn retry_later(message: String) -> Response {
+    let mut resp = err(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+    resp
+}
+
 async fn upload(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     UrlPath((job, round)): UrlPath<(String, u32)>,
     body: axum::body::Body,
-) -> ApiResult<Json<UploadResponse>> {
-    let node = cloud.node(&headers)?;
-    let _slot = cloud.upload_slots.acquire().await.map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+) -> Result<Json<UploadResponse>, Response> {
+    let node = caller.node().map_err(IntoResponse::into_response)?;
     let refused = |status: StatusCode, message: String| {
         cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
-        err(status, message)
+        err(status, message).into_response()
     };
-    let row = cloud.store.job(&job)?.ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
+    let internal = |e: StoreError| ApiError::from(e).into_response();
+    // Everything that needs no body is checked before the upload takes a slot.
+    let row = cloud
+        .store
+        .job(&job)
+        .map_err(internal)?
+        .ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
     let r = cloud
         .store
-        .round(&job, round)?
+        .round(&job, round)
+        .map_err(internal)?
         .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
-    if cloud.store.update(&job, round, &node)?.is_some() {
+    if cloud.store.update(&job, round, &node).map_err(internal)?.is_some() {
         cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
         return Ok(Json(UploadResponse { status: "duplicate".into() }));
     }
@@ -306,13 +380,37 @@ async fn upload(
     if !r.selected.contains(&node) {
         return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
     }
-    let spec = spec_of(&row)?;
+    if cloud.store.failures(&job, round).map_err(internal)?.iter().any(|(n, _)| *n == node) {
+        return Err(refused(StatusCode::CONFLICT, format!("node `{node}` reported that it failed round {round}")));
+    }
+    let spec = spec_of(&row).map_err(IntoResponse::into_response)?;
+    let Some(_claim) = cloud.uploading.claim(&node) else {
+        return Err(refused(StatusCode::TOO_MANY_REQUESTS, format!("an upload from node `{node}` is in progress")));
+    };
+    let _slot = match tokio::time::timeout(SLOT_WAIT, cloud.upload_slots.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => return Err(retry_later(format!("every upload slot is busy; node `{node}` should try again"))),
+    };
+    accept_upload(&cloud, &spec, round, &node, body).await.map_err(|e| {
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+/// Receives, checks and records one update (the caller holds an upload slot).
+async fn accept_upload(
+    cloud: &Arc<Cloud>,
+    spec: &JobSpec,
+    round: u32,
+    node: &str,
+    body: axum::body::Body,
+) -> ApiResult<Json<UploadResponse>> {
+    let job = &spec.name;
     // Streamed to its file and fsynced: the cloud holds no more than a chunk of an update.
-    let path = cloud.store.new_update_file(&job, round, &node);
+    let path = cloud.store.new_update_file();
     let written = receive(body, &path, cloud.max_upload).await;
     let fail = |e: ApiError| {
         let _ = std::fs::remove_file(&path);
-        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
         e
     };
     let len = written.map_err(fail)?;
@@ -329,16 +427,8 @@ async fn upload(
         .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
         .map_err(fail)?
     };
-    if spec.compressor.is_some() {
-        // What arrived is the encoded difference to the global model: decoded here, before it
-        // is accepted, and stored as the weights it stands for (the fold is the same either way).
-        let (c, spec, node, path, metadata) =
-            (cloud.clone(), spec.clone(), node.clone(), path.clone(), header.metadata.clone());
-        tokio::task::spawn_blocking(move || decode_update(&c, &spec, round, &node, &path, metadata))
-            .await
-            .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
-            .map_err(|e| fail(err(StatusCode::BAD_REQUEST, e)))?;
-    } else {
+    // Cheap checks first; a compressed update is decoded only if they pass.
+    if spec.compressor.is_none() {
         let layout: Vec<_> = header.tensors.iter().map(|(n, d, s, _)| (n.clone(), *d, s.clone())).collect();
         if let Err(e) = spec.model.check_layout(&layout) {
             return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
@@ -349,17 +439,40 @@ async fn upload(
         .get(META_NUM_EXAMPLES)
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| fail(err(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`"))))?;
+    let max = spec.rounds.max_examples;
+    if !(1..=max).contains(&num_examples) {
+        return Err(fail(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "update from `{node}`: `{META_NUM_EXAMPLES}` is {num_examples}; job `{job}` takes 1 to {max} \
+                 examples per update ([rounds] max_examples)"
+            ),
+        )));
+    }
     let metrics = header.metadata.get(META_METRICS).cloned().unwrap_or_else(|| "{}".into());
-    if serde_json::from_str::<UpdateMetrics>(&metrics).is_err() {
-        return Err(fail(err(StatusCode::BAD_REQUEST, format!("`{META_METRICS}` is not valid metrics JSON"))));
+    let parsed = serde_json::from_str::<UpdateMetrics>(&metrics)
+        .map_err(|e| format!("`{META_METRICS}` is not valid metrics JSON: {e}"))
+        .and_then(|m| m.validate(max).map_err(|e| format!("`{META_METRICS}`: {e}")));
+    if let Err(e) = parsed {
+        return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
+    }
+    if spec.compressor.is_some() {
+        // What arrived is the encoded difference to the global model: decoded here, before it
+        // is accepted, and stored as the weights it stands for (the fold is the same either way).
+        let (c, spec, node, path, metadata) =
+            (cloud.clone(), spec.clone(), node.to_string(), path.clone(), header.metadata.clone());
+        tokio::task::spawn_blocking(move || decode_update(&c, &spec, round, &node, &path, metadata))
+            .await
+            .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+            .map_err(|e| fail(err(StatusCode::BAD_REQUEST, e)))?;
     }
     // The file is durable; committing its row makes the update accepted.
-    let inserted = cloud.store.insert_update(&job, round, &node, num_examples, &metrics, &path)?;
-    let body_len = len;
+    let settled = cloud.store.settle_update_file(&path).map_err(|e| fail(e.into()))?;
+    let inserted = cloud.store.insert_update(job, round, node, num_examples, &metrics, &settled)?;
     let status = match inserted {
         Inserted::New => {
             cloud.counters.updates_accepted.fetch_add(1, Ordering::Relaxed);
-            cloud.traffic(&job, round, body_len, 0);
+            cloud.traffic(job, round, len, 0);
             cloud.wake.notify_waiters();
             "accepted"
         }
@@ -369,6 +482,59 @@ async fn upload(
         }
     };
     Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// `POST /v1/jobs/<job>/rounds/<round>/failure`: a selected node could not make its update
+/// (a bad task, a trainer that failed, an update the cloud refused). The round stops waiting
+/// for it and the node is not given this round's task again.
+async fn report_failure(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((job, round)): UrlPath<(String, u32)>,
+    Json(report): Json<FailureReport>,
+) -> ApiResult<Json<UploadResponse>> {
+    let node = caller.node()?;
+    let r = cloud
+        .store
+        .round(&job, round)?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no round {round}")))?;
+    if !r.selected.contains(&node) {
+        return Err(err(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+    }
+    if r.closed_ms.is_some() {
+        return Err(err(StatusCode::CONFLICT, format!("round {round} of job `{job}` is closed")));
+    }
+    let reason = report.sanitized_reason();
+    let status = if cloud.store.record_failure(&job, round, &node, &reason)? {
+        tracing::warn!(job = %job, round, node = %node, "the node failed the round: {reason}");
+        cloud.wake.notify_waiters();
+        "recorded"
+    } else {
+        "duplicate"
+    };
+    Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// `GET /v1/jobs/<job>/rounds/<round>`: whether the round still waits for the calling node
+/// (an edge stops training when it does not).
+async fn round_state(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((job, round)): UrlPath<(String, u32)>,
+) -> ApiResult<Json<RoundState>> {
+    let running = cloud.store.job(&job)?.is_some_and(|j| j.status == "running");
+    let r = cloud.store.round(&job, round)?;
+    let open = running && r.as_ref().is_some_and(|r| r.closed_ms.is_none());
+    let waits = match (&caller, &r) {
+        (Caller::Node(node), Some(r)) if open => {
+            r.selected.contains(node)
+                && !cloud.store.update_nodes(&job, round)?.contains(node)
+                && !cloud.store.failures(&job, round)?.iter().any(|(n, _)| n == node)
+        }
+        (Caller::Admin, _) => open,
+        _ => false,
+    };
+    Ok(Json(RoundState { open, waits_for_caller: waits }))
 }
 
 /// Decodes the compressed update in `path` with the job's compressor and rewrites the file as
@@ -417,7 +583,10 @@ async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64,
     let mut stream = body.into_data_stream();
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")))?;
+        let chunk = chunk.map_err(|e| match nereid_net::body_timeout(&e) {
+            Some(t) => err(StatusCode::REQUEST_TIMEOUT, format!("reading the upload: {t}")),
+            None => err(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")),
+        })?;
         total += chunk.len();
         if total > max {
             return Err(err(
@@ -436,12 +605,24 @@ async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64,
 /// and for good if the new ones are refused).
 async fn submit_job(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<SubmitJob>,
 ) -> ApiResult<Json<JobSummary>> {
-    cloud.admin(&headers)?;
+    caller.admin()?;
     let mut spec = req.spec;
-    spec.model.validate().map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // The same checks `job apply` made (a client need not be nereid's CLI).
+    let bad = |e: String| {
+        err(StatusCode::BAD_REQUEST, format!("job `{}`: {e}", spec.name.chars().take(64).collect::<String>()))
+    };
+    spec.validate().map_err(|e| bad(e.to_string()))?;
+    let model_bytes = spec.model.parameter_count().saturating_mul(4);
+    if model_bytes > cloud.max_upload as u64 {
+        return Err(bad(format!(
+            "key `model.kind`: the model's weights are {model_bytes} bytes as f32, more than the cloud takes in one \
+             upload ({} bytes, max_upload_mib in cloud.toml)",
+            cloud.max_upload
+        )));
+    }
     // Registry plugins are resolved here, once: every node gets the same pinned digest.
     cloud.plugins.resolve(&cloud.store, &mut spec).await.map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     for (_, p) in spec.plugins() {
@@ -531,8 +712,11 @@ fn changed_fields(a: &JobSpec, b: &JobSpec) -> Vec<&'static str> {
     out
 }
 
-async fn list_jobs(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Json<Vec<JobSummary>>> {
-    cloud.admin(&headers)?;
+async fn list_jobs(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<JobSummary>>> {
+    caller.admin()?;
     let jobs = cloud
         .store
         .jobs()?
@@ -563,6 +747,7 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
             selected: r.selected.clone(),
             received: cloud.store.update_nodes(name, r.round)?,
             folded: folded(cloud, name, r.round),
+            failed: cloud.store.failures(name, r.round)?.into_iter().collect(),
             deadline_ms: r.deadline_ms,
         }),
         _ => None,
@@ -577,6 +762,7 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
             let seen = last_seen.get(&n).copied();
             let state = match &current {
                 Some(c) if c.received.contains(&n) => "uploaded",
+                Some(c) if c.failed.contains_key(&n) => "failed",
                 Some(c) if c.selected.contains(&n) => "training",
                 _ if seen.is_none_or(|s| s < online_since) => "offline",
                 _ => "idle",
@@ -604,19 +790,19 @@ fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
 
 async fn get_job(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<JobStatus>> {
-    cloud.admin(&headers)?;
+    caller.admin()?;
     Ok(Json(job_status(&cloud, &name)?))
 }
 
 async fn stop_job(
     State(cloud): State<Arc<Cloud>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<JobStatus>> {
-    cloud.admin(&headers)?;
+    caller.admin()?;
     cloud.store.job(&name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
     cloud.store.finish_job(&name, "stopped", "stopped by an operator")?;
     cloud.wake.notify_waiters();
@@ -644,10 +830,11 @@ async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String> {
     out.push_str("# HELP nereid_job_round Rounds closed per job.\n# TYPE nereid_job_round gauge\n");
     out.push_str("# HELP nereid_job_accuracy Accuracy of the newest evaluated global model per job.\n# TYPE nereid_job_accuracy gauge\n");
     for row in cloud.store.jobs()? {
-        out.push_str(&format!("nereid_job_round{{job=\"{}\"}} {}\n", row.name, row.next_round - 1));
+        let job = crate::names::escape_label(&row.name);
+        out.push_str(&format!("nereid_job_round{{job=\"{job}\"}} {}\n", row.next_round - 1));
         let last = cloud.store.rounds(&row.name)?.into_iter().rev().find_map(|r| r.summary);
         if let Some(acc) = last.and_then(|s| serde_json::from_str::<RoundSummary>(&s).ok()).and_then(|s| s.accuracy) {
-            out.push_str(&format!("nereid_job_accuracy{{job=\"{}\"}} {acc}\n", row.name));
+            out.push_str(&format!("nereid_job_accuracy{{job=\"{job}\"}} {acc}\n"));
         }
     }
     Ok(out)
@@ -667,6 +854,10 @@ fn load_update(cloud: &Cloud, job: &str, round: u32, node: &str) -> Result<Clien
         .map_err(|e| reject(e.to_string()))?
         .ok_or_else(|| reject("gone".into()))?;
     let tensors = model_io::read(&row.file).map_err(|e| reject(e.to_string()))?;
+    // A NaN or an infinity would poison the global model whatever the aggregator.
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| !t.all_finite()) {
+        return Err(reject(format!("tensor `{name}` holds NaN or infinite values")));
+    }
     Ok(ClientUpdate {
         client: node.to_string(),
         kind: UpdateKind::Weights,
@@ -733,6 +924,15 @@ fn folded(cloud: &Cloud, job: &str, round: u32) -> Vec<String> {
 }
 
 /// Folds what is left of round `round` and ends it: v(round) and the round's summary.
+/// How a round ends.
+enum Closing {
+    /// Fold what arrived into v(round).
+    Aggregate,
+    /// Every selected node answered but fewer than `min_clients` sent an update: v(round) is
+    /// v(round - 1), and the updates that came are left out.
+    TooFew,
+}
+
 fn close(
     cloud: &Cloud,
     spec: &JobSpec,
@@ -740,7 +940,53 @@ fn close(
     selected: &[String],
     closed_by: &str,
     opened_ms: i64,
+    closing: Closing,
 ) -> anyhow::Result<(Vec<u8>, RoundSummary)> {
+    let failures = cloud.store.failures(&spec.name, round)?;
+    let failed = |rejected: &mut Vec<Rejection>| {
+        rejected.extend(
+            failures
+                .iter()
+                .map(|(node, reason)| Rejection { update: node.clone(), reason: format!("the node failed: {reason}") }),
+        )
+    };
+    let metrics_of: HashMap<String, (u64, UpdateMetrics)> = cloud
+        .store
+        .update_metrics(&spec.name, round)?
+        .into_iter()
+        .map(|(node, n, metrics)| (node, (n, parse_metrics(&metrics))))
+        .collect();
+    if let Closing::TooFew = closing {
+        if let Ok(mut f) = cloud.folds.lock() {
+            f.remove(&spec.name);
+        }
+        let model = cloud
+            .store
+            .model(&spec.name, round - 1)?
+            .ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))?;
+        let mut rejected: Vec<Rejection> = metrics_of
+            .keys()
+            .map(|node| Rejection {
+                update: node.clone(),
+                reason: format!(
+                    "left out: only {} of the {} nodes the round needs sent an update",
+                    metrics_of.len(),
+                    spec.rounds.min_clients
+                ),
+            })
+            .collect();
+        rejected.sort_by(|a, b| a.update.cmp(&b.update));
+        failed(&mut rejected);
+        let summary = RoundSummary {
+            round,
+            closed_by: closed_by.into(),
+            rejected,
+            duration_ms: now_ms() - opened_ms,
+            aggregator: plugins::label(&spec.aggregator),
+            ..RoundSummary::default()
+        };
+        return Ok((model, summary));
+    }
     advance(cloud, spec, round, selected, true)?;
     let active = cloud
         .folds
@@ -749,13 +995,7 @@ fn close(
         .remove(&spec.name)
         .ok_or_else(|| anyhow::anyhow!("round {round} has no fold"))?;
     let mut plugin = active.aggregator.plugin.lock().map_err(|_| anyhow::anyhow!("aggregator lock poisoned"))?;
-    let metrics_of: HashMap<String, (u64, UpdateMetrics)> = cloud
-        .store
-        .update_metrics(&spec.name, round)?
-        .into_iter()
-        .map(|(node, n, metrics)| (node, (n, parse_metrics(&metrics))))
-        .collect();
-    let (model, accepted, rejected, agg_metrics) = match active.fold.finish(&mut plugin) {
+    let (model, accepted, mut rejected, agg_metrics) = match active.fold.finish(&mut plugin) {
         Ok(report) => (
             model_io::encode(&report.result.tensors, None)?,
             report.accepted,
@@ -774,8 +1014,9 @@ fn close(
         ),
         Err(e) => return Err(e.into()),
     };
+    failed(&mut rejected);
     let weighted = |f: &dyn Fn(&UpdateMetrics) -> f64, w: &dyn Fn(&(u64, UpdateMetrics)) -> u64| {
-        let total: u64 = accepted.iter().filter_map(|n| metrics_of.get(n)).map(w).sum();
+        let total: u64 = accepted.iter().filter_map(|n| metrics_of.get(n)).map(w).fold(0, u64::saturating_add);
         (total > 0).then(|| {
             accepted.iter().filter_map(|n| metrics_of.get(n)).map(|m| f(&m.1) * w(m) as f64).sum::<f64>() / total as f64
         })
@@ -784,7 +1025,7 @@ fn close(
         cloud.traffic.lock().ok().and_then(|t| t.get(&(spec.name.clone(), round)).copied()).unwrap_or_default();
     let summary = RoundSummary {
         round,
-        examples: accepted.iter().filter_map(|n| metrics_of.get(n)).map(|m| m.0).sum(),
+        examples: accepted.iter().filter_map(|n| metrics_of.get(n)).fold(0u64, |sum, m| sum.saturating_add(m.0)),
         accuracy: weighted(&|m| m.eval_accuracy, &|m| m.1.eval_examples),
         loss: weighted(&|m| m.eval_loss, &|m| m.1.eval_examples),
         train_loss: weighted(&|m| m.train_loss, &|m| m.0),
@@ -867,12 +1108,17 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         progress.set_prefix(format!("{name} round {r}"));
         progress.set_length(round.selected.len() as u64);
         progress.set_position(received.len() as u64);
-        let quorum = round.selected.iter().all(|n| received.contains(n));
+        let failed: HashSet<String> = cloud.store.failures(name, r)?.into_iter().map(|(n, _)| n).collect();
+        // Every selected node sent its update or said it cannot.
+        let answered = round.selected.iter().all(|n| received.contains(n) || failed.contains(n));
         let late = now_ms() >= round.deadline_ms;
-        let closed_by = if quorum {
-            "quorum"
-        } else if late && received.len() >= spec.rounds.min_clients {
-            "deadline"
+        let enough = received.len() >= spec.rounds.min_clients;
+        let (closed_by, closing) = if answered && enough {
+            ("quorum", Closing::Aggregate)
+        } else if answered {
+            ("failures", Closing::TooFew)
+        } else if late && enough {
+            ("deadline", Closing::Aggregate)
         } else {
             if late {
                 progress.set_message(format!("past the deadline, waiting for {} updates", spec.rounds.min_clients));
@@ -886,7 +1132,8 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let opened = round.opened_ms;
         let selected = round.selected.clone();
         let (model, summary) =
-            tokio::task::spawn_blocking(move || close(&cloud2, &spec2, r, &selected, &closed_by, opened)).await??;
+            tokio::task::spawn_blocking(move || close(&cloud2, &spec2, r, &selected, &closed_by, opened, closing))
+                .await??;
         let summary_json = serde_json::to_string(&summary)?;
         cloud.store.close_round(name, r, &model, &summary_json)?;
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
@@ -947,6 +1194,7 @@ pub async fn serve(
         served: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
         upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
+        uploading: Uploading::default(),
         max_upload: config.max_upload_mib << 20,
     });
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
@@ -960,33 +1208,35 @@ pub async fn serve(
     let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     tracing::info!("cloud listening on {}", listener.local_addr()?);
-    // Small responses written in two parts would otherwise wait out the client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, app).await?;
+    nereid_net::serve(listener, app, config.http.clone()).await?;
     Ok(())
 }
 
+/// Largest JSON body of the API (a job spec, a failure report).
+const MAX_JSON_BODY: usize = 1 << 20;
+/// Largest `/v1/ping` probe.
+const MAX_PING_BODY: usize = 16 << 20;
+
 fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
+    let limit = DefaultBodyLimit::max;
+    // Every route but these two authenticates first: no body is read for an unknown caller.
+    let open = Router::new().route("/v1/health", get(health)).route("/metrics", get(metrics));
+    let authenticated = Router::new()
         .route("/v1/task", get(task))
-        .route("/v1/components", post(put_component))
+        .route("/v1/components", post(put_component).layer(limit(crate::files::MAX_COMPONENT_BYTES as usize)))
         .route("/v1/components/{digest}", get(component))
-        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs", get(list_jobs).post(submit_job).layer(limit(MAX_JSON_BODY)))
         .route("/v1/jobs/{job}", get(get_job))
         .route("/v1/jobs/{job}/stop", post(stop_job))
         .route("/v1/jobs/{job}/models/{version}", get(model))
+        .route("/v1/jobs/{job}/rounds/{round}", get(round_state))
         .route("/v1/jobs/{job}/rounds/{round}/update", post(upload))
-        .route("/v1/ping", get(inference::ping).post(inference::ping))
-        .route("/v1/infer/{service}", post(inference::infer))
-        .route("/v1/infer/{service}/tail", post(inference::tail))
+        .route("/v1/jobs/{job}/rounds/{round}/failure", post(report_failure).layer(limit(MAX_JSON_BODY)))
+        .route("/v1/ping", get(inference::ping).post(inference::ping).layer(limit(MAX_PING_BODY)))
+        .route("/v1/infer/{service}", post(inference::infer).layer(limit(max_upload)))
+        .route("/v1/infer/{service}/tail", post(inference::tail).layer(limit(max_upload)))
         .route("/v1/infer/{service}/profile", get(inference::profile))
         .route("/v1/infer/{service}/hard-examples", get(inference::hard_examples))
-        .layer(DefaultBodyLimit::max(max_upload))
-        .with_state(cloud)
+        .route_layer(axum::middleware::from_fn_with_state(cloud.clone(), authenticate));
+    open.merge(authenticated).with_state(cloud)
 }

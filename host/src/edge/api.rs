@@ -12,8 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use std::collections::HashMap;
+
 use super::services::{is_bad_request, ServiceMetrics, Services, UnsupportedBody};
-use crate::protocol::CUT_HEADER;
+use crate::protocol::{token_sha256, ApiRight, EdgeApiConfig, CUT_HEADER};
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(serde_json::json!({ "error": message.to_string() }))).into_response()
@@ -126,7 +128,11 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
         }
     };
     let per = |f: &dyn Fn(&ServiceMetrics) -> String| -> Vec<(String, String)> {
-        services.services.iter().map(|(n, s)| (format!("{{service=\"{n}\"}}"), f(&s.metrics))).collect()
+        services
+            .services
+            .iter()
+            .map(|(n, s)| (format!("{{service=\"{}\"}}", crate::names::escape_label(n)), f(&s.metrics)))
+            .collect()
     };
     type Counter = fn(&ServiceMetrics) -> &AtomicU64;
     let counters: [(&str, &str, Counter); 4] = [
@@ -160,7 +166,7 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
     let mut counts = Vec::new();
     for (n, s) in &services.services {
         for (route, (count, secs)) in s.metrics.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let labels = format!("{{service=\"{n}\",route=\"{route}\"}}");
+            let labels = format!("{{service=\"{}\",route=\"{route}\"}}", crate::names::escape_label(n));
             sums.push((labels.clone(), secs.to_string()));
             counts.push((labels, count.to_string()));
         }
@@ -183,30 +189,99 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-pub fn router(services: Arc<Services>) -> Router {
-    Router::new()
-        .route("/v1/health", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+/// Who may call the edge's API, from `[api]` of edge.toml.
+pub struct ApiAuth {
+    open: bool,
+    /// sha256 of each client's token -> the client's name and rights.
+    tokens: HashMap<String, (String, Vec<ApiRight>)>,
+}
+
+impl ApiAuth {
+    pub fn new(config: Option<&EdgeApiConfig>) -> anyhow::Result<ApiAuth> {
+        let Some(config) = config else { return Ok(ApiAuth { open: false, tokens: HashMap::new() }) };
+        let mut tokens = HashMap::new();
+        for (name, client) in &config.clients {
+            let token = client.resolve_token().map_err(|e| anyhow::anyhow!("[api.clients.{name}]: {e}"))?;
+            tokens.insert(token_sha256(&token), (name.clone(), client.allow.clone()));
+        }
+        Ok(ApiAuth { open: config.open, tokens })
+    }
+
+    /// What a request needs: inference, sending samples, or reading.
+    fn right(method: &axum::http::Method, path: &str) -> ApiRight {
+        match (method, path) {
+            (&axum::http::Method::POST, p) if p.starts_with("/v1/infer/") => ApiRight::Infer,
+            (&axum::http::Method::POST, "/v1/samples") => ApiRight::Samples,
+            _ => ApiRight::Read,
+        }
+    }
+
+    /// None if the request may do `right`; else its refusal (401 or 403).
+    fn check(&self, headers: &HeaderMap, right: ApiRight) -> Option<Response> {
+        if self.open {
+            return None;
+        }
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match token.and_then(|t| self.tokens.get(&token_sha256(t))) {
+            None => Some(error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")),
+            Some((_, rights)) if rights.contains(&right) => None,
+            Some((client, _)) => {
+                Some(error(StatusCode::FORBIDDEN, format!("client `{client}` may not {}", right.verb())))
+            }
+        }
+    }
+}
+
+/// Refuses a request whose token does not allow it, before its body is read.
+async fn authenticate(
+    State(auth): State<Arc<ApiAuth>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let right = ApiAuth::right(req.method(), req.uri().path());
+    match auth.check(req.headers(), right) {
+        None => next.run(req).await,
+        Some(refused) => refused,
+    }
+}
+
+pub fn router(services: Arc<Services>, auth: Arc<ApiAuth>) -> Router {
+    let body_limit = axum::extract::DefaultBodyLimit::max(super::replay::MAX_BATCH_BYTES as usize);
+    let authenticated = Router::new()
         .route("/v1/infer/{service}", post(infer))
         .route("/v1/infer/{service}/plan", get(plan))
         .route("/v1/samples", post(offer_samples).get(sample_stats))
         .route("/v1/incremental", get(incremental_status))
         .route("/v1/models", get(model_versions))
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
+    Router::new()
+        .route("/v1/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(authenticated)
+        .layer(body_limit)
         .with_state(services)
 }
 
 /// Serves the edge API on `listen` until the process ends.
-pub async fn serve(listen: &str, services: Arc<Services>) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: &str,
+    services: Arc<Services>,
+    auth: ApiAuth,
+    limits: nereid_net::ServerLimits,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
     tracing::info!("edge API listening on {}", listener.local_addr()?);
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    if auth.open {
+        tracing::warn!("the edge API is open: anyone who reaches {listen} may call it ([api] open = true)");
+    }
     tokio::spawn(services.clone().deliver_outbox());
     tokio::spawn(services.clone().plan_all());
     tokio::spawn(super::incremental::run(services.clone()));
     tokio::spawn(super::mqtt::subscribe(services.clone()));
-    axum::serve(listener, router(services)).await?;
+    nereid_net::serve(listener, router(services, Arc::new(auth)), limits).await?;
     Ok(())
 }

@@ -125,7 +125,8 @@ impl Job {
         }
         let models = edge.models.as_ref().context("`models` (the model directory) is not set in edge.toml")?;
         let path = base.join(models).join(&service.model).join("model.onnx");
-        let onnx = std::fs::read(&path).with_context(|| format!("service: reading {}", path.display()))?;
+        let onnx = crate::files::read_limited(&path, crate::files::MAX_MODEL_BYTES)
+            .with_context(|| format!("service: reading {}", path.display()))?;
         let (spec, weights) = export::from_onnx(&onnx).with_context(|| format!("service: {}", path.display()))?;
         let eval_dir = base.join(&cfg.eval);
         let eval = Dataset::load(&eval_dir, "test").context("eval")?;
@@ -468,8 +469,15 @@ impl Job {
         files.sort();
         for path in files {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let bytes = std::fs::read(&path).with_context(|| format!("inbox file {}", path.display()))?;
-            let to = match self.take_in(replay, &bytes, &name) {
+            // A file that is not a regular one or too large is refused like a malformed one.
+            let taken = match crate::files::read_limited(&path, super::replay::MAX_BATCH_BYTES) {
+                Ok(bytes) => self.take_in(replay, &bytes, &name),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    Err(super::services::BadRequest(e.to_string()).into())
+                }
+                Err(e) => return Err(e).with_context(|| format!("inbox file {}", path.display())),
+            };
+            let to = match taken {
                 Ok(Taken::New(report)) => {
                     tracing::info!(file = %path.display(), kept = report.kept, offered = report.offered, "inbox: taken in");
                     lock(&self.activity).inbox_taken += 1;

@@ -33,6 +33,9 @@ pub struct Trainable {
     pub classes: i64,
 }
 
+/// Largest batch of samples taken at once (a request body, an inbox file).
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+
 /// The `x` and `y` tensors of a batch of samples (safetensors, as `POST /v1/samples` takes it).
 pub fn parse_batch(body: &[u8]) -> Result<(TensorData, TensorData), BadRequest> {
     let tensors = wire::from_safetensors(body).map_err(|e| BadRequest(e.to_string()))?;

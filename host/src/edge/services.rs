@@ -374,7 +374,8 @@ impl Services {
         if !runtime.models().contains(&cfg.model) {
             bail!("model: `{}` is not in the model store ({} not found)", cfg.model, path.display());
         }
-        let onnx = std::fs::read(&path).with_context(|| format!("model: reading {}", path.display()))?;
+        let onnx = crate::files::read_limited(&path, crate::files::MAX_MODEL_BYTES)
+            .with_context(|| format!("model: reading {}", path.display()))?;
         let decoded = nereid_onnx::Model::decode(&onnx).with_context(|| format!("model: {}", path.display()))?;
         let inputs: Vec<String> = decoded.runtime_inputs().into_iter().map(|v| v.name.clone()).collect();
         let outputs: Vec<String> = decoded.outputs().into_iter().map(str::to_string).collect();
@@ -916,7 +917,8 @@ impl Services {
         let mut rtts = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            service.cloud.http.get(&ping).timeout(service.cloud.timeout).send().await?.error_for_status()?;
+            let probe = service.cloud.http.get(&ping).bearer_auth(&service.cloud.token).timeout(service.cloud.timeout);
+            probe.send().await?.error_for_status()?;
             rtts.push(t.elapsed().as_secs_f64() * 1e3);
         }
         rtts.sort_by(f64::total_cmp);
@@ -926,6 +928,7 @@ impl Services {
             .cloud
             .http
             .post(&ping)
+            .bearer_auth(&service.cloud.token)
             .timeout(Duration::from_secs(120))
             .body(vec![0u8; probe])
             .send()

@@ -51,15 +51,37 @@ impl Default for Limits {
     }
 }
 
+/// Longest time limit a plugin call may be given.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most linear memory a plugin may be given: all a 32-bit Wasm memory can address.
+pub const MAX_PLUGIN_MEMORY: usize = 4 << 30;
+/// Most bytes of host tensors a plugin may be allowed to create.
+pub const MAX_TENSOR_BYTES: usize = 64 << 30;
+
 impl Limits {
     /// The defaults, with a plugin section's `timeout_ms` and `memory_mib` where given.
     pub fn with_overrides(timeout_ms: Option<u64>, memory_mib: Option<usize>) -> Limits {
         let d = Limits::default();
         Limits {
             call_timeout: timeout_ms.map_or(d.call_timeout, Duration::from_millis),
-            memory_bytes: memory_mib.map_or(d.memory_bytes, |m| m << 20),
+            memory_bytes: memory_mib.map_or(d.memory_bytes, |m| m.saturating_mul(1 << 20)),
             tensor_bytes: d.tensor_bytes,
         }
+    }
+
+    /// Checks the limits are within what a host gives a plugin; the error names the key of a
+    /// plugin section (`timeout_ms`, `memory_mib`) or of the limits (`tensor_bytes`).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.call_timeout.is_zero() || self.call_timeout > MAX_CALL_TIMEOUT {
+            return Err(("timeout_ms", format!("must be between 1 and {} ms", MAX_CALL_TIMEOUT.as_millis())));
+        }
+        if self.memory_bytes < (1 << 20) || self.memory_bytes > MAX_PLUGIN_MEMORY {
+            return Err(("memory_mib", format!("must be between 1 and {} MiB", MAX_PLUGIN_MEMORY >> 20)));
+        }
+        if self.tensor_bytes > MAX_TENSOR_BYTES {
+            return Err(("tensor_bytes", format!("must be at most {MAX_TENSOR_BYTES}")));
+        }
+        Ok(())
     }
 }
 
@@ -213,11 +235,19 @@ impl Runtime {
     }
 
     pub fn load_file(&self, path: &Path) -> Result<LoadedComponent, PluginError> {
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
+        let bytes = crate::files::read_limited(path, crate::files::MAX_COMPONENT_BYTES)
+            .map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
         self.load_bytes(&bytes, &path.display().to_string())
     }
 
     pub fn load_bytes(&self, bytes: &[u8], origin: &str) -> Result<LoadedComponent, PluginError> {
+        // Checked before wasmtime sees the bytes: it would parse text as WAT and quote it back.
+        if !bytes.starts_with(b"\0asm") {
+            return Err(PluginError::Compile {
+                origin: origin.to_string(),
+                message: "not a WebAssembly binary (it does not begin with `\\0asm`)".into(),
+            });
+        }
         let digest = content_digest(bytes);
         let (component, cache) = self.inner.cache.load(&self.inner.engine, bytes, &digest, origin)?;
         let ty = component.component_type();

@@ -175,10 +175,13 @@ impl Models {
         for path in entries {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let file = path.join("model.onnx");
-            let onnx = std::fs::read(&file).map_err(|e| NnError::Model {
+            crate::names::check(crate::names::Kind::Model, &name).map_err(|e| NnError::Model {
                 name: name.clone(),
-                path: file.display().to_string(),
+                path: path.display().to_string(),
                 message: e.to_string(),
+            })?;
+            let onnx = crate::files::read_limited(&file, crate::files::MAX_MODEL_BYTES).map_err(|e| {
+                NnError::Model { name: name.clone(), path: file.display().to_string(), message: e.to_string() }
             })?;
             let graph = backend.load(&onnx).map_err(|message| NnError::Model {
                 name: name.clone(),

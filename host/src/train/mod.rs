@@ -3,6 +3,8 @@
 pub mod data;
 pub mod model;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{Device, Tensor as CTensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 use rand::seq::SliceRandom;
@@ -50,6 +52,10 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("training: {0}")]
     Params(String),
+    #[error("training was cancelled")]
+    Cancelled,
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,8 +140,24 @@ pub fn train(
     data: &Dataset,
     params: &TrainParams,
     seed: u64,
+    objective: Option<&mut ObjectivePlugin>,
+    on_step: impl FnMut(u64, u64),
+) -> Result<TrainOutcome, TrainError> {
+    train_cancellable(spec, global, data, params, seed, objective, on_step, &AtomicBool::new(false))
+}
+
+/// As [`train`], stopping with [`TrainError::Cancelled`] at the next step once `cancel` is set;
+/// a loss or weights that stop being finite end it with [`TrainError::Diverged`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_cancellable(
+    spec: &ModelSpec,
+    global: &NamedTensors,
+    data: &Dataset,
+    params: &TrainParams,
+    seed: u64,
     mut objective: Option<&mut ObjectivePlugin>,
     mut on_step: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
     if params.batch_size == 0 || !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
         return Err(TrainError::Params("batch_size must be >= 1 and learning_rate > 0".into()));
@@ -161,9 +183,20 @@ pub fn train(
         order.shuffle(&mut rng);
         let mut epoch_loss = 0f64;
         for chunk in order.chunks(params.batch_size) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
             let (x, y) = batch(data, chunk)?;
             let loss = candle_nn::loss::cross_entropy(&net.forward(&x)?, &y)?;
-            epoch_loss += loss.to_scalar::<f32>()? as f64;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(TrainError::Diverged(format!(
+                    "the loss is {value} at step {} (learning_rate {})",
+                    step + 1,
+                    params.learning_rate
+                )));
+            }
+            epoch_loss += value;
             let mut grads = loss.backward()?;
             if let Some(obj) = objective.as_deref_mut() {
                 for (name, var) in &net.vars {
@@ -180,6 +213,12 @@ pub fn train(
         last_epoch_loss = epoch_loss / batches_per_epoch as f64;
     }
     let model = net.to_tensors()?;
+    if let Some((name, _)) = model.iter().find(|(_, t)| !t.all_finite()) {
+        return Err(TrainError::Diverged(format!(
+            "weights of `{name}` are not finite after {step} steps (learning_rate {})",
+            params.learning_rate
+        )));
+    }
     let mut penalty = 0.0;
     if let Some(obj) = objective {
         for (name, t) in &model {

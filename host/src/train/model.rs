@@ -36,6 +36,9 @@ pub enum ModelSpec {
 pub enum ModelError {
     #[error("model: {0}")]
     Spec(String),
+    /// A `[model]` field out of range.
+    #[error("model.{key}: {message}")]
+    Invalid { key: &'static str, message: String },
     #[error("model: tensor `{0}` is missing")]
     Missing(String),
     #[error("model: tensor `{name}` has shape {got:?}, the architecture needs {want:?}")]
@@ -46,41 +49,146 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Most parameters a model may have: 2^28 (1 GiB as f32). A job's model also has to fit the
+/// cloud's upload limit, which is usually far lower.
+pub const MAX_PARAMETERS: u64 = 1 << 28;
+/// Largest single dimension (features, a width, classes, channels, an image side).
+pub const MAX_DIM: u64 = 1 << 24;
+/// Most activations one example produces on its way through the model (elements): what a
+/// training batch holds per example, twice over for the backward pass.
+pub const MAX_ACTIVATIONS: u64 = 1 << 28;
+/// Most hidden layers, and convolutions.
+pub const MAX_LAYERS: usize = 64;
+const MAX_CONV: usize = 16;
+
 impl ModelSpec {
+    /// Checks the architecture: every size positive and within the caps above, the number of
+    /// parameters and activations too. The error's `key` is the offending field under `[model]`.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let positive = |what: &str, v: usize| {
-            if v == 0 {
-                Err(ModelError::Spec(format!("{what} must be at least 1")))
+        let spec = |key: &'static str, message: String| Err(ModelError::Invalid { key, message });
+        let dim = |key: &'static str, v: usize| {
+            if v == 0 || v as u64 > MAX_DIM {
+                spec(key, format!("must be between 1 and {MAX_DIM}, not {v}"))
             } else {
                 Ok(())
             }
         };
-        match self {
+        let (hidden, classes) = match self {
             ModelSpec::Mlp { inputs, hidden, classes } => {
-                positive("inputs", *inputs)?;
-                positive("classes", *classes)?;
-                hidden.iter().try_for_each(|h| positive("a hidden width", *h))
+                dim("inputs", *inputs)?;
+                (hidden, *classes)
             }
             ModelSpec::Cnn { input_shape, conv, hidden, classes } => {
-                input_shape.iter().try_for_each(|d| positive("input_shape", *d))?;
+                input_shape.iter().try_for_each(|d| dim("input_shape", *d))?;
                 if conv.is_empty() {
-                    return Err(ModelError::Spec("a cnn needs at least one convolution".into()));
+                    return spec("conv", "a cnn needs at least one convolution".into());
                 }
-                conv.iter().try_for_each(|c| positive("conv channels", *c))?;
-                hidden.iter().try_for_each(|h| positive("a hidden width", *h))?;
-                positive("classes", *classes)?;
+                if conv.len() > MAX_CONV {
+                    return spec("conv", format!("at most {MAX_CONV} convolutions, not {}", conv.len()));
+                }
+                conv.iter().try_for_each(|c| dim("conv", *c))?;
                 let (h, w) = (input_shape[1] >> conv.len(), input_shape[2] >> conv.len());
                 if h == 0 || w == 0 {
-                    return Err(ModelError::Spec(format!(
-                        "{} poolings shrink a {}x{} input to nothing",
-                        conv.len(),
-                        input_shape[1],
-                        input_shape[2]
-                    )));
+                    return spec(
+                        "conv",
+                        format!(
+                            "{} poolings shrink a {}x{} input to nothing",
+                            conv.len(),
+                            input_shape[1],
+                            input_shape[2]
+                        ),
+                    );
                 }
-                Ok(())
+                (hidden, *classes)
+            }
+        };
+        if hidden.len() > MAX_LAYERS {
+            return spec("hidden", format!("at most {MAX_LAYERS} hidden layers, not {}", hidden.len()));
+        }
+        hidden.iter().try_for_each(|h| dim("hidden", *h))?;
+        dim("classes", classes)?;
+        // Every dimension is at most 2^24 and there are at most 81 layers: u128 cannot overflow.
+        let params = self.parameters_u128();
+        if params > MAX_PARAMETERS as u128 {
+            return spec(
+                "kind",
+                format!("the model has {params} parameters, more than the {MAX_PARAMETERS} a job may have"),
+            );
+        }
+        let activations = self.activations_per_example();
+        if activations > MAX_ACTIVATIONS as u128 {
+            return spec(
+                "kind",
+                format!(
+                    "one example makes {activations} activations on its way through the model, more than {MAX_ACTIVATIONS}"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Parameters of a validated spec.
+    pub fn parameter_count(&self) -> u64 {
+        self.parameters_u128() as u64
+    }
+
+    /// Parameters, counted without overflow whatever the sizes.
+    fn parameters_u128(&self) -> u128 {
+        let mut n: u128 = 0;
+        let dense_in: u128 = match self {
+            ModelSpec::Mlp { inputs, .. } => *inputs as u128,
+            ModelSpec::Cnn { input_shape, conv, .. } => {
+                let mut c_in = input_shape[0] as u128;
+                for c in conv {
+                    n = n
+                        .saturating_add((*c as u128).saturating_mul(c_in).saturating_mul(9).saturating_add(*c as u128));
+                    c_in = *c as u128;
+                }
+                let shift = conv.len().min(127) as u32;
+                c_in.saturating_mul((input_shape[1] as u128) >> shift).saturating_mul((input_shape[2] as u128) >> shift)
+            }
+        };
+        let (hidden, classes) = match self {
+            ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+        };
+        let mut width = dense_in;
+        for out in hidden.iter().copied().chain(std::iter::once(classes)) {
+            let out = out as u128;
+            n = n.saturating_add(out.saturating_mul(width).saturating_add(out));
+            width = out;
+        }
+        n
+    }
+
+    /// Elements of the activations one example makes (inputs, every layer's output).
+    fn activations_per_example(&self) -> u128 {
+        let (hidden, classes) = match self {
+            ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+        };
+        let mut total: u128 = self.input_len_u128();
+        if let ModelSpec::Cnn { input_shape, conv, .. } = self {
+            let (mut h, mut w) = (input_shape[1] as u128, input_shape[2] as u128);
+            for c in conv {
+                // Before and after the pooling.
+                total = total.saturating_add((*c as u128).saturating_mul(h).saturating_mul(w));
+                h /= 2;
+                w /= 2;
+                total = total.saturating_add((*c as u128).saturating_mul(h).saturating_mul(w));
             }
         }
+        hidden.iter().chain(std::iter::once(&classes)).fold(total, |t, h| t.saturating_add(*h as u128))
+    }
+
+    fn input_len_u128(&self) -> u128 {
+        match self {
+            ModelSpec::Mlp { inputs, .. } => *inputs as u128,
+            ModelSpec::Cnn { input_shape, .. } => input_shape.iter().fold(1u128, |p, d| p.saturating_mul(*d as u128)),
+        }
+    }
+
+    /// Activation elements of a training batch: what the edge's memory must hold for it.
+    pub fn batch_activations(&self, batch_size: usize) -> u128 {
+        self.activations_per_example().saturating_mul(batch_size as u128)
     }
 
     /// Features of one example, flattened.
@@ -271,5 +379,29 @@ mod tests {
         let x = CTensor::zeros((5, 64), CDType::F32, &Device::Cpu).expect("x");
         assert_eq!(net.forward(&x).expect("forward").dims(), &[5, 10]);
         assert_eq!(net.to_tensors().expect("back"), cnn.init(3));
+    }
+
+    #[test]
+    fn sizes_that_would_exhaust_memory_or_overflow_are_refused_with_their_key() {
+        let key = |m: ModelSpec| match m.validate() {
+            Err(ModelError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        // The defects' own values: a 16 Gi-wide layer, and 2^62 inputs.
+        assert_eq!(key(ModelSpec::Mlp { inputs: 64, hidden: vec![17179869184], classes: 10 }), "hidden");
+        assert_eq!(key(ModelSpec::Mlp { inputs: 4611686018427387904, hidden: vec![], classes: 10 }), "inputs");
+        // Each dimension fine, the product too large.
+        assert_eq!(key(ModelSpec::Mlp { inputs: 1 << 20, hidden: vec![1 << 12], classes: 10 }), "kind");
+        assert_eq!(
+            key(ModelSpec::Cnn { input_shape: [1, 64, 64], conv: vec![8; 17], hidden: vec![], classes: 2 }),
+            "conv"
+        );
+        assert_eq!(key(ModelSpec::Mlp { inputs: 8, hidden: vec![8; 65], classes: 2 }), "hidden");
+        let ok = ModelSpec::Mlp { inputs: 64, hidden: vec![128], classes: 10 };
+        ok.validate().expect("the demo's model");
+        assert_eq!(ok.parameter_count(), ok.parameters().iter().map(|(_, s)| s.iter().product::<u64>()).sum::<u64>());
+        let cnn = ModelSpec::Cnn { input_shape: [3, 64, 64], conv: vec![8, 16], hidden: vec![32], classes: 10 };
+        cnn.validate().expect("a small cnn");
+        assert_eq!(cnn.parameter_count(), cnn.parameters().iter().map(|(_, s)| s.iter().product::<u64>()).sum::<u64>());
     }
 }

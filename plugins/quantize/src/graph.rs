@@ -6,8 +6,12 @@
 //! - weight-only: each weight becomes `DequantizeLinear(q, scale, axis)`; activations stay float.
 //! - dynamic: MatMul and Gemm compute in integers: `DynamicQuantizeLinear` quantizes the
 //!   activation (uint8, range measured per call), `MatMulInteger` multiplies, the product is
-//!   rescaled by activation scale x weight scale. ONNX Runtime's CPU `ConvInteger` only takes
-//!   uint8 weights, so convolutions keep weight-only INT8 in this mode.
+//!   rescaled by activation scale x weight scale. Its weights use 7 bits (q in [-63, 63], ONNX
+//!   Runtime's `reduce_range`): on x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel
+//!   adds pairs of products in saturating 16-bit lanes (`vpmaddubsw`), and 255 x 127 x 2
+//!   overflows them, which gave probabilities 0.1 off on such a CPU (measured on an AMD EPYC
+//!   with AVX2 only); 255 x 63 x 2 does not. ONNX Runtime's CPU `ConvInteger` only takes uint8
+//!   weights, so convolutions keep weight-only INT8 in this mode.
 //! - static: weights as in weight-only, and each quantized operator's activation input goes
 //!   through `QuantizeLinear`/`DequantizeLinear` (uint8, asymmetric) with a range calibrated by
 //!   running the model on the calibration samples (min/max over all of them).
@@ -83,26 +87,32 @@ impl Weight {
     }
 }
 
-/// Per-channel symmetric INT8: q (same layout as the weight) and one scale per channel.
-fn quantize_per_channel(w: &Weight) -> (Vec<i8>, Vec<f32>) {
+/// The largest |q| of weights in full INT8 range.
+const FULL_RANGE: f32 = 127.0;
+/// The largest |q| of weights `MatMulInteger` multiplies (see the module's notes).
+const REDUCED_RANGE: f32 = 63.0;
+
+/// Per-channel symmetric INT8 with |q| <= `qmax`: q (same layout as the weight) and one scale
+/// per channel.
+fn quantize_per_channel(w: &Weight, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     let mut max = vec![0f32; w.channels()];
     for (i, v) in w.values.iter().enumerate() {
         let c = w.channel_of(i);
         max[c] = max[c].max(v.abs());
     }
-    let scales: Vec<f32> = max.iter().map(|&m| if m > 0.0 && m.is_finite() { m / 127.0 } else { 1.0 }).collect();
+    let scales: Vec<f32> = max.iter().map(|&m| if m > 0.0 && m.is_finite() { m / qmax } else { 1.0 }).collect();
     let q = w
         .values
         .iter()
         .enumerate()
-        .map(|(i, v)| (v / scales[w.channel_of(i)]).round().clamp(-127.0, 127.0) as i8)
+        .map(|(i, v)| (v / scales[w.channel_of(i)]).round().clamp(-qmax, qmax) as i8)
         .collect();
     (q, scales)
 }
 
-/// What INT8 turns the weight into: q * scale, per channel.
-fn dequantized(w: &Weight) -> Vec<f32> {
-    let (q, scales) = quantize_per_channel(w);
+/// What INT8 with |q| <= `qmax` turns the weight into: q * scale, per channel.
+fn dequantized(w: &Weight, qmax: f32) -> Vec<f32> {
+    let (q, scales) = quantize_per_channel(w, qmax);
     q.iter().enumerate().map(|(i, &q)| q as f32 * scales[w.channel_of(i)]).collect()
 }
 
@@ -156,7 +166,7 @@ fn opset(model: &ModelProto) -> i64 {
 /// Replaces initializer `name` with its INT8 code and returns the node that dequantizes it
 /// back under the same name.
 fn weight_only(graph: &mut GraphProto, name: &str, w: &Weight) -> NodeProto {
-    let (q, scales) = quantize_per_channel(w);
+    let (q, scales) = quantize_per_channel(w, FULL_RANGE);
     let channels = scales.len() as i64;
     graph.initializer.retain(|t| t.name != name);
     // No zero point: it defaults to 0 (symmetric), and the int8 type comes from q.
@@ -371,7 +381,7 @@ fn dynamic_matmul(
     name: &str,
     w: &Weight,
 ) {
-    let (q, scales) = quantize_per_channel(w);
+    let (q, scales) = quantize_per_channel(w, REDUCED_RANGE);
     let (k, n) = if w.axis == 0 { (w.dims[1], w.dims[0]) } else { (w.dims[0], w.dims[1]) };
     // MatMulInteger takes B as [K, N]: a transposed Gemm weight is stored transposed back.
     let q: Vec<i8> = if w.axis == 0 {
@@ -468,7 +478,7 @@ fn correct_biases(
         match activation {
             // Linear in the weight: the error is the layer with weight W_q - W.
             ActivationQuant::Float => {
-                let delta: Vec<f32> = dequantized(w).iter().zip(&w.values).map(|(q, f)| q - f).collect();
+                let delta: Vec<f32> = dequantized(w, FULL_RANGE).iter().zip(&w.values).map(|(q, f)| q - f).collect();
                 let delta_name = format!("{name}_qdelta");
                 graph.initializer.push(TensorProto::f32(&delta_name, &w.dims, &delta));
                 copy(graph, x, &delta_name, &err);
@@ -486,7 +496,8 @@ fn correct_biases(
                 }
                 graph.node.push(inserted("DequantizeLinear", &[&q, &s, &z], &[&xdq]));
                 let wq = format!("{name}_qw");
-                graph.initializer.push(TensorProto::f32(&wq, &w.dims, &dequantized(w)));
+                let qmax = if matches!(activation, ActivationQuant::Dynamic) { REDUCED_RANGE } else { FULL_RANGE };
+                graph.initializer.push(TensorProto::f32(&wq, &w.dims, &dequantized(w, qmax)));
                 let (quantized, float) = (format!("{err}_quantized"), format!("{err}_float"));
                 copy(graph, &xdq, &wq, &quantized);
                 copy(graph, x, name, &float);

@@ -7,18 +7,23 @@
 //! - `repositories/<name>/_layers/<hex>`: blobs linked into a repository;
 //! - `repositories/<name>/_manifests/<hex>`: manifests of a repository (the file holds the media type);
 //! - `repositories/<name>/_tags/<tag>`: the manifest digest of a tag;
-//! - `uploads/<id>`: uploads in progress.
+//! - `uploads/<id>`: upload sessions in progress (see [`uploads`]), and files being written.
 //!
 //! With users configured, every request needs credentials: HTTP basic, or a bearer token from the
 //! token endpoint `/token` (the registry token flow real registries use: a 401 names the realm,
-//! the client trades its basic credentials there for a token). `anonymous_pull` lets anyone pull.
+//! the client trades its basic credentials there for a token). Each user may pull, push and
+//! delete where `users.toml` says ([`UsersFile`]); `anonymous_pull` lets anyone pull.
+//! Blobs are at most `max_blob_bytes`; manifests at most 4 MiB with a valid media type.
 // Handlers return the error response itself; boxing it would only add an allocation per error.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap};
+mod auth;
+mod uploads;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -26,66 +31,51 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
-use base64::Engine as _;
-use futures_util::StreamExt;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use crate::reference::{is_path_component, is_tag};
 use crate::{sha256_hex, RegistryError};
+pub use auth::{Action, Identity, UserEntry, UsersFile};
 
 /// Largest manifest accepted (the distribution registry's limit).
 const MAX_MANIFEST: usize = 4 << 20;
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-
-/// `users.toml`: `[users.<name>] password_sha256 = "<hex of sha256(password)>"`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsersFile {
-    #[serde(default)]
-    pub users: BTreeMap<String, UserEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserEntry {
-    pub password_sha256: String,
-}
-
-impl UsersFile {
-    pub fn read(path: &Path) -> Result<UsersFile, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
-        let file: UsersFile = toml::from_str(&text)
-            .map_err(|e| RegistryError::Settings { path: path.to_path_buf(), message: e.to_string() })?;
-        for (name, u) in &file.users {
-            if u.password_sha256.len() != 64 || hex::decode(&u.password_sha256).is_err() {
-                return Err(RegistryError::Settings {
-                    path: path.to_path_buf(),
-                    message: format!("users.{name}.password_sha256 must be 64 hex digits"),
-                });
-            }
-        }
-        Ok(file)
-    }
-}
+/// Longest media type kept for a manifest (RFC 6838 names are at most 127 + 1 + 127).
+const MAX_MEDIA_TYPE: usize = 255;
 
 pub struct ServerOptions {
     pub root: PathBuf,
     pub users: UsersFile,
     pub anonymous_pull: bool,
+    /// Largest blob an upload may make.
+    pub max_blob_bytes: u64,
+    /// An upload session nobody touched for this long is dropped.
+    pub upload_ttl: Duration,
+    pub limits: nereid_net::ServerLimits,
 }
 
-struct Token {
-    push: bool,
-    expires: Instant,
+impl ServerOptions {
+    /// A registry on `root` with no users and the default limits.
+    pub fn open(root: PathBuf) -> ServerOptions {
+        ServerOptions {
+            root,
+            users: UsersFile::default(),
+            anonymous_pull: false,
+            max_blob_bytes: DEFAULT_MAX_BLOB,
+            upload_ttl: DEFAULT_UPLOAD_TTL,
+            limits: nereid_net::ServerLimits::default(),
+        }
+    }
 }
+
+/// Default largest blob: 1 GiB.
+pub const DEFAULT_MAX_BLOB: u64 = 1 << 30;
+/// Default time an idle upload session is kept.
+pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(600);
 
 pub struct Registry {
     root: PathBuf,
-    users: BTreeMap<String, String>,
-    anonymous_pull: bool,
-    tokens: Mutex<HashMap<String, Token>>,
+    auth: auth::Auth,
+    uploads: uploads::Uploads,
 }
 
 type Reply = Result<Response, Response>;
@@ -112,6 +102,19 @@ fn new_id() -> String {
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.split('/').all(is_path_component)
+}
+
+/// A media type as RFC 6838 allows it (`type/subtype`, restricted-name characters, no
+/// parameters): what may be stored and sent back in a `Content-Type` header.
+fn valid_media_type(m: &str) -> bool {
+    let name = |s: &str| {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b.len() <= 127
+            && b[0].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(c))
+    };
+    m.len() <= MAX_MEDIA_TYPE && m.split_once('/').is_some_and(|(t, s)| name(t) && name(s))
 }
 
 /// The API endpoints under `/v2/`, parsed from the right (a repository name may contain `/`).
@@ -145,16 +148,14 @@ fn route(path: &str) -> Option<Route> {
 
 impl Registry {
     pub fn new(options: ServerOptions) -> Result<Registry, RegistryError> {
-        for dir in ["blobs/sha256", "repositories", "uploads"] {
+        for dir in ["blobs/sha256", "repositories"] {
             let d = options.root.join(dir);
             std::fs::create_dir_all(&d).map_err(RegistryError::io(&d))?;
         }
-        Ok(Registry {
-            root: options.root,
-            users: options.users.users.into_iter().map(|(n, u)| (n, u.password_sha256.to_lowercase())).collect(),
-            anonymous_pull: options.anonymous_pull,
-            tokens: Mutex::new(HashMap::new()),
-        })
+        let dir = options.root.join("uploads");
+        let uploads = uploads::Uploads::new(dir.clone(), options.upload_ttl, options.max_blob_bytes)
+            .map_err(RegistryError::io(dir))?;
+        Ok(Registry { root: options.root, auth: auth::Auth::new(options.users, options.anonymous_pull), uploads })
     }
 
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
@@ -176,79 +177,14 @@ impl Registry {
     fn tag_path(&self, name: &str, tag: &str) -> PathBuf {
         self.repo(name).join("_tags").join(tag)
     }
-
-    fn upload_path(&self, id: &str) -> Option<PathBuf> {
-        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| self.root.join("uploads").join(id))
-    }
-
-    fn check_password(&self, user: &str, password: &str) -> bool {
-        self.users.get(user).is_some_and(|sha| *sha == hex::encode(Sha256::digest(password.as_bytes())))
-    }
-
-    fn basic_user(&self, headers: &HeaderMap) -> Option<bool> {
-        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let encoded = value.strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (user, password) = text.split_once(':')?;
-        Some(self.check_password(user, password))
-    }
-
-    fn issue_token(&self, push: bool) -> String {
-        let token = new_id();
-        if let Ok(mut tokens) = self.tokens.lock() {
-            let now = Instant::now();
-            tokens.retain(|_, t| t.expires > now);
-            tokens.insert(token.clone(), Token { push, expires: now + TOKEN_LIFETIME });
-        }
-        token
-    }
-
-    /// Ok if the request may pull (or push); else the 401 that starts the token flow.
-    fn authorize(&self, headers: &HeaderMap, push: bool, scope: &str) -> Result<(), Response> {
-        if self.users.is_empty() {
-            return Ok(());
-        }
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let allowed = match bearer {
-            Some(t) => self
-                .tokens
-                .lock()
-                .ok()
-                .and_then(|tokens| tokens.get(t).map(|tok| tok.expires > Instant::now() && (tok.push || !push)))
-                .unwrap_or(false),
-            None => self.basic_user(headers).unwrap_or(false) || (!push && self.anonymous_pull),
-        };
-        if allowed {
-            return Ok(());
-        }
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-        let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"nereid-registry\",scope=\"{scope}\"");
-        let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
-        if let Ok(v) = HeaderValue::from_str(&challenge) {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-        Err(resp)
-    }
 }
 
 /// Serves the registry on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, options: ServerOptions) -> Result<(), RegistryError> {
     let root = options.root.clone();
+    let limits = options.limits.clone();
     let registry = Arc::new(Registry::new(options)?);
-    use axum::serve::ListenerExt;
-    // Without TCP_NODELAY, a response written in two parts waits out the client's delayed ACK
-    // (40 ms on Linux) on every request of a pull.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, router(registry)).await.map_err(RegistryError::io(root))
+    nereid_net::serve(listener, router(registry), limits).await.map_err(RegistryError::io(root))
 }
 
 pub fn router(registry: Arc<Registry>) -> Router {
@@ -269,10 +205,10 @@ fn api_version(mut resp: Response) -> Response {
 /// may pull), as real registries do: that 401 is how clients learn the token realm.
 async fn base(State(reg): State<Arc<Registry>>, headers: HeaderMap) -> Response {
     let anonymous = !headers.contains_key(header::AUTHORIZATION);
-    let checked = if anonymous && !reg.users.is_empty() {
-        reg.authorize(&headers, true, "registry:catalog:*")
+    let checked = if anonymous && reg.auth.enabled() {
+        Err(reg.auth.challenge(&headers, "registry:catalog:*"))
     } else {
-        reg.authorize(&headers, false, "registry:catalog:*")
+        reg.auth.authorize(&headers, Action::Pull, None).map(drop)
     };
     api_version(match checked {
         Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
@@ -281,17 +217,17 @@ async fn base(State(reg): State<Arc<Registry>>, headers: HeaderMap) -> Response 
 }
 
 async fn token(State(reg): State<Arc<Registry>>, headers: HeaderMap) -> Response {
-    let push = match reg.basic_user(&headers) {
-        Some(true) => true,
-        Some(false) => return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "wrong user name or password"),
-        None if reg.anonymous_pull || reg.users.is_empty() => false,
+    let identity = match reg.auth.basic_user(&headers) {
+        Some(Ok(user)) => Identity::User(user),
+        Some(Err(())) => return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "wrong user name or password"),
+        None if reg.auth.anonymous_pull() || !reg.auth.enabled() => Identity::Anonymous,
         None => return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "credentials required"),
     };
-    let token = reg.issue_token(push);
+    let token = reg.auth.issue_token(identity);
     let body = serde_json::json!({
         "token": token,
         "access_token": token,
-        "expires_in": TOKEN_LIFETIME.as_secs(),
+        "expires_in": auth::TOKEN_LIFETIME.as_secs(),
         "issued_at": chrono::Utc::now().to_rfc3339(),
     });
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
@@ -320,11 +256,15 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Reply {
-    let push = !matches!(method, Method::GET | Method::HEAD);
+    let action = match method {
+        Method::GET | Method::HEAD => Action::Pull,
+        Method::DELETE if !matches!(route, Route::Upload { .. }) => Action::Delete,
+        _ => Action::Push,
+    };
     let name = match &route {
         Route::Catalog => {
-            reg.authorize(headers, false, "registry:catalog:*")?;
-            return catalog(reg, query);
+            let identity = reg.auth.authorize(headers, Action::Pull, None)?;
+            return catalog(reg, &identity, query);
         }
         Route::Tags { name } | Route::Manifest { name, .. } | Route::Upload { name, .. } | Route::Blob { name, .. } => {
             name.clone()
@@ -333,8 +273,7 @@ async fn handle(
     if !valid_name(&name) {
         return Err(oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", format!("invalid repository name `{name}`")));
     }
-    let scope = format!("repository:{name}:{}", if push { "pull,push" } else { "pull" });
-    reg.authorize(headers, push, &scope)?;
+    let identity = reg.auth.authorize(headers, action, Some(&name))?;
     match (route, method) {
         (Route::Tags { name }, Method::GET) => tags(reg, &name, query),
         (Route::Manifest { name, reference }, m @ (Method::GET | Method::HEAD)) => {
@@ -350,16 +289,23 @@ async fn handle(
             std::fs::remove_file(link).map_err(internal)?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
-        (Route::Upload { name, id: None }, Method::POST) => start_upload(reg, &name, query, body).await,
-        (Route::Upload { name, id: Some(id) }, Method::PATCH) => patch_upload(reg, &name, &id, headers, body).await,
-        (Route::Upload { name, id: Some(id) }, Method::PUT) => finish_upload(reg, &name, &id, query, body).await,
+        (Route::Upload { name, id: None }, Method::POST) => {
+            start_upload(reg, &name, &identity, headers, query, body).await
+        }
+        (Route::Upload { name, id: Some(id) }, Method::PATCH) => {
+            patch_upload(reg, &name, &id, &identity, headers, body).await
+        }
+        (Route::Upload { name, id: Some(id) }, Method::PUT) => {
+            let taken = reg.uploads.take(&id, &name, &identity)?;
+            finish_upload(reg, &name, taken, query, body).await
+        }
         (Route::Upload { name, id: Some(id) }, Method::GET) => {
-            let size = upload_size(reg, &id)?;
+            let size = reg.uploads.take(&id, &name, &identity)?.size;
             Ok(upload_accepted(&name, &id, size, StatusCode::NO_CONTENT))
         }
-        (Route::Upload { id: Some(id), .. }, Method::DELETE) => {
-            let path = reg.upload_path(&id).filter(|p| p.exists()).ok_or_else(|| upload_unknown(&id))?;
-            std::fs::remove_file(path).map_err(internal)?;
+        (Route::Upload { name, id: Some(id) }, Method::DELETE) => {
+            let taken = reg.uploads.take(&id, &name, &identity)?;
+            reg.uploads.close(taken);
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         (_, m) => Err(oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", format!("{m} is not supported here"))),
@@ -370,15 +316,11 @@ fn blob_unknown(digest: &str) -> Response {
     oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {digest} is unknown to this repository"))
 }
 
-fn upload_unknown(id: &str) -> Response {
-    oci_error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", format!("no upload {id}"))
-}
-
 fn manifest_unknown(reference: &str) -> Response {
     oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", format!("manifest {reference} is unknown"))
 }
 
-fn catalog(reg: &Registry, query: &HashMap<String, String>) -> Reply {
+fn catalog(reg: &Registry, identity: &Identity, query: &HashMap<String, String>) -> Reply {
     fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for e in entries.flatten() {
@@ -395,6 +337,7 @@ fn catalog(reg: &Registry, query: &HashMap<String, String>) -> Reply {
     }
     let mut repos = Vec::new();
     walk(&reg.root.join("repositories"), "", &mut repos);
+    repos.retain(|r| reg.auth.may_pull(identity, r));
     repos.sort();
     Ok(paginate("repositories", None, repos, query, "/v2/_catalog"))
 }
@@ -483,13 +426,14 @@ async fn get_manifest(reg: &Registry, name: &str, reference: &str, head: bool) -
     resp.body(Body::empty()).map_err(internal)
 }
 
-/// Writes `bytes` as blob `digest` (known to match) unless it is there already.
+/// Writes `bytes` as blob `digest` (known to match) unless it is there already: a stored blob
+/// is never written again.
 fn store_blob(reg: &Registry, digest: &str, bytes: &[u8]) -> Result<(), Response> {
     let path = reg.blob_path(digest).ok_or_else(|| internal("bad digest"))?;
     if path.exists() {
         return Ok(());
     }
-    let tmp = reg.root.join("uploads").join(format!("{}.tmp", new_id()));
+    let tmp = reg.uploads.temp_path();
     std::fs::write(&tmp, bytes).map_err(internal)?;
     std::fs::rename(&tmp, &path).map_err(internal)
 }
@@ -528,6 +472,17 @@ async fn put_manifest(reg: &Registry, name: &str, reference: &str, headers: &Hea
         .map(str::to_string)
         .or_else(|| json.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
         .ok_or_else(|| invalid("no Content-Type and no mediaType".into()))?;
+    if !valid_media_type(&media_type) {
+        return Err(invalid(format!(
+            "the media type {:?} is not a `type/subtype` name (RFC 6838, at most {MAX_MEDIA_TYPE} characters)",
+            media_type.chars().take(80).collect::<String>()
+        )));
+    }
+    if let Some(declared) = json.get("mediaType") {
+        if declared.as_str().is_none_or(|d| !valid_media_type(d)) {
+            return Err(invalid("the manifest's `mediaType` is not a `type/subtype` name (RFC 6838)".into()));
+        }
+    }
     // Every blob an image manifest names, and every manifest an index names, must be here.
     let descriptors = |key: &str| -> Vec<String> {
         json.get(key)
@@ -625,25 +580,6 @@ fn upload_accepted(name: &str, id: &str, size: u64, status: StatusCode) -> Respo
     resp
 }
 
-fn upload_size(reg: &Registry, id: &str) -> Result<u64, Response> {
-    let path = reg.upload_path(id).ok_or_else(|| upload_unknown(id))?;
-    std::fs::metadata(path).map(|m| m.len()).map_err(|_| upload_unknown(id))
-}
-
-/// Appends a request body to upload file `path`; returns the new size.
-async fn append(path: &Path, body: Body) -> Result<u64, Response> {
-    let mut file = tokio::fs::OpenOptions::new().append(true).open(path).await.map_err(internal)?;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            oci_error(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", format!("the body broke off: {e}"))
-        })?;
-        file.write_all(&chunk).await.map_err(internal)?;
-    }
-    file.flush().await.map_err(internal)?;
-    Ok(file.metadata().await.map_err(internal)?.len())
-}
-
 fn link_blob(reg: &Registry, name: &str, digest: &str) -> Result<(), Response> {
     let link = reg.layer_link(name, digest).ok_or_else(|| internal("bad digest"))?;
     write_file(&link, "")
@@ -659,10 +595,19 @@ fn blob_created(name: &str, digest: &str) -> Reply {
         .map_err(internal)
 }
 
-async fn start_upload(reg: &Registry, name: &str, query: &HashMap<String, String>, body: Body) -> Reply {
-    // Cross-repository mount: the blob is linked without being sent again.
+async fn start_upload(
+    reg: &Registry,
+    name: &str,
+    identity: &Identity,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: Body,
+) -> Reply {
+    // Cross-repository mount: the blob is linked without being sent again, if the caller may
+    // pull it from where it is.
     if let (Some(digest), Some(from)) = (query.get("mount"), query.get("from")) {
         let there = valid_name(from)
+            && reg.auth.authorize(headers, Action::Pull, Some(from)).is_ok()
             && reg.layer_link(from, digest).is_some_and(|l| l.exists())
             && reg.blob_path(digest).is_some_and(|p| p.exists());
         if there {
@@ -670,18 +615,25 @@ async fn start_upload(reg: &Registry, name: &str, query: &HashMap<String, String
             return blob_created(name, digest);
         }
     }
-    let id = new_id();
-    let path = reg.upload_path(&id).ok_or_else(|| internal("upload id"))?;
-    std::fs::File::create(&path).map_err(internal)?;
+    let id = reg.uploads.open(name, identity)?;
     // Monolithic upload: POST with ?digest= and the whole blob.
     if query.contains_key("digest") {
-        return finish_upload(reg, name, &id, query, body).await;
+        let taken = reg.uploads.take(&id, name, identity)?;
+        return finish_upload(reg, name, taken, query, body).await;
     }
     Ok(upload_accepted(name, &id, 0, StatusCode::ACCEPTED))
 }
 
-async fn patch_upload(reg: &Registry, name: &str, id: &str, headers: &HeaderMap, body: Body) -> Reply {
-    let size = upload_size(reg, id)?;
+async fn patch_upload(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    identity: &Identity,
+    headers: &HeaderMap,
+    body: Body,
+) -> Reply {
+    let mut taken = reg.uploads.take(id, name, identity)?;
+    let size = taken.size;
     if let Some(range) = headers.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
         let start = range.trim_start_matches("bytes ").split('-').next().and_then(|s| s.trim().parse::<u64>().ok());
         if start != Some(size) {
@@ -696,44 +648,61 @@ async fn patch_upload(reg: &Registry, name: &str, id: &str, headers: &HeaderMap,
             return Err(resp);
         }
     }
-    let path = reg.upload_path(id).ok_or_else(|| upload_unknown(id))?;
-    let size = append(&path, body).await?;
-    Ok(upload_accepted(name, id, size, StatusCode::ACCEPTED))
+    match reg.uploads.append(&mut taken, body).await {
+        Ok(size) => Ok(upload_accepted(name, id, size, StatusCode::ACCEPTED)),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            reg.uploads.close(taken);
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-async fn finish_upload(reg: &Registry, name: &str, id: &str, query: &HashMap<String, String>, body: Body) -> Reply {
-    let path = reg.upload_path(id).filter(|p| p.exists()).ok_or_else(|| upload_unknown(id))?;
-    let Some(digest) = query.get("digest").filter(|d| sha256_hex(d).is_some()) else {
+/// Ends an upload with its last bytes (if any) and `?digest=`: the bytes are copied into a new
+/// file while hashed, and that file becomes the blob (unless the blob is there already). The
+/// session is closed whatever the outcome, but for a body that broke off.
+async fn finish_upload(
+    reg: &Registry,
+    name: &str,
+    mut taken: uploads::Taken<'_>,
+    query: &HashMap<String, String>,
+    body: Body,
+) -> Reply {
+    let Some(digest) = query.get("digest").filter(|d| sha256_hex(d).is_some()).cloned() else {
         return Err(oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "a sha256 ?digest= is required"));
     };
-    append(&path, body).await?;
-    let actual = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut hasher = Sha256::new();
-            std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
-            Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?
-    };
-    if actual != *digest {
-        let _ = std::fs::remove_file(&path);
+    if let Err(e) = reg.uploads.append(&mut taken, body).await {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            reg.uploads.close(taken);
+        }
+        return Err(e);
+    }
+    let sealed = reg.uploads.seal(&taken).await;
+    reg.uploads.close(taken);
+    let (file, actual) = sealed?;
+    if actual != digest {
+        let _ = std::fs::remove_file(&file);
         return Err(oci_error(
             StatusCode::BAD_REQUEST,
             "DIGEST_INVALID",
             format!("the upload's digest is {actual}, not {digest}"),
         ));
     }
-    let blob = reg.blob_path(digest).ok_or_else(|| internal("bad digest"))?;
-    std::fs::rename(&path, &blob).map_err(internal)?;
-    link_blob(reg, name, digest)?;
-    blob_created(name, digest)
+    let blob = reg.blob_path(&digest).ok_or_else(|| internal("bad digest"))?;
+    if blob.exists() {
+        let _ = std::fs::remove_file(&file);
+    } else {
+        std::fs::rename(&file, &blob).map_err(internal)?;
+    }
+    link_blob(reg, name, &digest)?;
+    blob_created(name, &digest)
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod route_tests {
     use super::*;
 
     #[test]

@@ -1,0 +1,330 @@
+//! Who may do what on the embedded registry: users and their per-repository permissions, bearer
+//! tokens from the token endpoint, and the 401/403 answers.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::oci_error;
+use crate::RegistryError;
+
+pub(super) const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Tokens held at once; the oldest go first past it (every `/token` call makes one).
+const MAX_TOKENS: usize = 10_000;
+
+/// `users.toml`:
+///
+/// ```toml
+/// [users.ci]
+/// password_sha256 = "<hex of sha256(password)>"
+/// pull = ["*"]             # repositories the user may pull: names, or prefixes ending in `*`
+/// push = ["team-a/*"]      # ... push to (blob uploads, manifests, tags)
+/// delete = []              # ... delete manifests, tags and blob links in
+/// ```
+///
+/// A user with none of `pull`, `push`, `delete` may do everything (the registry's users before
+/// permissions existed); naming any of them limits the user to what is listed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    #[serde(default)]
+    pub users: BTreeMap<String, UserEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub password_sha256: String,
+    pub pull: Option<Vec<String>>,
+    pub push: Option<Vec<String>>,
+    pub delete: Option<Vec<String>>,
+}
+
+/// What a request does to a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+}
+
+impl Action {
+    fn scope(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "pull,push",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+fn valid_pattern(p: &str) -> bool {
+    let name = p.strip_suffix('*').unwrap_or(p);
+    !p.is_empty()
+        && p.len() <= 255
+        && (name.is_empty() || name.trim_end_matches('/').split('/').all(crate::reference::is_path_component))
+}
+
+fn matches(pattern: &str, repo: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => repo.starts_with(prefix),
+        None => pattern == repo,
+    }
+}
+
+impl UsersFile {
+    pub fn read(path: &Path) -> Result<UsersFile, RegistryError> {
+        let settings = |message: String| RegistryError::Settings { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
+        let file: UsersFile = toml::from_str(&text).map_err(|e| settings(e.message().to_string()))?;
+        for (name, u) in &file.users {
+            if u.password_sha256.len() != 64 || hex::decode(&u.password_sha256).is_err() {
+                return Err(settings(format!("users.{name}.password_sha256 must be 64 hex digits")));
+            }
+            for (key, list) in [("pull", &u.pull), ("push", &u.push), ("delete", &u.delete)] {
+                if let Some(bad) = list.iter().flatten().find(|p| !valid_pattern(p)) {
+                    return Err(settings(format!(
+                        "users.{name}.{key}: `{bad}` is neither a repository name nor a prefix ending in `*`"
+                    )));
+                }
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// A user as the registry keeps it.
+struct User {
+    password_sha256: String,
+    /// None: every repository (no list given).
+    pull: Option<Vec<String>>,
+    push: Option<Vec<String>>,
+    delete: Option<Vec<String>>,
+}
+
+impl User {
+    fn may(&self, action: Action, repo: &str) -> bool {
+        let unrestricted = self.pull.is_none() && self.push.is_none() && self.delete.is_none();
+        let list = match action {
+            Action::Pull => &self.pull,
+            Action::Push => &self.push,
+            Action::Delete => &self.delete,
+        };
+        unrestricted || list.iter().flatten().any(|p| matches(p, repo))
+    }
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    User(String),
+    Anonymous,
+}
+
+struct Token {
+    identity: Identity,
+    expires: Instant,
+}
+
+pub struct Auth {
+    users: BTreeMap<String, User>,
+    anonymous_pull: bool,
+    tokens: Mutex<HashMap<String, Token>>,
+}
+
+impl Auth {
+    pub fn new(users: UsersFile, anonymous_pull: bool) -> Auth {
+        let users = users
+            .users
+            .into_iter()
+            .map(|(n, u)| {
+                let user = User {
+                    password_sha256: u.password_sha256.to_lowercase(),
+                    pull: u.pull,
+                    push: u.push,
+                    delete: u.delete,
+                };
+                (n, user)
+            })
+            .collect();
+        Auth { users, anonymous_pull, tokens: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether anyone needs credentials.
+    pub fn enabled(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    fn check_password(&self, user: &str, password: &str) -> bool {
+        let sha = hex::encode(Sha256::digest(password.as_bytes()));
+        self.users.get(user).is_some_and(|u| u.password_sha256 == sha)
+    }
+
+    /// The user of a `Basic` header: Some(Ok(name)), Some(Err(())) for wrong credentials, None
+    /// without such a header.
+    pub fn basic_user(&self, headers: &HeaderMap) -> Option<Result<String, ()>> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let encoded = value.strip_prefix("Basic ")?;
+        let checked = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok())
+            .and_then(|text| {
+                let (user, password) = text.split_once(':')?;
+                self.check_password(user, password).then(|| user.to_string())
+            });
+        Some(checked.ok_or(()))
+    }
+
+    /// A token for `identity`, valid for [`TOKEN_LIFETIME`].
+    pub fn issue_token(&self, identity: Identity) -> String {
+        let token = super::new_id();
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        tokens.retain(|_, t| t.expires > now);
+        if tokens.len() >= MAX_TOKENS {
+            if let Some(oldest) = tokens.iter().min_by_key(|(_, t)| t.expires).map(|(k, _)| k.clone()) {
+                tokens.remove(&oldest);
+            }
+        }
+        tokens.insert(token.clone(), Token { identity, expires: now + TOKEN_LIFETIME });
+        token
+    }
+
+    /// Who the request is, if its credentials are good (anonymous without any).
+    fn identity(&self, headers: &HeaderMap) -> Option<Identity> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if let Some(t) = bearer {
+            let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            return tokens.get(t).filter(|tok| tok.expires > Instant::now()).map(|tok| tok.identity.clone());
+        }
+        match self.basic_user(headers) {
+            Some(Ok(user)) => Some(Identity::User(user)),
+            Some(Err(())) => None,
+            None => Some(Identity::Anonymous),
+        }
+    }
+
+    fn permits(&self, identity: &Identity, action: Action, repo: &str) -> bool {
+        match identity {
+            Identity::User(u) => self.users.get(u).is_some_and(|user| user.may(action, repo)),
+            Identity::Anonymous => action == Action::Pull && self.anonymous_pull,
+        }
+    }
+
+    /// Whether `identity` may pull `repo` (what the catalog lists).
+    pub fn may_pull(&self, identity: &Identity, repo: &str) -> bool {
+        !self.enabled() || self.permits(identity, Action::Pull, repo)
+    }
+
+    /// Who may do `action` on `repo` (`None` for the catalog); else the 401 that starts the token
+    /// flow, or 403 for a user who lacks the permission.
+    pub fn authorize(&self, headers: &HeaderMap, action: Action, repo: Option<&str>) -> Result<Identity, Response> {
+        if !self.enabled() {
+            return Ok(Identity::Anonymous);
+        }
+        let scope = match repo {
+            Some(r) => format!("repository:{r}:{}", action.scope()),
+            None => "registry:catalog:*".to_string(),
+        };
+        let identity = self.identity(headers);
+        let allowed = match (&identity, repo) {
+            (Some(id), Some(r)) => self.permits(id, action, r),
+            // The catalog lists what the caller may pull: any good credentials do.
+            (Some(Identity::User(_)), None) => true,
+            (Some(Identity::Anonymous), None) => self.anonymous_pull,
+            (None, _) => false,
+        };
+        match identity {
+            Some(id) if allowed => Ok(id),
+            Some(Identity::User(user)) => Err(oci_error(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("user `{user}` may not {} {}", action.scope(), repo.unwrap_or("the catalog")),
+            )),
+            _ => Err(self.challenge(headers, &scope)),
+        }
+    }
+
+    /// The 401 naming the token realm (with the scheme and host the client used).
+    pub fn challenge(&self, headers: &HeaderMap, scope: &str) -> Response {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or("localhost");
+        let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"nereid-registry\",scope=\"{scope}\"");
+        let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        resp
+    }
+
+    pub fn anonymous_pull(&self) -> bool {
+        self.anonymous_pull
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(toml: &str) -> Auth {
+        Auth::new(toml::from_str(toml).expect("users"), false)
+    }
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Basic {v}")).expect("header"));
+        h
+    }
+
+    #[test]
+    fn permissions_are_per_repository_and_action() {
+        let sha = hex::encode(Sha256::digest(b"pw"));
+        let a = auth(&format!(
+            "[users.admin]\npassword_sha256 = \"{sha}\"\n\
+             [users.team]\npassword_sha256 = \"{sha}\"\npull = [\"*\"]\npush = [\"team/*\"]\n"
+        ));
+        let admin = basic("admin", "pw");
+        let team = basic("team", "pw");
+        assert!(a.authorize(&admin, Action::Delete, Some("other/x")).is_ok(), "no lists: everything");
+        assert!(a.authorize(&team, Action::Pull, Some("other/x")).is_ok());
+        assert!(a.authorize(&team, Action::Push, Some("team/x")).is_ok());
+        assert_eq!(a.authorize(&team, Action::Push, Some("other/x")).map(drop).expect_err("refused").status(), 403);
+        assert_eq!(a.authorize(&team, Action::Delete, Some("team/x")).map(drop).expect_err("refused").status(), 403);
+        assert_eq!(
+            a.authorize(&basic("team", "no"), Action::Pull, Some("x")).map(drop).expect_err("refused").status(),
+            401
+        );
+        assert_eq!(
+            a.authorize(&HeaderMap::new(), Action::Pull, Some("x")).map(drop).expect_err("refused").status(),
+            401
+        );
+        // A token carries its user's permissions, not more.
+        let token = a.issue_token(Identity::User("team".into()));
+        let mut bearer = HeaderMap::new();
+        bearer.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
+        assert!(a.authorize(&bearer, Action::Push, Some("team/y")).is_ok());
+        assert_eq!(a.authorize(&bearer, Action::Push, Some("admin/y")).map(drop).expect_err("refused").status(), 403);
+    }
+
+    #[test]
+    fn patterns_are_names_or_prefixes() {
+        assert!(valid_pattern("*") && valid_pattern("team/*") && valid_pattern("team/app"));
+        assert!(!valid_pattern("") && !valid_pattern("Team/*") && !valid_pattern("a//b"));
+        assert!(matches("team/*", "team/x/y") && !matches("team/*", "teamx") && matches("a/b", "a/b"));
+    }
+}
