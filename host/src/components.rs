@@ -3,24 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nereid_registry::{
-    ComponentCache, HostSettings, Progress, Reference, RegistryClient, RegistryError, RegistrySettings,
-};
+use nereid_registry::{ComponentCache, HostSettings, Progress, Reference, RegistryClient, RegistryError};
 
-use crate::protocol::ServicePlugin;
-use crate::runtime::{content_digest, Limits, LoadedComponent, Runtime};
-
-/// A component's bytes and where they came from.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    pub bytes: Vec<u8>,
-    /// The component's content digest (`sha256:<hex>` of its bytes).
-    pub digest: String,
-    /// For a registry component: the reference pinned to its manifest digest.
-    pub pinned: Option<String>,
-    /// What to call it in messages: the file or the reference.
-    pub origin: String,
-}
+use crate::config::ServicePlugin;
+use crate::runtime::{content_digest, Fetched, Limits, LoadedComponent, Runtime};
 
 /// A plugin a config file names, fetched and compiled, with its limits: what a slot's `new`
 /// takes (with the section's `config`).
@@ -44,13 +30,15 @@ pub enum ComponentError {
     File { path: PathBuf, source: std::io::Error },
     #[error("{origin}: expected component {expected}, got {actual}")]
     Digest { origin: String, expected: String, actual: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl Components {
     /// A fetcher whose registry cache is `cache_root`, with `given` registry settings completed
     /// by the settings file and the environment.
-    pub fn new(cache_root: PathBuf, given: &BTreeMap<String, HostSettings>) -> Result<Components, RegistryError> {
-        let settings = RegistrySettings::load(given)?;
+    pub fn new(cache_root: PathBuf, given: &BTreeMap<String, HostSettings>) -> Result<Components, ComponentError> {
+        let settings = crate::config::registries::settings(given)?;
         Ok(Components { client: RegistryClient::new(settings, ComponentCache::new(cache_root)) })
     }
 
@@ -58,7 +46,7 @@ impl Components {
     pub fn cache_root(cache_dir: Option<&Path>) -> PathBuf {
         cache_dir
             .map(Path::to_path_buf)
-            .or_else(crate::runtime::ComponentCache::default_dir)
+            .or_else(crate::runtime::CompileCache::default_dir)
             .unwrap_or_else(|| PathBuf::from(".nereid-cache"))
             .join("oci")
     }
@@ -72,9 +60,8 @@ impl Components {
         Ok(reference.pinned(&self.client.resolve(reference).await?))
     }
 
-    /// The component `source` names: an `oci://` reference, or a path relative to `base`.
     /// Fetches the plugin a config section names (a path relative to `base`, or an `oci://`
-    /// reference) and compiles it with `runtime`.
+    /// reference) and compiles it with `runtime`; with the section's limits.
     pub async fn load_plugin(
         &self,
         cfg: &ServicePlugin,
@@ -90,6 +77,8 @@ impl Components {
         })
     }
 
+    /// The component `source` names: an `oci://` reference (through the registry cache), or a
+    /// path relative to `base` (a regular file within the size limit).
     pub async fn fetch(
         &self,
         source: &str,

@@ -1,11 +1,12 @@
 //! nereid: an edge-AI host in which every algorithm is a sandboxed WebAssembly component.
 pub mod aggregate;
+pub mod client;
 pub mod cloud;
 pub mod components;
+pub mod config;
 pub mod edge;
 pub mod files;
 pub mod inference;
-pub mod job;
 pub mod link;
 pub mod model_io;
 pub mod names;
@@ -14,6 +15,15 @@ pub mod runtime;
 pub mod store;
 pub mod tensor;
 pub mod train;
+pub mod trainer;
+
+/// Locks `m`, also after a thread panicked while holding it. Every shared map and counter of
+/// the hosts is left consistent between statements (a panic loses at most an update to a cache
+/// or a counter, which the store or the next request puts right), so the one way this crate
+/// treats a poisoned lock is to go on with what it holds.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Model- and sample-sized buffers come and go (updates every round, sample batches on an
 /// edge); glibc would keep freed ones in per-thread arenas (RSS that never shrinks). Serving them

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     // The registry cache lives under the same directory; --no-cache concerns compiled code only.
-    let cache_root = cli.cache_dir.clone().or_else(nereid::runtime::ComponentCache::default_dir);
+    let cache_root = cli.cache_dir.clone().or_else(nereid::runtime::CompileCache::default_dir);
     let cache_dir = if cli.no_cache { None } else { cache_root.clone() };
     let result = match cli.command {
         Command::Plugin(cmd) => cli::plugin::run(cmd, cache_dir),

@@ -134,10 +134,22 @@ fn classify(reference: &Reference, e: OciDistributionError) -> RegistryError {
             RegistryError::NotFound { reference: r }
         }
         OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
-            unreachable(reference, format!("{e:#}"))
+            unreachable(reference, with_causes(&e))
         }
         other => RegistryError::Protocol { reference: r, message: other.to_string() },
     }
+}
+
+/// `e` and what caused it (reqwest's own message leaves out why a request failed).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 fn not_a_component(reference: &Reference, reason: impl Into<String>) -> RegistryError {

@@ -2,20 +2,18 @@
 //!
 //! Sources, later ones filling in what earlier ones left unset:
 //! 1. tables given by the caller (`[registries."host:port"]` in `cloud.toml` / `edge.toml`);
-//! 2. the file `$NEREID_REGISTRY_CONFIG`, else `$XDG_CONFIG_HOME/nereid/registries.toml`, else
-//!    `~/.config/nereid/registries.toml` (if it exists), with the same tables;
+//! 2. a settings file with the same tables, which the caller reads (nereid's
+//!    `config::registries`: `$NEREID_REGISTRY_CONFIG`, else `registries.toml` in the user's
+//!    config directory);
 //! 3. the environment: `NEREID_INSECURE_REGISTRIES` (comma-separated hosts), and
 //!    `NEREID_REGISTRY_USERNAME` + `NEREID_REGISTRY_PASSWORD` or `NEREID_REGISTRY_TOKEN` for hosts
 //!    with no credentials of their own.
 //!
 //! `localhost`, `127.0.0.0/8` and `[::1]` are always plain HTTP, like Docker treats them.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use oci_client::secrets::RegistryAuth;
 use serde::{Deserialize, Serialize};
-
-use crate::RegistryError;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,32 +85,15 @@ pub fn is_loopback(registry: &str) -> bool {
 }
 
 impl RegistrySettings {
-    /// The default settings file, if one is named or exists.
-    pub fn default_file() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("NEREID_REGISTRY_CONFIG") {
-            return Some(PathBuf::from(p));
-        }
-        let dir = std::env::var_os("XDG_CONFIG_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-        let file = dir.join("nereid").join("registries.toml");
-        file.exists().then_some(file)
-    }
-
-    /// Reads a settings file (`[registries."host"]` tables).
-    pub fn read(path: &Path) -> Result<RegistrySettings, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
-        toml::from_str(&text).map_err(|e| RegistryError::Settings { path: path.to_path_buf(), message: e.to_string() })
-    }
-
-    /// `given` completed by the default file and the environment.
-    pub fn load(given: &BTreeMap<String, HostSettings>) -> Result<RegistrySettings, RegistryError> {
+    /// `given` completed by `file` (the settings file's tables, which the caller read) and the
+    /// environment.
+    pub fn complete(given: &BTreeMap<String, HostSettings>, file: Option<&RegistrySettings>) -> RegistrySettings {
         let mut settings = RegistrySettings { registries: given.clone() };
-        if let Some(file) = Self::default_file() {
-            settings.merge(&Self::read(&file)?);
+        if let Some(file) = file {
+            settings.merge(file);
         }
         settings.merge_env();
-        Ok(settings)
+        settings
     }
 
     pub fn merge(&mut self, other: &RegistrySettings) {

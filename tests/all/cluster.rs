@@ -1,8 +1,9 @@
 //! A cloud and edge hosts (this package's binary) on loopback, for the end-to-end tests.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use nereid::client::CloudClient;
 use nereid::model_io;
 use nereid::protocol::JobStatus;
 use nereid::train::Dataset;
@@ -48,15 +49,7 @@ impl Drop for Cluster {
 }
 
 pub fn spawn(args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_nereid"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("NEREID_CACHE_DIR", cache)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn nereid")
+    nereid_harness::spawn(Path::new(env!("CARGO_BIN_EXE_nereid")), args, config, log, cache).expect("spawn nereid")
 }
 
 impl Cluster {
@@ -143,6 +136,20 @@ impl Cluster {
         assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());
     }
 
+    /// Stops edge `i` (SIGSTOP) once it has asked for work, so that it counts as online and a
+    /// round selects it, but sends nothing until [`Cluster::signal_edge`] `-CONT`.
+    pub fn hold_edge_once_online(&self, i: usize) {
+        let log = self.path(&format!("{}.log", self.nodes[i].0));
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("edge started") {
+            assert!(t.elapsed() < Duration::from_secs(30), "{} did not start", self.nodes[i].0);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Past its first poll (it polls at once, then every poll_ms).
+        std::thread::sleep(Duration::from_millis(300));
+        self.signal_edge(i, "-STOP");
+    }
+
     pub fn nereid(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_nereid"))
             .args(args)
@@ -161,10 +168,13 @@ impl Cluster {
         assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The operator's client of the cloud.
+    pub fn client(&self) -> CloudClient {
+        CloudClient::new(&self.url(""), &self.admin, Duration::from_secs(60)).expect("client")
+    }
+
     pub fn status(&self, job: &str) -> JobStatus {
-        let (code, body) = http("GET", &self.url(&format!("/v1/jobs/{job}")), Some(&self.admin), Vec::new());
-        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-        serde_json::from_slice(&body).expect("status json")
+        block(self.client().status(job)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
@@ -186,9 +196,7 @@ impl Cluster {
     }
 
     pub fn model(&self, job: &str, version: u32) -> model_io::NamedTensors {
-        let (code, body) =
-            http("GET", &self.url(&format!("/v1/jobs/{job}/models/{version}")), Some(&self.admin), Vec::new());
-        assert_eq!(code, 200);
+        let body = block(self.client().model(job, version)).unwrap_or_else(|e| panic!("{e}"));
         model_io::decode(&body, Path::new("model")).expect("model")
     }
 

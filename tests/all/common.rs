@@ -6,6 +6,11 @@ use nereid::runtime::config::ConfigTable;
 use nereid::runtime::{AggregatorPlugin, ClientUpdate, Limits, Runtime, UpdateKind};
 use nereid::tensor::Tensor;
 
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// The directory `cargo xtask plugins` writes components to.
 pub fn plugin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("NEREID_PLUGIN_DIR") {

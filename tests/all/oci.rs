@@ -661,8 +661,8 @@ fn a_live_job_swaps_plugins_at_round_boundaries_and_keeps_the_old_one_when_the_n
     let (runtime, _dir) = runtime();
     let components = nereid::components::Components::new(c.path("api-cache"), &Default::default()).expect("components");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
-    let mut loaded =
-        nereid::job::load(&path, &runtime, &|s, b| rt.block_on(components.fetch(s, b, None))).expect("job");
+    let mut loaded = nereid::config::job::load(&path, &runtime, &|s, b| Ok(rt.block_on(components.fetch(s, b, None))?))
+        .expect("job");
     loaded.spec.aggregator.source = Some(format!("oci://{h}/ns/agg:v1"));
     loaded.spec.aggregator.config.insert("max_norm".into(), toml::Value::Float(1.0));
     let body = serde_json::to_vec(&nereid::protocol::SubmitJob { spec: loaded.spec }).expect("json");

@@ -74,14 +74,7 @@ fn the_buffer_survives_a_restart_and_decides_as_without_one() {
 }
 
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
+    nereid_harness::rss_kib(pid, "VmRSS:").expect("VmRSS") * 1024
 }
 
 #[test]

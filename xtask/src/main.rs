@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extra arguments]
+mod deps;
+
+const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [-- extra arguments]
 
   setup     install what is missing: the wasm32-wasip2 Rust target, the Debian packages the
             build needs (libssl-dev, pkg-config), ONNX Runtime's shared library from the
@@ -12,9 +14,12 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench> [-- extr
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
-            mosquitto-clients, `cargo install wkg`, the `onnx` Python package), then run the whole
-            test suite (cargo test --release)
-  bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)";
+            mosquitto-clients, `cargo install wkg`, the `onnx` Python package, a Python
+            environment in target/py with numpy, safetensors and clients/python), then run the
+            whole test suite (cargo test --release)
+  bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)
+  deps      check that no import circle joins the host's modules (see `deps` below); `test`
+            runs it first";
 
 /// Debian packages the build needs (oci-client's TLS through OpenSSL, like wkg).
 const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
@@ -30,6 +35,9 @@ const OPENVINO_VERSION: &str = "2026.4.1";
 const OPENVINO_SONAME: &str = "2641";
 /// The `onnx` Python package the inference tests build their ONNX models with.
 const ONNX_PYTHON_VERSION: &str = "1.17.0";
+/// The Python packages of the environment the external-trainer tests run their trainers in
+/// (target/py), besides clients/python itself.
+const TRAINER_PYTHON_PACKAGES: &[&str] = &["numpy==2.4.6", "safetensors==0.8.0"];
 /// The wkg the interop tests run against.
 const WKG_VERSION: &str = "0.16.1";
 
@@ -47,7 +55,10 @@ fn main() -> ExitCode {
         "plugins" => plugins(),
         "demo" => plugins()
             .and_then(|()| cargo(&[&["run", "--release", "-p", "nereid", "--", "demo"], &strs(&rest)[..]].concat())),
-        "test" => plugins()
+        "deps" => deps::check(&root().join("host/src")).map(|report| println!("{report}")),
+        "test" => deps::check(&root().join("host/src"))
+            .map(drop)
+            .and_then(|()| plugins())
             .and_then(|()| test_tools())
             .and_then(|()| cargo(&[&["test", "--release"], &strs(&rest)[..]].concat())),
         "bench" => plugins().and_then(|()| {
@@ -211,6 +222,7 @@ fn debian_packages(wanted: &[&str]) -> Result<(), String> {
 /// The tools the test suite drives: a real registry, htpasswd, and wkg for the interop tests.
 fn test_tools() -> Result<(), String> {
     debian_packages(TEST_PACKAGES)?;
+    trainer_python()?;
     let onnx = Command::new("python3").args(["-c", "import onnx; print(onnx.__version__)"]).output();
     if !onnx.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ONNX_PYTHON_VERSION) {
         run(Command::new("python3").args([
@@ -229,6 +241,26 @@ fn test_tools() -> Result<(), String> {
         return Ok(());
     }
     cargo(&["install", "wkg", "--locked", "--version", WKG_VERSION])
+}
+
+/// target/py: a virtual environment with numpy, safetensors and clients/python (the trainer
+/// package, installed again each time so that it is the checkout's).
+fn trainer_python() -> Result<(), String> {
+    let venv = root().join("target/py");
+    if !venv.join("bin/python").is_file() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let python = venv.join("bin/python");
+    let wanted = Command::new(&python)
+        .args(["-c", "import numpy, safetensors; print(numpy.__version__, safetensors.__version__)"])
+        .output();
+    let versions: Vec<&str> = TRAINER_PYTHON_PACKAGES.iter().filter_map(|p| p.split("==").nth(1)).collect();
+    if !wanted.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().eq(versions.iter().copied())) {
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TRAINER_PYTHON_PACKAGES))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall"])
+        .arg(root().join("clients/python")))
 }
 
 /// Package names of the crates under `plugins/` and `tests/fixtures/`.

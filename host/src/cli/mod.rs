@@ -1,18 +1,9 @@
 //! The subcommands of the `nereid` binary.
-pub mod api;
 pub mod bench;
-pub mod bench_compress;
-pub mod bench_forgetting;
-pub mod bench_infer;
-pub mod bench_round;
-pub mod bench_split;
-pub mod bench_swap;
 pub mod demo;
-pub mod fleet;
 pub mod model;
 pub mod oci;
 pub mod plugin;
-pub mod plugin_demo;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -41,8 +32,8 @@ pub fn fetcher(
     components: &nereid::components::Components,
     source: &str,
     base: &std::path::Path,
-) -> Result<nereid::components::Fetched, nereid::components::ComponentError> {
-    rt.block_on(components.fetch(source, base, None))
+) -> Result<nereid::runtime::Fetched, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(rt.block_on(components.fetch(source, base, None))?)
 }
 
 /// The components fetcher of a CLI command (registry settings from the file and environment).

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use nereid::client::CloudClient as Api;
+use nereid::config::ServicePlugin;
 use nereid::inference::profile;
-use nereid::protocol::ServicePlugin;
 use nereid::runtime::{Limits, Runtime, SplitterPlugin};
 use nereid_onnx::{Link, Message};
 
@@ -163,7 +164,7 @@ pub fn run(cmd: ModelCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
 }
 
 fn ls(args: LsArgs) -> anyhow::Result<()> {
-    let url = format!("{}/v1/models", args.edge.trim_end_matches('/'));
+    let url = format!("{}{}", args.edge.trim_end_matches('/'), nereid::protocol::routes::MODELS);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (status, body) = rt.block_on(async {
         let mut req = reqwest::Client::new().get(&url);
@@ -342,18 +343,18 @@ fn plan(args: PlanArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let file: nereid::job::JobFile = nereid::job::parse_file(&args.job)?;
+    let file: nereid::config::job::JobFile = nereid::config::parse_file(&args.job)?;
     let weights = match (&args.weights, &args.cloud) {
         (Some(path), _) => read(path)?,
         (None, Some(cloud)) => {
-            let api = super::api::Api::new(cloud, args.token.as_deref().unwrap_or_default())?;
+            let api = Api::new(cloud, args.token.as_deref().unwrap_or_default(), std::time::Duration::from_secs(120))?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let name = &file.job.name;
             let version = match args.version {
                 Some(v) => v,
                 None => rt.block_on(api.status(name))?.rounds_done,
             };
-            rt.block_on(api.bytes(&format!("/v1/jobs/{name}/models/{version}")))?
+            rt.block_on(api.model(name, version))?.to_vec()
         }
         (None, None) => bail!("give the weights: --weights <file.safetensors> or --cloud <url>"),
     };
@@ -378,7 +379,7 @@ fn pass_source(plugin: &str, plugins_dir: &Path) -> String {
 
 fn compress(args: CompressArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use nereid::inference::compress::{self, Accuracy, ModelSize};
-    let pipeline: compress::PipelineFile = nereid::job::parse_file(&args.pipeline)?;
+    let pipeline: nereid::config::pipeline::PipelineFile = nereid::config::parse_file(&args.pipeline)?;
     if pipeline.passes.is_empty() {
         bail!("{}: the pipeline has no [[pass]]", args.pipeline.display());
     }

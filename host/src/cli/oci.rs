@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use nereid::components::Components;
 use nereid_registry::server::{ServerOptions, UsersFile};
-use nereid_registry::{ComponentCache, HostSettings, Reference, RegistryClient, RegistrySettings};
+use nereid_registry::{ComponentCache, HostSettings, Reference, RegistryClient};
 
 #[derive(Args)]
 pub struct RegistryArgs {
@@ -20,7 +20,7 @@ impl RegistryArgs {
     fn client(&self, cache_dir: Option<&Path>) -> anyhow::Result<RegistryClient> {
         let given =
             self.insecure.iter().map(|h| (h.clone(), HostSettings { insecure: true, ..Default::default() })).collect();
-        let settings = RegistrySettings::load(&given)?;
+        let settings = nereid::config::registries::settings(&given)?;
         Ok(RegistryClient::new(settings, ComponentCache::new(Components::cache_root(cache_dir))))
     }
 }

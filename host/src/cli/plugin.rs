@@ -26,7 +26,7 @@ pub enum PluginCommand {
     Aggregate(AggregateArgs),
     /// Run fedavg and fedprox over generated client updates, checked against a float64
     /// reference and a hand computation of FedProx's client term.
-    Demo(super::plugin_demo::DemoArgs),
+    Demo(super::demo::plugins::DemoArgs),
 }
 
 #[derive(Args)]
@@ -93,7 +93,7 @@ pub struct AggregateArgs {
 
 pub fn run(cmd: PluginCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if let PluginCommand::Demo(args) = cmd {
-        return super::plugin_demo::run(args, cache_dir);
+        return super::demo::plugins::run(args, cache_dir);
     }
     let registry_cache = cache_dir.clone();
     let runtime = Runtime::new(cache_dir)?;

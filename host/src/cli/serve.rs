@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use nereid::protocol::{new_token, read_config, token_sha256, CloudConfig, EdgeConfig, JobStatus};
+use nereid::config::{read_config, CloudConfig, EdgeConfig};
+use nereid::protocol::{new_token, token_sha256, JobStatus};
 use nereid::runtime::Runtime;
 use nereid::store::CloudStore;
 
-use super::api::Api;
+use nereid::client::CloudClient as Api;
 
 fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
@@ -77,12 +78,12 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         JobCommand::Apply { file, cloud, dry_run } => {
             let components = super::components(cache_dir.as_deref())?;
             let runtime = Runtime::new(cache_dir)?;
-            let loaded = nereid::job::load(&file, &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
+            let loaded = nereid::config::job::load(&file, &runtime, &|s, b| super::fetcher(&rt, &components, s, b))?;
             if dry_run {
                 println!("{}: valid", file.display());
                 return Ok(());
             }
-            let api = Api::new(&cloud.cloud, &cloud.token)?;
+            let api = Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?;
             let s = rt.block_on(api.apply(loaded))?;
             println!("job `{}` applied: {} ({} rounds at most)", s.name, s.status, s.max_rounds);
             if let Some(note) = &s.note {
@@ -90,7 +91,8 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::List { cloud, json } => {
-            let jobs = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.jobs())?;
+            let jobs =
+                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.jobs())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -101,7 +103,8 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::Status { name, cloud, json } => {
-            let status = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.status(&name))?;
+            let status =
+                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.status(&name))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -109,7 +112,8 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::Stop { name, cloud } => {
-            let s = rt.block_on(Api::new(&cloud.cloud, &cloud.token)?.stop(&name))?;
+            let s =
+                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.stop(&name))?;
             println!("job `{}`: {}", s.name, s.status);
         }
     }

@@ -15,12 +15,11 @@ use nereid_onnx::Message;
 
 use super::{err, ApiResult, Caller, Cloud};
 use crate::components::Components;
+use crate::config::cloud::CloudServiceConfig;
 use crate::inference::codec::ActivationCodec;
 use crate::inference::profile::{self, Typed};
 use crate::inference::{wire, NativeModel};
-use crate::protocol::{
-    CloudServiceConfig, COMPRESSOR_HEADER, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER,
-};
+use crate::protocol::{COMPRESSOR_HEADER, COMPUTE_HEADER, CUT_HEADER, DIGEST_HEADER, EXAMPLE_HEADER, QUEUED_HEADER};
 use crate::runtime::{content_digest, CompressorPlugin, Runtime};
 
 struct CloudService {
@@ -107,13 +106,13 @@ impl CloudService {
     }
 
     fn tail(&self, cut: &[String]) -> Result<Arc<NativeModel>, String> {
-        if let Some(t) = self.tails.lock().unwrap_or_else(|e| e.into_inner()).get(cut) {
+        if let Some(t) = crate::lock(&self.tails).get(cut) {
             return Ok(t.clone());
         }
         let part = self.typed()?.model.partition(cut).map_err(|e| e.to_string())?;
         let tail = part.tail.ok_or("the cut leaves nothing to run in the cloud (it is the model's outputs)")?;
         let model = Arc::new(NativeModel::new(&tail.encode_to_vec()).map_err(|e| e.to_string())?);
-        self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(cut.to_vec(), model.clone());
+        crate::lock(&self.tails).insert(cut.to_vec(), model.clone());
         Ok(model)
     }
 }

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use nereid_registry::Reference;
 
 use crate::components::Components;
-use crate::job::{JobSpec, PluginRef};
-use crate::protocol::config_value_to_toml;
+use crate::config::job::{JobSpec, PluginRef};
+use crate::lock;
+use crate::protocol::SwapRow;
+use crate::runtime::config::config_value_to_toml;
 use crate::runtime::config::ConfigTable;
 use crate::runtime::{AggregatorPlugin, CompressorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
-use crate::store::{now_ms, CloudStore, SwapRow};
+use crate::store::{now_ms, CloudStore};
 
 /// A job's aggregator instance and what to call it (its pinned reference or digest).
 #[derive(Clone)]
@@ -81,14 +83,16 @@ impl JobPlugins {
     /// holds it (if any) lets go of it.
     fn install(&self, job: &str, mut plugin: AggregatorPlugin, label: String) -> anyhow::Result<LiveAggregator> {
         let published = plugin.client_config()?;
-        if let Ok(mut p) = self.published.lock() {
+        {
+            let mut p = lock(&self.published);
             p.insert(
                 job.to_string(),
                 published.iter().map(|e| (e.key.clone(), config_value_to_toml(&e.value))).collect(),
             );
         }
         let live = LiveAggregator { plugin: Arc::new(Mutex::new(plugin)), label };
-        if let Ok(mut map) = self.live.lock() {
+        {
+            let mut map = lock(&self.live);
             map.insert(job.to_string(), live.clone());
         }
         Ok(live)
@@ -96,7 +100,7 @@ impl JobPlugins {
 
     /// The job's aggregator, instantiated once and kept (the compile cache makes a restart cheap).
     pub fn aggregator(&self, store: &CloudStore, spec: &JobSpec) -> anyhow::Result<LiveAggregator> {
-        if let Some(a) = self.live.lock().ok().and_then(|m| m.get(&spec.name).cloned()) {
+        if let Some(a) = lock(&self.live).get(&spec.name).cloned() {
             return Ok(a);
         }
         let plugin = self.build_aggregator(store, &spec.name, &spec.aggregator)?;
@@ -110,30 +114,34 @@ impl JobPlugins {
         spec: &JobSpec,
     ) -> anyhow::Result<Option<Arc<Mutex<CompressorPlugin>>>> {
         let Some(p) = &spec.compressor else { return Ok(None) };
-        if let Some(c) = self.compressors.lock().ok().and_then(|m| m.get(&spec.name).cloned()) {
+        if let Some(c) = lock(&self.compressors).get(&spec.name).cloned() {
             return Ok(Some(c));
         }
         let loaded = self.load(store, &spec.name, "compressor", p)?;
         let plugin = Arc::new(Mutex::new(CompressorPlugin::new(&self.runtime, loaded, p.limits, &p.config)?));
-        if let Ok(mut m) = self.compressors.lock() {
+        {
+            let mut m = lock(&self.compressors);
             m.insert(spec.name.clone(), plugin.clone());
         }
         Ok(Some(plugin))
     }
 
     pub fn published(&self, job: &str) -> ConfigTable {
-        self.published.lock().ok().and_then(|c| c.get(job).cloned()).unwrap_or_default()
+        lock(&self.published).get(job).cloned().unwrap_or_default()
     }
 
     /// Drops the instances of a job that ended.
     pub fn forget(&self, job: &str) {
-        if let Ok(mut m) = self.live.lock() {
+        {
+            let mut m = lock(&self.live);
             m.remove(job);
         }
-        if let Ok(mut m) = self.pending.lock() {
+        {
+            let mut m = lock(&self.pending);
             m.remove(job);
         }
-        if let Ok(mut m) = self.compressors.lock() {
+        {
+            let mut m = lock(&self.compressors);
             m.remove(job);
         }
     }
@@ -162,7 +170,8 @@ impl JobPlugins {
         if new.aggregator != current.aggregator {
             let plugin =
                 self.build_aggregator(store, &new.name, &new.aggregator).map_err(|e| e.context("aggregator"))?;
-            if let Ok(mut pending) = self.pending.lock() {
+            {
+                let mut pending = lock(&self.pending);
                 pending.insert(new.name.clone(), plugin);
             }
         }
@@ -183,11 +192,11 @@ impl JobPlugins {
         let promoted = if pending { store.promote_pending_spec(name)? } else { None };
         if let Some(json) = promoted {
             let new: JobSpec = serde_json::from_str(&json)?;
-            let prepared = self.pending.lock().ok().and_then(|mut p| p.remove(name));
+            let prepared = lock(&self.pending).remove(name);
             self.switch(store, spec, &new, round, prepared)?;
             return Ok(true);
         }
-        let first_check = self.tags_checked.lock().ok().and_then(|mut c| c.insert(name.clone(), round)) != Some(round);
+        let first_check = lock(&self.tags_checked).insert(name.clone(), round) != Some(round);
         if !first_check {
             return Ok(false);
         }
@@ -204,12 +213,13 @@ impl JobPlugins {
                 }
             };
             let pinned = pinned_ref.to_string();
-            if Some(&pinned) == p.pinned.as_ref() || self.refused.lock().is_ok_and(|r| r.contains(&pinned)) {
+            if Some(&pinned) == p.pinned.as_ref() || lock(&self.refused).contains(&pinned) {
                 continue;
             }
             let refuse = |error: String| {
                 tracing::warn!(job = %name, slot, to = %pinned, "the moved tag's plugin is refused; the old one keeps running: {error}");
-                if let Ok(mut r) = self.refused.lock() {
+                {
+                    let mut r = lock(&self.refused);
                     r.insert(pinned.clone());
                 }
                 let swap = SwapRow {

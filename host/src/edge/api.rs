@@ -2,6 +2,7 @@
 //! adapter reads), `GET /v1/infer/<service>/plan` (split services), `POST /v1/samples` and
 //! `GET /v1/samples` (the replay buffer), `GET /v1/incremental` and `GET /v1/models` (the
 //! incremental-learning job and its model versions), `GET /metrics`, `GET /v1/health`.
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,114 +13,100 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use std::collections::HashMap;
+use super::error::ApiError;
+use super::incremental::IncrementalJob;
+use super::node::Node;
+use super::services::ServiceMetrics;
+use crate::config::edge::{ApiRight, EdgeApiConfig};
+use crate::protocol::{routes, token_sha256, CUT_HEADER};
 
-use super::services::{is_bad_request, ServiceMetrics, Services, UnsupportedBody};
-use crate::protocol::{token_sha256, ApiRight, EdgeApiConfig, CUT_HEADER};
+type ApiResult<T> = Result<T, ApiError>;
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, Json(serde_json::json!({ "error": message.to_string() }))).into_response()
+    ApiError::new(status, message).into_response()
+}
+
+fn no_service(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no service `{name}`"))
 }
 
 async fn infer(
-    State(services): State<Arc<Services>>,
+    State(node): State<Arc<Node>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let Some(service) = services.get(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
-    };
+) -> ApiResult<Response> {
+    let services = &node.services;
+    let service = services.get(&name).ok_or_else(|| no_service(&name))?;
     let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let inputs = match services.decode_body(&service, content_type, body).await {
-        Ok(t) => t,
-        Err(e) if e.is::<UnsupportedBody>() => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{e:#}")),
-        Err(e) if is_bad_request(&e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-    };
+    let inputs = services.decode_body(&service, content_type, body).await?;
     let forced_cut = headers
         .get(CUT_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>());
-    match services.infer(service, inputs, forced_cut).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-    }
+    Ok(Json(services.infer(service, inputs, forced_cut).await?).into_response())
 }
 
 /// `POST /v1/samples`: labelled samples for the replay buffer, as safetensors with `x`
 /// [samples, ...] (any element type) and `y` [samples] (integer labels).
-async fn offer_samples(State(services): State<Arc<Services>>, body: Bytes) -> Response {
-    if services.replay.is_none() {
-        return error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)");
-    }
-    let (x, y) = match super::replay::parse_batch(&body) {
-        Ok(batch) => batch,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let services = services.clone();
-    let offered = tokio::task::spawn_blocking(move || services.replay.as_ref().map(|r| r.offer(&x, &y, None))).await;
-    match offered {
-        Ok(Some(Ok(report))) => Json(report).into_response(),
-        Ok(Some(Err(e))) if is_bad_request(&e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Ok(None) => error(StatusCode::NOT_FOUND, "no replay buffer"),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+async fn offer_samples(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Response> {
+    let replay = node.replay.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)")
+    })?;
+    let (x, y) = super::replay::parse_batch(&body).map_err(anyhow::Error::from)?;
+    let report = tokio::task::spawn_blocking(move || replay.offer(&x, &y, None))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))??;
+    Ok(Json(report).into_response())
 }
 
 /// `GET /v1/samples`: what the replay buffer holds.
-async fn sample_stats(State(services): State<Arc<Services>>) -> Response {
-    match services.replay.as_ref().map(|r| r.stats()) {
-        Some(Ok(stats)) => Json(stats).into_response(),
-        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        None => error(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)"),
-    }
+async fn sample_stats(State(node): State<Arc<Node>>) -> ApiResult<Response> {
+    let replay = node.replay.as_ref().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)")
+    })?;
+    Ok(Json(replay.stats()?).into_response())
 }
 
 /// Answers with what `f` reads from the incremental-learning job (off the async threads: it
 /// reads the store), or 404 if the edge has none.
 async fn from_job<T: serde::Serialize + Send + 'static>(
-    services: Arc<Services>,
-    f: impl FnOnce(&super::incremental::Job) -> anyhow::Result<T> + Send + 'static,
-) -> Response {
-    let read = tokio::task::spawn_blocking(move || services.incremental.as_ref().map(f)).await;
-    match read {
-        Ok(Some(Ok(answer))) => Json(answer).into_response(),
-        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Ok(None) => {
-            error(StatusCode::NOT_FOUND, "this edge has no incremental-learning job ([incremental] in edge.toml)")
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
+    node: Arc<Node>,
+    f: impl FnOnce(&IncrementalJob) -> anyhow::Result<T> + Send + 'static,
+) -> ApiResult<Response> {
+    let job = node.incremental.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "this edge has no incremental-learning job ([incremental] in edge.toml)")
+    })?;
+    let answer = tokio::task::spawn_blocking(move || f(&job))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))??;
+    Ok(Json(answer).into_response())
 }
 
 /// `GET /v1/incremental`: what the incremental-learning job is doing.
-async fn incremental_status(State(services): State<Arc<Services>>) -> Response {
-    from_job(services, |job| job.status()).await
+async fn incremental_status(State(node): State<Arc<Node>>) -> ApiResult<Response> {
+    from_job(node, |job| job.status()).await
 }
 
 /// `GET /v1/models`: every model version of the incremental-learning job, its metrics and the
 /// decision, and which one serves.
-async fn model_versions(State(services): State<Arc<Services>>) -> Response {
-    from_job(services, |job| job.versions()).await
+async fn model_versions(State(node): State<Arc<Node>>) -> ApiResult<Response> {
+    from_job(node, |job| job.versions()).await
 }
 
-async fn plan(State(services): State<Arc<Services>>, Path(name): Path<String>) -> Response {
-    let Some(service) = services.get(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
-    };
-    if let Err(e) = services.plan_if_missing(&service).await {
-        return error(StatusCode::BAD_REQUEST, format!("{e:#}"));
-    }
-    match services.plan_report(&service) {
-        Some(p) => Json(p).into_response(),
-        None => error(StatusCode::BAD_REQUEST, format!("`{name}` is not a split service")),
-    }
+/// `GET /v1/infer/<service>/plan`: a split service's plan (made now if it has none).
+async fn plan(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult<Response> {
+    let services = &node.services;
+    let service = services.get(&name).ok_or_else(|| no_service(&name))?;
+    services.plan_if_missing(&service).await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let report = services
+        .plan_report(&service)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("`{name}` is not a split service")))?;
+    Ok(Json(report).into_response())
 }
 
-async fn metrics(State(services): State<Arc<Services>>) -> Response {
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let services = &node.services;
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
@@ -165,7 +152,7 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
     let mut sums = Vec::new();
     let mut counts = Vec::new();
     for (n, s) in &services.services {
-        for (route, (count, secs)) in s.metrics.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (route, (count, secs)) in crate::lock(&s.metrics.latency).iter() {
             let labels = format!("{{service=\"{}\",route=\"{route}\"}}", crate::names::escape_label(n));
             sums.push((labels.clone(), secs.to_string()));
             counts.push((labels, count.to_string()));
@@ -178,7 +165,7 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
     for (l, v) in counts {
         out.push_str(&format!("nereid_inference_latency_seconds_count{l} {v}\n"));
     }
-    let pending = services.store.outbox_len().unwrap_or(0);
+    let pending = node.store.outbox_len().unwrap_or(0);
     out.push_str(&format!(
         "# HELP nereid_outbox_pending Hard examples waiting for the cloud.\n# TYPE nereid_outbox_pending gauge\nnereid_outbox_pending {pending}\n"
     ));
@@ -211,7 +198,7 @@ impl ApiAuth {
     fn right(method: &axum::http::Method, path: &str) -> ApiRight {
         match (method, path) {
             (&axum::http::Method::POST, p) if p.starts_with("/v1/infer/") => ApiRight::Infer,
-            (&axum::http::Method::POST, "/v1/samples") => ApiRight::Samples,
+            (&axum::http::Method::POST, routes::SAMPLES) => ApiRight::Samples,
             _ => ApiRight::Read,
         }
     }
@@ -249,27 +236,27 @@ async fn authenticate(
     }
 }
 
-pub fn router(services: Arc<Services>, auth: Arc<ApiAuth>) -> Router {
+pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>) -> Router {
     let body_limit = axum::extract::DefaultBodyLimit::max(super::replay::MAX_BATCH_BYTES as usize);
     let authenticated = Router::new()
-        .route("/v1/infer/{service}", post(infer))
-        .route("/v1/infer/{service}/plan", get(plan))
-        .route("/v1/samples", post(offer_samples).get(sample_stats))
-        .route("/v1/incremental", get(incremental_status))
-        .route("/v1/models", get(model_versions))
+        .route(routes::INFER, post(infer))
+        .route(routes::PLAN, get(plan))
+        .route(routes::SAMPLES, post(offer_samples).get(sample_stats))
+        .route(routes::INCREMENTAL, get(incremental_status))
+        .route(routes::MODELS, get(model_versions))
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
     Router::new()
-        .route("/v1/health", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+        .route(routes::HEALTH, get(|| async { "ok" }))
+        .route(routes::METRICS, get(metrics))
         .merge(authenticated)
         .layer(body_limit)
-        .with_state(services)
+        .with_state(node)
 }
 
-/// Serves the edge API on `listen` until the process ends.
+/// Starts `node` and serves its API on `listen` until the process ends.
 pub async fn serve(
     listen: &str,
-    services: Arc<Services>,
+    node: Arc<Node>,
     auth: ApiAuth,
     limits: nereid_net::ServerLimits,
 ) -> anyhow::Result<()> {
@@ -278,10 +265,7 @@ pub async fn serve(
     if auth.open {
         tracing::warn!("the edge API is open: anyone who reaches {listen} may call it ([api] open = true)");
     }
-    tokio::spawn(services.clone().deliver_outbox());
-    tokio::spawn(services.clone().plan_all());
-    tokio::spawn(super::incremental::run(services.clone()));
-    tokio::spawn(super::mqtt::subscribe(services.clone()));
-    nereid_net::serve(listener, router(services, Arc::new(auth)), limits).await?;
+    node.start();
+    nereid_net::serve(listener, router(node, Arc::new(auth)), limits).await?;
     Ok(())
 }

@@ -19,13 +19,17 @@ use anyhow::{bail, Context};
 use nereid_onnx::Message;
 use serde::Serialize;
 
+use super::error::{is_bad_request, BadRequest};
 use super::replay::{parse_batch, to_dataset, OfferReport, ReplayBuffer, Trainable};
-use super::services::{is_bad_request, Services};
+use super::services::Services;
+use crate::config::edge::{EdgeConfig, IncrementalConfig, MqttSource, ServiceKind};
 use crate::inference::export;
+use crate::lock;
 use crate::model_io::NamedTensors;
-use crate::protocol::{EdgeConfig, IncrementalConfig, VersionList};
+use crate::protocol::VersionList;
+use crate::protocol::VersionRow;
 use crate::runtime::{content_digest, RoundContext};
-use crate::store::{now_ms, EdgeStore, VersionRow};
+use crate::store::{now_ms, EdgeStore};
 use crate::train::{self, Dataset, Evaluation, ModelSpec};
 
 /// The version that serves: its weights (what the next round starts from) and how it does on
@@ -38,7 +42,7 @@ struct Serving {
 
 /// What the job is doing, for `GET /v1/incremental`.
 #[derive(Debug, Clone, Serialize)]
-pub struct JobStatus {
+pub struct IncrementalStatus {
     pub service: String,
     pub serving_version: u32,
     /// The model the service answers with (`<model>@v<version>` once a round was deployed).
@@ -66,7 +70,7 @@ pub struct Activity {
     pub last_error: Option<String>,
 }
 
-pub struct Job {
+pub struct IncrementalJob {
     cfg: IncrementalConfig,
     /// The service's configured model (version 0) and its ONNX bytes.
     configured: String,
@@ -103,24 +107,25 @@ pub enum Taken {
     Duplicate,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The samples arrived since the last round, read once per check that needs them.
 struct NewSamples {
     ids: Vec<u64>,
     data: Dataset,
 }
 
-impl Job {
+impl IncrementalJob {
     /// Reads the job's model (the service's configured one) and eval set; nothing runs yet.
-    pub fn load(cfg: &IncrementalConfig, edge: &EdgeConfig, base: &Path, store: Arc<EdgeStore>) -> anyhow::Result<Job> {
+    pub fn load(
+        cfg: &IncrementalConfig,
+        edge: &EdgeConfig,
+        base: &Path,
+        store: Arc<EdgeStore>,
+    ) -> anyhow::Result<IncrementalJob> {
         let service = edge
             .services
             .get(&cfg.service)
             .with_context(|| format!("service: there is no [services.{}] in edge.toml", cfg.service))?;
-        if service.kind != crate::protocol::ServiceKind::Joint {
+        if service.kind != ServiceKind::Joint {
             bail!("service: `{}` is not a joint service", cfg.service);
         }
         let models = edge.models.as_ref().context("`models` (the model directory) is not set in edge.toml")?;
@@ -163,7 +168,7 @@ impl Job {
         if t.epochs == 0 || t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             bail!("training: epochs and batch_size must be at least 1, learning_rate above 0");
         }
-        Ok(Job {
+        Ok(IncrementalJob {
             cfg: cfg.clone(),
             configured: service.model.clone(),
             configured_onnx: onnx,
@@ -246,9 +251,9 @@ impl Job {
         }
     }
 
-    pub fn status(&self) -> anyhow::Result<JobStatus> {
+    pub fn status(&self) -> anyhow::Result<IncrementalStatus> {
         let version = lock(&self.serving).version;
-        Ok(JobStatus {
+        Ok(IncrementalStatus {
             service: self.cfg.service.clone(),
             serving_version: version,
             serving_model: self.version_name(version),
@@ -264,8 +269,7 @@ impl Job {
     }
 
     /// One check: takes in the inbox, evaluates the trigger, runs a round if it holds.
-    pub fn check(&self, services: &Services) -> anyhow::Result<()> {
-        let replay = services.replay.as_ref().context("the incremental job needs [replay]")?;
+    pub fn check(&self, services: &Services, replay: &ReplayBuffer) -> anyhow::Result<()> {
         lock(&self.activity).checks += 1;
         // A file that fails for a reason of the moment (the store, the plugin) stays in the inbox
         // for the next check; the samples already here still get their round.
@@ -343,7 +347,7 @@ impl Job {
         };
         let outcome = train::train(&self.spec, &start, &data, &self.cfg.training, seed, None, |_, _| {})?;
         let eval = train::evaluate(&self.spec, &outcome.model, &self.eval)?;
-        let measured = super::trigger::Measured {
+        let measured = crate::config::trigger::Measured {
             accuracy: eval.accuracy,
             loss: eval.loss,
             serving_accuracy: serving_eval.accuracy,
@@ -405,7 +409,7 @@ impl Job {
     }
 
     /// Takes in one batch (an inbox file, an MQTT message) unless its content was taken in
-    /// before. An error the batch causes is a [`super::services::BadRequest`] (refused for good);
+    /// before. An error the batch causes is a [`BadRequest`] (refused for good);
     /// any other is of the moment, and after [`ATTEMPTS`] of those the batch is refused too.
     pub fn take_in(&self, replay: &ReplayBuffer, bytes: &[u8], name: &str) -> anyhow::Result<Taken> {
         let digest = content_digest(bytes);
@@ -427,7 +431,7 @@ impl Job {
                 *n += 1;
                 if *n >= ATTEMPTS {
                     attempts.remove(&digest);
-                    return Err(super::services::BadRequest(format!("failed {ATTEMPTS} times, the last: {e:#}")).into());
+                    return Err(BadRequest(format!("failed {ATTEMPTS} times, the last: {e:#}")).into());
                 }
                 Err(e)
             }
@@ -435,7 +439,7 @@ impl Job {
     }
 
     /// The MQTT source and where it connects, if the job has one.
-    pub fn mqtt(&self) -> Option<(&crate::protocol::MqttSource, &MqttTarget)> {
+    pub fn mqtt(&self) -> Option<(&MqttSource, &MqttTarget)> {
         self.cfg.mqtt.as_ref().zip(self.mqtt_target.as_ref())
     }
 
@@ -472,9 +476,7 @@ impl Job {
             // A file that is not a regular one or too large is refused like a malformed one.
             let taken = match crate::files::read_limited(&path, super::replay::MAX_BATCH_BYTES) {
                 Ok(bytes) => self.take_in(replay, &bytes, &name),
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    Err(super::services::BadRequest(e.to_string()).into())
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(BadRequest(e.to_string()).into()),
                 Err(e) => return Err(e).with_context(|| format!("inbox file {}", path.display())),
             };
             let to = match taken {
@@ -505,18 +507,12 @@ impl Job {
 
 /// Checks the job every `check_ms` until the process ends; a failed check is logged, shown in
 /// the status and tried again at the next one.
-pub async fn run(services: Arc<Services>) {
-    let Some(every) = services.incremental.as_ref().map(|j| Duration::from_millis(j.cfg.check_ms.max(10))) else {
-        return;
-    };
+pub async fn run(job: Arc<IncrementalJob>, services: Arc<Services>, replay: Arc<ReplayBuffer>) {
+    let every = Duration::from_millis(job.cfg.check_ms.max(10));
     loop {
         tokio::time::sleep(every).await;
-        let s = services.clone();
-        let checked = tokio::task::spawn_blocking(move || match &s.incremental {
-            Some(job) => job.check(&s),
-            None => Ok(()),
-        })
-        .await;
+        let (j, s, r) = (job.clone(), services.clone(), replay.clone());
+        let checked = tokio::task::spawn_blocking(move || j.check(&s, &r)).await;
         let error = match checked {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
@@ -525,8 +521,6 @@ pub async fn run(services: Arc<Services>) {
         if let Some(e) = &error {
             tracing::warn!("incremental job: {e}");
         }
-        if let Some(job) = &services.incremental {
-            lock(&job.activity).last_error = error;
-        }
+        lock(&job.activity).last_error = error;
     }
 }

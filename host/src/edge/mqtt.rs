@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 
-use super::incremental::{Job, Taken};
-use super::services::{is_bad_request, Services};
+use super::error::is_bad_request;
+use super::incremental::{IncrementalJob, Taken};
+use super::replay::ReplayBuffer;
 
 /// Keeps the subscription up until the process ends (reconnecting every second while the broker
 /// is away) and takes in every message.
-pub async fn subscribe(services: Arc<Services>) {
-    let Some(job) = services.incremental.as_ref() else { return };
+pub async fn subscribe(job: Arc<IncrementalJob>, replay: Arc<ReplayBuffer>) {
     let Some((cfg, target)) = job.mqtt() else { return };
     let mut options = MqttOptions::new(target.client_id.clone(), target.host.clone(), target.port);
     let max = cfg.max_message_mib.max(1) << 20;
@@ -53,7 +53,7 @@ pub async fn subscribe(services: Arc<Services>) {
                 job.note_mqtt(Some(state), None);
             }
             Ok(Event::Incoming(Packet::Publish(message))) => {
-                take(&services, job, &message.topic, message.payload.to_vec()).await;
+                take(&job, &replay, &message.topic, message.payload.to_vec()).await;
                 if let Err(e) = client.ack(&message).await {
                     tracing::warn!(%broker, "MQTT: acknowledging a message: {e}");
                 }
@@ -70,17 +70,13 @@ pub async fn subscribe(services: Arc<Services>) {
 
 /// Takes in one message's batch; an error of the moment is tried again (a second apart) until
 /// the batch is stored or refused for good.
-async fn take(services: &Arc<Services>, job: &Job, topic: &str, payload: Vec<u8>) {
+async fn take(job: &Arc<IncrementalJob>, replay: &Arc<ReplayBuffer>, topic: &str, payload: Vec<u8>) {
     let payload = Arc::new(payload);
     loop {
-        let (s, p, name) = (services.clone(), payload.clone(), format!("mqtt:{topic}"));
-        let taken = tokio::task::spawn_blocking(move || {
-            let job = s.incremental.as_ref().ok_or_else(|| anyhow::anyhow!("no incremental job"))?;
-            let replay = s.replay.as_ref().ok_or_else(|| anyhow::anyhow!("no replay buffer"))?;
-            job.take_in(replay, &p, &name)
-        })
-        .await
-        .unwrap_or_else(|e| Err(anyhow::anyhow!("taking in a batch: {e}")));
+        let (j, r, p, name) = (job.clone(), replay.clone(), payload.clone(), format!("mqtt:{topic}"));
+        let taken = tokio::task::spawn_blocking(move || j.take_in(&r, &p, &name))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("taking in a batch: {e}")));
         match taken {
             Ok(Taken::New(report)) => {
                 tracing::info!(%topic, kept = report.kept, offered = report.offered, "MQTT: batch taken in");

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use serde::Serialize;
 
-use super::services::BadRequest;
+use super::error::BadRequest;
 use crate::components::Components;
+use crate::config::ServicePlugin;
 use crate::inference::wire;
-use crate::protocol::ServicePlugin;
 use crate::runtime::bindings::types::Dtype;
 use crate::runtime::{Admission, RoundContext, Runtime, SampleRef, SamplerPlugin, TensorData};
 use crate::store::{EdgeStore, OfferBatch, ReplayOffer, ReplayState};
@@ -168,7 +168,7 @@ impl ReplayBuffer {
             }
         }
         let per_sample = x.data.len().checked_div(n).unwrap_or(0);
-        let mut sampler = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sampler = crate::lock(&self.sampler);
         let (held_before, offered_before, held_layout) = self.store.replay_summary()?;
         if let Some(held) = held_layout.as_deref().filter(|l| *l != layout && held_before > 0) {
             return Err(BadRequest(format!("the buffer holds {held} samples; these are {layout}")).into());
@@ -227,7 +227,7 @@ impl ReplayBuffer {
 
     /// `count` held samples the sampler draws for a training batch: (id, label, bytes).
     pub fn draw(&self, ctx: &RoundContext, count: u32) -> anyhow::Result<Vec<(u64, i64, Vec<u8>)>> {
-        let ids = self.sampler.lock().unwrap_or_else(|e| e.into_inner()).draw(ctx, count)?;
+        let ids = crate::lock(&self.sampler).draw(ctx, count)?;
         Ok(self.store.replay_samples(&ids)?)
     }
 }

@@ -38,7 +38,7 @@ impl ActivationCodec {
         let named =
             tensors.iter().map(|t| Ok((t.name.clone(), wire::to_tensor(t)?))).collect::<Result<Vec<_>, WireError>>()?;
         let ctx = RoundContext::default();
-        let mut plugin = self.plugin.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plugin = crate::lock(&self.plugin);
         Ok(f(&mut plugin, &ctx, &named)?.into_iter().map(|(n, t)| wire::from_tensor(n, &t)).collect())
     }
 

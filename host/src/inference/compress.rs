@@ -16,17 +16,16 @@
 //! model_pass = "int8-static"
 //! ```
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nereid_onnx::proto::{data_type, ModelProto};
 use nereid_onnx::Message;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::inference::profile::input_specs;
 use crate::inference::wire;
 use crate::inference::NativeModel;
 use crate::model_io::NamedTensors;
-use crate::protocol::ServicePlugin;
 use crate::runtime::bindings::types::Dtype;
 use crate::runtime::TensorData;
 use crate::tensor::Tensor;
@@ -40,30 +39,6 @@ pub enum CompressError {
     Data { origin: String, message: String },
     #[error(transparent)]
     Native(#[from] crate::inference::native::NativeError),
-}
-
-fn default_calibration_samples() -> usize {
-    64
-}
-
-/// A pipeline file as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PipelineFile {
-    /// A data directory whose test split is the eval set.
-    pub eval: Option<PathBuf>,
-    /// A data directory whose train split provides the calibration samples.
-    pub calibration: Option<PathBuf>,
-    /// Or an edge's state (`edge.db`) whose replay buffer provides them (float32 samples).
-    pub calibration_replay: Option<PathBuf>,
-    /// How many calibration samples (the first rows of the train split, or the first held
-    /// samples of the replay buffer).
-    #[serde(default = "default_calibration_samples")]
-    pub calibration_samples: usize,
-    /// The passes, in order: a built plugin's name (looked up in the plugin directory), a
-    /// `.wasm` path relative to the pipeline file, or an `oci://` reference, with its options.
-    #[serde(rename = "pass")]
-    pub passes: Vec<ServicePlugin>,
 }
 
 /// The single input of a model the compressor evaluates: its name and per-example shape.

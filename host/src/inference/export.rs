@@ -45,6 +45,11 @@ pub fn to_onnx(spec: &ModelSpec, weights: &NamedTensors) -> Result<ModelProto, M
     let mut nodes = Vec::new();
     let mut h = INPUT.to_string();
     let hidden = match spec {
+        ModelSpec::External { .. } => {
+            return Err(ModelError::Spec(
+                "an external model is exported by its own framework (e.g. torch.onnx.export), not by nereid".into(),
+            ))
+        }
         ModelSpec::Mlp { hidden, .. } => hidden.len(),
         ModelSpec::Cnn { input_shape, conv, hidden, .. } => {
             let shape = [-1, input_shape[0] as i64, input_shape[1] as i64, input_shape[2] as i64];

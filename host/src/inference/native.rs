@@ -97,7 +97,7 @@ impl NativeModel {
             .filter(|t| self.inputs.contains(&t.name))
             .map(|t| Ok((t.name.clone(), value(t)?)))
             .collect::<Result<Vec<_>, NativeError>>()?;
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut session = crate::lock(&self.session);
         let outputs = session.run(values)?;
         let mut out = Vec::with_capacity(self.outputs.len());
         for name in &self.outputs {
@@ -119,7 +119,7 @@ impl NativeModel {
         mut f: impl FnMut(&str, &ValueType),
     ) -> Result<(), NativeError> {
         let values = inputs.iter().map(|t| Ok((t.name.clone(), value(t)?))).collect::<Result<Vec<_>, NativeError>>()?;
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut session = crate::lock(&self.session);
         let outputs = session.run(values)?;
         for (name, v) in outputs.iter() {
             f(name, v.dtype());
@@ -129,6 +129,6 @@ impl NativeModel {
 
     /// Ends profiling; the path of the JSON trace ONNX Runtime wrote.
     pub fn end_profiling(&self) -> Result<String, NativeError> {
-        Ok(self.session.lock().unwrap_or_else(|e| e.into_inner()).end_profiling()?)
+        Ok(crate::lock(&self.session).end_profiling()?)
     }
 }

@@ -41,15 +41,18 @@ pub fn content_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Compiled components on disk, keyed by the component's digest and the engine (not to be
+/// confused with the registry's content-addressed cache of pulled components,
+/// [`nereid_registry::ComponentCache`]).
 #[derive(Debug, Clone)]
-pub struct ComponentCache {
+pub struct CompileCache {
     dir: Option<PathBuf>,
 }
 
-impl ComponentCache {
+impl CompileCache {
     /// A cache under `dir`, or none (compile every time).
     pub fn new(dir: Option<PathBuf>) -> Self {
-        ComponentCache { dir }
+        CompileCache { dir }
     }
 
     /// `$NEREID_CACHE_DIR`, else `$XDG_CACHE_HOME/nereid`, else `~/.cache/nereid`.

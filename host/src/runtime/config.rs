@@ -88,6 +88,33 @@ pub fn parse_cli_value(raw: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
+/// A plugin's config value as TOML (what the cloud publishes to clients).
+pub fn config_value_to_toml(v: &ConfigValue) -> toml::Value {
+    match v {
+        ConfigValue::Boolean(b) => toml::Value::Boolean(*b),
+        ConfigValue::Integer(i) => toml::Value::Integer(*i),
+        ConfigValue::Float(f) => toml::Value::Float(*f),
+        ConfigValue::Text(t) => toml::Value::String(t.clone()),
+    }
+}
+
+/// Scalars of a table as plugin config entries (other values are skipped).
+pub fn table_to_entries(table: &ConfigTable) -> Vec<ConfigEntry> {
+    table
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                toml::Value::Boolean(b) => ConfigValue::Boolean(*b),
+                toml::Value::Integer(i) => ConfigValue::Integer(*i),
+                toml::Value::Float(f) => ConfigValue::Float(*f),
+                toml::Value::String(s) => ConfigValue::Text(s.clone()),
+                _ => return None,
+            };
+            Some(ConfigEntry { key: k.clone(), value })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Engine, Store};
 
-pub use cache::{content_digest, CacheOutcome, ComponentCache};
+pub use cache::{content_digest, CacheOutcome, CompileCache};
 pub use error::PluginError;
 pub use host_impl::MAX_CHUNK;
 pub use sandbox::{describe, PluginInfo, Sandbox, SlotGuest};
@@ -31,6 +31,18 @@ use state::PluginState;
 
 /// How often the engine's epoch advances; time limits are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A component's bytes and where they came from.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    /// The component's content digest (`sha256:<hex>` of its bytes).
+    pub digest: String,
+    /// For a registry component: the reference pinned to its manifest digest.
+    pub pinned: Option<String>,
+    /// What to call it in messages: the file or the reference.
+    pub origin: String,
+}
 
 /// Per-plugin resource limits.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -178,7 +190,7 @@ pub struct LoadedComponent {
 struct Inner {
     engine: Engine,
     linker: Linker<PluginState>,
-    cache: ComponentCache,
+    cache: CompileCache,
     models: nn::Models,
 }
 
@@ -213,12 +225,12 @@ impl Runtime {
             wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
         })
         .map_err(|e| anyhow::anyhow!("linking wasi-nn: {e:#}"))?;
-        Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: ComponentCache::new(cache_dir), models }) })
+        Ok(Runtime { inner: Arc::new(Inner { engine, linker, cache: CompileCache::new(cache_dir), models }) })
     }
 
-    /// A runtime with the default cache directory (see [`ComponentCache::default_dir`]).
+    /// A runtime with the default cache directory (see [`CompileCache::default_dir`]).
     pub fn with_default_cache() -> anyhow::Result<Runtime> {
-        Runtime::new(ComponentCache::default_dir())
+        Runtime::new(CompileCache::default_dir())
     }
 
     /// The node's models plugins reach through wasi-nn.
@@ -230,7 +242,7 @@ impl Runtime {
         &self.inner.engine
     }
 
-    pub fn cache(&self) -> &ComponentCache {
+    pub fn cache(&self) -> &CompileCache {
         &self.inner.cache
     }
 

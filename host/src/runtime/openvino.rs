@@ -60,10 +60,10 @@ pub fn load_onnx(onnx: &[u8]) -> Result<Graph, BackendError> {
 
 impl BackendGraph for OpenvinoGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        let reused = self.0.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reused = crate::lock(&self.0.idle).pop();
         let request = match reused {
             Some(r) => r,
-            None => self.0.compiled.lock().unwrap_or_else(|e| e.into_inner()).create_infer_request()?,
+            None => crate::lock(&self.0.compiled).create_infer_request()?,
         };
         let context: Box<dyn BackendExecutionContext> =
             Box::new(OpenvinoContext { graph: self.0.clone(), request: Some(request) });
@@ -80,7 +80,7 @@ struct OpenvinoContext {
 impl Drop for OpenvinoContext {
     fn drop(&mut self) {
         if let Some(r) = self.request.take() {
-            self.graph.idle.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+            crate::lock(&self.graph.idle).push(r);
         }
     }
 }

@@ -30,7 +30,31 @@ pub enum ModelSpec {
         hidden: Vec<usize>,
         classes: usize,
     },
+    /// The user's own model, trained by the edge's external trainer (`[trainer]` in edge.toml):
+    /// nereid knows only its tensors.
+    External {
+        /// In a job file: the safetensors file of the initial weights (relative to the job file).
+        /// In a job sent to the cloud: their content digest, `sha256:<hex>`.
+        init: String,
+        /// The tensors (names and shapes, all f32), read from `init` when the job file is
+        /// loaded; not written in a job file.
+        #[serde(default)]
+        tensors: Vec<TensorLayout>,
+    },
 }
+
+/// A tensor of an external model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorLayout {
+    pub name: String,
+    pub shape: Vec<u64>,
+}
+
+/// Most tensors an external model may have.
+pub const MAX_TENSORS: usize = 4096;
+/// Longest tensor name of an external model (bytes).
+pub const MAX_TENSOR_NAME: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -74,6 +98,7 @@ impl ModelSpec {
             }
         };
         let (hidden, classes) = match self {
+            ModelSpec::External { init, tensors } => return validate_external(init, tensors),
             ModelSpec::Mlp { inputs, hidden, classes } => {
                 dim("inputs", *inputs)?;
                 (hidden, *classes)
@@ -136,6 +161,7 @@ impl ModelSpec {
     fn parameters_u128(&self) -> u128 {
         let mut n: u128 = 0;
         let dense_in: u128 = match self {
+            ModelSpec::External { tensors, .. } => return external_parameters(tensors),
             ModelSpec::Mlp { inputs, .. } => *inputs as u128,
             ModelSpec::Cnn { input_shape, conv, .. } => {
                 let mut c_in = input_shape[0] as u128;
@@ -150,6 +176,7 @@ impl ModelSpec {
         };
         let (hidden, classes) = match self {
             ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+            ModelSpec::External { .. } => return n,
         };
         let mut width = dense_in;
         for out in hidden.iter().copied().chain(std::iter::once(classes)) {
@@ -164,6 +191,8 @@ impl ModelSpec {
     fn activations_per_example(&self) -> u128 {
         let (hidden, classes) = match self {
             ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+            // The trainer's own business: its process's memory is not the edge's.
+            ModelSpec::External { .. } => return 0,
         };
         let mut total: u128 = self.input_len_u128();
         if let ModelSpec::Cnn { input_shape, conv, .. } = self {
@@ -183,7 +212,13 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp { inputs, .. } => *inputs as u128,
             ModelSpec::Cnn { input_shape, .. } => input_shape.iter().fold(1u128, |p, d| p.saturating_mul(*d as u128)),
+            ModelSpec::External { .. } => 0,
         }
+    }
+
+    /// Whether the model is the user's own, trained by an external trainer.
+    pub fn is_external(&self) -> bool {
+        matches!(self, ModelSpec::External { .. })
     }
 
     /// Activation elements of a training batch: what the edge's memory must hold for it.
@@ -191,17 +226,21 @@ impl ModelSpec {
         self.activations_per_example().saturating_mul(batch_size as u128)
     }
 
-    /// Features of one example, flattened.
+    /// Features of one example, flattened (0 for an external model: nereid does not read its
+    /// data).
     pub fn input_len(&self) -> usize {
         match self {
             ModelSpec::Mlp { inputs, .. } => *inputs,
             ModelSpec::Cnn { input_shape, .. } => input_shape.iter().product(),
+            ModelSpec::External { .. } => 0,
         }
     }
 
+    /// Classes of a built-in model (0 for an external one).
     pub fn classes(&self) -> usize {
         match self {
             ModelSpec::Mlp { classes, .. } | ModelSpec::Cnn { classes, .. } => *classes,
+            ModelSpec::External { .. } => 0,
         }
     }
 
@@ -209,6 +248,9 @@ impl ModelSpec {
     pub fn parameters(&self) -> Vec<(String, Vec<u64>)> {
         let mut params = Vec::new();
         let dense_in = match self {
+            ModelSpec::External { tensors, .. } => {
+                return tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+            }
             ModelSpec::Mlp { inputs, .. } => *inputs,
             ModelSpec::Cnn { input_shape, conv, .. } => {
                 let mut c_in = input_shape[0];
@@ -222,6 +264,7 @@ impl ModelSpec {
         };
         let (hidden, classes) = match self {
             ModelSpec::Mlp { hidden, classes, .. } | ModelSpec::Cnn { hidden, classes, .. } => (hidden, *classes),
+            ModelSpec::External { .. } => return params,
         };
         let mut width = dense_in;
         for (i, out) in hidden.iter().copied().chain(std::iter::once(classes)).enumerate() {
@@ -232,8 +275,12 @@ impl ModelSpec {
         params
     }
 
-    /// Kaiming-uniform weights and zero biases from `seed`, as f32 tensors.
+    /// Kaiming-uniform weights and zero biases from `seed`, as f32 tensors (none for an
+    /// external model: its initial weights come with the job).
     pub fn init(&self, seed: u64) -> NamedTensors {
+        if self.is_external() {
+            return Vec::new();
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         self.parameters()
             .into_iter()
@@ -281,6 +328,53 @@ impl ModelSpec {
     }
 }
 
+fn external_parameters(tensors: &[TensorLayout]) -> u128 {
+    tensors.iter().fold(0u128, |n, t| n.saturating_add(t.shape.iter().fold(1u128, |p, d| p.saturating_mul(*d as u128))))
+}
+
+fn validate_external(init: &str, tensors: &[TensorLayout]) -> Result<(), ModelError> {
+    let invalid = |key: &'static str, message: String| Err(ModelError::Invalid { key, message });
+    if init.is_empty() {
+        return invalid("init", "names no file of initial weights".into());
+    }
+    if tensors.is_empty() {
+        return invalid("init", "the initial weights have no tensors".into());
+    }
+    if tensors.len() > MAX_TENSORS {
+        return invalid("init", format!("{} tensors, more than the {MAX_TENSORS} a model may have", tensors.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for t in tensors {
+        if t.name.is_empty() || t.name.len() > MAX_TENSOR_NAME || t.name.chars().any(char::is_control) {
+            return invalid(
+                "init",
+                format!("tensor name {:?}: 1 to {MAX_TENSOR_NAME} bytes, no control characters", t.name),
+            );
+        }
+        if !seen.insert(t.name.as_str()) {
+            return invalid("init", format!("tensor `{}` appears twice", t.name));
+        }
+        if t.shape.len() > 8 || t.shape.iter().any(|d| *d == 0 || *d > MAX_DIM) {
+            return invalid(
+                "init",
+                format!("tensor `{}` has shape {:?}: at most 8 dimensions, each 1 to {MAX_DIM}", t.name, t.shape),
+            );
+        }
+    }
+    let params = external_parameters(tensors);
+    if params > MAX_PARAMETERS as u128 {
+        return invalid(
+            "init",
+            format!("the model has {params} parameters, more than the {MAX_PARAMETERS} a job may have"),
+        );
+    }
+    Ok(())
+}
+
+fn external_not_native() -> ModelError {
+    ModelError::Spec("an external model is trained and evaluated by the edge's trainer, not by nereid".into())
+}
+
 /// A model's parameters as trainable candle variables, in the spec's order.
 pub struct Network {
     pub spec: ModelSpec,
@@ -289,6 +383,9 @@ pub struct Network {
 
 impl Network {
     pub fn from_tensors(spec: &ModelSpec, model: &NamedTensors) -> Result<Network, ModelError> {
+        if spec.is_external() {
+            return Err(external_not_native());
+        }
         spec.check(model)?;
         let vars = spec
             .parameters()
@@ -322,6 +419,7 @@ impl Network {
     pub fn forward(&self, x: &CTensor) -> Result<CTensor, ModelError> {
         let batch = x.dim(0)?;
         let (mut h, hidden) = match &self.spec {
+            ModelSpec::External { .. } => return Err(external_not_native()),
             ModelSpec::Mlp { hidden, .. } => (x.clone(), hidden.len()),
             ModelSpec::Cnn { input_shape, conv, hidden, .. } => {
                 let mut h = x.reshape((batch, input_shape[0], input_shape[1], input_shape[2]))?;

@@ -120,7 +120,7 @@ async fn an_open_session_cannot_reach_another_users_stored_blob() {
 
 #[tokio::test]
 async fn sessions_belong_to_their_repository_and_user_and_expire() {
-    let reg = start(|o| o.upload_ttl = Duration::from_millis(400)).await;
+    let reg = start(|o| o.upload_ttl = Duration::from_secs(2)).await;
     let url = reg.open("victim/a", "victim").await;
     let other_user = reg.req("PATCH", &url, "admin").body("x").send().await.expect("PATCH");
     assert_eq!(code(other_user).await, (404, "BLOB_UPLOAD_UNKNOWN".to_string()));
@@ -128,7 +128,7 @@ async fn sessions_belong_to_their_repository_and_user_and_expire() {
     let moved = reg.req("PATCH", &other_repo, "victim").body("x").send().await.expect("PATCH");
     assert_eq!(code(moved).await, (404, "BLOB_UPLOAD_UNKNOWN".to_string()));
     assert_eq!(reg.req("PATCH", &url, "victim").body("x").send().await.expect("PATCH").status(), 202);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let expired = reg.req("PATCH", &url, "victim").body("y").send().await.expect("PATCH");
     assert_eq!(code(expired).await, (404, "BLOB_UPLOAD_UNKNOWN".to_string()), "idle past the ttl");
 }

@@ -1,0 +1,185 @@
+//! The typed client of the cloud's HTTP API, for the operator's CLI, the edge's worker and the
+//! tests: one place that knows the routes, the bearer token and the error bodies.
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::config::job::{JobSpec, LoadedJob};
+use crate::protocol::{
+    routes, ErrorBody, FailureReport, JobStatus, JobSummary, RoundState, SubmitJob, Task, TaskResponse, UploadResponse,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The cloud could not be reached, or the exchange broke off.
+    #[error("{what}: {source}")]
+    Transport { what: String, source: reqwest::Error },
+    /// The cloud answered with an error status (and the message of its error body).
+    #[error("{what}: the cloud answered {status}: {message}")]
+    Refused { what: String, status: StatusCode, message: String },
+}
+
+impl ClientError {
+    /// The status the cloud answered with, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            ClientError::Transport { .. } => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A client of one cloud with one bearer token (an operator's or a node's).
+#[derive(Clone)]
+pub struct CloudClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl CloudClient {
+    /// A client whose requests time out after `timeout`.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<CloudClient> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|source| ClientError::Transport { what: "building the HTTP client".into(), source })?;
+        Ok(CloudClient::with_http(base, token, http))
+    }
+
+    pub fn with_http(base: &str, token: &str, http: reqwest::Client) -> CloudClient {
+        CloudClient { base: base.trim_end_matches('/').to_string(), token: token.to_string(), http }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, what: String, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = match req.bearer_auth(&self.token).send().await {
+            Ok(r) => r,
+            Err(source) => return Err(ClientError::Transport { what, source }),
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        Err(ClientError::Refused { what, status, message })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, what: String, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = self.send(what.clone(), req).await?;
+        resp.json().await.map_err(|source| ClientError::Transport { what, source })
+    }
+
+    async fn bytes(&self, what: String, req: reqwest::RequestBuilder) -> Result<Bytes> {
+        let resp = self.send(what.clone(), req).await?;
+        resp.bytes().await.map_err(|source| ClientError::Transport { what, source })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.json(format!("GET {path}"), self.http.get(self.url(path))).await
+    }
+
+    async fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T> {
+        self.json(format!("POST {path}"), self.http.post(self.url(path)).json(body)).await
+    }
+
+    /// Whether the cloud answers its liveness check.
+    pub async fn health(&self) -> bool {
+        matches!(self.http.get(self.url(routes::HEALTH)).send().await, Ok(r) if r.status().is_success())
+    }
+
+    // ---- nodes -----------------------------------------------------------------------------
+
+    /// What this node should do now.
+    pub async fn task(&self) -> Result<Option<Task>> {
+        Ok(self.get::<TaskResponse>(routes::TASK).await?.task)
+    }
+
+    /// A job's global model version `version` (safetensors).
+    pub async fn model(&self, job: &str, version: u32) -> Result<Bytes> {
+        let path = routes::model(job, version);
+        self.bytes(format!("GET {path}"), self.http.get(self.url(&path))).await
+    }
+
+    /// A plugin component by its digest.
+    pub async fn component(&self, digest: &str) -> Result<Bytes> {
+        let path = routes::component(digest);
+        self.bytes(format!("GET {path}"), self.http.get(self.url(&path))).await
+    }
+
+    /// Uploads an update (safetensors with its metadata).
+    pub async fn upload(&self, job: &str, round: u32, update: Vec<u8>) -> Result<UploadResponse> {
+        let path = routes::update(job, round);
+        self.json(format!("uploading to {path}"), self.http.post(self.url(&path)).body(update)).await
+    }
+
+    /// Tells the cloud this node cannot make its update for a round.
+    pub async fn report_failure(&self, job: &str, round: u32, reason: &str) -> Result<UploadResponse> {
+        self.post_json(&routes::failure(job, round), &FailureReport { reason: reason.to_string() }).await
+    }
+
+    /// Whether a round still waits for the caller.
+    pub async fn round_state(&self, job: &str, round: u32) -> Result<RoundState> {
+        self.get(&routes::round(job, round)).await
+    }
+
+    // ---- operators -------------------------------------------------------------------------
+
+    /// Stores a component on the cloud; returns its digest.
+    pub async fn put_component(&self, bytes: Vec<u8>) -> Result<String> {
+        let answer: serde_json::Value = self
+            .json(format!("POST {}", routes::COMPONENTS), self.http.post(self.url(routes::COMPONENTS)).body(bytes))
+            .await?;
+        Ok(answer["digest"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Stores an external model's initial weights on the cloud; returns their digest.
+    pub async fn put_initial_weights(&self, bytes: Vec<u8>) -> Result<String> {
+        let path = routes::INITIAL_WEIGHTS;
+        let answer: serde_json::Value =
+            self.json(format!("POST {path}"), self.http.post(self.url(path)).body(bytes)).await?;
+        Ok(answer["digest"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Sends a job spec (its components must be on the cloud).
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobSummary> {
+        self.post_json(routes::JOBS, &SubmitJob { spec }).await
+    }
+
+    /// Uploads the job's components, then the job.
+    pub async fn apply(&self, job: LoadedJob) -> Result<JobSummary> {
+        for bytes in job.components.into_values() {
+            self.put_component(bytes).await?;
+        }
+        if let Some(bytes) = job.initial_weights {
+            self.put_initial_weights(bytes).await?;
+        }
+        self.submit(job.spec).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>> {
+        self.get(routes::JOBS).await
+    }
+
+    pub async fn status(&self, job: &str) -> Result<JobStatus> {
+        self.get(&routes::job(job)).await
+    }
+
+    pub async fn stop(&self, job: &str) -> Result<JobStatus> {
+        let path = routes::job_stop(job);
+        self.json(format!("POST {path}"), self.http.post(self.url(&path))).await
+    }
+
+    /// The hard examples kept for a service, `(node, id)`.
+    pub async fn hard_examples(&self, service: &str) -> Result<Vec<(String, i64)>> {
+        self.get(&routes::hard_examples(service)).await
+    }
+}

@@ -1,0 +1,371 @@
+//! The round engine: folding each round's updates in node-name order as they arrive, closing
+//! it (quorum, deadline, failures), and the job loop that opens rounds, swaps plugins at round
+//! boundaries and ends jobs.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::plugins::{self, JobPlugins, LiveAggregator};
+use super::Cloud;
+use crate::aggregate::{Rejection, RoundError, RoundFold};
+use crate::config::job::JobSpec;
+use crate::lock;
+use crate::model_io::{self, NamedTensors};
+use crate::protocol::*;
+use crate::runtime::{ClientUpdate, RoundContext, UpdateKind};
+use crate::store::{now_ms, CloudStore};
+
+/// A round's fold in progress. Updates are fed in node-name order (the round's selection,
+/// sorted): each one as soon as it and every selected node before it have arrived, like a
+/// reorder buffer, so folding goes on while uploads arrive and the result is the same whatever
+/// the arrival order. Updates waiting for an earlier node wait on disk.
+struct ActiveFold {
+    round: u32,
+    /// The aggregator this round began with; a swap takes effect at the next round.
+    aggregator: LiveAggregator,
+    order: Vec<String>,
+    next: usize,
+    fold: RoundFold,
+}
+
+/// How a round ends.
+pub(super) enum Closing {
+    /// Fold what arrived into v(round).
+    Aggregate,
+    /// Every selected node answered but fewer than `min_clients` sent an update: v(round) is
+    /// v(round - 1), and the updates that came are left out.
+    TooFew,
+}
+
+/// One round of a job, with what the engine reaches through: the store and the job's plugins.
+#[derive(Clone, Copy)]
+pub(super) struct RoundOf<'a> {
+    pub store: &'a CloudStore,
+    pub plugins: &'a JobPlugins,
+    pub spec: &'a JobSpec,
+    pub round: u32,
+    pub selected: &'a [String],
+}
+
+/// The rounds in progress: each job's fold, and the decoded global model of each job whose
+/// uploads are decoded against it (a job with a compressor).
+#[derive(Default)]
+pub struct Rounds {
+    folds: Mutex<HashMap<String, ActiveFold>>,
+    globals: Mutex<HashMap<String, (u32, Arc<NamedTensors>)>>,
+}
+
+fn parse_metrics(json: &str) -> UpdateMetrics {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+fn load_update(store: &CloudStore, job: &str, round: u32, node: &str) -> Result<ClientUpdate, Rejection> {
+    let reject = |reason: String| Rejection { update: node.to_string(), reason };
+    let row =
+        store.update(job, round, node).map_err(|e| reject(e.to_string()))?.ok_or_else(|| reject("gone".into()))?;
+    let tensors = model_io::read(&row.file).map_err(|e| reject(e.to_string()))?;
+    // A NaN or an infinity would poison the global model whatever the aggregator.
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| !t.all_finite()) {
+        return Err(reject(format!("tensor `{name}` holds NaN or infinite values")));
+    }
+    Ok(ClientUpdate {
+        client: node.to_string(),
+        kind: UpdateKind::Weights,
+        tensors,
+        num_examples: row.num_examples,
+        metrics: Vec::new(),
+    })
+}
+
+fn previous_model(store: &CloudStore, job: &str, round: u32) -> anyhow::Result<Vec<u8>> {
+    store.model(job, round - 1)?.ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))
+}
+
+impl Rounds {
+    /// The global model round `round` of `spec` starts from, v(round - 1). For a job with a
+    /// compressor it is decoded once per round and kept (every upload is decoded against it);
+    /// otherwise it is read when needed (at the fold's start), so its memory is not held.
+    pub fn global(&self, store: &CloudStore, spec: &JobSpec, round: u32) -> anyhow::Result<Arc<NamedTensors>> {
+        let cached = lock(&self.globals).get(&spec.name).filter(|(r, _)| *r == round).map(|(_, g)| g.clone());
+        if let Some(g) = cached {
+            return Ok(g);
+        }
+        let bytes = previous_model(store, &spec.name, round)?;
+        let global = Arc::new(model_io::decode(&bytes, Path::new("global model"))?);
+        if spec.compressor.is_some() {
+            lock(&self.globals).insert(spec.name.clone(), (round, global.clone()));
+        }
+        Ok(global)
+    }
+
+    /// Feeds the round's fold every update that can go in now: the next ones in node-name order
+    /// that have arrived; with `closing`, also those after nodes that never sent one.
+    pub(super) fn advance(&self, r: &RoundOf, closing: bool) -> anyhow::Result<()> {
+        let RoundOf { store, plugins, spec, round, selected } = *r;
+        let mut folds = lock(&self.folds);
+        let stale = folds.get(&spec.name).is_none_or(|f| f.round != round);
+        if stale {
+            let aggregator = plugins.aggregator(store, spec)?;
+            let mut plugin = crate::lock(&aggregator.plugin);
+            // A new round, or a restarted cloud: begin again from the persisted state.
+            let mut order = selected.to_vec();
+            order.sort();
+            let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
+            let global = self.global(store, spec, round)?;
+            let fold = RoundFold::begin(&mut plugin, ctx, Some(&global))?;
+            drop(plugin);
+            folds.insert(spec.name.clone(), ActiveFold { round, aggregator, order, next: 0, fold });
+        }
+        let active = folds.get_mut(&spec.name).expect("inserted above");
+        let instance = active.aggregator.plugin.clone();
+        let mut plugin = crate::lock(&instance);
+        let received = store.update_nodes(&spec.name, round)?;
+        let order = active.order.clone();
+        let load = |j: usize| load_update(store, &spec.name, round, &order[j]);
+        let global = || {
+            self.global(store, spec, round)
+                .map(|g| Some(g.as_ref().clone()))
+                .map_err(|e| RoundError::Replay { update: "the global model".into(), reason: e.to_string() })
+        };
+        while active.next < order.len() {
+            let node = &order[active.next];
+            if received.contains(node) {
+                active.fold.feed(&mut plugin, active.next, &load, &global)?;
+            } else if !closing {
+                break;
+            }
+            active.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Nodes whose updates the open round's fold took in so far.
+    pub fn folded(&self, job: &str, round: u32) -> Vec<String> {
+        lock(&self.folds)
+            .get(job)
+            .filter(|a| a.round == round)
+            .map(|a| a.fold.accepted().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Drops what the rounds of `job` hold (the job ended).
+    pub fn forget(&self, job: &str) {
+        lock(&self.folds).remove(job);
+        lock(&self.globals).remove(job);
+    }
+
+    /// Folds what is left of round `round` and ends it: v(round) and the round's summary
+    /// (`traffic`: the bytes up and down the round moved).
+    pub(super) fn close(
+        &self,
+        r: &RoundOf,
+        closing: Closing,
+        (closed_by, opened_ms, traffic): (&str, i64, (u64, u64)),
+    ) -> anyhow::Result<(Vec<u8>, RoundSummary)> {
+        let RoundOf { store, spec, round, .. } = *r;
+        let failures = store.failures(&spec.name, round)?;
+        let failed =
+            |rejected: &mut Vec<Rejection>| {
+                rejected.extend(failures.iter().map(|(node, reason)| Rejection {
+                    update: node.clone(),
+                    reason: format!("the node failed: {reason}"),
+                }))
+            };
+        let metrics_of: HashMap<String, (u64, UpdateMetrics)> = store
+            .update_metrics(&spec.name, round)?
+            .into_iter()
+            .map(|(node, n, metrics)| (node, (n, parse_metrics(&metrics))))
+            .collect();
+        if let Closing::TooFew = closing {
+            self.forget(&spec.name);
+            let mut rejected: Vec<Rejection> = metrics_of
+                .keys()
+                .map(|node| Rejection {
+                    update: node.clone(),
+                    reason: format!(
+                        "left out: only {} of the {} nodes the round needs sent an update",
+                        metrics_of.len(),
+                        spec.rounds.min_clients
+                    ),
+                })
+                .collect();
+            rejected.sort_by(|a, b| a.update.cmp(&b.update));
+            failed(&mut rejected);
+            let summary = RoundSummary {
+                round,
+                closed_by: closed_by.into(),
+                rejected,
+                duration_ms: now_ms() - opened_ms,
+                aggregator: plugins::label(&spec.aggregator),
+                ..RoundSummary::default()
+            };
+            return Ok((previous_model(store, &spec.name, round)?, summary));
+        }
+        self.advance(r, true)?;
+        let active =
+            lock(&self.folds).remove(&spec.name).ok_or_else(|| anyhow::anyhow!("round {round} has no fold"))?;
+        lock(&self.globals).remove(&spec.name);
+        let mut plugin = crate::lock(&active.aggregator.plugin);
+        let (model, accepted, mut rejected, agg_metrics) = match active.fold.finish(&mut plugin) {
+            Ok(report) => (
+                model_io::encode(&report.result.tensors, None)?,
+                report.accepted,
+                report.rejected,
+                report.result.metrics.into_iter().collect(),
+            ),
+            // Nothing usable arrived: the global model stays as it was.
+            Err(RoundError::NothingAccepted(rejected)) => {
+                (previous_model(store, &spec.name, round)?, Vec::new(), rejected, BTreeMap::new())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        failed(&mut rejected);
+        let weighted = |f: &dyn Fn(&UpdateMetrics) -> f64, w: &dyn Fn(&(u64, UpdateMetrics)) -> u64| {
+            let total: u64 = accepted.iter().filter_map(|n| metrics_of.get(n)).map(w).fold(0, u64::saturating_add);
+            (total > 0).then(|| {
+                accepted.iter().filter_map(|n| metrics_of.get(n)).map(|m| f(&m.1) * w(m) as f64).sum::<f64>()
+                    / total as f64
+            })
+        };
+        let summary = RoundSummary {
+            round,
+            examples: accepted.iter().filter_map(|n| metrics_of.get(n)).fold(0u64, |sum, m| sum.saturating_add(m.0)),
+            accuracy: weighted(&|m| m.eval_accuracy, &|m| m.1.eval_examples),
+            loss: weighted(&|m| m.eval_loss, &|m| m.1.eval_examples),
+            train_loss: weighted(&|m| m.train_loss, &|m| m.0),
+            participants: accepted,
+            rejected,
+            bytes_up: traffic.0,
+            bytes_down: traffic.1,
+            closed_by: closed_by.into(),
+            aggregator_metrics: agg_metrics,
+            duration_ms: now_ms() - opened_ms,
+            aggregator: active.aggregator.label.clone(),
+        };
+        Ok((model, summary))
+    }
+}
+
+pub(super) async fn run_job(cloud: Arc<Cloud>, name: String) {
+    if let Err(e) = job_loop(&cloud, &name).await {
+        tracing::error!(job = %name, "job failed: {e:#}");
+        let _ = cloud.store.finish_job(&name, "failed", &format!("{e:#}"));
+    }
+}
+
+async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
+    let progress = indicatif::ProgressBar::new(0);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} updates {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let Some(row) = cloud.store.job(name)? else { return Ok(()) };
+        if row.status != "running" {
+            progress.finish_and_clear();
+            cloud.rounds.forget(name);
+            lock(&cloud.served).remove(name);
+            cloud.plugins.forget(name);
+            return Ok(());
+        }
+        let spec: JobSpec = serde_json::from_str(&row.spec)?;
+        let r = row.next_round;
+        if r > spec.stop.rounds {
+            cloud.store.finish_job(name, "done", &format!("ran {} rounds", spec.stop.rounds))?;
+            continue;
+        }
+        if spec.stop.wall_secs.is_some_and(|w| (now_ms() - row.created_ms) as f64 > w * 1000.0) {
+            cloud.store.finish_job(name, "done", "wall time limit reached")?;
+            continue;
+        }
+        let round = match cloud.store.round(name, r)? {
+            Some(round) => round,
+            None => {
+                if cloud.plugins.at_round_boundary(&cloud.store, &spec, row.pending_spec.is_some(), r).await? {
+                    continue;
+                }
+                let online = cloud.online_since(now_ms() - cloud.online_ms);
+                if online.len() < spec.rounds.min_clients {
+                    wait(cloud).await;
+                    continue;
+                }
+                let count = ((online.len() as f64 * spec.rounds.fraction).ceil() as usize)
+                    .clamp(spec.rounds.min_clients, online.len());
+                let mut chosen = online.clone();
+                chosen.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ (r as u64).rotate_left(32)));
+                chosen.truncate(count);
+                chosen.sort();
+                let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
+                cloud.store.open_round(name, r, &chosen, deadline)?;
+                tracing::info!(job = name, round = r, selected = ?chosen, "round opened");
+                continue;
+            }
+        };
+        {
+            let (c, spec2, selected) = (cloud.clone(), spec.clone(), round.selected.clone());
+            tokio::task::spawn_blocking(move || {
+                let of = RoundOf { store: &c.store, plugins: &c.plugins, spec: &spec2, round: r, selected: &selected };
+                c.rounds.advance(&of, false)
+            })
+            .await??;
+        }
+        let received = cloud.store.update_nodes(name, r)?;
+        progress.set_prefix(format!("{name} round {r}"));
+        progress.set_length(round.selected.len() as u64);
+        progress.set_position(received.len() as u64);
+        let failed: HashSet<String> = cloud.store.failures(name, r)?.into_iter().map(|(n, _)| n).collect();
+        // Every selected node sent its update or said it cannot.
+        let answered = round.selected.iter().all(|n| received.contains(n) || failed.contains(n));
+        let late = now_ms() >= round.deadline_ms;
+        let enough = received.len() >= spec.rounds.min_clients;
+        let (closed_by, closing) = if answered && enough {
+            ("quorum", Closing::Aggregate)
+        } else if answered {
+            ("failures", Closing::TooFew)
+        } else if late && enough {
+            ("deadline", Closing::Aggregate)
+        } else {
+            if late {
+                progress.set_message(format!("past the deadline, waiting for {} updates", spec.rounds.min_clients));
+            }
+            wait(cloud).await;
+            continue;
+        };
+        let (c, spec2, selected) = (cloud.clone(), spec.clone(), round.selected.clone());
+        let traffic = lock(&cloud.traffic).get(&(name.to_string(), r)).copied().unwrap_or_default();
+        let opened = round.opened_ms;
+        let (model, summary) = tokio::task::spawn_blocking(move || {
+            let of = RoundOf { store: &c.store, plugins: &c.plugins, spec: &spec2, round: r, selected: &selected };
+            c.rounds.close(&of, closing, (closed_by, opened, traffic))
+        })
+        .await??;
+        let summary_json = serde_json::to_string(&summary)?;
+        cloud.store.close_round(name, r, &model, &summary_json)?;
+        cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
+        let c = cloud.clone();
+        tokio::task::spawn_blocking(move || c.store.collect_update_files()).await??;
+        lock(&cloud.traffic).remove(&(name.to_string(), r));
+        tracing::info!(
+            job = name,
+            round = r,
+            participants = summary.participants.len(),
+            accuracy = summary.accuracy,
+            closed_by = summary.closed_by,
+            "round closed"
+        );
+        if let (Some(target), Some(acc)) = (spec.stop.target_accuracy, summary.accuracy) {
+            if acc >= target {
+                cloud.store.finish_job(name, "done", &format!("accuracy {acc:.4} reached the target {target}"))?;
+            }
+        }
+    }
+}
+
+pub(super) async fn wait(cloud: &Cloud) {
+    let _ = tokio::time::timeout(Duration::from_millis(100), cloud.wake.notified()).await;
+}

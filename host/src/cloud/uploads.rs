@@ -1,0 +1,279 @@
+//! Uploads of updates: checked before a slot is taken, one per node, streamed to a file and
+//! fsynced, decoded (with a compressor) and checked before their row commits; and a node's
+//! report that it cannot make its update.
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+
+use super::error::{err, retry_later, ApiError, ApiResult};
+use super::{node_seed, spec_of, Caller, Cloud};
+use crate::config::job::JobSpec;
+use crate::model_io;
+use crate::protocol::*;
+use crate::runtime::RoundContext;
+use crate::store::{Inserted, StoreError};
+
+/// The nodes uploading now: one upload per node at a time, so one node cannot take every slot.
+#[derive(Default)]
+pub struct Uploading(Mutex<HashSet<String>>);
+
+/// A node's claim on uploading; dropping it (also when the request is abandoned) lets go.
+struct UploadClaim<'a> {
+    uploading: &'a Uploading,
+    node: String,
+}
+
+impl Uploading {
+    fn claim(&self, node: &str) -> Option<UploadClaim<'_>> {
+        let mut set = crate::lock(&self.0);
+        set.insert(node.to_string()).then(|| UploadClaim { uploading: self, node: node.to_string() })
+    }
+}
+
+impl Drop for UploadClaim<'_> {
+    fn drop(&mut self) {
+        crate::lock(&self.uploading.0).remove(&self.node);
+    }
+}
+
+/// How long an upload waits for a slot before the node is told to come back.
+pub(super) const SLOT_WAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn upload(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((job, round)): UrlPath<(String, u32)>,
+    body: axum::body::Body,
+) -> Result<Json<UploadResponse>, Response> {
+    let node = caller.node().map_err(IntoResponse::into_response)?;
+    let refused = |status: StatusCode, message: String| {
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        err(status, message).into_response()
+    };
+    let internal = |e: StoreError| ApiError::from(e).into_response();
+    // Everything that needs no body is checked before the upload takes a slot.
+    let row = cloud
+        .store
+        .job(&job)
+        .map_err(internal)?
+        .ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
+    let r = cloud
+        .store
+        .round(&job, round)
+        .map_err(internal)?
+        .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
+    if cloud.store.update(&job, round, &node).map_err(internal)?.is_some() {
+        cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+        return Ok(Json(UploadResponse { status: "duplicate".into() }));
+    }
+    if r.closed_ms.is_some() {
+        return Err(refused(
+            StatusCode::CONFLICT,
+            format!("round {round} of job `{job}` is closed; the job is at round {}", row.next_round),
+        ));
+    }
+    if !r.selected.contains(&node) {
+        return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+    }
+    if cloud.store.failures(&job, round).map_err(internal)?.iter().any(|(n, _)| *n == node) {
+        return Err(refused(StatusCode::CONFLICT, format!("node `{node}` reported that it failed round {round}")));
+    }
+    let spec = spec_of(&row).map_err(IntoResponse::into_response)?;
+    let Some(_claim) = cloud.uploading.claim(&node) else {
+        return Err(refused(StatusCode::TOO_MANY_REQUESTS, format!("an upload from node `{node}` is in progress")));
+    };
+    let _slot = match tokio::time::timeout(SLOT_WAIT, cloud.upload_slots.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => return Err(retry_later(format!("every upload slot is busy; node `{node}` should try again"))),
+    };
+    accept_upload(&cloud, &spec, round, &node, body).await.map_err(|e| {
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+/// Receives, checks and records one update (the caller holds an upload slot).
+async fn accept_upload(
+    cloud: &Arc<Cloud>,
+    spec: &JobSpec,
+    round: u32,
+    node: &str,
+    body: axum::body::Body,
+) -> ApiResult<Json<UploadResponse>> {
+    let job = &spec.name;
+    // Streamed to its file and fsynced: the cloud holds no more than a chunk of an update.
+    let path = cloud.store.new_update_file();
+    let written = receive(body, &path, cloud.max_upload).await;
+    let fail = |e: ApiError| {
+        let _ = std::fs::remove_file(&path);
+        e
+    };
+    let len = written.map_err(fail)?;
+    let origin = format!("update from `{node}`");
+    let header = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut f =
+                std::fs::File::open(&path).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            model_io::read_header(&mut f, len, Path::new(&origin))
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))
+        })
+        .await
+        .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+        .map_err(fail)?
+    };
+    // Cheap checks first; a compressed update is decoded only if they pass.
+    if spec.compressor.is_none() {
+        let layout: Vec<_> = header.tensors.iter().map(|(n, d, s, _)| (n.clone(), *d, s.clone())).collect();
+        if let Err(e) = spec.model.check_layout(&layout) {
+            return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
+        }
+    }
+    let num_examples: u64 = header
+        .metadata
+        .get(META_NUM_EXAMPLES)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| fail(err(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`"))))?;
+    let max = spec.rounds.max_examples;
+    if !(1..=max).contains(&num_examples) {
+        return Err(fail(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "update from `{node}`: `{META_NUM_EXAMPLES}` is {num_examples}; job `{job}` takes 1 to {max} \
+                 examples per update ([rounds] max_examples)"
+            ),
+        )));
+    }
+    let metrics = header.metadata.get(META_METRICS).cloned().unwrap_or_else(|| "{}".into());
+    let parsed = serde_json::from_str::<UpdateMetrics>(&metrics)
+        .map_err(|e| format!("`{META_METRICS}` is not valid metrics JSON: {e}"))
+        .and_then(|m| m.validate(max).map_err(|e| format!("`{META_METRICS}`: {e}")));
+    if let Err(e) = parsed {
+        return Err(fail(err(StatusCode::BAD_REQUEST, format!("update from `{node}`: {e}"))));
+    }
+    if spec.compressor.is_some() {
+        // What arrived is the encoded difference to the global model: decoded here, before it
+        // is accepted, and stored as the weights it stands for (the fold is the same either way).
+        let (c, spec, node, path, metadata) =
+            (cloud.clone(), spec.clone(), node.to_string(), path.clone(), header.metadata.clone());
+        tokio::task::spawn_blocking(move || decode_update(&c, &spec, round, &node, &path, metadata))
+            .await
+            .map_err(|e| fail(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+            .map_err(|e| fail(err(StatusCode::BAD_REQUEST, e)))?;
+    }
+    // The file is durable; committing its row makes the update accepted.
+    let settled = cloud.store.settle_update_file(&path).map_err(|e| fail(e.into()))?;
+    let inserted = cloud.store.insert_update(job, round, node, num_examples, &metrics, &settled)?;
+    let status = match inserted {
+        Inserted::New => {
+            cloud.counters.updates_accepted.fetch_add(1, Ordering::Relaxed);
+            cloud.traffic(job, round, len, 0);
+            cloud.wake.notify_waiters();
+            "accepted"
+        }
+        Inserted::Duplicate => {
+            cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+            "duplicate"
+        }
+    };
+    Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// `POST /v1/jobs/<job>/rounds/<round>/failure`: a selected node could not make its update
+/// (a bad task, a trainer that failed, an update the cloud refused). The round stops waiting
+/// for it and the node is not given this round's task again.
+pub(super) async fn report_failure(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((job, round)): UrlPath<(String, u32)>,
+    Json(report): Json<FailureReport>,
+) -> ApiResult<Json<UploadResponse>> {
+    let node = caller.node()?;
+    let r = cloud
+        .store
+        .round(&job, round)?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no round {round}")))?;
+    if !r.selected.contains(&node) {
+        return Err(err(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+    }
+    if r.closed_ms.is_some() {
+        return Err(err(StatusCode::CONFLICT, format!("round {round} of job `{job}` is closed")));
+    }
+    let reason = report.sanitized_reason();
+    let status = if cloud.store.record_failure(&job, round, &node, &reason)? {
+        tracing::warn!(job = %job, round, node = %node, "the node failed the round: {reason}");
+        cloud.wake.notify_waiters();
+        "recorded"
+    } else {
+        "duplicate"
+    };
+    Ok(Json(UploadResponse { status: status.into() }))
+}
+
+/// Decodes the compressed update in `path` with the job's compressor and rewrites the file as
+/// the weights it encodes: the global model plus the decoded difference.
+pub(super) fn decode_update(
+    cloud: &Cloud,
+    spec: &JobSpec,
+    round: u32,
+    node: &str,
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<(), String> {
+    let origin = format!("update from `{node}`");
+    let payload = model_io::read(path).map_err(|e| format!("{origin}: {e}"))?;
+    let plugin = cloud
+        .plugins
+        .compressor(&cloud.store, spec)
+        .map_err(|e| format!("the job's compressor: {e:#}"))?
+        .ok_or_else(|| "the job has no compressor".to_string())?;
+    let ctx = RoundContext { job: spec.name.clone(), round, seed: node_seed(spec.seed, round, node) };
+    let delta = crate::lock(&plugin).decode(&ctx, &payload, &origin).map_err(|e| e.to_string())?;
+    let layout: Vec<_> = delta.iter().map(|(n, t)| (n.clone(), t.dtype(), t.shape().to_vec())).collect();
+    spec.model.check_layout(&layout).map_err(|e| format!("{origin}, decoded: {e}"))?;
+    // Decoded once per round, for every upload of it.
+    let global = cloud.rounds.global(&cloud.store, spec, round).map_err(|e| e.to_string())?;
+    let mut weights = global.as_ref().clone();
+    for (name, w) in &mut weights {
+        let d =
+            delta.iter().find(|(n, _)| n == name).map(|(_, d)| d).ok_or_else(|| format!("{origin}: no `{name}`"))?;
+        w.axpy(1.0, d).map_err(|e| format!("{origin}: `{name}`: {e}"))?;
+    }
+    model_io::write(path, &weights, Some(metadata)).map_err(|e| e.to_string())
+}
+
+/// Streams a request body into `path` (at most `max` bytes) and fsyncs it; returns its length.
+pub(super) async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let internal = |e: std::io::Error| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    // tokio buffers up to 2 MiB per file before handing a write to its blocking pool; with
+    // UPLOAD_SLOTS uploads at once that would add up.
+    file.set_max_buf_size(1 << 18);
+    let mut stream = body.into_data_stream();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| match nereid_net::body_timeout(&e) {
+            Some(t) => err(StatusCode::REQUEST_TIMEOUT, format!("reading the upload: {t}")),
+            None => err(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")),
+        })?;
+        total += chunk.len();
+        if total > max {
+            return Err(err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the update is larger than the cloud's limit of {max} bytes"),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.sync_all().await.map_err(internal)?;
+    Ok(total as u64)
+}

@@ -1,0 +1,106 @@
+//! `cloud.toml`: the cloud host's configuration.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{limits_error, name, plugin_limits, CheckConfig, FieldError, ServicePlugin};
+use crate::names::Kind;
+
+fn default_upload_mib() -> usize {
+    64
+}
+
+fn default_online_secs() -> f64 {
+    10.0
+}
+
+/// `cloud.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Address to listen on, e.g. "127.0.0.1:7000".
+    pub listen: String,
+    /// SQLite database of the cloud's state (relative to the config file).
+    pub state: PathBuf,
+    /// Bearer token of operators (`nereid job ...`).
+    pub admin_token: String,
+    /// Largest upload body, in MiB.
+    #[serde(default = "default_upload_mib")]
+    pub max_upload_mib: usize,
+    /// A node counts as available for selection if it polled within this many seconds.
+    #[serde(default = "default_online_secs")]
+    pub online_secs: f64,
+    /// Nodes and their tokens (more with `nereid token create`).
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeEntry>,
+    /// Registries of `oci://` plugins: `[registries."host:port"]` with `insecure`, `username`,
+    /// `password` / `password_env`, `token` / `token_env`.
+    #[serde(default)]
+    pub registries: BTreeMap<String, nereid_registry::HostSettings>,
+    /// Directory of the cloud's models, `<dir>/<name>/model.onnx` (relative to the config file).
+    pub models: Option<PathBuf>,
+    /// Inference services edges call: hard examples of joint inference, tails of split inference.
+    #[serde(default)]
+    pub services: BTreeMap<String, CloudServiceConfig>,
+    /// Time limits and connection bounds of the API's server.
+    #[serde(default)]
+    pub http: nereid_net::ServerLimits,
+}
+
+/// Largest `max_upload_mib`.
+pub const MAX_UPLOAD_MIB: usize = 1 << 16;
+
+impl CheckConfig for CloudConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        if !(1..=MAX_UPLOAD_MIB).contains(&self.max_upload_mib) {
+            return Err(FieldError {
+                key: "max_upload_mib".into(),
+                message: format!("must be between 1 and {MAX_UPLOAD_MIB}"),
+            });
+        }
+        if !(self.online_secs.is_finite() && self.online_secs > 0.0 && self.online_secs <= 86_400.0) {
+            return Err(FieldError {
+                key: "online_secs".into(),
+                message: "must be a positive number of seconds, at most a day".into(),
+            });
+        }
+        if self.admin_token.len() < 8 {
+            return Err(FieldError { key: "admin_token".into(), message: "must be at least 8 characters".into() });
+        }
+        for (node, entry) in &self.nodes {
+            name(Kind::Node, format!("nodes.{node}"), node)?;
+            if entry.token.len() < 8 {
+                return Err(FieldError {
+                    key: format!("nodes.{node}.token"),
+                    message: "must be at least 8 characters".into(),
+                });
+            }
+        }
+        for (service, cfg) in &self.services {
+            name(Kind::Service, format!("services.{service}"), service)?;
+            name(Kind::Model, format!("services.{service}.model"), &cfg.model)?;
+            if let Some(c) = &cfg.compressor {
+                plugin_limits(&format!("services.{service}.compressor"), c)?;
+            }
+        }
+        self.http.validate().map_err(|e| limits_error("http", e))
+    }
+}
+
+/// `[services.<name>]` of cloud.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudServiceConfig {
+    /// The model (a name in `models`): the big model of joint inference, or the model split
+    /// inference cuts (the edge must have the same one).
+    pub model: String,
+    /// Decodes the cut tensors of split requests that edges encoded with this same component.
+    pub compressor: Option<ServicePlugin>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub token: String,
+}

@@ -1,0 +1,389 @@
+//! `edge.toml`: an edge host's configuration (its services, replay buffer, incremental-learning
+//! job and API clients).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::trigger::{Condition, DailyWindow};
+use super::{limits_error, name, plugin_limits, CheckConfig, FieldError, ServicePlugin};
+use crate::names::Kind;
+use crate::train::TrainParams;
+
+fn default_poll_ms() -> u64 {
+    200
+}
+
+/// `edge.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// This node's name (as the cloud knows it).
+    pub name: String,
+    /// The cloud's base URL, e.g. "http://127.0.0.1:7000".
+    pub cloud: String,
+    /// This node's bearer token.
+    pub token: String,
+    /// Directory of the local data for federated learning (see docs/configuration.md for its layout;
+    /// relative to the config file). Without it the edge takes no training tasks.
+    pub data: Option<PathBuf>,
+    /// SQLite database of the edge's state (relative to the config file).
+    pub state: PathBuf,
+    /// How often to ask the cloud for work, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// Registries of `oci://` plugins, as in `cloud.toml`.
+    #[serde(default)]
+    pub registries: BTreeMap<String, nereid_registry::HostSettings>,
+    /// Address of the edge's own API (inference services, `/metrics`), e.g. "127.0.0.1:7100".
+    pub listen: Option<String>,
+    /// Directory of the edge's models, `<dir>/<name>/model.onnx` (relative to the config file).
+    pub models: Option<PathBuf>,
+    /// What wasi-nn runs the models on: "onnxruntime" (default) or "openvino".
+    #[serde(default)]
+    pub nn_backend: crate::runtime::nn::NnBackend,
+    /// How often undelivered hard examples are offered to the cloud again, in milliseconds.
+    #[serde(default = "default_outbox_retry_ms")]
+    pub outbox_retry_ms: u64,
+    /// Inference services, served at `POST /v1/infer/<name>`.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// The replay buffer: its sampler plugin (e.g. replay-buffer); samples arrive on
+    /// `POST /v1/samples` and their bytes are kept in `state`.
+    pub replay: Option<ServicePlugin>,
+    /// The incremental-learning job: fine-tunes a joint service's model on the samples that
+    /// arrive plus a draw from the replay buffer, and switches the service to a better version.
+    pub incremental: Option<IncrementalConfig>,
+    /// Who may call the edge's API (required with `listen`).
+    pub api: Option<EdgeApiConfig>,
+    /// Time limits and connection bounds of the edge API's server.
+    #[serde(default)]
+    pub http: nereid_net::ServerLimits,
+    /// The user's own trainer, for jobs whose `[model]` is `kind = "external"`.
+    pub trainer: Option<TrainerConfig>,
+}
+
+/// `[trainer]` of edge.toml: the program that trains and evaluates the user's own model. The
+/// edge starts it, hands it tasks over a local socket (docs/bring-your-own-model.md) and keeps it
+/// running between tasks; one that crashes, hangs or answers wrong is stopped, the task fails
+/// and the next task starts it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// The program and its arguments, e.g. `["python3", "train.py"]`.
+    pub command: Vec<String>,
+    /// Its working directory (relative to the config file) [default: the config file's].
+    pub workdir: Option<PathBuf>,
+    /// Extra environment variables for it.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Seconds the program may take to start and connect.
+    #[serde(default = "default_trainer_start_secs")]
+    pub start_timeout_secs: f64,
+    /// Seconds one task (a round's training and evaluation) may take.
+    #[serde(default = "default_trainer_task_secs")]
+    pub task_timeout_secs: f64,
+}
+
+fn default_trainer_start_secs() -> f64 {
+    120.0
+}
+
+fn default_trainer_task_secs() -> f64 {
+    3600.0
+}
+
+impl TrainerConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        let bad = |key: &str, message: &str| FieldError { key: format!("trainer.{key}"), message: message.into() };
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(bad("command", "names no program"));
+        }
+        for (key, v) in [("start_timeout_secs", self.start_timeout_secs), ("task_timeout_secs", self.task_timeout_secs)]
+        {
+            if !(v.is_finite() && v > 0.0 && v <= 7.0 * 86_400.0) {
+                return Err(bad(key, "must be a positive number of seconds, at most a week"));
+            }
+        }
+        if self.env.keys().any(|k| k.is_empty() || k.contains('=') || k.starts_with("NEREID_TRAINER_")) {
+            return Err(bad("env", "variable names are not empty, have no `=` and do not start with NEREID_TRAINER_"));
+        }
+        Ok(())
+    }
+}
+
+/// `[api]` of edge.toml: who may call the edge's API. `/v1/health` and `/metrics` are open;
+/// everything else needs a client's bearer token, unless `open = true`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeApiConfig {
+    /// Serve the API without authentication: anyone who reaches `listen` may infer, send
+    /// samples and read the edge's state.
+    #[serde(default)]
+    pub open: bool,
+    /// `[api.clients.<name>]`: a caller's token (`token`, or `token_env` naming an environment
+    /// variable) and what it may do.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ApiClient>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClient {
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    /// What the client may do [default: all]: "infer" (`POST /v1/infer/...`), "samples"
+    /// (`POST /v1/samples`), "read" (`GET` of samples, plans, the incremental job and models).
+    #[serde(default = "ApiRight::all")]
+    pub allow: Vec<ApiRight>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiRight {
+    Infer,
+    Samples,
+    Read,
+}
+
+impl ApiRight {
+    fn all() -> Vec<ApiRight> {
+        vec![ApiRight::Infer, ApiRight::Samples, ApiRight::Read]
+    }
+
+    /// What the right allows, for messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            ApiRight::Infer => "infer",
+            ApiRight::Samples => "send samples",
+            ApiRight::Read => "read",
+        }
+    }
+}
+
+impl ApiClient {
+    /// The client's token: `token`, or the value of the variable `token_env` names.
+    pub fn resolve_token(&self) -> Result<String, String> {
+        match (&self.token, &self.token_env) {
+            (Some(t), None) => Ok(t.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("the environment variable `{var}` is not set")),
+            _ => Err("give exactly one of `token` and `token_env`".into()),
+        }
+    }
+}
+
+impl CheckConfig for EdgeConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        name(Kind::Node, "name".into(), &self.name)?;
+        for (service, cfg) in &self.services {
+            name(Kind::Service, format!("services.{service}"), service)?;
+            name(Kind::Model, format!("services.{service}.model"), &cfg.model)?;
+            if let Some(remote) = &cfg.cloud_service {
+                name(Kind::Service, format!("services.{service}.cloud_service"), remote)?;
+            }
+            let plugins = [
+                ("router", &cfg.router),
+                ("splitter", &cfg.splitter),
+                ("adapter", &cfg.adapter),
+                ("compressor", &cfg.compressor),
+            ];
+            for (slot, p) in plugins {
+                if let Some(p) = p {
+                    plugin_limits(&format!("services.{service}.{slot}"), p)?;
+                }
+            }
+        }
+        if let Some(p) = &self.replay {
+            plugin_limits("replay", p)?;
+        }
+        if let Some(t) = &self.trainer {
+            t.check()?;
+        }
+        if self.listen.is_some() {
+            let api = self.api.as_ref().ok_or_else(|| FieldError {
+                key: "listen".into(),
+                message:
+                    "the edge's API needs callers' tokens ([api.clients.<name>] token = ...) or [api] open = true \
+                          to serve without authentication"
+                        .into(),
+            })?;
+            if !api.open && api.clients.is_empty() {
+                return Err(FieldError {
+                    key: "api".into(),
+                    message: "no [api.clients.<name>] and not `open = true`: nobody could call the API".into(),
+                });
+            }
+        }
+        if let Some(api) = &self.api {
+            for (client, c) in &api.clients {
+                name(Kind::Node, format!("api.clients.{client}"), client)?;
+                let token = c
+                    .resolve_token()
+                    .map_err(|message| FieldError { key: format!("api.clients.{client}.token"), message })?;
+                if token.len() < 8 {
+                    return Err(FieldError {
+                        key: format!("api.clients.{client}.token"),
+                        message: "must be at least 8 characters".into(),
+                    });
+                }
+            }
+        }
+        self.http.validate().map_err(|e| limits_error("http", e))
+    }
+}
+
+/// `[incremental]` of edge.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalConfig {
+    /// The joint service whose model is fine-tuned and, when a version is deployed, switched.
+    pub service: String,
+    /// A data directory whose `test` split is the eval set (relative to the config file).
+    pub eval: PathBuf,
+    /// A watched directory: every `*.safetensors` batch put there (`x`, `y`, as for
+    /// `POST /v1/samples`) is taken in, then moved to `done/` (or to `failed/`, with the error in
+    /// `<file>.error`). Relative to the config file.
+    pub inbox: Option<PathBuf>,
+    /// Sample batches published to an MQTT broker.
+    pub mqtt: Option<MqttSource>,
+    /// How often the inbox and the trigger are checked, in milliseconds.
+    #[serde(default = "default_check_ms")]
+    pub check_ms: u64,
+    pub trigger: TriggerConfig,
+    /// Samples a round draws from the replay buffer [default: as many as there are new samples].
+    pub replay_draw: Option<u32>,
+    /// How a round fine-tunes [default: 5 epochs, batches of 16, SGD at 0.05].
+    #[serde(default = "default_fine_tuning")]
+    pub training: TrainParams,
+    /// Seed of the rounds' shuffling and draws (round v uses seed + v).
+    #[serde(default)]
+    pub seed: u64,
+    /// Conditions (all must hold) for deploying a new version, on the eval set against the
+    /// serving version: `accuracy`, `accuracy_delta`, `loss`, `loss_delta` with `>=`, `>`, `<=`, `<`.
+    #[serde(default = "default_deploy_if")]
+    pub deploy_if: Vec<Condition>,
+}
+
+/// `[incremental.mqtt]`: sample batches (safetensors with `x` and `y`, as `POST /v1/samples`
+/// takes them) published to an MQTT broker. The edge subscribes with QoS 1 in a persistent
+/// session and acknowledges a batch once it is stored, so batches published while it is down or
+/// before it stored them arrive again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSource {
+    /// The broker, `host:port`.
+    pub broker: String,
+    /// The topic filter to subscribe to, e.g. "site/+/samples".
+    pub topic: String,
+    /// The session's client id [default: "nereid-<name>"].
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// An environment variable holding the password (instead of `password`).
+    pub password_env: Option<String>,
+    /// The largest message taken, in MiB.
+    #[serde(default = "default_mqtt_mib")]
+    pub max_message_mib: usize,
+}
+
+fn default_mqtt_mib() -> usize {
+    16
+}
+
+/// `[incremental.trigger]`: a round starts when every configured condition holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// New samples (arrived since the last round) needed.
+    pub min_new_samples: u64,
+    /// Only within this daily window of the edge's local time, `HH:MM-HH:MM` (may wrap midnight).
+    pub window: Option<DailyWindow>,
+    /// Only when the serving version's accuracy on the new samples is at least this much below
+    /// its accuracy on the eval set (the data has drifted away from it).
+    pub accuracy_drop: Option<f64>,
+}
+
+fn default_check_ms() -> u64 {
+    10_000
+}
+
+fn default_fine_tuning() -> TrainParams {
+    TrainParams { epochs: 5, batch_size: 16, learning_rate: 0.05, optimizer: crate::train::OptimizerKind::Sgd }
+}
+
+fn default_deploy_if() -> Vec<Condition> {
+    vec!["accuracy_delta >= 0.01".parse().expect("a valid condition")]
+}
+
+fn default_outbox_retry_ms() -> u64 {
+    1000
+}
+
+/// What an inference service does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Joint inference: the edge model answers; the router plugin sends hard examples to the
+    /// cloud's bigger model.
+    Joint,
+    /// Split inference: the splitter plugin cuts one model; the edge runs the head, the cloud
+    /// the tail.
+    Split,
+}
+
+/// `[services.<name>]` of edge.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub kind: ServiceKind,
+    /// The model (a name in `models`): the edge model of joint inference, or the model split
+    /// inference cuts.
+    pub model: String,
+    /// `kind = "joint"`: the router plugin.
+    pub router: Option<ServicePlugin>,
+    /// `kind = "split"`: the splitter plugin.
+    pub splitter: Option<ServicePlugin>,
+    /// Turns request bodies of other content types than JSON and safetensors (e.g. `image/png`)
+    /// into the model's inputs.
+    pub adapter: Option<ServicePlugin>,
+    /// `kind = "split"`: encodes the cut tensors before they travel (the cloud's service needs
+    /// the same component as its `compressor`).
+    pub compressor: Option<ServicePlugin>,
+    /// The cloud's base URL [default: `cloud`].
+    pub cloud: Option<String>,
+    /// The service's name on the cloud [default: this service's name].
+    pub cloud_service: Option<String>,
+    /// How long a cloud call may take before the edge answers on its own, in milliseconds.
+    #[serde(default = "default_cloud_timeout_ms")]
+    pub cloud_timeout_ms: u64,
+    /// `kind = "split"`: plan again when the measured bandwidth moves from the planned one by
+    /// more than this factor.
+    #[serde(default = "default_replan_factor")]
+    pub replan_factor: f64,
+    /// `kind = "split"`: bytes of the probe upload that measures the link's bandwidth.
+    #[serde(default = "default_probe_kib")]
+    pub probe_kib: u64,
+    /// `kind = "split"`: while the plan sends nothing to the cloud (edge-only, or made while the
+    /// cloud was unreachable), measure the link again every this many seconds; 0 never.
+    #[serde(default = "default_relink_secs")]
+    pub relink_secs: u64,
+}
+
+fn default_relink_secs() -> u64 {
+    30
+}
+
+fn default_cloud_timeout_ms() -> u64 {
+    2000
+}
+
+fn default_replan_factor() -> f64 {
+    2.0
+}
+
+fn default_probe_kib() -> u64 {
+    64
+}

@@ -1,0 +1,58 @@
+//! The edge API's errors: which ones are the caller's fault, and the one mapping of an error to
+//! a response (a status and a JSON body, as the cloud's).
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::protocol::ErrorBody;
+
+/// An error the request caused (a missing input, a refused cut): the API answers 400. Plugins
+/// refusing an input (`PluginError::Rejected`) and the cloud refusing one count as such too.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+/// Whether `e` is the caller's fault (see [`BadRequest`]).
+pub fn is_bad_request(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<BadRequest>()
+            || matches!(
+                c.downcast_ref::<crate::runtime::PluginError>(),
+                Some(crate::runtime::PluginError::Rejected { .. })
+            )
+    })
+}
+
+/// A request body of a content type neither JSON nor safetensors, and no adapter to read it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnsupportedBody(pub String);
+
+/// An error as the API answers it.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl std::fmt::Display) -> ApiError {
+        ApiError(status, message.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    /// 415 for a body nothing can read, 400 for what the caller got wrong, else 500.
+    fn from(e: anyhow::Error) -> ApiError {
+        let status = if e.chain().any(|c| c.is::<UnsupportedBody>()) {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else if is_bad_request(&e) {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError(status, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}

@@ -1,0 +1,205 @@
+//! Joint inference: the edge model answers through the router plugin, which sends hard
+//! examples to the cloud's bigger model (through the persistent outbox); switching the model a
+//! joint service serves (the incremental-learning job's deployed versions).
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use super::cloud_link::CloudCall;
+use super::{blocking, named_values, replace_row, Claim, InferResponse, Kind, RowResult, Service, Services};
+use crate::inference::wire::{self};
+use crate::lock;
+use crate::protocol::{EXAMPLE_HEADER, QUEUED_HEADER};
+use crate::runtime::config::ConfigTable;
+use crate::runtime::{Limits, LoadedComponent, Route, RouterPlugin, TensorData};
+use crate::store::now_ms;
+
+pub(super) struct Joint {
+    /// The model in the runtime's models the service answers with, and the router instance
+    /// that runs it (an incremental-learning job replaces both at once).
+    pub(super) serving: Mutex<ServingModel>,
+    /// The model of edge.toml (stays registered when another one serves).
+    pub(super) configured: String,
+    pub(super) component: LoadedComponent,
+    pub(super) limits: Limits,
+    pub(super) config: ConfigTable,
+}
+
+pub(super) struct ServingModel {
+    pub(super) model: String,
+    pub(super) router: RouterPlugin,
+}
+
+/// A model version ready to serve (registered, with its own router instance), not serving yet.
+pub struct PreparedSwitch {
+    service: String,
+    joint: Arc<Joint>,
+    serving: ServingModel,
+}
+
+impl Services {
+    /// Registers `onnx` as `model` and starts a router instance for it (a wasi-nn context holds
+    /// the models there were when its instance started), without touching what serves.
+    pub fn prepare_switch(&self, service: &str, model: &str, onnx: &[u8]) -> anyhow::Result<PreparedSwitch> {
+        let svc = self.services.get(service).with_context(|| format!("no service `{service}`"))?;
+        let Kind::Joint(joint) = &svc.kind else { bail!("service `{service}` is not a joint service") };
+        self.runtime.models().insert(model, onnx).with_context(|| format!("registering `{model}`"))?;
+        let router = RouterPlugin::new(&self.runtime, joint.component.clone(), joint.limits, &joint.config)
+            .with_context(|| format!("service `{service}`: a router instance for `{model}`"))?;
+        Ok(PreparedSwitch {
+            service: service.to_string(),
+            joint: joint.clone(),
+            serving: ServingModel { model: model.to_string(), router },
+        })
+    }
+
+    /// Makes a prepared version serve. Requests running on the old one finish on it; the next
+    /// ones run on the new one. The old model leaves the runtime's models unless it is the
+    /// service's configured one.
+    pub fn switch(&self, prepared: PreparedSwitch) {
+        let PreparedSwitch { service, joint, serving } = prepared;
+        let to = serving.model.clone();
+        let old = std::mem::replace(&mut *lock(&joint.serving), serving);
+        if old.model != joint.configured {
+            self.runtime.models().remove(&old.model);
+        }
+        tracing::info!(%service, from = %old.model, %to, "serving model switched");
+    }
+
+    pub(super) async fn joint(
+        &self,
+        service: &Service,
+        joint: Arc<Joint>,
+        inputs: Vec<TensorData>,
+    ) -> anyhow::Result<InferResponse> {
+        let t0 = Instant::now();
+        let (inputs, mut outputs, decisions) = blocking(move || {
+            let mut serving = lock(&joint.serving);
+            let ServingModel { model, router } = &mut *serving;
+            let outputs = router.run(model, &inputs)?;
+            let first = outputs.first().context("the edge model has no output")?;
+            let rows = first.shape.first().copied().unwrap_or(1).max(1);
+            let mut decisions = Vec::with_capacity(rows as usize);
+            for r in 0..rows {
+                let row = wire::rows(first, r, r + 1);
+                let tensor = crate::tensor::Tensor::from_f32(row.shape.clone(), wire::f32_values(&row)?)
+                    .context("the edge model's output does not fit its shape")?;
+                decisions.push(router.decide(&tensor)?);
+            }
+            Ok((inputs, outputs, decisions))
+        })
+        .await?;
+        let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut results = Vec::with_capacity(decisions.len());
+        for (i, d) in decisions.iter().enumerate() {
+            let mut row =
+                RowResult { index: i as u64, computed: "edge", route: d.route, score: d.score, queued: false };
+            if d.route == Route::Cloud {
+                service.metrics.hard_examples.fetch_add(1, Ordering::Relaxed);
+                let rows: Vec<TensorData> = inputs.iter().map(|t| wire::rows(t, i as u64, i as u64 + 1)).collect();
+                let body = wire::to_safetensors(&rows)?;
+                let queued_ms = now_ms();
+                // In the outbox before it leaves: a crash or an outage loses nothing.
+                let (svc_name, in_flight) = (service.name.clone(), self.in_flight.clone());
+                let (claim, body) = self
+                    .with_store(move |s| {
+                        // Claimed before the entry is visible, so the outbox never sends it too.
+                        let mut claimed = lock(&in_flight);
+                        let id = s.enqueue(&svc_name, &body, queued_ms)?;
+                        claimed.insert(id);
+                        drop(claimed);
+                        Ok((Claim { ids: in_flight, id }, body))
+                    })
+                    .await?;
+                let id = claim.id;
+                let headers = [(EXAMPLE_HEADER, id.to_string()), (QUEUED_HEADER, queued_ms.to_string())];
+                match service.cloud.post("", body, &headers).await? {
+                    CloudCall::Answered { outputs: cloud_out, .. } => {
+                        self.with_store(move |s| s.delivered(id)).await?;
+                        for (out, c) in outputs.iter_mut().zip(cloud_out) {
+                            replace_row(out, i as u64, &c)?;
+                        }
+                        row.computed = "cloud";
+                    }
+                    CloudCall::Unreachable(why) => {
+                        tracing::warn!(service = %service.name, id, "cloud unreachable, answering on the edge: {why}");
+                        service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        row.queued = true;
+                        drop(claim);
+                        self.outbox_wake.notify_one();
+                    }
+                }
+            }
+            results.push(row);
+        }
+        let computed = if results.iter().all(|r| r.computed == "edge") {
+            "edge"
+        } else if results.iter().all(|r| r.computed == "cloud") {
+            "cloud"
+        } else {
+            "mixed"
+        };
+        let elapsed = t0.elapsed();
+        service.metrics.observe(if computed == "edge" { "edge" } else { "cloud" }, elapsed);
+        Ok(InferResponse {
+            service: service.name.clone(),
+            outputs: named_values(&outputs)?,
+            computed,
+            results,
+            cut: None,
+            fallback: false,
+            upload_bytes: None,
+            edge_ms,
+            total_ms: elapsed.as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Delivers queued hard examples until the process ends: at once when one is queued, then
+    /// every `retry` while any is left.
+    pub async fn deliver_outbox(self: Arc<Self>) {
+        loop {
+            let delivered = self.deliver_once().await;
+            match delivered {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => tracing::warn!("outbox: {e:#}"),
+            }
+            let _ = tokio::time::timeout(self.retry, self.outbox_wake.notified()).await;
+        }
+    }
+
+    /// One pass; true if it delivered everything it tried.
+    async fn deliver_once(&self) -> anyhow::Result<bool> {
+        let rows = self.with_store(|s| s.outbox(64)).await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        for row in rows {
+            if lock(&self.in_flight).contains(&row.id) {
+                continue;
+            }
+            let Some(service) = self.services.get(&row.service) else {
+                tracing::warn!(service = %row.service, id = row.id, "outbox: no such service any more; kept");
+                return Ok(false);
+            };
+            let headers = [(EXAMPLE_HEADER, row.id.to_string()), (QUEUED_HEADER, row.queued_ms.to_string())];
+            match service.cloud.post("", row.input, &headers).await {
+                Ok(CloudCall::Answered { .. }) => {
+                    self.with_store(move |s| s.delivered(row.id)).await?;
+                    self.outbox_delivered.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %row.service, id = row.id, "outbox: hard example delivered");
+                }
+                Ok(CloudCall::Unreachable(_)) => return Ok(false),
+                Err(e) => {
+                    // Refused for good (e.g. an input the cloud's model cannot take): keeping it
+                    // would block the queue forever.
+                    tracing::error!(service = %row.service, id = row.id, "outbox: dropped: {e:#}");
+                    self.with_store(move |s| s.delivered(row.id)).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,520 @@
+//! The cloud's state: SQLite for everything but the updates' tensors, which are files next to
+//! it (written and fsynced before their row commits), as SQLite advises for large blobs.
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{now_ms, open, Result, StoreError};
+use crate::protocol::SwapRow;
+
+const CLOUD_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS initial_weights (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+    next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER, pending_spec TEXT);
+CREATE TABLE IF NOT EXISTS swaps (
+    job TEXT NOT NULL, round INTEGER NOT NULL, slot TEXT NOT NULL, from_plugin TEXT NOT NULL,
+    to_plugin TEXT NOT NULL, error TEXT, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS models (job TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL, PRIMARY KEY (job, version));
+CREATE TABLE IF NOT EXISTS rounds (
+    job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL, opened_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, PRIMARY KEY (job, round));
+CREATE TABLE IF NOT EXISTS updates (
+    job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL, file TEXT NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+CREATE TABLE IF NOT EXISTS failures (
+    job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+CREATE TABLE IF NOT EXISTS hard_examples (
+    node TEXT NOT NULL, id INTEGER NOT NULL, service TEXT NOT NULL, input BLOB NOT NULL,
+    queued_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (node, id));
+";
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub name: String,
+    pub spec: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub next_round: u32,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// A spec applied to the running job, waiting for the next round boundary.
+    pub pending_spec: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundRow {
+    pub round: u32,
+    pub selected: Vec<String>,
+    pub opened_ms: i64,
+    pub deadline_ms: i64,
+    pub closed_ms: Option<i64>,
+    pub summary: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpdateRow {
+    pub node: String,
+    pub num_examples: u64,
+    pub metrics: String,
+    /// The update's safetensors file, under the store's update directory.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    Duplicate,
+}
+
+/// The cloud's state: SQLite for everything but the updates' tensors, which are files next to it
+/// (written and fsynced before their row commits), as SQLite advises for large blobs.
+pub struct CloudStore {
+    conn: Mutex<Connection>,
+    updates_dir: PathBuf,
+}
+
+impl CloudStore {
+    pub fn open(path: &Path) -> Result<CloudStore> {
+        let updates_dir = path.with_extension("updates");
+        let incoming = updates_dir.join("incoming");
+        // Uploads that were arriving when the process ended were never accepted.
+        let _ = std::fs::remove_dir_all(&incoming);
+        std::fs::create_dir_all(&incoming).map_err(|e| StoreError::Files { path: incoming.clone(), source: e })?;
+        let conn = open(path, CLOUD_SCHEMA)?;
+        // A state written before hot swap existed has no `pending_spec` column yet.
+        let has_pending: bool = conn
+            .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'pending_spec'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        if !has_pending {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN pending_spec TEXT")
+                .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        }
+        Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_node_token(&self, node: &str, token_sha256: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO nodes (name, token_sha256) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
+            params![node, token_sha256],
+        )?;
+        Ok(())
+    }
+
+    pub fn node_for_token(&self, token_sha256: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT name FROM nodes WHERE token_sha256 = ?1", [token_sha256], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// All node names, sorted.
+    pub fn nodes(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name FROM nodes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        self.conn()
+            .execute("INSERT OR IGNORE INTO components (digest, bytes) VALUES (?1, ?2)", params![digest, bytes])?;
+        Ok(())
+    }
+
+    pub fn component(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT bytes FROM components WHERE digest = ?1", [digest], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Keeps the initial weights of an external model (safetensors), by content digest.
+    pub fn put_initial_weights(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        self.conn()
+            .execute("INSERT OR IGNORE INTO initial_weights (digest, bytes) VALUES (?1, ?2)", params![digest, bytes])?;
+        Ok(())
+    }
+
+    pub fn initial_weights(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT bytes FROM initial_weights WHERE digest = ?1", [digest], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Creates a job with its initial model (version 0), atomically.
+    pub fn insert_job(&self, name: &str, spec_json: &str, initial_model: &[u8]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM jobs WHERE name = ?1)", [name], |r| r.get(0))?;
+        if exists {
+            return Err(StoreError::JobExists(name.to_string()));
+        }
+        tx.execute(
+            "INSERT INTO jobs (name, spec, status, next_round, created_ms) VALUES (?1, ?2, 'running', 1, ?3)",
+            params![name, spec_json, now_ms()],
+        )?;
+        tx.execute("INSERT INTO models (job, version, bytes) VALUES (?1, 0, ?2)", params![name, initial_model])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            name: r.get(0)?,
+            spec: r.get(1)?,
+            status: r.get(2)?,
+            reason: r.get(3)?,
+            next_round: r.get(4)?,
+            created_ms: r.get(5)?,
+            finished_ms: r.get(6)?,
+            pending_spec: r.get(7)?,
+        })
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, spec, status, reason, next_round, created_ms, finished_ms, pending_spec FROM jobs ORDER BY created_ms",
+        )?;
+        let rows = stmt.query_map([], Self::job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<JobRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, spec, status, reason, next_round, created_ms, finished_ms, pending_spec FROM jobs WHERE name = ?1",
+                [name],
+                Self::job_row,
+            )
+            .optional()?)
+    }
+
+    /// Sets the spec a running job switches to at its next round boundary.
+    pub fn set_pending_spec(&self, name: &str, spec_json: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET pending_spec = ?2 WHERE name = ?1 AND status = 'running'",
+            params![name, spec_json],
+        )?;
+        Ok(())
+    }
+
+    /// Makes the pending spec (if any) the job's spec; returns it.
+    pub fn promote_pending_spec(&self, name: &str) -> Result<Option<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let pending: Option<String> =
+            tx.query_row("SELECT pending_spec FROM jobs WHERE name = ?1", [name], |r| r.get(0)).optional()?.flatten();
+        if let Some(spec) = &pending {
+            tx.execute("UPDATE jobs SET spec = ?2, pending_spec = NULL WHERE name = ?1", params![name, spec])?;
+        }
+        tx.commit()?;
+        Ok(pending)
+    }
+
+    pub fn set_spec(&self, name: &str, spec_json: &str) -> Result<()> {
+        self.conn().execute("UPDATE jobs SET spec = ?2 WHERE name = ?1", params![name, spec_json])?;
+        Ok(())
+    }
+
+    pub fn record_swap(&self, job: &str, swap: &SwapRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO swaps (job, round, slot, from_plugin, to_plugin, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![job, swap.round, swap.slot, swap.from, swap.to, swap.error, swap.at_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn swaps(&self, job: &str) -> Result<Vec<SwapRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT round, slot, from_plugin, to_plugin, error, at_ms FROM swaps WHERE job = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([job], |r| {
+            Ok(SwapRow {
+                round: r.get(0)?,
+                slot: r.get(1)?,
+                from: r.get(2)?,
+                to: r.get(3)?,
+                error: r.get(4)?,
+                at_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn finish_job(&self, name: &str, status: &str, reason: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET status = ?2, reason = ?3, finished_ms = ?4 WHERE name = ?1 AND status = 'running'",
+            params![name, status, reason, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn model(&self, job: &str, version: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT bytes FROM models WHERE job = ?1 AND version = ?2", params![job, version], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn open_round(&self, job: &str, round: u32, selected: &[String], deadline_ms: i64) -> Result<()> {
+        let selected = serde_json::to_string(selected).expect("strings serialize");
+        self.conn().execute(
+            "INSERT OR IGNORE INTO rounds (job, round, selected, opened_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job, round, selected, now_ms(), deadline_ms],
+        )?;
+        Ok(())
+    }
+
+    fn round_row(r: &rusqlite::Row) -> rusqlite::Result<RoundRow> {
+        let selected: String = r.get(1)?;
+        Ok(RoundRow {
+            round: r.get(0)?,
+            selected: serde_json::from_str(&selected).unwrap_or_default(),
+            opened_ms: r.get(2)?,
+            deadline_ms: r.get(3)?,
+            closed_ms: r.get(4)?,
+            summary: r.get(5)?,
+        })
+    }
+
+    pub fn round(&self, job: &str, round: u32) -> Result<Option<RoundRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 AND round = ?2",
+                params![job, round],
+                Self::round_row,
+            )
+            .optional()?)
+    }
+
+    pub fn rounds(&self, job: &str) -> Result<Vec<RoundRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 ORDER BY round",
+        )?;
+        let rows = stmt.query_map([job], Self::round_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A fresh path for an arriving update's file, in `incoming/` until it is accepted (so
+    /// that collecting old update files never takes one still arriving). Its name is random,
+    /// nothing a caller sent: no job or node name can lead the file elsewhere or make its name
+    /// too long.
+    pub fn new_update_file(&self) -> PathBuf {
+        use rand::RngCore;
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        self.updates_dir.join("incoming").join(format!("{}.safetensors", hex::encode(id)))
+    }
+
+    /// Moves an arrived update's file (written and fsynced) out of `incoming/`, durably; returns
+    /// where it is now, what [`CloudStore::insert_update`] records.
+    pub fn settle_update_file(&self, incoming: &Path) -> Result<PathBuf> {
+        let files = |source| StoreError::Files { path: self.updates_dir.clone(), source };
+        let name = incoming.file_name().ok_or_else(|| files(std::io::Error::other("no file name")))?;
+        let settled = self.updates_dir.join(name);
+        std::fs::rename(incoming, &settled).map_err(files)?;
+        std::fs::File::open(&self.updates_dir).and_then(|d| d.sync_all()).map_err(files)?;
+        Ok(settled)
+    }
+
+    /// Records an update whose file (from `new_update_file`) is written and fsynced; a second
+    /// upload of the same (job, round, node) changes nothing and its file is removed.
+    pub fn insert_update(
+        &self,
+        job: &str,
+        round: u32,
+        node: &str,
+        num_examples: u64,
+        metrics: &str,
+        file: &Path,
+    ) -> Result<Inserted> {
+        let name = file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO updates (job, round, node, num_examples, metrics, file, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![job, round, node, num_examples as i64, metrics, name, now_ms()],
+        )?;
+        if n == 1 {
+            Ok(Inserted::New)
+        } else {
+            let _ = std::fs::remove_file(file);
+            Ok(Inserted::Duplicate)
+        }
+    }
+
+    /// Deletes update files no row refers to (left by a crash between a file and its row) and
+    /// the files of closed rounds (their models are committed).
+    pub fn collect_update_files(&self) -> Result<usize> {
+        let keep: std::collections::HashSet<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(
+                "SELECT u.file FROM updates u JOIN rounds r ON r.job = u.job AND r.round = u.round WHERE r.closed_ms IS NULL",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut removed = 0;
+        let entries = std::fs::read_dir(&self.updates_dir)
+            .map_err(|e| StoreError::Files { path: self.updates_dir.clone(), source: e })?;
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file())
+                && !keep.contains(&entry.file_name().to_string_lossy().to_string())
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Records that `node` could not make its update for a round (the reason it gave), unless
+    /// it sent one or reported a failure already; returns whether this is new.
+    pub fn record_failure(&self, job: &str, round: u32, node: &str, reason: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let uploaded: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3)",
+            params![job, round, node],
+            |r| r.get(0),
+        )?;
+        let n = if uploaded {
+            0
+        } else {
+            tx.execute(
+                "INSERT OR IGNORE INTO failures (job, round, node, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job, round, node, reason, now_ms()],
+            )?
+        };
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    /// (node, reason) of the nodes that reported a failure in a round, by name.
+    pub fn failures(&self, job: &str, round: u32) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, reason FROM failures WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Nodes with an update in a round, by name (the canonical fold order).
+    pub fn update_nodes(&self, job: &str, round: u32) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node FROM updates WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn update(&self, job: &str, round: u32, node: &str) -> Result<Option<UpdateRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT node, num_examples, metrics, file FROM updates WHERE job = ?1 AND round = ?2 AND node = ?3",
+                params![job, round, node],
+                |r| {
+                    Ok(UpdateRow {
+                        node: r.get(0)?,
+                        num_examples: r.get::<_, i64>(1)? as u64,
+                        metrics: r.get(2)?,
+                        file: self.updates_dir.join(r.get::<_, String>(3)?),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// (node, examples, metrics JSON) of a round's updates, without their tensors.
+    pub fn update_metrics(&self, job: &str, round: u32) -> Result<Vec<(String, u64, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT node, num_examples, metrics FROM updates WHERE job = ?1 AND round = ?2 ORDER BY node")?;
+        let rows = stmt.query_map(params![job, round], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Commits round `round`'s model as version `round`, closes the round and moves the job on,
+    /// in one transaction.
+    pub fn close_round(&self, job: &str, round: u32, model: &[u8], summary: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO models (job, version, bytes) VALUES (?1, ?2, ?3)",
+            params![job, round, model],
+        )?;
+        tx.execute(
+            "UPDATE rounds SET closed_ms = ?3, summary = ?4 WHERE job = ?1 AND round = ?2",
+            params![job, round, now_ms(), summary],
+        )?;
+        tx.execute("UPDATE jobs SET next_round = ?2 WHERE name = ?1", params![job, round + 1])?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl CloudStore {
+    /// Keeps a hard example an edge sent; true if it is new (a resend of one already kept is
+    /// acknowledged and not kept twice).
+    pub fn save_hard_example(&self, node: &str, id: i64, service: &str, input: &[u8], queued_ms: i64) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO hard_examples (node, id, service, input, queued_ms, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![node, id, service, input, queued_ms, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Ids of the hard examples kept for `service`, per node.
+    pub fn hard_examples(&self, service: &str) -> Result<Vec<(String, i64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, id FROM hard_examples WHERE service = ?1 ORDER BY node, id")?;
+        let rows = stmt
+            .query_map(params![service], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_from_before_hot_swap_gains_the_pending_spec_column() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cloud.db");
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch(
+            "CREATE TABLE jobs (name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+             next_round INTEGER NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER);
+             INSERT INTO jobs VALUES ('j', '{}', 'running', NULL, 1, 0, NULL);",
+        )
+        .expect("old schema");
+        drop(old);
+        let store = CloudStore::open(&path).expect("migrated");
+        store.set_pending_spec("j", "{\"new\":1}").expect("pending");
+        assert_eq!(store.job("j").expect("row").expect("job").pending_spec.as_deref(), Some("{\"new\":1}"));
+        assert_eq!(store.promote_pending_spec("j").expect("promote").as_deref(), Some("{\"new\":1}"));
+        let row = store.job("j").expect("row").expect("job");
+        assert_eq!((row.spec.as_str(), row.pending_spec), ("{\"new\":1}", None));
+        drop(store);
+        CloudStore::open(&path).expect("a second open changes nothing");
+    }
+}
