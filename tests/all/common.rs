@@ -11,6 +11,14 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The python of a virtual environment `cargo xtask test` makes under target/ (`what` it holds,
+/// for the message if it is missing).
+pub fn venv_python(dir: &str, what: &str) -> PathBuf {
+    let python = root().join("target").join(dir).join("bin/python");
+    assert!(python.is_file(), "{} is missing: `cargo xtask test` makes it ({what})", python.display());
+    python
+}
+
 /// The directory `cargo xtask plugins` writes components to.
 pub fn plugin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("NEREID_PLUGIN_DIR") {

@@ -8,17 +8,11 @@ use std::process::Command;
 use nereid::model_io::{self, NamedTensors};
 
 use crate::cluster::Cluster;
-use crate::common::{plugin, root};
+use crate::common::{plugin, root, venv_python};
 
 /// The Python environment `cargo xtask test` makes (numpy, safetensors, clients/python).
 fn python() -> PathBuf {
-    let python = root().join("target/py/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: `cargo xtask test` makes it (numpy, safetensors, clients/python)",
-        python.display()
-    );
-    python
+    venv_python("py", "numpy, safetensors, clients/python")
 }
 
 fn faulty_trainer() -> PathBuf {

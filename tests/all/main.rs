@@ -13,6 +13,7 @@ mod incremental;
 mod inference;
 mod nn;
 mod oci;
+mod pytorch;
 mod replay;
 mod router;
 mod sampler;

@@ -69,7 +69,7 @@ fn onnxruntime_output(model: &Path, input: &[f32]) -> Vec<f32> {
 }
 
 /// The nn-probe fixture, instantiated on `runtime` (its models are the runtime's).
-fn probe(runtime: &Runtime) -> (wasmtime::Store<nereid::runtime::state::PluginState>, Probe) {
+pub fn probe(runtime: &Runtime) -> (wasmtime::Store<nereid::runtime::state::PluginState>, Probe) {
     let loaded = runtime.load_file(&plugin("test-nn-probe")).expect("the probe loads");
     let mut store = runtime.store("nn-probe".into(), &Limits::default());
     store.set_epoch_deadline(u64::MAX / 2);

@@ -14,9 +14,10 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
-            mosquitto-clients, `cargo install wkg`, the `onnx` Python package, a Python
-            environment in target/py with numpy, safetensors and clients/python), then run the
-            whole test suite (cargo test --release)
+            mosquitto-clients, `cargo install wkg`, the `onnx` Python package, Python
+            environments with clients/python: target/py (numpy, safetensors) and target/py-torch
+            (PyTorch 2.15 with only the libraries it loads, onnx)), then run the whole test suite
+            (cargo test --release)
   bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)
   deps      check that no import circle joins the host's modules (see `deps` below); `test`
             runs it first";
@@ -38,6 +39,36 @@ const ONNX_PYTHON_VERSION: &str = "1.17.0";
 /// The Python packages of the environment the external-trainer tests run their trainers in
 /// (target/py), besides clients/python itself.
 const TRAINER_PYTHON_PACKAGES: &[&str] = &["numpy==2.4.6", "safetensors==0.8.0"];
+/// target/py-torch, for the PyTorch example's test: torch from PyPI without what a CPU does not
+/// need (triton, the CUDA toolkit's headers and tools) but with the CUDA libraries `import torch`
+/// loads; then its pure-Python dependencies, onnx for `torch.onnx.export`, and the trainer's.
+const TORCH_PACKAGES_NO_DEPS: &[&str] = &[
+    "torch==2.15.0",
+    "nvidia-cublas==13.4.1.3",
+    "nvidia-cuda-nvrtc==13.2.86",
+    "nvidia-cuda-runtime==13.2.86",
+    "nvidia-cuda-cupti==13.2.86",
+    "nvidia-cudnn-cu13==9.26.0.51",
+    "nvidia-cufft==12.2.0.57",
+    "nvidia-cufile==1.17.1.22",
+    "nvidia-cusolver==12.2.0.11",
+    "nvidia-cusparse==12.7.10.12",
+    "nvidia-cusparselt-cu13==0.8.1",
+    "nvidia-nccl-cu13==2.30.7",
+    "nvidia-nvjitlink==13.5.37",
+    "nvidia-nvshmem-cu13==3.7.2",
+];
+const TORCH_PACKAGES: &[&str] = &[
+    "filelock",
+    "typing-extensions",
+    "sympy",
+    "networkx",
+    "jinja2",
+    "fsspec",
+    "numpy==2.4.6",
+    "safetensors==0.8.0",
+    "onnx==1.17.0",
+];
 /// The wkg the interop tests run against.
 const WKG_VERSION: &str = "0.16.1";
 
@@ -223,6 +254,7 @@ fn debian_packages(wanted: &[&str]) -> Result<(), String> {
 fn test_tools() -> Result<(), String> {
     debian_packages(TEST_PACKAGES)?;
     trainer_python()?;
+    torch_python()?;
     let onnx = Command::new("python3").args(["-c", "import onnx; print(onnx.__version__)"]).output();
     if !onnx.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ONNX_PYTHON_VERSION) {
         run(Command::new("python3").args([
@@ -246,11 +278,7 @@ fn test_tools() -> Result<(), String> {
 /// target/py: a virtual environment with numpy, safetensors and clients/python (the trainer
 /// package, installed again each time so that it is the checkout's).
 fn trainer_python() -> Result<(), String> {
-    let venv = root().join("target/py");
-    if !venv.join("bin/python").is_file() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    let python = venv.join("bin/python");
+    let python = venv("target/py")?;
     let wanted = Command::new(&python)
         .args(["-c", "import numpy, safetensors; print(numpy.__version__, safetensors.__version__)"])
         .output();
@@ -258,9 +286,38 @@ fn trainer_python() -> Result<(), String> {
     if !wanted.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().eq(versions.iter().copied())) {
         run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TRAINER_PYTHON_PACKAGES))?;
     }
-    run(Command::new(&python)
+    install_trainer_package(&python)
+}
+
+/// The python of the virtual environment `dir` (relative to the root), made if it is missing.
+fn venv(dir: &str) -> Result<PathBuf, String> {
+    let venv = root().join(dir);
+    if !venv.join("bin/python").is_file() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    Ok(venv.join("bin/python"))
+}
+
+/// clients/python, installed again each time so that it is the checkout's.
+fn install_trainer_package(python: &Path) -> Result<(), String> {
+    run(Command::new(python)
         .args(["-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall"])
         .arg(root().join("clients/python")))
+}
+
+/// target/py-torch: PyTorch (see [`TORCH_PACKAGES_NO_DEPS`]), onnx and clients/python.
+fn torch_python() -> Result<(), String> {
+    let python = venv("target/py-torch")?;
+    let ready = Command::new(&python)
+        .args(["-c", "import torch, onnx, safetensors; print(torch.__version__.split('+')[0], onnx.__version__)"])
+        .output();
+    if !ready.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "2.15.0 1.17.0") {
+        let started = std::time::Instant::now();
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--no-deps"]).args(TORCH_PACKAGES_NO_DEPS))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TORCH_PACKAGES))?;
+        eprintln!("xtask: PyTorch installed into target/py-torch in {:.0} s", started.elapsed().as_secs_f64());
+    }
+    install_trainer_package(&python)
 }
 
 /// Package names of the crates under `plugins/` and `tests/fixtures/`.

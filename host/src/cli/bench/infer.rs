@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
+use super::median;
+
 use nereid::inference::wire::f32_values;
 use nereid::inference::{profile, NativeModel};
 use nereid::runtime::nn::{Models, NnBackend};
@@ -47,11 +49,6 @@ struct InferReport {
     /// Per-call cost of the plugin path over the native one, ms.
     overhead_ms: f64,
     max_abs_diff: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(args: InferBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -13,6 +13,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use super::median;
+
 use nereid::config::edge::TrainerConfig;
 use nereid::model_io::{self, NamedTensors};
 use nereid::tensor::Tensor;
@@ -35,6 +37,9 @@ pub struct TrainerBench {
     /// Seconds of training work per round in the overhead measurement.
     #[arg(long, default_value_t = 1.0)]
     train_secs: f64,
+    /// Train with PyTorch instead of NumPy (`--python` must have torch: target/py-torch).
+    #[arg(long)]
+    torch: bool,
     /// Timed rounds of each kind, after one warm-up; medians are reported.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
@@ -45,6 +50,7 @@ pub struct TrainerBench {
 
 #[derive(Serialize)]
 struct Report {
+    framework: &'static str,
     handover_params: usize,
     /// Bytes of the model each way (safetensors).
     handover_bytes_each_way: usize,
@@ -54,13 +60,11 @@ struct Report {
     steps: u64,
     standalone_median_s: f64,
     through_protocol_median_s: f64,
-    /// through / standalone - 1.
-    overhead: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    /// through / standalone - 1 (separate processes and times: a few percent of noise).
+    overhead_vs_standalone: f64,
+    /// Median over the rounds of (the edge's time for the round / the trainer's own time
+    /// training in it) - 1: the protocol's cost measured within each round.
+    overhead_per_round: f64,
 }
 
 fn model(params: usize, rows: usize) -> NamedTensors {
@@ -87,7 +91,13 @@ fn task(round: u32) -> TaskInfo {
     }
 }
 
-fn trainer(python: &std::path::Path, dir: &std::path::Path, mode: &str, steps: u64) -> anyhow::Result<ExternalTrainer> {
+fn trainer(
+    python: &std::path::Path,
+    dir: &std::path::Path,
+    mode: &str,
+    steps: u64,
+    framework: &str,
+) -> anyhow::Result<ExternalTrainer> {
     let config = TrainerConfig {
         command: vec![python.display().to_string(), dir.join("trainer_bench.py").display().to_string()],
         workdir: Some(dir.to_path_buf()),
@@ -95,6 +105,7 @@ fn trainer(python: &std::path::Path, dir: &std::path::Path, mode: &str, steps: u
             ("BENCH_MODE", mode.to_string()),
             ("BENCH_STEPS", steps.to_string()),
             ("OPENBLAS_NUM_THREADS", "1".into()),
+            ("BENCH_FRAMEWORK", framework.into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -137,7 +148,8 @@ pub fn run(b: TrainerBench) -> anyhow::Result<()> {
     // (1) The hand-over.
     let big = model(b.handover_params, 1000);
     let handover_bytes = model_io::encode(&big, None)?.len();
-    let mut echo = trainer(&python, dir.path(), "echo", 0)?;
+    let framework = if b.torch { "torch" } else { "numpy" };
+    let mut echo = trainer(&python, dir.path(), "echo", 0, framework)?;
     let handover: Vec<f64> = fits(&mut echo, &big, b.repeat)?.into_iter().map(|(wall, own)| wall - own).collect();
     drop(echo);
 
@@ -153,6 +165,7 @@ pub fn run(b: TrainerBench) -> anyhow::Result<()> {
             .args(["--standalone", &steps.to_string(), &repeat.to_string()])
             .arg(&weights_file)
             .env("OPENBLAS_NUM_THREADS", "1")
+            .env("BENCH_FRAMEWORK", framework)
             .output()?;
         if !out.status.success() {
             bail!("the standalone run failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -162,11 +175,12 @@ pub fn run(b: TrainerBench) -> anyhow::Result<()> {
     let probe = median(standalone(20, 3)?) / 20.0;
     let steps = ((b.train_secs / probe).ceil() as u64).max(1);
     let alone = median(standalone(steps, b.repeat)?);
-    let mut worker = trainer(&python, dir.path(), "work", steps)?;
-    let through = median(
-        fits(&mut worker, &model(rows * (b.params / rows), rows), b.repeat)?.into_iter().map(|(w, _)| w).collect(),
-    );
+    let mut worker = trainer(&python, dir.path(), "work", steps, framework)?;
+    let rounds = fits(&mut worker, &weights, b.repeat)?;
+    let through = median(rounds.iter().map(|(wall, _)| *wall).collect());
+    let per_round = median(rounds.iter().map(|(wall, own)| wall / own - 1.0).collect());
     let report = Report {
+        framework,
         handover_params: b.handover_params,
         handover_bytes_each_way: handover_bytes,
         handover_ms: median(handover) * 1000.0,
@@ -174,7 +188,8 @@ pub fn run(b: TrainerBench) -> anyhow::Result<()> {
         steps,
         standalone_median_s: alone,
         through_protocol_median_s: through,
-        overhead: through / alone - 1.0,
+        overhead_vs_standalone: through / alone - 1.0,
+        overhead_per_round: per_round,
     };
     if b.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -184,12 +199,15 @@ pub fn run(b: TrainerBench) -> anyhow::Result<()> {
             report.handover_params, report.handover_bytes_each_way, report.handover_ms
         );
         println!(
-            "a round of {} steps on {} parameters: standalone {:.3} s, through the protocol {:.3} s: overhead {:+.1}%",
+            "a round of {} {} steps on {} parameters: standalone {:.3} s, through the protocol {:.3} s ({:+.1}%); \
+             within each round, the protocol's share {:+.2}%",
             report.steps,
+            report.framework,
             report.params,
             report.standalone_median_s,
             report.through_protocol_median_s,
-            report.overhead * 100.0
+            report.overhead_vs_standalone * 100.0,
+            report.overhead_per_round * 100.0
         );
     }
     Ok(())

@@ -1,6 +1,6 @@
 """The trainer `nereid bench trainer` runs: BENCH_MODE=echo returns the weights it got (the cost of
 the hand-over alone); BENCH_MODE=work runs BENCH_STEPS steps of least-squares SGD on the weight
-`w` (a fixed amount of real NumPy work). With --standalone STEPS REPEAT WEIGHTS.safetensors it times the same work
+`w` (a fixed amount of real work: NumPy, or PyTorch with BENCH_FRAMEWORK=torch). With --standalone STEPS REPEAT WEIGHTS.safetensors it times the same work
 without nereid and prints the seconds of each run as JSON."""
 import json
 import os
@@ -10,7 +10,26 @@ import time
 import numpy as np
 
 
+def work_torch(params, steps, seed):
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.from_numpy(params["w"].copy()))
+    x = torch.randn(64, w.shape[1], generator=g)
+    y = torch.randn(64, w.shape[0], generator=g)
+    optimizer = torch.optim.SGD([w], lr=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = ((x @ w.T - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    return {**params, "w": w.detach().numpy()}
+
+
 def work(params, steps, seed):
+    if os.environ.get("BENCH_FRAMEWORK") == "torch":
+        return work_torch(params, steps, seed)
     rng = np.random.default_rng(seed)
     w = params["w"].copy()
     x = rng.standard_normal((64, w.shape[1]), dtype=np.float32)
