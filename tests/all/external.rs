@@ -111,9 +111,10 @@ fn a_numpy_trainer_trains_a_federated_job_across_three_edges() {
     assert!(acc[4] > 0.85 && acc[4] > acc[0] + 0.5, "the model learns: {acc:?}");
     let model = c.model("digits", 5);
     assert_eq!(model.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["b1", "b2", "w1", "w2"]);
-    // The job's per-node override reached edge-2's trainer (3 epochs: more steps).
-    let log = std::fs::read_to_string(c.path("edge-2/edge.trainer/trainer.log")).expect("trainer log");
-    assert!(log.contains("fit round 5 mode ok"), "{log}");
+    // The job's per-node override reached edge-2's trainer, and only edge-2's.
+    let log = |node: &str| std::fs::read_to_string(c.path(&format!("{node}/edge.trainer/trainer.log"))).expect("log");
+    assert!(log("edge-2").contains("fit round 5 mode ok epochs 3"), "{}", log("edge-2"));
+    assert!(log("edge-1").contains("fit round 5 mode ok epochs 2"), "{}", log("edge-1"));
     let text = String::from_utf8_lossy(&c.nereid(&["job", "status", "digits"]).stdout).to_string();
     assert!(text.contains("rounds     5/5"), "{text}");
 }

@@ -152,7 +152,8 @@ impl TrainerProcess {
                         )),
                     ));
                 }
-                tracing::info!(node = %self.node, trainer = name.as_deref().unwrap_or("?"), "trainer connected");
+                let name: String = name.unwrap_or_default().chars().take(64).collect();
+                tracing::info!(node = %self.node, trainer = ?name, "trainer connected");
             }
             Ok((other, _)) => {
                 return Err(self.fail(
