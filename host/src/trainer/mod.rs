@@ -106,28 +106,6 @@ impl ExternalTrainer {
         out
     }
 
-    /// Evaluates `global` on the trainer's test data.
-    pub fn evaluate(
-        &mut self,
-        task: &TaskInfo,
-        global_bytes: &[u8],
-        cancel: &AtomicBool,
-    ) -> Result<Evaluation, TrainerError> {
-        let deadline = Instant::now() + self.process.task_timeout();
-        let out = (|| {
-            let log = self.process.log().to_path_buf();
-            let running = self.process.connect(cancel)?;
-            running.send(&ToTrainer::Evaluate { task }, global_bytes)?;
-            match running.receive::<FromTrainer>(deadline, cancel, 0, &log)?.0 {
-                FromTrainer::EvaluateResult(e) => check_evaluation(e),
-                FromTrainer::Error { message, kind } => Err(refused(message, kind)),
-                other => Err(unexpected(&other, "evaluate_result")),
-            }
-        })();
-        self.stop_unless_clean(&out);
-        out
-    }
-
     fn stop_unless_clean<T>(&mut self, out: &Result<T, TrainerError>) {
         if let Err(e) = out {
             if !matches!(e, TrainerError::Refused(_)) {
@@ -208,7 +186,6 @@ pub(crate) fn kind_of(m: &FromTrainer) -> &'static str {
         FromTrainer::Hello { .. } => "hello",
         FromTrainer::AdjustGradients => "adjust_gradients",
         FromTrainer::FitResult { .. } => "fit_result",
-        FromTrainer::EvaluateResult(_) => "evaluate_result",
         FromTrainer::Error { .. } => "error",
     }
 }

@@ -37,8 +37,6 @@ pub enum ToTrainer<'a> {
     /// the evaluation with the result. `objective`: the job has a client objective; send each
     /// step's gradients (`adjust_gradients`) and use the adjusted ones.
     Fit { task: &'a TaskInfo, evaluate_first: bool, objective: bool },
-    /// Evaluate the model in the payload on the trainer's test data.
-    Evaluate { task: &'a TaskInfo },
     /// The adjusted gradients (payload), answering `adjust_gradients`.
     Gradients,
 }
@@ -66,7 +64,6 @@ pub enum FromTrainer {
         #[serde(default)]
         evaluation: Option<EvaluateResult>,
     },
-    EvaluateResult(EvaluateResult),
     /// The trainer could not do the task (its exception, in its words).
     Error {
         message: String,

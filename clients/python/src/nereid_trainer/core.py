@@ -134,9 +134,6 @@ def _handle(trainer: Trainer, sock: socket.socket, message: dict, payload: bytes
             body["evaluation"] = evaluation
         tensors = {k: np.ascontiguousarray(v) for k, v in trained.items()}
         _wire.write_frame(sock, body, _save(tensors))
-    elif kind == "evaluate":
-        config = _config(message["task"], None)
-        _wire.write_frame(sock, {"type": "evaluate_result", **_evaluation(trainer.evaluate(parameters, config))})
     else:
         raise ProtocolError(f"unknown task type {kind!r}")
 
