@@ -75,6 +75,18 @@ pub struct UpdateMetrics {
     pub train_loss: f64,
     pub penalty: f64,
     pub steps: u64,
+    /// An external trainer's own metrics, by its names: those of its fit, and its evaluation's
+    /// (other than `accuracy`) as `eval_<name>`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub trainer: BTreeMap<String, f64>,
+}
+
+/// Most entries of [`UpdateMetrics::trainer`].
+pub const MAX_TRAINER_METRICS: usize = 64;
+
+/// Whether `name` may name a trainer's metric: 1 to 64 letters, digits, `_`, `-` and `.`.
+pub fn is_metric_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }
 
 impl UpdateMetrics {
@@ -91,6 +103,17 @@ impl UpdateMetrics {
         }
         if !self.penalty.is_finite() {
             return Err(format!("penalty is {}, not a finite number", self.penalty));
+        }
+        if self.trainer.len() > MAX_TRAINER_METRICS {
+            return Err(format!("{} trainer metrics, at most {MAX_TRAINER_METRICS}", self.trainer.len()));
+        }
+        for (name, v) in &self.trainer {
+            if !is_metric_name(name) {
+                return Err(format!("trainer metric {name:?}: 1 to 64 letters, digits, `_`, `-` or `.`"));
+            }
+            if !v.is_finite() {
+                return Err(format!("trainer metric `{name}` is {v}, not a finite number"));
+            }
         }
         if self.eval_examples > max_examples {
             return Err(format!(
@@ -149,6 +172,10 @@ pub struct RoundSummary {
     pub bytes_down: u64,
     pub closed_by: String,
     pub aggregator_metrics: BTreeMap<String, f64>,
+    /// The external trainers' own metrics: for each name, the mean over the participants that
+    /// reported it, weighted by their examples.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trainer_metrics: BTreeMap<String, f64>,
     pub duration_ms: i64,
     /// The aggregator instance that folded this round (pinned reference or digest).
     #[serde(default)]
@@ -351,5 +378,27 @@ pub mod routes {
 
     pub fn plan(service: &str) -> String {
         format!("/v1/infer/{service}/plan")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trainers_metrics_need_plain_names_and_finite_values() {
+        let with = |name: &str, v: f64| UpdateMetrics {
+            trainer: BTreeMap::from([(name.to_string(), v)]),
+            ..Default::default()
+        };
+        assert!(with("val_f1.macro", 0.5).validate(10).is_ok());
+        assert!(with("top 5", 0.5).validate(10).unwrap_err().contains("\"top 5\""));
+        assert!(with("ok\n# forged", 0.5).validate(10).is_err());
+        assert!(with("f1", f64::INFINITY).validate(10).unwrap_err().contains("`f1` is inf"));
+        let many = UpdateMetrics {
+            trainer: (0..=MAX_TRAINER_METRICS).map(|i| (format!("m{i}"), 1.0)).collect(),
+            ..Default::default()
+        };
+        assert!(many.validate(10).unwrap_err().contains("at most 64"));
     }
 }

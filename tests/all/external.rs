@@ -105,6 +105,9 @@ fn a_numpy_trainer_trains_a_federated_job_across_three_edges() {
     for h in &s.history {
         assert_eq!(h.participants, vec!["edge-1", "edge-2", "edge-3"], "round {}", h.round);
         assert!(h.train_loss.is_some_and(|l| l > 0.0), "the trainer's loss reaches the summary: {h:?}");
+        // Its own metrics too (the mean over the nodes, weighted by examples).
+        let steps = h.trainer_metrics.get("steps").copied().unwrap_or_default();
+        assert!(steps >= 2.0 && h.trainer_metrics.contains_key("loss"), "{:?}", h.trainer_metrics);
     }
     let acc: Vec<f64> = s.history.iter().map(|h| h.accuracy.expect("accuracy")).collect();
     // The accuracy of round r is the global model of round r-1 evaluated by the trainers.
@@ -116,7 +119,7 @@ fn a_numpy_trainer_trains_a_federated_job_across_three_edges() {
     assert!(log("edge-2").contains("fit round 5 mode ok epochs 3"), "{}", log("edge-2"));
     assert!(log("edge-1").contains("fit round 5 mode ok epochs 2"), "{}", log("edge-1"));
     let text = String::from_utf8_lossy(&c.nereid(&["job", "status", "digits"]).stdout).to_string();
-    assert!(text.contains("rounds     5/5"), "{text}");
+    assert!(text.contains("rounds     5/5") && text.contains("trainers   round 5: loss "), "{text}");
 }
 
 #[test]

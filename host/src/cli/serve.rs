@@ -169,6 +169,11 @@ pub fn print_status(s: &JobStatus) {
             h.closed_by
         );
     }
+    // The trainers' own metrics of the last round (names checked by the cloud: printable as is).
+    if let Some(h) = s.history.last().filter(|h| !h.trainer_metrics.is_empty()) {
+        let shown: Vec<String> = h.trainer_metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("trainers   round {}: {}", h.round, shown.join(", "));
+    }
 }
 
 #[derive(Subcommand)]

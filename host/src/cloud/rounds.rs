@@ -232,8 +232,21 @@ impl Rounds {
                     / total as f64
             })
         };
+        let mut trainer_metrics = BTreeMap::<String, (f64, u64)>::new();
+        for (n, m) in accepted.iter().filter_map(|n| metrics_of.get(n)) {
+            for (name, v) in &m.trainer {
+                let (sum, weight) = trainer_metrics.entry(name.clone()).or_default();
+                *sum += v * *n as f64;
+                *weight = weight.saturating_add(*n);
+            }
+        }
         let summary = RoundSummary {
             round,
+            trainer_metrics: trainer_metrics
+                .into_iter()
+                .filter(|(_, (_, w))| *w > 0)
+                .map(|(name, (sum, w))| (name, sum / w as f64))
+                .collect(),
             examples: accepted.iter().filter_map(|n| metrics_of.get(n)).fold(0u64, |sum, m| sum.saturating_add(m.0)),
             accuracy: weighted(&|m| m.eval_accuracy, &|m| m.1.eval_examples),
             loss: weighted(&|m| m.eval_loss, &|m| m.1.eval_examples),

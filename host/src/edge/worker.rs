@@ -29,6 +29,29 @@ use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
 use crate::trainer::{ExternalTrainer, TaskInfo, TrainerError};
 
+/// An external trainer's metrics as the update carries them: its fit's by name, its
+/// evaluation's as `eval_<name>` (accuracy has its own field); names the cloud would refuse fail
+/// the task here, naming the metric.
+fn trainer_metrics(
+    fit: &std::collections::BTreeMap<String, f64>,
+    eval: &std::collections::BTreeMap<String, f64>,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let all: std::collections::BTreeMap<String, f64> = fit
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .chain(eval.iter().filter(|(k, _)| *k != "accuracy").map(|(k, v)| (format!("eval_{k}"), *v)))
+        .collect();
+    if let Some(bad) = all.keys().find(|k| !is_metric_name(k)) {
+        return Err(task_failed(format!(
+            "the trainer's metric {bad:?}: a name of 1 to 64 letters, digits, `_`, `-` or `.`"
+        )));
+    }
+    if all.len() > MAX_TRAINER_METRICS {
+        return Err(task_failed(format!("the trainer reports {} metrics, at most {MAX_TRAINER_METRICS}", all.len())));
+    }
+    Ok(all)
+}
+
 /// A round's trained model, before it is coded for upload.
 struct Trained {
     model: model_io::NamedTensors,
@@ -404,6 +427,7 @@ impl Worker {
             train_loss: outcome.loss,
             penalty: outcome.penalty,
             steps: outcome.steps,
+            trainer: Default::default(),
         };
         Ok(Some((objective, Trained { model: outcome.model, examples: outcome.examples, metrics })))
     }
@@ -462,6 +486,7 @@ impl Worker {
             train_loss: metric("loss").or(metric("train_loss")).unwrap_or(0.0),
             penalty: outcome.penalty,
             steps: metric("steps").filter(|s| *s >= 0.0).map_or(0, |s| s as u64),
+            trainer: trainer_metrics(&outcome.metrics, &eval.metrics)?,
         };
         Ok(Some((objective, Trained { model: outcome.model, examples: outcome.examples, metrics })))
     }
