@@ -392,13 +392,13 @@ mod tests {
             ..Default::default()
         };
         assert!(with("val_f1.macro", 0.5).validate(10).is_ok());
-        assert!(with("top 5", 0.5).validate(10).unwrap_err().contains("\"top 5\""));
+        assert!(with("top 5", 0.5).validate(10).expect_err("refused").contains("\"top 5\""));
         assert!(with("ok\n# forged", 0.5).validate(10).is_err());
-        assert!(with("f1", f64::INFINITY).validate(10).unwrap_err().contains("`f1` is inf"));
+        assert!(with("f1", f64::INFINITY).validate(10).expect_err("refused").contains("`f1` is inf"));
         let many = UpdateMetrics {
             trainer: (0..=MAX_TRAINER_METRICS).map(|i| (format!("m{i}"), 1.0)).collect(),
             ..Default::default()
         };
-        assert!(many.validate(10).unwrap_err().contains("at most 64"));
+        assert!(many.validate(10).expect_err("refused").contains("at most 64"));
     }
 }

@@ -136,6 +136,16 @@ impl Cluster {
         assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());
     }
 
+    /// Gives every edge a `[trainer]` running `command` (`extra`: more keys of the table).
+    pub fn add_trainer(&self, command: &[String], extra: &str) {
+        for (name, _) in &self.nodes {
+            let toml = self.path(&format!("{name}/edge.toml"));
+            let mut text = std::fs::read_to_string(&toml).expect("edge.toml");
+            text.push_str(&format!("\n[trainer]\ncommand = {command:?}\n{extra}\n"));
+            std::fs::write(&toml, text).expect("edge.toml");
+        }
+    }
+
     /// Stops edge `i` (SIGSTOP) once it has asked for work, so that it counts as online and a
     /// round selects it, but sends nothing until [`Cluster::signal_edge`] `-CONT`.
     pub fn hold_edge_once_online(&self, i: usize) {

@@ -23,17 +23,16 @@ fn faulty_trainer() -> PathBuf {
 /// says otherwise), with the example's initial weights in `init.safetensors`.
 fn cluster(edges: usize, task_timeout_secs: f64) -> Cluster {
     let c = Cluster::new(edges, "");
-    for (name, _) in &c.nodes {
-        let toml = c.path(&format!("{name}/edge.toml"));
-        let mut text = std::fs::read_to_string(&toml).expect("edge.toml");
-        text.push_str(&format!(
-            "\n[trainer]\ncommand = [{:?}, {:?}]\ntask_timeout_secs = {task_timeout_secs}\nstart_timeout_secs = 60\n\
-             env = {{ OPENBLAS_NUM_THREADS = \"1\", OMP_NUM_THREADS = \"1\" }}\n",
-            python().display().to_string(),
-            faulty_trainer().display().to_string(),
-        ));
-        std::fs::write(&toml, text).expect("edge.toml");
-    }
+    let command = [python().display().to_string(), faulty_trainer().display().to_string()];
+    c.add_trainer(
+        &command,
+        &format!(
+            "task_timeout_secs = {task_timeout_secs}
+start_timeout_secs = 60
+\
+             env = {{ OPENBLAS_NUM_THREADS = \"1\", OMP_NUM_THREADS = \"1\" }}"
+        ),
+    );
     let init = root().join("examples/numpy-digits/init.py");
     let out = Command::new(python()).arg(init).arg(c.path("init.safetensors")).output().expect("python");
     assert!(out.status.success(), "init.py: {}", String::from_utf8_lossy(&out.stderr));

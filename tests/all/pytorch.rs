@@ -28,16 +28,11 @@ const ACCURACY: f64 = 0.94;
 #[test]
 fn the_pytorch_example_trains_federated_then_serves_through_wasi_nn() {
     let mut c = Cluster::new(3, "");
-    for (name, _) in &c.nodes {
-        let toml = c.path(&format!("{name}/edge.toml"));
-        let mut text = std::fs::read_to_string(&toml).expect("edge.toml");
-        text.push_str(&format!(
-            "\n[trainer]\ncommand = [{:?}, {:?}]\nstart_timeout_secs = 120\ntask_timeout_secs = 300\n",
-            python().display().to_string(),
-            example("trainer.py")
-        ));
-        std::fs::write(&toml, text).expect("edge.toml");
-    }
+    c.add_trainer(
+        &[python().display().to_string(), example("trainer.py")],
+        "start_timeout_secs = 120
+task_timeout_secs = 300",
+    );
     let out = Command::new(python()).arg(example("init.py")).arg(c.path("init.safetensors")).output().expect("python");
     assert!(out.status.success(), "init.py: {}", String::from_utf8_lossy(&out.stderr));
     c.start_cloud();

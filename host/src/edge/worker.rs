@@ -10,7 +10,7 @@
 //! cloud refuses the update) is reported to the cloud, which stops waiting for this node in that
 //! round; so is one that keeps failing for other reasons. The edge then goes on with other
 //! jobs. Training stops when the round no longer waits for this node (it closed, the job ended).
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,11 +32,8 @@ use crate::trainer::{ExternalTrainer, TaskInfo, TrainerError};
 /// An external trainer's metrics as the update carries them: its fit's by name, its
 /// evaluation's as `eval_<name>` (accuracy has its own field); names the cloud would refuse fail
 /// the task here, naming the metric.
-fn trainer_metrics(
-    fit: &std::collections::BTreeMap<String, f64>,
-    eval: &std::collections::BTreeMap<String, f64>,
-) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
-    let all: std::collections::BTreeMap<String, f64> = fit
+fn trainer_metrics(fit: &BTreeMap<String, f64>, eval: &BTreeMap<String, f64>) -> anyhow::Result<BTreeMap<String, f64>> {
+    let all: BTreeMap<String, f64> = fit
         .iter()
         .map(|(k, v)| (k.clone(), *v))
         .chain(eval.iter().filter(|(k, _)| *k != "accuracy").map(|(k, v)| (format!("eval_{k}"), *v)))
@@ -317,7 +314,7 @@ impl Worker {
             })
         };
         let trained = if task.model.is_external() {
-            self.train_external(task, global, global_bytes.to_vec(), objective, cancel).await
+            self.train_external(task, global, global_bytes, objective, cancel).await
         } else {
             self.train_native(task, global, objective, cancel).await
         };
@@ -437,7 +434,7 @@ impl Worker {
         &mut self,
         task: &Task,
         global: model_io::NamedTensors,
-        global_bytes: Vec<u8>,
+        global_bytes: bytes::Bytes,
         objective: Option<ObjectivePlugin>,
         cancelled: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<(Option<ObjectivePlugin>, Trained)>> {

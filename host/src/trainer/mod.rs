@@ -84,11 +84,6 @@ impl ExternalTrainer {
         Ok(ExternalTrainer { process: TrainerProcess::new(config, base, dir, node)? })
     }
 
-    /// The trainer's stdout and stderr.
-    pub fn log(&self) -> &Path {
-        self.process.log()
-    }
-
     /// Trains `global` (encoded as `global_bytes`) for `task`; with `evaluate_first`, the
     /// trainer evaluates it before. A trainer that fails is stopped, except one that reported
     /// its own error cleanly (it waits for the next task).
