@@ -1,5 +1,6 @@
 """A PyTorch trainer for nereid: the edge starts it (edge.toml [trainer]) and it trains the
-example CNN on the node's data (./data/train.csv, ./data/test.csv: 64 features, then the label).
+example CNN on the node's data (./data/train.csv, ./data/test.csv: 64 features, then the label)
+in federated rounds, and on the samples the edge hands over in incremental rounds.
 """
 import os
 import sys
@@ -16,6 +17,9 @@ from model import DigitsCNN  # noqa: E402
 
 
 def load(split):
+    """The node's split, or (None, None) on an edge that only fine-tunes (no local data)."""
+    if not os.path.exists(f"data/{split}.csv"):
+        return None, None
     rows = np.loadtxt(f"data/{split}.csv", delimiter=",", dtype=np.float32, ndmin=2)
     return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, -1].astype(np.int64))
 
@@ -34,11 +38,18 @@ class TorchDigits(nt.Trainer):
         generator = ntt.seed_everything(config.seed)
         model = DigitsCNN()
         ntt.load_arrays(model, parameters)
+        # An incremental round hands over its examples; a federated round trains on local data.
+        if config.samples is not None:
+            train_x, train_y = torch.from_numpy(config.samples.x.copy()), torch.from_numpy(config.samples.y.copy())
+        elif self.train_x is not None:
+            train_x, train_y = self.train_x, self.train_y
+        else:
+            raise nt.TaskError("this node has no data/train.csv to train on")
         if config.optimizer == "adam":
             optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-        n, steps, epoch_loss = len(self.train_y), 0, 0.0
+        n, steps, epoch_loss = len(train_y), 0, 0.0
         model.train()
         for _ in range(config.epochs):
             order = torch.randperm(n, generator=generator)
@@ -46,7 +57,7 @@ class TorchDigits(nt.Trainer):
             for start in range(0, n, config.batch_size):
                 idx = order[start:start + config.batch_size]
                 optimizer.zero_grad()
-                loss = F.cross_entropy(model(self.train_x[idx]), self.train_y[idx])
+                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
                 loss.backward()
                 ntt.apply_objective(model, config.objective)
                 optimizer.step()
@@ -56,6 +67,8 @@ class TorchDigits(nt.Trainer):
         return ntt.to_arrays(model), n, {"loss": epoch_loss, "steps": steps}
 
     def evaluate(self, parameters, config):
+        if self.test_x is None:
+            raise nt.TaskError("this node has no data/test.csv to evaluate on")
         model = DigitsCNN()
         ntt.load_arrays(model, parameters)
         model.eval()

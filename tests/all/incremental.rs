@@ -382,6 +382,15 @@ fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
     let no_replay = [&lines[..at], &lines[at + 3..]].concat().join("\n");
     let err = run(&no_replay);
     assert!(err.contains("[incremental]") && err.contains("[replay]"), "{err}");
+    let no_trainer = good.replace("check_ms = 100", "check_ms = 100\nlearner = \"trainer\"");
+    let err = run(&no_trainer);
+    assert!(
+        err.contains(&format!("edge.toml:{}", line(&no_trainer, "learner ="))) && err.contains("[trainer] command"),
+        "{err}"
+    );
+    let unknown = good.replace("check_ms = 100", "check_ms = 100\nlearner = \"pytorch\"");
+    let err = run(&unknown);
+    assert!(err.contains(&format!("edge.toml:{}", line(&unknown, "learner ="))) && err.contains("builtin"), "{err}");
 }
 
 /// Debian's mosquitto on a free port of 127.0.0.1, stopped when dropped.
@@ -459,4 +468,113 @@ fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
     assert_eq!(v["versions"][1]["new_samples"], 100, "{}", v["versions"][1]);
     let s = status(&edge);
     assert_eq!(s["mqtt_taken"], 1, "the batch sent while the edge was down, taken in once: {s}");
+}
+
+/// An edge whose incremental job fine-tunes the PyTorch example's CNN through `trainer` (a
+/// script run by the PyTorch environment's python): version 0 is the CNN as PyTorch initialises
+/// it (seeded), exported by `torch.onnx.export`. Returns the edge's URL and the digits' train
+/// and test splits (the test split is the eval set).
+fn start_pytorch_edge(c: &mut Cluster, trainer: &str) -> (String, Dataset, Dataset) {
+    use crate::pytorch::{example, python};
+    let (train_set, test) = Dataset::digits().holdout(0.2, 5);
+    std::fs::create_dir_all(c.path("eval")).expect("eval");
+    test.write_csv(&c.path("eval/test.csv")).expect("eval csv");
+    let init = c.path("init.safetensors");
+    let out = std::process::Command::new(python()).arg(example("init.py")).arg(&init).output().expect("python");
+    assert!(out.status.success(), "init.py: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::create_dir_all(c.path("models/digits")).expect("models");
+    let out = std::process::Command::new(python())
+        .arg(example("export.py"))
+        .arg(&init)
+        .arg(c.path("models/digits/model.onnx"))
+        .arg(c.path("eval/test.csv"))
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "export.py: {}", String::from_utf8_lossy(&out.stderr));
+    let toml = edge_toml(c, "learner = \"trainer\"\ndeploy_if = [\"accuracy_delta >= 0.05\"]", "min_new_samples = 300")
+        .replace(
+            "training = { epochs = 20, batch_size = 16, learning_rate = 0.05, optimizer = \"sgd\" }",
+            "training = { epochs = 15, batch_size = 16, learning_rate = 0.005, optimizer = \"adam\" }",
+        );
+    let toml = format!(
+        "{toml}\n[trainer]\ncommand = [{:?}, {:?}]\ntask_timeout_secs = 300\n",
+        python().display().to_string(),
+        trainer
+    );
+    let edge = c.start_serving_edge(0, &toml);
+    (edge, train_set, test)
+}
+
+/// `[incremental] learner = "trainer"`: the PyTorch example's CNN, exported by
+/// `torch.onnx.export`, fine-tuned by its own trainer on the samples the edge hands over (new
+/// ones plus the replay buffer's draw), evaluated by ONNX Runtime and deployed when better.
+#[test]
+fn an_incremental_round_through_the_pytorch_trainer_deploys_a_better_version() {
+    let mut c = Cluster::new(1, "");
+    let (edge, train_set, test) = start_pytorch_edge(&mut c, &crate::pytorch::example("trainer.py"));
+    let v0 = versions(&edge)["versions"][0].clone();
+    let chance = v0["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(chance < 0.3, "version 0 is untrained: {v0}");
+    // Round 1: classes 0-4 arrive; round 2: classes 5-9, with the buffer's draw of 0-4.
+    let (old, new) = (train_set.of_classes(0..5), train_set.of_classes(5..10));
+    post_samples(&edge, &rows(&old, 0..300));
+    let v = wait_for_versions(&edge, 2);
+    let v1 = &v["versions"][1];
+    assert_eq!(v1["decision"], "deployed", "{v1}");
+    assert_eq!(v1["replayed"], 0, "nothing older than the new samples in the buffer: {v1}");
+    post_samples(&edge, &rows(&new, 0..300));
+    let v = wait_for_versions(&edge, 3);
+    let v2 = &v["versions"][2];
+    println!("version 0: {}\nversion 1: {}\nversion 2: {}", v0["metrics"], v1["metrics"], v2["metrics"]);
+    assert_eq!(v2["decision"], "deployed", "{v2}");
+    assert_eq!(v2["parent"], 1, "fine-tuned from the serving version");
+    assert!(v2["replayed"].as_u64().unwrap_or(0) >= 100, "old classes came from the buffer: {v2}");
+    assert_eq!(v2["metrics"]["examples"].as_u64(), Some(300 + v2["replayed"].as_u64().unwrap_or(0)), "{v2}");
+    assert!(v2["metrics"]["train_loss"].as_f64().is_some(), "the trainer's loss is recorded: {v2}");
+    let accuracy = v2["metrics"]["accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.85, "the fine-tuned CNN knows every class: {v2}");
+    assert_eq!(status(&edge)["serving_model"], "digits@v2");
+
+    // The service answers with version 2, as ONNX Runtime measured it on the eval set.
+    let served = correct(&edge, &test) as f64 / test.len() as f64;
+    println!("served accuracy on the eval set: {served:.4} (measured at the round: {accuracy:.4})");
+    assert!((served - accuracy).abs() < 1e-9, "served {served} vs recorded {accuracy}");
+
+    // After a restart the stored version (its initializers checked against the model's) serves.
+    c.kill_edge(0);
+    c.start_edge(0);
+    c.wait_for_edge(0, &edge);
+    assert_eq!(versions(&edge)["serving_version"], 2);
+    assert_eq!(correct(&edge, &test) as f64 / test.len() as f64, served);
+}
+
+/// A trainer that crashes or returns NaN in an incremental round fails that round only: nothing
+/// is recorded, the service keeps answering with the serving version, the status names what
+/// the trainer did, and the round runs again (after a growing wait) once the trainer behaves.
+#[test]
+fn an_incremental_round_whose_trainer_fails_is_retried_and_the_service_keeps_serving() {
+    let mut c = Cluster::new(1, "");
+    let flaky = root().join("tests/fixtures/trainers/flaky_torch.py").display().to_string();
+    let mode = c.path(&format!("{}/mode", c.nodes[0].0));
+    std::fs::write(&mode, "crash").expect("mode");
+    let (edge, train_set, test) = start_pytorch_edge(&mut c, &flaky);
+    let before = correct(&edge, &test);
+    post_samples(&edge, &rows(&train_set, 0..300));
+    for (m, what, failures) in [("crash", "exited", 1), ("nan", "not finite", 2)] {
+        if m != "crash" {
+            std::fs::write(&mode, m).expect("mode");
+        }
+        let s = wait_for_status(&edge, &format!("a failed round ({m})"), |s| {
+            s["failed_rounds"].as_u64() >= Some(failures) && s["trigger"].as_str().is_some_and(|t| t.contains(what))
+        });
+        println!("{m}: {}", s["trigger"]);
+        assert!(s["trigger"].as_str().unwrap_or("").contains("failed round(s) in a row"), "{s}");
+        assert_eq!(versions(&edge)["versions"].as_array().map(Vec::len), Some(1), "nothing recorded");
+        assert_eq!(correct(&edge, &test), before, "version 0 still answers");
+        assert_eq!(s["new_samples"], 300, "the new samples wait for the round");
+    }
+    std::fs::remove_file(&mode).expect("mode");
+    let v = wait_for_versions(&edge, 2);
+    assert_eq!(v["versions"][1]["decision"], "deployed", "{v}");
+    assert_eq!(status(&edge)["new_samples"], 0);
 }

@@ -12,11 +12,11 @@ use crate::cluster::Cluster;
 use crate::common::{plugin, root, venv_python};
 
 /// The PyTorch environment `cargo xtask test` makes (torch, onnx, clients/python).
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     venv_python("py-torch", "torch, onnx, clients/python")
 }
 
-fn example(file: &str) -> String {
+pub(crate) fn example(file: &str) -> String {
     root().join("examples/pytorch-digits").join(file).display().to_string()
 }
 

@@ -202,6 +202,12 @@ impl CheckConfig for EdgeConfig {
         if let Some(t) = &self.trainer {
             t.check()?;
         }
+        if self.incremental.as_ref().is_some_and(|i| i.learner == LearnerKind::Trainer) && self.trainer.is_none() {
+            return Err(FieldError {
+                key: "incremental.learner".into(),
+                message: "\"trainer\" needs the program that trains: [trainer] command = [...] in edge.toml".into(),
+            });
+        }
         if self.listen.is_some() {
             let api = self.api.as_ref().ok_or_else(|| FieldError {
                 key: "listen".into(),
@@ -255,6 +261,11 @@ pub struct IncrementalConfig {
     pub trigger: TriggerConfig,
     /// Samples a round draws from the replay buffer [default: as many as there are new samples].
     pub replay_draw: Option<u32>,
+    /// Who fine-tunes: "builtin" (nereid trains the models it exported) or "trainer" (the
+    /// edge's `[trainer]` trains any ONNX model on the samples the edge hands it; the model's
+    /// float32 initializers are the tensors it trains) [default: "builtin"].
+    #[serde(default)]
+    pub learner: LearnerKind,
     /// How a round fine-tunes [default: 5 epochs, batches of 16, SGD at 0.05].
     #[serde(default = "default_fine_tuning")]
     pub training: TrainParams,
@@ -291,6 +302,17 @@ pub struct MqttSource {
 
 fn default_mqtt_mib() -> usize {
     16
+}
+
+/// `[incremental] learner`: who fine-tunes the service's model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnerKind {
+    /// nereid's own trainer, for models nereid exported.
+    #[default]
+    Builtin,
+    /// The edge's `[trainer]`, for any ONNX model with float32 initializers.
+    Trainer,
 }
 
 /// `[incremental.trigger]`: a round starts when every configured condition holds.

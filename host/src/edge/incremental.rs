@@ -13,29 +13,30 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nereid_onnx::Message;
 use serde::Serialize;
 
 use super::error::{is_bad_request, BadRequest};
+use super::learner::{Learner, Round};
 use super::replay::{parse_batch, to_dataset, OfferReport, ReplayBuffer, Trainable};
 use super::services::Services;
 use crate::config::edge::{EdgeConfig, IncrementalConfig, MqttSource, ServiceKind};
-use crate::inference::export;
 use crate::lock;
 use crate::model_io::NamedTensors;
 use crate::protocol::VersionList;
 use crate::protocol::VersionRow;
 use crate::runtime::{content_digest, RoundContext};
 use crate::store::{now_ms, EdgeStore};
-use crate::train::{self, Dataset, Evaluation, ModelSpec};
+use crate::train::{Dataset, Evaluation};
+use crate::trainer::SharedTrainer;
 
-/// The version that serves: its weights (what the next round starts from) and how it does on
-/// the eval set (what a new version is compared with).
+/// The version that serves: its model and weights (what the next round starts from) and how
+/// it does on the eval set (what a new version is compared with).
 struct Serving {
     version: u32,
+    onnx: Vec<u8>,
     weights: NamedTensors,
     eval: Evaluation,
 }
@@ -62,6 +63,8 @@ pub struct Activity {
     pub rounds: u64,
     pub inbox_taken: u64,
     pub inbox_failed: u64,
+    /// Rounds that failed (the learner or the store); the next attempt waits longer each time.
+    pub failed_rounds: u64,
     /// The MQTT subscription's state (connected and subscribed, or why not), if there is one.
     pub mqtt: Option<String>,
     pub mqtt_taken: u64,
@@ -75,7 +78,9 @@ pub struct IncrementalJob {
     /// The service's configured model (version 0) and its ONNX bytes.
     configured: String,
     configured_onnx: Vec<u8>,
-    spec: ModelSpec,
+    learner: Learner,
+    /// This node's name (what the trainer is told).
+    node: String,
     eval: Dataset,
     inbox: Option<PathBuf>,
     store: Arc<EdgeStore>,
@@ -87,7 +92,19 @@ pub struct IncrementalJob {
     attempts: Mutex<HashMap<String, u32>>,
     /// Where the MQTT source connects, checked at load.
     mqtt_target: Option<MqttTarget>,
+    /// Rounds failed in a row, when the next may start, and the last one's error.
+    backoff: Mutex<Backoff>,
 }
+
+#[derive(Default)]
+struct Backoff {
+    failed: u32,
+    not_before: Option<Instant>,
+    error: String,
+}
+
+/// Longest wait after failed rounds before the next attempt.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The broker of `[incremental.mqtt]` and the session's client id.
 #[derive(Debug, Clone)]
@@ -120,6 +137,7 @@ impl IncrementalJob {
         edge: &EdgeConfig,
         base: &Path,
         store: Arc<EdgeStore>,
+        trainer: Option<SharedTrainer>,
     ) -> anyhow::Result<IncrementalJob> {
         let service = edge
             .services
@@ -132,10 +150,11 @@ impl IncrementalJob {
         let path = base.join(models).join(&service.model).join("model.onnx");
         let onnx = crate::files::read_limited(&path, crate::files::MAX_MODEL_BYTES)
             .with_context(|| format!("service: reading {}", path.display()))?;
-        let (spec, weights) = export::from_onnx(&onnx).with_context(|| format!("service: {}", path.display()))?;
+        let (learner, weights) =
+            Learner::load(cfg.learner, &onnx, trainer).with_context(|| format!("service: {}", path.display()))?;
         let eval_dir = base.join(&cfg.eval);
         let eval = Dataset::load(&eval_dir, "test").context("eval")?;
-        eval.check(&format!("eval {}", eval_dir.display()), spec.input_len(), spec.classes()).context("eval")?;
+        eval.check(&format!("eval {}", eval_dir.display()), learner.features(), learner.classes()).context("eval")?;
         if eval.is_empty() {
             bail!("eval: {} has no test samples", eval_dir.display());
         }
@@ -171,14 +190,16 @@ impl IncrementalJob {
         Ok(IncrementalJob {
             cfg: cfg.clone(),
             configured: service.model.clone(),
-            configured_onnx: onnx,
             // Version 0 until `resume` reads the store (and measures what serves).
             serving: Mutex::new(Serving {
                 version: 0,
+                onnx: onnx.clone(),
                 weights,
                 eval: Evaluation { accuracy: 0.0, loss: 0.0, examples: 0 },
             }),
-            spec,
+            configured_onnx: onnx,
+            learner,
+            node: edge.name.clone(),
             eval,
             inbox: cfg.inbox.as_ref().map(|d| base.join(d)),
             store,
@@ -189,34 +210,30 @@ impl IncrementalJob {
             }),
             attempts: Mutex::default(),
             mqtt_target,
+            backoff: Mutex::default(),
         })
     }
 
     /// What the job's model trains on: the samples the buffer must take from now on.
     pub fn trainable(&self) -> Trainable {
-        Trainable { layout: format!("f32[{}]", self.spec.input_len()), classes: self.spec.classes() as i64 }
+        Trainable { layout: format!("f32[{}]", self.learner.features()), classes: self.learner.classes() as i64 }
     }
 
     /// Picks up where the store left off: records the configured model as version 0 the first
     /// time, and makes the newest deployed version serve.
     pub fn resume(&self, services: &Services) -> anyhow::Result<()> {
         let stored = self.store.serving_version()?;
-        let (version, weights) = match &stored {
-            None => (0, lock(&self.serving).weights.clone()),
+        let (version, onnx, weights) = match &stored {
+            None => {
+                let s = lock(&self.serving);
+                (0, s.onnx.clone(), s.weights.clone())
+            }
             Some((version, onnx)) => {
-                let (spec, weights) = export::from_onnx(onnx).with_context(|| format!("model version {version}"))?;
-                if spec != self.spec {
-                    bail!(
-                        "model version {version} (in `state`) is a {spec:?}, the model of [services.{}] a {:?}: \
-                         the job cannot go on from it (start it over with another `state`, or restore the model)",
-                        self.cfg.service,
-                        self.spec
-                    );
-                }
-                (*version, weights)
+                let what = format!("model version {version} (in `state`) of [services.{}]", self.cfg.service);
+                (*version, onnx.clone(), self.learner.weights(onnx, &what)?)
             }
         };
-        let eval = train::evaluate(&self.spec, &weights, &self.eval)?;
+        let eval = self.learner.evaluate(&onnx, &weights, &self.eval)?;
         match &stored {
             None => {
                 let row = VersionRow {
@@ -238,7 +255,7 @@ impl IncrementalJob {
             }
             Some(_) => {}
         }
-        *lock(&self.serving) = Serving { version, weights, eval };
+        *lock(&self.serving) = Serving { version, onnx, weights, eval };
         tracing::info!(service = %self.cfg.service, version, accuracy = eval.accuracy, "incremental job: serving version");
         Ok(())
     }
@@ -264,7 +281,7 @@ impl IncrementalJob {
 
     fn load_new_samples(&self) -> anyhow::Result<NewSamples> {
         let samples = self.store.new_samples()?;
-        let data = to_dataset(&samples, self.spec.input_len())?;
+        let data = to_dataset(&samples, self.learner.features())?;
         Ok(NewSamples { ids: samples.into_iter().map(|s| s.0).collect(), data })
     }
 
@@ -274,6 +291,19 @@ impl IncrementalJob {
         // A file that fails for a reason of the moment (the store, the plugin) stays in the inbox
         // for the next check; the samples already here still get their round.
         let inbox_failure = self.inbox.as_ref().and_then(|inbox| self.take_inbox(inbox, replay).err());
+        {
+            let backoff = lock(&self.backoff);
+            let left = backoff.not_before.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
+            if !left.is_zero() {
+                lock(&self.activity).trigger = format!(
+                    "{} failed round(s) in a row, the next in {:.1} s; the last: {}",
+                    backoff.failed,
+                    left.as_secs_f64(),
+                    backoff.error
+                );
+                return inbox_failure.map_or(Ok(()), Err);
+            }
+        }
         let mut new = None;
         match self.trigger(&mut new)? {
             Err(waiting) => lock(&self.activity).trigger = waiting,
@@ -283,7 +313,20 @@ impl IncrementalJob {
                     Some(n) => n,
                     None => self.load_new_samples()?,
                 };
-                self.round(services, replay, new, &fired)?;
+                let done = self.round(services, replay, new, &fired);
+                let mut backoff = lock(&self.backoff);
+                match &done {
+                    Ok(()) => *backoff = Backoff::default(),
+                    Err(e) => {
+                        lock(&self.activity).failed_rounds += 1;
+                        let failed = backoff.failed.saturating_add(1);
+                        let wait = Duration::from_millis(self.cfg.check_ms.max(10))
+                            .saturating_mul(1 << failed.min(16))
+                            .min(MAX_BACKOFF);
+                        *backoff = Backoff { failed, not_before: Some(Instant::now() + wait), error: format!("{e:#}") };
+                    }
+                }
+                done?;
             }
         }
         inbox_failure.map_or(Ok(()), Err)
@@ -314,7 +357,7 @@ impl IncrementalJob {
         if let Some(drop) = t.accuracy_drop {
             let samples = new.insert(self.load_new_samples()?);
             let serving = lock(&self.serving);
-            let on_new = train::evaluate(&self.spec, &serving.weights, &samples.data)?.accuracy;
+            let on_new = self.learner.evaluate(&serving.onnx, &serving.weights, &samples.data)?.accuracy;
             let fell = serving.eval.accuracy - on_new;
             let words = format!(
                 "the serving version's accuracy on the new samples is {on_new:.4}, on the eval set {:.4}",
@@ -338,15 +381,25 @@ impl IncrementalJob {
         // The buffer took the new samples in too: those are in the round already.
         let fresh: HashSet<u64> = ids.iter().copied().collect();
         let drawn: Vec<_> = replay.draw(&ctx, count)?.into_iter().filter(|s| !fresh.contains(&s.0)).collect();
-        let replayed = to_dataset(&drawn, self.spec.input_len()).context("a sample drawn from the replay buffer")?;
+        let replayed = to_dataset(&drawn, self.learner.features()).context("a sample drawn from the replay buffer")?;
         data.x.extend_from_slice(&replayed.x);
         data.y.extend_from_slice(&replayed.y);
-        let (parent, start, serving_eval) = {
+        let (parent, start, start_onnx, serving_eval) = {
             let s = lock(&self.serving);
-            (s.version, s.weights.clone(), s.eval)
+            (s.version, s.weights.clone(), s.onnx.clone(), s.eval)
         };
-        let outcome = train::train(&self.spec, &start, &data, &self.cfg.training, seed, None, |_, _| {})?;
-        let eval = train::evaluate(&self.spec, &outcome.model, &self.eval)?;
+        let outcome = self.learner.fine_tune(&Round {
+            job: ctx.job.clone(),
+            version: next,
+            node: &self.node,
+            seed,
+            training: &self.cfg.training,
+            start: &start,
+            start_onnx: &start_onnx,
+            data: &data,
+            new_samples: ids.len() as u64,
+        })?;
+        let eval = self.learner.evaluate(&outcome.onnx, &outcome.weights, &self.eval)?;
         let measured = crate::config::trigger::Measured {
             accuracy: eval.accuracy,
             loss: eval.loss,
@@ -360,7 +413,7 @@ impl IncrementalJob {
         } else {
             checks.into_iter().map(|(_, why)| why).collect::<Vec<_>>().join("; ")
         };
-        let onnx = export::to_onnx(&self.spec, &outcome.model)?.encode_to_vec();
+        let onnx = outcome.onnx;
         // Registered and instantiated before it is recorded as deployed: a version that cannot
         // serve is never recorded as serving.
         let prepared =
@@ -380,7 +433,7 @@ impl IncrementalJob {
                 "serving_loss": serving_eval.loss,
                 "accuracy_delta": eval.accuracy - serving_eval.accuracy,
                 "loss_delta": eval.loss - serving_eval.loss,
-                "train_loss": outcome.loss,
+                "train_loss": outcome.train_loss,
                 "examples": outcome.examples,
             }),
             decision: if deploy { "deployed" } else { "kept" }.into(),
@@ -395,7 +448,7 @@ impl IncrementalJob {
         );
         if let Some(prepared) = prepared {
             services.switch(prepared);
-            *serving = Serving { version: next, weights: outcome.model, eval };
+            *serving = Serving { version: next, onnx, weights: outcome.weights, eval };
         }
         lock(&self.activity).rounds += 1;
         Ok(())

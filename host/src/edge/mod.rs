@@ -3,7 +3,7 @@
 //! job and its [`mqtt`] source, behind [`api`]) if `listen` is set, and the federated-learning
 //! [`worker`] if `data` or `[trainer]` is.
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
@@ -11,10 +11,12 @@ use crate::components::Components;
 use crate::config::EdgeConfig;
 use crate::runtime::Runtime;
 use crate::store::EdgeStore;
+use crate::trainer::ExternalTrainer;
 
 pub mod api;
 pub mod error;
 pub mod incremental;
+pub mod learner;
 pub mod mqtt;
 pub mod node;
 pub mod replay;
@@ -46,19 +48,28 @@ pub async fn run(
             "nothing to do: set `data` or [trainer] (federated learning) and/or `listen` (inference services)"
         );
     }
+    // Started now: a trainer a killed edge left behind is stopped at once.
+    let trainer = match &config.trainer {
+        Some(t) => {
+            let dir = base.join(&config.state).with_extension("trainer");
+            let trainer = ExternalTrainer::new(t.clone(), base, &dir, &config.name).context("[trainer]")?;
+            Some(Arc::new(Mutex::new(trainer)))
+        }
+        None => None,
+    };
     let api = match &config.listen {
         Some(listen) => {
             let auth = api::ApiAuth::new(config.api.as_ref())?;
             let components = Components::new(registry_cache.clone(), &config.registries)?;
             let store = Arc::new(EdgeStore::open(&base.join(&config.state))?);
-            let node = Arc::new(node::Node::load(&config, base, &runtime, &components, store).await?);
+            let node = Arc::new(node::Node::load(&config, base, &runtime, &components, store, trainer.clone()).await?);
             let (listen, limits) = (listen.clone(), config.http.clone());
             Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits).await }))
         }
         None => None,
     };
     if trains {
-        let worker = worker::Worker::new(config, base, runtime, registry_cache)?;
+        let worker = worker::Worker::new(config, base, runtime, registry_cache, trainer)?;
         return match api {
             // Whichever stops first (e.g. the API cannot bind) ends the node with its error.
             Some(task) => tokio::select! {

@@ -13,6 +13,7 @@ use crate::components::Components;
 use crate::config::EdgeConfig;
 use crate::runtime::Runtime;
 use crate::store::EdgeStore;
+use crate::trainer::SharedTrainer;
 
 pub struct Node {
     pub services: Arc<Services>,
@@ -31,6 +32,7 @@ impl Node {
         runtime: &Runtime,
         components: &Components,
         store: Arc<EdgeStore>,
+        trainer: Option<SharedTrainer>,
     ) -> anyhow::Result<Node> {
         let services = Services::load(edge, base, runtime, components, store.clone()).await?;
         let mut replay = match &edge.replay {
@@ -42,7 +44,7 @@ impl Node {
         let incremental = match &edge.incremental {
             None => None,
             Some(cfg) => {
-                let job = IncrementalJob::load(cfg, edge, base, store.clone()).context("[incremental]")?;
+                let job = IncrementalJob::load(cfg, edge, base, store.clone(), trainer).context("[incremental]")?;
                 replay
                     .as_mut()
                     .context("[incremental]: the job needs a replay buffer ([replay] in edge.toml)")?

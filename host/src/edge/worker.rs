@@ -27,7 +27,7 @@ use crate::protocol::*;
 use crate::runtime::{content_digest, CompressorPlugin, LoadedComponent, ObjectivePlugin, RoundContext, Runtime};
 use crate::store::EdgeStore;
 use crate::train::{self, Dataset};
-use crate::trainer::{ExternalTrainer, TaskInfo, TrainerError};
+use crate::trainer::{FitRequest, SharedTrainer, TaskInfo, TrainerError};
 
 /// An external trainer's metrics as the update carries them: its fit's by name, its
 /// evaluation's as `eval_<name>` (accuracy has its own field); names the cloud would refuse fail
@@ -63,12 +63,8 @@ pub struct Worker {
     runtime: Runtime,
     /// The local train and test splits, for built-in models (`data`).
     data: Option<(Dataset, Dataset)>,
-    /// The user's trainer, for external models (`[trainer]`): started at the first such task.
-    trainer: Option<ExternalTrainer>,
-    /// Where the trainer's socket, pid file and log live.
-    trainer_dir: PathBuf,
-    /// The directory of edge.toml (paths in it are relative to it).
-    base: PathBuf,
+    /// The user's trainer, for external models (`[trainer]`), shared with the incremental job.
+    trainer: Option<SharedTrainer>,
     /// The client-objective plugin of the newest task (by digest), kept across rounds; a task
     /// naming another one replaces (and drops) it.
     objective: Option<(crate::config::job::PluginRef, ObjectivePlugin)>,
@@ -101,7 +97,14 @@ fn task_failed(e: impl std::fmt::Display) -> anyhow::Error {
 struct RetryLater(String);
 
 impl Worker {
-    pub fn new(config: EdgeConfig, base: &Path, runtime: Runtime, registry_cache: PathBuf) -> anyhow::Result<Worker> {
+    /// `trainer`: the process of edge.toml's `[trainer]`, if it has one.
+    pub fn new(
+        config: EdgeConfig,
+        base: &Path,
+        runtime: Runtime,
+        registry_cache: PathBuf,
+        trainer: Option<SharedTrainer>,
+    ) -> anyhow::Result<Worker> {
         anyhow::ensure!(
             config.data.is_some() || config.trainer.is_some(),
             "neither `data` nor [trainer] is set: this edge takes no training tasks"
@@ -115,12 +118,6 @@ impl Worker {
         };
         let state = base.join(&config.state);
         let store = EdgeStore::open(&state)?;
-        let trainer_dir = state.with_extension("trainer");
-        // Started now: a trainer a killed edge left behind is stopped at once.
-        let trainer = match &config.trainer {
-            Some(t) => Some(ExternalTrainer::new(t.clone(), base, &trainer_dir, &config.name)?),
-            None => None,
-        };
         let cloud = CloudClient::new(&config.cloud, &config.token, Duration::from_secs(60))?;
         let components = Components::new(registry_cache, &config.registries)?;
         Ok(Worker {
@@ -130,8 +127,6 @@ impl Worker {
             runtime,
             data,
             trainer,
-            trainer_dir,
-            base: base.to_path_buf(),
             objective: None,
             compressor: None,
             components,
@@ -438,18 +433,12 @@ impl Worker {
         objective: Option<ObjectivePlugin>,
         cancelled: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<(Option<ObjectivePlugin>, Trained)>> {
-        let mut trainer = match self.trainer.take() {
-            Some(t) => t,
-            None => {
-                let config = self.config.trainer.clone().ok_or_else(|| {
-                    task_failed(format!(
-                        "the job's model is external and {} has no [trainer] in its edge.toml",
-                        self.config.name
-                    ))
-                })?;
-                ExternalTrainer::new(config, &self.base, &self.trainer_dir, &self.config.name).map_err(task_failed)?
-            }
-        };
+        let trainer = self.trainer.clone().ok_or_else(|| {
+            task_failed(format!(
+                "the job's model is external and {} has no [trainer] in its edge.toml",
+                self.config.name
+            ))
+        })?;
         let info = TaskInfo {
             job: task.job.clone(),
             round: task.round,
@@ -461,14 +450,19 @@ impl Worker {
             optimizer: task.training.optimizer,
             server_config: serde_json::to_value(&task.server_config)?,
         };
-        let joined = tokio::task::spawn_blocking(move || {
+        let (objective, outcome) = tokio::task::spawn_blocking(move || {
             let mut objective = objective;
-            let out = trainer.fit(&info, &global, &global_bytes, true, objective.as_mut(), &cancelled);
-            (trainer, objective, out)
+            let request = FitRequest {
+                task: &info,
+                global: &global,
+                global_bytes: &global_bytes,
+                evaluate_first: true,
+                samples: None,
+            };
+            let out = crate::lock(&trainer).fit(&request, objective.as_mut(), &cancelled);
+            (objective, out)
         })
         .await?;
-        let (trainer, objective, outcome) = joined;
-        self.trainer = Some(trainer);
         let outcome = match outcome {
             Ok(o) => o,
             Err(TrainerError::Cancelled) => return Ok(None),

@@ -80,10 +80,13 @@ fn check_features(origin: &str, dims: &[u64], data: &Dataset) -> Result<(), Comp
     Ok(())
 }
 
-/// Accuracy of a classifier (argmax of its first output) on labelled data, run by ONNX Runtime.
+/// How a classifier does on labelled data, run by ONNX Runtime: the accuracy of the argmax of
+/// its first output, and the mean cross-entropy of that output's softmax (the output taken as
+/// class scores, logits).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Accuracy {
     pub accuracy: f64,
+    pub loss: f64,
     pub examples: usize,
 }
 
@@ -91,7 +94,7 @@ pub fn evaluate(onnx: &[u8], data: &Dataset, origin: &str) -> Result<Accuracy, C
     let (name, dims) = example_input(onnx)?;
     check_features(origin, &dims, data)?;
     let model = NativeModel::new(onnx)?;
-    let mut correct = 0;
+    let (mut correct, mut loss) = (0, 0.0);
     let step = 256;
     for start in (0..data.len()).step_by(step) {
         let end = (start + step).min(data.len());
@@ -100,13 +103,20 @@ pub fn evaluate(onnx: &[u8], data: &Dataset, origin: &str) -> Result<Accuracy, C
         let values = wire::f32_values(first).map_err(|e| CompressError::Model(e.to_string()))?;
         let classes = values.len() / (end - start).max(1);
         for (i, row) in values.chunks(classes.max(1)).enumerate() {
+            let label = data.y[start + i] as usize;
             let predicted = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c);
-            if predicted as u32 == data.y[start + i] {
-                correct += 1;
-            }
+            correct += usize::from(predicted == label);
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let log_sum = top + row.iter().map(|&v| (v as f64 - top).exp()).sum::<f64>().ln();
+            let score = row.get(label).copied().ok_or_else(|| CompressError::Data {
+                origin: origin.into(),
+                message: format!("label {label} of example {}: the model gives {classes} classes", start + i),
+            })?;
+            loss += log_sum - score as f64;
         }
     }
-    Ok(Accuracy { accuracy: correct as f64 / data.len().max(1) as f64, examples: data.len() })
+    let n = data.len().max(1) as f64;
+    Ok(Accuracy { accuracy: correct as f64 / n, loss: loss / n, examples: data.len() })
 }
 
 /// The first `count` examples of `data`, one calibration sample each (batch of 1).

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod compress;
 pub mod export;
+pub mod initializers;
 pub mod native;
 pub mod profile;
 pub mod wire;

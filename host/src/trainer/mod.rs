@@ -24,8 +24,8 @@ use crate::model_io::{self, NamedTensors};
 use crate::runtime::{ObjectivePlugin, PluginError};
 use crate::tensor::Tensor;
 use process::TrainerProcess;
-pub use wire::TaskInfo;
 use wire::{EvaluateResult, FromTrainer, ToTrainer};
+pub use wire::{SampleCounts, TaskInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
@@ -78,25 +78,38 @@ pub struct ExternalTrainer {
     process: TrainerProcess,
 }
 
+/// One trainer shared by the edge's federated-learning worker and its incremental job: it does
+/// one task at a time.
+pub type SharedTrainer = std::sync::Arc<std::sync::Mutex<ExternalTrainer>>;
+
+/// A fit's inputs: the task, the model to start from and, for an incremental round, the samples
+/// to train on.
+pub struct FitRequest<'a> {
+    pub task: &'a TaskInfo,
+    pub global: &'a NamedTensors,
+    /// `global` encoded as safetensors (what the trainer receives).
+    pub global_bytes: &'a [u8],
+    /// Evaluate `global` before training (on the trainer's own test data).
+    pub evaluate_first: bool,
+    /// Safetensors `x` and `y` ([`ToTrainer::Samples`]) and their counts.
+    pub samples: Option<(&'a [u8], SampleCounts)>,
+}
+
 impl ExternalTrainer {
     /// `dir`: where the socket, the pid file and the trainer's log live.
     pub fn new(config: TrainerConfig, base: &Path, dir: &Path, node: &str) -> Result<ExternalTrainer, TrainerError> {
         Ok(ExternalTrainer { process: TrainerProcess::new(config, base, dir, node)? })
     }
 
-    /// Trains `global` (encoded as `global_bytes`) for `task`; with `evaluate_first`, the
-    /// trainer evaluates it before. A trainer that fails is stopped, except one that reported
-    /// its own error cleanly (it waits for the next task).
+    /// Has the trainer train `request.global`. A trainer that fails is stopped, except one that
+    /// reported its own error cleanly (it waits for the next task).
     pub fn fit(
         &mut self,
-        task: &TaskInfo,
-        global: &NamedTensors,
-        global_bytes: &[u8],
-        evaluate_first: bool,
+        request: &FitRequest,
         objective: Option<&mut ObjectivePlugin>,
         cancel: &AtomicBool,
     ) -> Result<FitOutcome, TrainerError> {
-        let out = self.fit_inner(task, global, global_bytes, evaluate_first, objective, cancel);
+        let out = self.fit_inner(request, objective, cancel);
         self.stop_unless_clean(&out);
         out
     }
@@ -111,19 +124,22 @@ impl ExternalTrainer {
 
     fn fit_inner(
         &mut self,
-        task: &TaskInfo,
-        global: &NamedTensors,
-        global_bytes: &[u8],
-        evaluate_first: bool,
+        request: &FitRequest,
         mut objective: Option<&mut ObjectivePlugin>,
         cancel: &AtomicBool,
     ) -> Result<FitOutcome, TrainerError> {
+        let &FitRequest { task, global, global_bytes, evaluate_first, samples } = request;
         let deadline = Instant::now() + self.process.task_timeout();
         // Weights, or parameters and gradients, of this model: room for twice its tensors.
         let max_payload = 2 * global_bytes.len() as u64 + (1 << 20);
         let log = self.process.log().to_path_buf();
         let running = self.process.connect(cancel)?;
-        running.send(&ToTrainer::Fit { task, evaluate_first, objective: objective.is_some() }, global_bytes)?;
+        let fit =
+            ToTrainer::Fit { task, evaluate_first, objective: objective.is_some(), samples: samples.map(|s| s.1) };
+        running.send(&fit, global_bytes)?;
+        if let Some((bytes, _)) = samples {
+            running.send(&ToTrainer::Samples, bytes)?;
+        }
         loop {
             let (message, payload) = running.receive::<FromTrainer>(deadline, cancel, max_payload, &log)?;
             match message {

@@ -154,6 +154,10 @@ impl TrainerProcess {
                 }
                 let name: String = name.unwrap_or_default().chars().take(64).collect();
                 tracing::info!(node = %self.node, trainer = ?name, "trainer connected");
+                // A trainer that stops reading cannot hold a task's send past the task's limit.
+                if let Err(e) = running.stream.set_write_timeout(Some(self.task_timeout())) {
+                    return Err(self.fail(running.child, TrainerError::Start(format!("the socket: {e}"))));
+                }
             }
             Ok((other, _)) => {
                 return Err(self.fail(

@@ -29,14 +29,27 @@ pub struct TaskInfo {
     pub server_config: serde_json::Value,
 }
 
+/// How many examples the `samples` frame holds: `new` arrived since the last round,
+/// `replayed` were drawn from the replay buffer (`examples` = both).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct SampleCounts {
+    pub examples: u64,
+    pub new: u64,
+    pub replayed: u64,
+}
+
 /// From the edge to the trainer.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToTrainer<'a> {
     /// Train the model in the payload. `evaluate_first`: evaluate it before training and send
     /// the evaluation with the result. `objective`: the job has a client objective; send each
-    /// step's gradients (`adjust_gradients`) and use the adjusted ones.
-    Fit { task: &'a TaskInfo, evaluate_first: bool, objective: bool },
+    /// step's gradients (`adjust_gradients`) and use the adjusted ones. `samples`: train on the
+    /// samples of the `samples` frame that follows (an incremental round), not on local data.
+    Fit { task: &'a TaskInfo, evaluate_first: bool, objective: bool, samples: Option<SampleCounts> },
+    /// Right after a `fit` that announced samples: the payload holds `x` (float32, one row per
+    /// example in the model's input shape) and `y` (int64 class labels).
+    Samples,
     /// The adjusted gradients (payload), answering `adjust_gradients`.
     Gradients,
 }

@@ -4,7 +4,7 @@ A nereid edge whose ``edge.toml`` has ``[trainer] command = [...]`` starts that 
 it each round's task over a local socket. With this package the program is a :class:`Trainer`
 subclass and a call to :func:`run`. Weights travel as safetensors, metadata as JSON.
 """
-from .core import Arrays, Config, Metrics, Objective, Trainer, run, PROTOCOL
+from .core import Arrays, Config, Metrics, Objective, Samples, Trainer, run, PROTOCOL
 from .errors import EdgeGone, ProtocolError, TaskError, TrainerError
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Objective",
     "PROTOCOL",
     "ProtocolError",
+    "Samples",
     "TaskError",
     "Trainer",
     "TrainerError",

@@ -49,6 +49,20 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class Samples:
+    """The examples an incremental round trains on, handed over by the edge: the samples that
+    arrived since the last round plus a draw from its replay buffer."""
+
+    #: float32, one row per example in the model's input shape (``[n, *example_shape]``).
+    x: np.ndarray
+    #: int64 class labels, ``[n]``.
+    y: np.ndarray
+    #: How many of them are new (the rest were drawn from the replay buffer).
+    new: int
+    replayed: int
+
+
+@dataclass(frozen=True)
 class Config:
     """What a task asks: the job's ``[training]`` settings for this node and the round's seed."""
 
@@ -64,6 +78,9 @@ class Config:
     server_config: Dict[str, Any] = field(default_factory=dict)
     #: The job's client objective, or None.
     objective: Optional[Objective] = None
+    #: For an incremental round (edge.toml ``[incremental] learner = "trainer"``): the examples
+    #: to train on instead of local data. None in federated rounds.
+    samples: Optional[Samples] = None
 
 
 class Trainer:
@@ -78,7 +95,8 @@ class Trainer:
         model) and returns the trained parameters (the same names, shapes and dtype), the number
         of training examples (the update's weight in the aggregate) and metrics (``loss`` is
         shown as the node's training loss). Seed everything from ``config.seed``: a task run
-        again after a crash must give the same update."""
+        again after a crash must give the same update. When ``config.samples`` is set (an
+        incremental round), train on those examples."""
         raise NotImplementedError
 
     def evaluate(self, parameters: Arrays, config: Config) -> Tuple[float, int, Metrics]:
@@ -87,7 +105,7 @@ class Trainer:
         raise NotImplementedError
 
 
-def _config(task: dict, objective: Optional[Objective]) -> Config:
+def _config(task: dict, objective: Optional[Objective], samples: Optional[Samples]) -> Config:
     return Config(
         job=task["job"],
         round=task["round"],
@@ -99,6 +117,7 @@ def _config(task: dict, objective: Optional[Objective]) -> Config:
         optimizer=task["optimizer"],
         server_config=task.get("server_config") or {},
         objective=objective,
+        samples=samples,
     )
 
 
@@ -117,12 +136,24 @@ def _evaluation(result: Tuple[float, int, Mapping[str, Any]]) -> dict:
     return {"loss": float(loss), "num_examples": int(n), "metrics": _metrics("evaluate metrics", metrics)}
 
 
+def _samples(sock: socket.socket, counts: dict) -> Samples:
+    message, payload = _wire.read_frame(sock)
+    if message.get("type") != "samples":
+        raise ProtocolError(f"the edge sent {message.get('type')!r} where the samples were due")
+    tensors = _load(payload)
+    x, y = tensors.get("x"), tensors.get("y")
+    if x is None or y is None or len(x) != len(y) or len(y) != counts["examples"]:
+        raise ProtocolError("the samples frame does not hold x and y of the announced size")
+    return Samples(x=x, y=y, new=int(counts["new"]), replayed=int(counts["replayed"]))
+
+
 def _handle(trainer: Trainer, sock: socket.socket, message: dict, payload: bytes) -> None:
     kind = message.get("type")
     parameters = dict(_load(payload))
     if kind == "fit":
         objective = Objective(sock) if message.get("objective") else None
-        config = _config(message["task"], objective)
+        samples = _samples(sock, message["samples"]) if message.get("samples") else None
+        config = _config(message["task"], objective, samples)
         evaluation = _evaluation(trainer.evaluate(parameters, config)) if message.get("evaluate_first") else None
         trained, n, metrics = trainer.fit(parameters, config)
         body = {

@@ -18,7 +18,7 @@ use super::median;
 use nereid::config::edge::TrainerConfig;
 use nereid::model_io::{self, NamedTensors};
 use nereid::tensor::Tensor;
-use nereid::trainer::{ExternalTrainer, TaskInfo};
+use nereid::trainer::{ExternalTrainer, FitRequest, TaskInfo};
 
 const SCRIPT: &str = include_str!("trainer_bench.py");
 
@@ -123,7 +123,9 @@ fn fits(t: &mut ExternalTrainer, global: &NamedTensors, repeat: usize) -> anyhow
     let mut out = Vec::new();
     for round in 0..=repeat {
         let start = Instant::now();
-        let fit = t.fit(&task(round as u32 + 1), global, &bytes, false, None, &never)?;
+        let task = task(round as u32 + 1);
+        let request = FitRequest { task: &task, global, global_bytes: &bytes, evaluate_first: false, samples: None };
+        let fit = t.fit(&request, None, &never)?;
         let wall = start.elapsed().as_secs_f64();
         let own = fit.metrics.get("fit_seconds").copied().context("the bench trainer reports fit_seconds")?;
         if round > 0 {
