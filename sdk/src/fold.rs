@@ -48,9 +48,14 @@ impl WeightedMean {
             layout.check(&update.model)?;
         }
         if let Some(kind) = self.kind.filter(|k| *k != update.kind) {
+            let word = |k: UpdateKind| match k {
+                UpdateKind::Weights => "weights",
+                UpdateKind::Delta => "delta",
+            };
             return Err(PluginError::rejected(format!(
-                "the update is a {:?} but earlier updates of this round were {kind:?}",
-                update.kind
+                "the update is a {} but earlier updates of this round were {}",
+                word(update.kind),
+                word(kind)
             )));
         }
         if update.kind == UpdateKind::Delta && self.global.is_none() {

@@ -13,6 +13,7 @@ mod incremental;
 mod inference;
 mod nn;
 mod oci;
+mod python_plugins;
 mod pytorch;
 mod replay;
 mod router;

@@ -349,5 +349,75 @@ fn plugins() -> Result<(), String> {
     for p in &packages {
         args.extend(["-p", p.as_str()]);
     }
-    cargo(&args)
+    cargo(&args)?;
+    python_plugins()
+}
+
+/// componentize-py, from PyPI, into target/py-plugin.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// Python plugins: each `plugins/<name>/` (and `tests/fixtures/<name>/`) with an `app.py` and a `plugin.toml` naming its WIT
+/// world (`world = "aggregator-plugin"`) becomes `nereid_<name>.wasm` beside the Rust plugins,
+/// built by componentize-py with `sdk/python` (again only when a source is newer).
+fn python_plugins() -> Result<(), String> {
+    let mut dirs: Vec<PathBuf> = ["plugins", "tests/fixtures"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root().join(d)).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.join("app.py").is_file() && p.join("plugin.toml").is_file())
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let python = venv("target/py-plugin")?;
+    let componentize = python.with_file_name("componentize-py");
+    let version = Command::new(&componentize).arg("--version").output();
+    if !version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "componentize-py 0.25.1") {
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", COMPONENTIZE_PY]))?;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let out_dir = target.join("wasm32-wasip2/plugin");
+    let sdk = root().join("sdk/python");
+    let newest = |dir: &Path| -> std::time::SystemTime {
+        let mut newest = std::time::UNIX_EPOCH;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                    newest = newest.max(m);
+                }
+            }
+        }
+        newest
+    };
+    let wit = root().join("wit");
+    for dir in dirs {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let manifest = std::fs::read_to_string(dir.join("plugin.toml")).map_err(|e| format!("{name}: {e}"))?;
+        let world = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("world = ").map(|v| v.trim_matches('"').to_string()))
+            .ok_or_else(|| format!("plugins/{name}/plugin.toml: no `world = \"...\"`"))?;
+        let out = out_dir.join(format!("nereid_{}.wasm", name.replace('-', "_")));
+        let built = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
+        let sources = newest(&dir).max(newest(&sdk)).max(newest(&wit));
+        if built.is_some_and(|b| b >= sources) {
+            continue;
+        }
+        std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        run(Command::new(&componentize)
+            .arg("-d")
+            .arg(&wit)
+            .args(["-w", &world, "componentize", "-p"])
+            .arg(&dir)
+            .arg("-p")
+            .arg(&sdk)
+            .args(["app", "-o"])
+            .arg(&out))?;
+    }
+    Ok(())
 }

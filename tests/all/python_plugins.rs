@@ -1,0 +1,166 @@
+//! Plugins written in Python (componentize-py, `sdk/python`): the Python FedAvg gives the Rust
+//! FedAvg's result and refuses what it refuses, with the same words.
+use nereid::runtime::{PluginError, RoundContext, UpdateKind};
+use nereid::tensor::Tensor;
+
+use crate::common::*;
+
+fn ctx(round: u32) -> RoundContext {
+    RoundContext { job: "python".into(), round, seed: 0 }
+}
+
+/// Deterministic values of very different magnitudes.
+fn values(n: usize, k: usize) -> Vec<f32> {
+    (0..n).map(|i| (((i * 31 + k * 17) % 997) as f32 - 498.0) * 1e-3 * (1.0 + k as f32 * 100.0)).collect()
+}
+
+#[test]
+fn a_python_fedavg_gives_the_rust_fedavgs_result() {
+    let (rt, _cache) = runtime();
+    let mut python = aggregator(&rt, "fedavg-py", &[]);
+    let mut rust = aggregator(&rt, "fedavg", &[]);
+    let counts = [3u64, 700, 41, 9999, 1];
+    let updates: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            let f64s_k: Vec<f64> = values(30, k + 7).iter().map(|&v| v as f64 * 1e5).collect();
+            update(
+                &format!("node-{k}"),
+                n,
+                model(&[
+                    ("conv.weight", f32s(&[16, 1, 3, 3], &values(144, k))),
+                    ("dense.weight", f32s(&[100, 300], &values(30_000, k + 1))),
+                    ("dense.bias", f32s(&[100], &values(100, k + 2))),
+                    ("stats", f64s(&[30], &f64s_k)),
+                ]),
+            )
+        })
+        .collect();
+    let mut results = Vec::new();
+    for agg in [&mut python, &mut rust] {
+        agg.begin_round(&ctx(1), None).expect("begin");
+        for u in &updates {
+            agg.accumulate(u).expect("accumulate");
+        }
+        results.push(agg.finish().expect("finish"));
+    }
+    let (py, rs) = (&results[0], &results[1]);
+    let mut worst = 0f64;
+    for (name, t) in &rs.tensors {
+        let p = get(&py.tensors, name);
+        assert_eq!((p.dtype(), p.shape()), (t.dtype(), t.shape()), "{name}");
+        let (a, b): (Vec<f64>, Vec<f64>) = match (p.as_f32(), t.as_f32()) {
+            (Some(a), Some(b)) => (a.iter().map(|&v| v as f64).collect(), b.iter().map(|&v| v as f64).collect()),
+            _ => (p.as_f64().expect("f64").to_vec(), t.as_f64().expect("f64").to_vec()),
+        };
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max((x - y).abs() / y.abs().max(1.0));
+        }
+    }
+    println!("python vs rust fedavg: largest difference {worst:e}");
+    assert!(worst <= 1e-6, "{worst}");
+    assert_eq!(py.metrics, rs.metrics, "accepted_updates and total_weight");
+
+    // Deltas over a global model, in a second round.
+    let global = model(&[("w", f32s(&[3], &[10.0, 20.0, -5.0]))]);
+    let mut outs = Vec::new();
+    for agg in [&mut python, &mut rust] {
+        agg.begin_round(&ctx(2), Some(&global)).expect("begin");
+        for (k, n) in [(0, 1u64), (1, 3)] {
+            let mut d = update(&format!("d{k}"), n, model(&[("w", f32s(&[3], &values(3, k)))]));
+            d.kind = UpdateKind::Delta;
+            agg.accumulate(&d).expect("delta");
+        }
+        outs.push(get(&agg.finish().expect("finish").tensors, "w").clone());
+    }
+    assert_eq!(outs[0], outs[1]);
+}
+
+#[test]
+fn a_python_fedavg_refuses_what_the_rust_one_refuses_in_the_same_words() {
+    let (rt, _cache) = runtime();
+    let good = |v: f32| model(&[("w", f32s(&[2], &[v, v])), ("b", f32s(&[1], &[v]))]);
+    let mut delta = update("delta", 1, good(1.0));
+    delta.kind = UpdateKind::Delta;
+    let cases: Vec<nereid::runtime::ClientUpdate> = vec![
+        update("missing", 1, model(&[("w", f32s(&[2], &[1.0, 1.0]))])),
+        update(
+            "extra",
+            1,
+            model(&[("w", f32s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0])), ("x", f32s(&[1], &[1.0]))]),
+        ),
+        update("shape", 1, model(&[("w", f32s(&[3], &[1.0, 1.0, 1.0])), ("b", f32s(&[1], &[1.0]))])),
+        update("dtype", 1, model(&[("w", f64s(&[2], &[1.0, 1.0])), ("b", f32s(&[1], &[1.0]))])),
+        update("nan", 1, model(&[("w", f32s(&[2], &[1.0, f32::NAN])), ("b", f32s(&[1], &[1.0]))])),
+        update("zero", 0, good(5.0)),
+        delta,
+    ];
+    let mut words: Vec<Vec<String>> = Vec::new();
+    let mut finals: Vec<Tensor> = Vec::new();
+    for name in ["fedavg-py", "fedavg"] {
+        let mut agg = aggregator(&rt, name, &[]);
+        agg.begin_round(&ctx(1), None).expect("begin");
+        agg.accumulate(&update("first", 1, good(1.0))).expect("first");
+        let mut said = Vec::new();
+        for case in &cases {
+            match agg.accumulate(case).expect_err(&case.client) {
+                PluginError::Rejected { plugin, subject, message } => {
+                    assert_eq!(plugin, name);
+                    assert_eq!(subject, format!("update `{}`", case.client));
+                    said.push(message);
+                }
+                other => panic!("{name} {}: expected a rejection, got {other}", case.client),
+            }
+        }
+        agg.accumulate(&update("last", 3, good(3.0))).expect("last");
+        finals.push(get(&agg.finish().expect("finish").tensors, "w").clone());
+        words.push(said);
+    }
+    assert_eq!(words[0], words[1], "the same refusals in the same words");
+    assert_eq!(finals[0], finals[1]);
+    assert_eq!(finals[0].as_f32(), Some(&[2.5, 2.5][..]), "the refused updates left the fold as it was");
+}
+
+fn misbehave(
+    rt: &nereid::runtime::Runtime,
+    mode: &str,
+    limits: nereid::runtime::Limits,
+) -> nereid::runtime::AggregatorPlugin {
+    let cfg = config(&[("mode", toml::Value::String(mode.into())), ("trigger", toml::Value::String("bad".into()))]);
+    nereid::runtime::AggregatorPlugin::load(rt, &plugin("misbehave-py"), limits, &cfg).expect("loads")
+}
+
+fn small(v: f32) -> nereid::model_io::NamedTensors {
+    model(&[("w", f32s(&[2], &[v, v]))])
+}
+
+/// The call limit stops a Python loop; the memory limit a Python allocation without bound; the
+/// next call runs on a fresh instance and the fold goes on.
+#[test]
+fn a_python_plugin_that_loops_or_hogs_memory_is_stopped_and_the_host_goes_on() {
+    use nereid::runtime::Limits;
+    use std::time::{Duration, Instant};
+    let (rt, _cache) = runtime();
+    let cases = [
+        ("spin", Limits { call_timeout: Duration::from_millis(500), ..Limits::default() }),
+        ("hog", Limits { memory_bytes: 128 << 20, ..Limits::default() }),
+    ];
+    for (mode, limits) in cases {
+        let mut p = misbehave(&rt, mode, limits);
+        p.begin_round(&ctx(1), None).expect("begin");
+        p.accumulate(&update("ok", 1, small(1.0))).expect("ok");
+        let started = Instant::now();
+        let err = p.accumulate(&update("bad", 1, small(2.0))).expect_err(mode);
+        println!("{mode}: stopped after {:?}: {err}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(30), "{mode}: stopped near its limit");
+        match mode {
+            "spin" => assert!(matches!(&err, PluginError::Timeout { call: "accumulate", .. }), "{err}"),
+            _ => assert!(matches!(&err, PluginError::OutOfMemory { call: "accumulate", .. }), "{err}"),
+        }
+        assert!(err.instance_lost(), "{mode}: {err}");
+        p.begin_round(&ctx(2), None).expect("a fresh instance");
+        p.accumulate(&update("ok", 2, small(4.0))).expect("works again");
+        assert_eq!(get(&p.finish().expect("finish").tensors, "w").as_f32(), Some(&[4.0f32, 4.0][..]));
+    }
+}
