@@ -12,9 +12,9 @@ use crate::cluster::*;
 use crate::common::*;
 
 /// A registry process started by the test, killed when dropped.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    host: String,
+    pub(crate) host: String,
     dir: tempfile::TempDir,
     /// Where the registry keeps blobs: `<root>/<hex>` gives a blob's file.
     blob_file: fn(&Path, &str) -> PathBuf,
@@ -47,7 +47,7 @@ fn wait_for_registry(host: &str, child: &mut Child, log: &Path) {
 }
 
 /// `nereid registry serve`, with `users` (a users.toml body) if given.
-fn embedded(users: Option<&str>, anonymous_pull: bool) -> Registry {
+pub(crate) fn embedded(users: Option<&str>, anonymous_pull: bool) -> Registry {
     let dir = tempfile::tempdir().expect("tmp");
     let host = format!("127.0.0.1:{}", free_port());
     let log = dir.path().join("registry.log");
@@ -112,7 +112,7 @@ fn distribution(user: Option<(&str, &str)>) -> Registry {
 }
 
 /// `nereid <args>` with its own cache directory and extra environment.
-fn nereid(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn nereid(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nereid"));
     cmd.args(args)
         .env("NEREID_CACHE_DIR", cache)
@@ -124,7 +124,7 @@ fn nereid(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run nereid")
 }
 
-fn ok_json(out: Output) -> Value {
+pub(crate) fn ok_json(out: Output) -> Value {
     assert!(out.status.success(), "nereid failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("json output")
 }
@@ -555,7 +555,7 @@ fn the_embedded_registry_speaks_the_distribution_spec_like_the_reference() {
     spec_checks(&embedded(None, false), true);
 }
 
-fn swap_job(name: &str, aggregator: &str, follow_tag: bool, objective: Option<(&str, f64)>) -> String {
+pub(crate) fn swap_job(name: &str, aggregator: &str, follow_tag: bool, objective: Option<(&str, f64)>) -> String {
     let objective = objective
         .map(|(r, mu)| format!("\n[client_objective]\nplugin = \"{r}\"\n[client_objective.config]\nmu = {mu}\n"))
         .unwrap_or_default();
@@ -567,19 +567,19 @@ fn swap_job(name: &str, aggregator: &str, follow_tag: bool, objective: Option<(&
 }
 
 /// The labels (pinned aggregator references) of the rounds closed so far.
-fn aggregators(s: &nereid::protocol::JobStatus) -> Vec<String> {
+pub(crate) fn aggregators(s: &nereid::protocol::JobStatus) -> Vec<String> {
     s.history.iter().map(|h| h.aggregator.clone()).collect()
 }
 
 /// Waits for `more` rounds folded by `label` after the ones there are now.
-fn wait_rounds_by(c: &Cluster, job: &str, label: &str, more: usize) -> nereid::protocol::JobStatus {
+pub(crate) fn wait_rounds_by(c: &Cluster, job: &str, label: &str, more: usize) -> nereid::protocol::JobStatus {
     let before = aggregators(&c.status(job)).iter().filter(|l| *l == label).count();
     c.wait_until(job, &format!("{more} more rounds by {label}"), |s| {
         aggregators(s).iter().filter(|l| *l == label).count() >= before + more
     })
 }
 
-fn push(cache: &Path, component: &Path, reference: &str) -> String {
+pub(crate) fn push(cache: &Path, component: &Path, reference: &str) -> String {
     let pushed = ok_json(nereid(cache, &["push", component.to_str().expect("utf-8"), reference, "--json"], &[]));
     pushed["reference"].as_str().expect("pinned reference").to_string()
 }

@@ -164,3 +164,70 @@ fn a_python_plugin_that_loops_or_hogs_memory_is_stopped_and_the_host_goes_on() {
         assert_eq!(get(&p.finish().expect("finish").tensors, "w").as_f32(), Some(&[4.0f32, 4.0][..]));
     }
 }
+
+/// The Python FedProx's client objective trains the digits MLP exactly as the Rust one does
+/// (the same host operations on the same tensors), and mu > 0 changes training: it stays closer
+/// to the global model.
+#[test]
+fn a_python_fedprox_changes_training_as_the_rust_one_does() {
+    use nereid::runtime::bindings::types::{ConfigEntry, ConfigValue};
+    use nereid::runtime::{Limits, ObjectivePlugin};
+    use nereid::train::{self, Dataset, ModelSpec, OptimizerKind, TrainParams};
+    let (rt, _cache) = runtime();
+    let (data, _) = Dataset::digits().holdout(0.5, 1);
+    let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![16], classes: 10 };
+    let global = spec.init(3);
+    let params = TrainParams { epochs: 2, batch_size: 32, learning_rate: 0.1, optimizer: OptimizerKind::Sgd };
+    let distance = |m: &nereid::model_io::NamedTensors| -> f64 {
+        m.iter()
+            .zip(&global)
+            .map(|((_, a), (_, b))| {
+                let (a, b) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
+                a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let run = |name: &str, mu: f64| {
+        let mut obj = ObjectivePlugin::load(&rt, &plugin(name), Limits::default(), &config(&[])).expect("loads");
+        let published = [ConfigEntry { key: "mu".into(), value: ConfigValue::Float(mu) }];
+        obj.begin_round(&ctx(1), &global, &published).expect("begin");
+        train::train(&spec, &global, &data, &params, 7, Some(&mut obj), |_, _| {}).expect("trains")
+    };
+    let plain = train::train(&spec, &global, &data, &params, 7, None, |_, _| {}).expect("trains");
+    let (py, rs) = (run("fedprox-py", 0.5), run("fedprox", 0.5));
+    assert_eq!(py.model, rs.model, "the same training, step by step");
+    assert_eq!(py.penalty, rs.penalty);
+    assert_eq!(run("fedprox-py", 0.0).model, plain.model, "mu = 0 trains as without an objective");
+    let (d_plain, d_prox) = (distance(&plain.model), distance(&py.model));
+    println!("distance to the global model: without the objective {d_plain:.4}, with mu = 0.5 {d_prox:.4}");
+    assert!(d_prox < d_plain * 0.9, "{d_prox} vs {d_plain}");
+}
+
+/// A Python aggregator pushed to the embedded registry replaces the Rust FedAvg in a running
+/// job at a round boundary; the job goes on with it.
+#[test]
+fn a_python_aggregator_from_the_registry_is_swapped_into_a_running_job() {
+    use crate::cluster::Cluster;
+    use crate::oci::{aggregators, embedded, push, swap_job, wait_rounds_by};
+    let reg = embedded(None, false);
+    let h = reg.host.clone();
+    let c = Cluster::running(2);
+    let cache = c.path("cache");
+    let rust = push(&cache, &plugin("fedavg"), &format!("oci://{h}/ns/agg:rust"));
+    let python = push(&cache, &plugin("fedavg-py"), &format!("oci://{h}/ns/agg:python"));
+    c.apply("py-swap", &swap_job("py-swap", &format!("oci://{h}/ns/agg:rust"), false, None));
+    c.wait_until("py-swap", "two rounds", |s| s.rounds_done >= 2);
+    let path = c.path("py-swap.toml");
+    std::fs::write(&path, swap_job("py-swap", &format!("oci://{h}/ns/agg:python"), false, None)).expect("job");
+    let out = c.nereid(&["job", "apply", path.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = wait_rounds_by(&c, "py-swap", &python, 3);
+    let labels = aggregators(&s);
+    let first = labels.iter().position(|l| *l == python).expect("a round by the Python plugin");
+    assert!(first >= 2 && labels[..first].iter().all(|l| *l == rust), "{labels:?}");
+    assert!(labels[first..].iter().all(|l| *l == python), "{labels:?}");
+    assert!(s.history.iter().all(|h| h.participants.len() == 2), "every round folded both nodes: {s:?}");
+    let out = c.nereid(&["job", "stop", "py-swap"]);
+    assert!(out.status.success());
+}

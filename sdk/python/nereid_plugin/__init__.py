@@ -15,6 +15,10 @@ from wit_world.imports import model, tensors, types
 
 __all__ = [
     "Aggregate",
+    "DTYPE_F32",
+    "DTYPE_F64",
+    "call",
+    "config_entry",
     "Layout",
     "WeightedMean",
     "bad_state",
@@ -57,12 +61,18 @@ def internal(message: str) -> Err:
     return Err(types.PluginError_Internal(message))
 
 
-def _tensor(call, *args):
-    """Runs a host tensor operation; its error becomes the plugin's (internal) error."""
+def call(operation, *args):
+    """Runs a host tensor operation (e.g. ``call(t.axpy, 0.5, x)``); its error becomes the
+    plugin's (internal) error, which the host reports naming the plugin."""
     try:
-        return call(*args)
+        return operation(*args)
     except Err as e:
         raise internal(f"tensor operation: {e.value}")
+
+
+_tensor = call
+DTYPE_F32 = types.Dtype.F32
+DTYPE_F64 = types.Dtype.F64
 
 
 # Describing and configuring.
@@ -98,6 +108,11 @@ def config_dict(config: List[types.ConfigEntry]) -> Dict[str, object]:
 
 def metric(name: str, value: float) -> types.Metric:
     return types.Metric(name=name, value=float(value))
+
+
+def config_entry(key: str, value) -> types.ConfigEntry:
+    """One entry of a config the plugin returns (e.g. an aggregator's `client_config`)."""
+    return types.ConfigEntry(key=key, value=_value(value))
 
 
 def Aggregate(tensors_: List[model.NamedTensor], metrics: Sequence[types.Metric] = ()):
