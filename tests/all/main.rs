@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod common;
 mod compress;
+mod contract;
 mod external;
 mod fedavg;
 mod federated;

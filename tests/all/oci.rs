@@ -134,7 +134,7 @@ fn failure(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn wkg() -> PathBuf {
+pub(crate) fn wkg() -> PathBuf {
     let candidates = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("wkg")).collect::<Vec<_>>())
         .unwrap_or_default()

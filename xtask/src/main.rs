@@ -12,6 +12,7 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
             `onnxruntime` PyPI wheel (into target/onnxruntime/) and OpenVINO's runtime from the
             `openvino` wheel (into target/openvino/)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
+            (Rust ones with cargo, Python ones with componentize-py from PyPI in target/py-plugin)
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
             mosquitto-clients, `cargo install wkg`, the `onnx` Python package, Python

@@ -11,6 +11,11 @@ pub enum PluginError {
     Compile { origin: String, message: String },
     #[error("{origin}: wrong slot: expected world `{expected}`, but the component implements {actual}")]
     WrongSlot { origin: String, expected: &'static str, actual: String },
+    #[error(
+        "{origin}: built against the plugin contract nereid:plugin@{built}; this host speaks nereid:plugin@{host} \
+         (rebuild the plugin against wit/nereid.wit of this version)"
+    )]
+    Contract { origin: String, built: String, host: &'static str },
     #[error("{origin}: cannot be instantiated: {message}")]
     Instantiate { origin: String, message: String },
     #[error("plugin `{plugin}`: `{call}` exceeded its time limit of {limit:?} and was stopped")]

@@ -161,6 +161,28 @@ impl Slot {
     }
 }
 
+/// The version of the plugin contract (`package nereid:plugin@...` in `wit/nereid.wit`) this
+/// host implements.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// Refuses a component that imports or exports an interface of another version of the contract:
+/// while the contract is 0.x every version may change its types, so the versions must be equal
+/// (an older or a newer plugin is named with both versions, not left to fail at linking).
+fn check_contract<'a>(origin: &str, names: impl Iterator<Item = &'a String>) -> Result<(), PluginError> {
+    for name in names {
+        let Some(rest) = name.strip_prefix("nereid:plugin/") else { continue };
+        let built = rest.split_once('@').map_or("(no version)", |(_, v)| v);
+        if built != CONTRACT_VERSION {
+            return Err(PluginError::Contract {
+                origin: origin.to_string(),
+                built: built.to_string(),
+                host: CONTRACT_VERSION,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The world(s) a set of exported slots amounts to, for messages.
 pub fn describe_worlds(slots: &[Slot]) -> String {
     match slots {
@@ -265,7 +287,8 @@ impl Runtime {
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
         let slots = Slot::ALL.into_iter().filter(|s| exports.iter().any(|e| e == s.interface())).collect();
-        let imports = ty.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        let imports: Vec<String> = ty.imports(&self.inner.engine).map(|(name, _)| name.to_string()).collect();
+        check_contract(origin, imports.iter().chain(&exports))?;
         let pre = self
             .inner
             .linker
