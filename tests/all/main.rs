@@ -12,6 +12,7 @@ mod fedprox;
 mod hostile;
 mod incremental;
 mod inference;
+mod javascript_plugins;
 mod nn;
 mod oci;
 mod python_plugins;

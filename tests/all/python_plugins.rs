@@ -16,8 +16,14 @@ fn values(n: usize, k: usize) -> Vec<f32> {
 
 #[test]
 fn a_python_fedavg_gives_the_rust_fedavgs_result() {
+    gives_the_rust_fedavgs_result("fedavg-py");
+}
+
+/// `name`'s FedAvg against the Rust one: several tensors (f32 and f64) and very unequal example
+/// counts within 1e-6, then delta updates over a global model identical.
+pub(crate) fn gives_the_rust_fedavgs_result(name: &str) {
     let (rt, _cache) = runtime();
-    let mut python = aggregator(&rt, "fedavg-py", &[]);
+    let mut other = aggregator(&rt, name, &[]);
     let mut rust = aggregator(&rt, "fedavg", &[]);
     let counts = [3u64, 700, 41, 9999, 1];
     let updates: Vec<_> = counts
@@ -38,7 +44,7 @@ fn a_python_fedavg_gives_the_rust_fedavgs_result() {
         })
         .collect();
     let mut results = Vec::new();
-    for agg in [&mut python, &mut rust] {
+    for agg in [&mut other, &mut rust] {
         agg.begin_round(&ctx(1), None).expect("begin");
         for u in &updates {
             agg.accumulate(u).expect("accumulate");
@@ -58,14 +64,14 @@ fn a_python_fedavg_gives_the_rust_fedavgs_result() {
             worst = worst.max((x - y).abs() / y.abs().max(1.0));
         }
     }
-    println!("python vs rust fedavg: largest difference {worst:e}");
+    println!("{name} vs the rust fedavg: largest difference {worst:e}");
     assert!(worst <= 1e-6, "{worst}");
     assert_eq!(py.metrics, rs.metrics, "accepted_updates and total_weight");
 
     // Deltas over a global model, in a second round.
     let global = model(&[("w", f32s(&[3], &[10.0, 20.0, -5.0]))]);
     let mut outs = Vec::new();
-    for agg in [&mut python, &mut rust] {
+    for agg in [&mut other, &mut rust] {
         agg.begin_round(&ctx(2), Some(&global)).expect("begin");
         for (k, n) in [(0, 1u64), (1, 3)] {
             let mut d = update(&format!("d{k}"), n, model(&[("w", f32s(&[3], &values(3, k)))]));
@@ -79,6 +85,12 @@ fn a_python_fedavg_gives_the_rust_fedavgs_result() {
 
 #[test]
 fn a_python_fedavg_refuses_what_the_rust_one_refuses_in_the_same_words() {
+    refuses_what_the_rust_fedavg_refuses(&["fedavg-py", "fedavg"]);
+}
+
+/// Each of `names` (the Rust FedAvg last) refuses the same malformed updates in the same words,
+/// and the refused updates leave its fold as it was.
+pub(crate) fn refuses_what_the_rust_fedavg_refuses(names: &[&str]) {
     let (rt, _cache) = runtime();
     let good = |v: f32| model(&[("w", f32s(&[2], &[v, v])), ("b", f32s(&[1], &[v]))]);
     let mut delta = update("delta", 1, good(1.0));
@@ -98,7 +110,7 @@ fn a_python_fedavg_refuses_what_the_rust_one_refuses_in_the_same_words() {
     ];
     let mut words: Vec<Vec<String>> = Vec::new();
     let mut finals: Vec<Tensor> = Vec::new();
-    for name in ["fedavg-py", "fedavg"] {
+    for &name in names {
         let mut agg = aggregator(&rt, name, &[]);
         agg.begin_round(&ctx(1), None).expect("begin");
         agg.accumulate(&update("first", 1, good(1.0))).expect("first");
@@ -124,11 +136,12 @@ fn a_python_fedavg_refuses_what_the_rust_one_refuses_in_the_same_words() {
 
 fn misbehave(
     rt: &nereid::runtime::Runtime,
+    fixture: &str,
     mode: &str,
     limits: nereid::runtime::Limits,
 ) -> nereid::runtime::AggregatorPlugin {
     let cfg = config(&[("mode", toml::Value::String(mode.into())), ("trigger", toml::Value::String("bad".into()))]);
-    nereid::runtime::AggregatorPlugin::load(rt, &plugin("misbehave-py"), limits, &cfg).expect("loads")
+    nereid::runtime::AggregatorPlugin::load(rt, &plugin(fixture), limits, &cfg).expect("loads")
 }
 
 fn small(v: f32) -> nereid::model_io::NamedTensors {
@@ -139,6 +152,12 @@ fn small(v: f32) -> nereid::model_io::NamedTensors {
 /// next call runs on a fresh instance and the fold goes on.
 #[test]
 fn a_python_plugin_that_loops_or_hogs_memory_is_stopped_and_the_host_goes_on() {
+    stopped_by_the_limits_and_the_host_goes_on("misbehave-py");
+}
+
+/// `fixture` (an aggregator with `mode` spin or hog on the update named `bad`) is stopped by the
+/// call and memory limits; the next call runs on a fresh instance.
+pub(crate) fn stopped_by_the_limits_and_the_host_goes_on(fixture: &str) {
     use nereid::runtime::Limits;
     use std::time::{Duration, Instant};
     let (rt, _cache) = runtime();
@@ -147,7 +166,7 @@ fn a_python_plugin_that_loops_or_hogs_memory_is_stopped_and_the_host_goes_on() {
         ("hog", Limits { memory_bytes: 128 << 20, ..Limits::default() }),
     ];
     for (mode, limits) in cases {
-        let mut p = misbehave(&rt, mode, limits);
+        let mut p = misbehave(&rt, fixture, mode, limits);
         p.begin_round(&ctx(1), None).expect("begin");
         p.accumulate(&update("ok", 1, small(1.0))).expect("ok");
         let started = Instant::now();

@@ -12,7 +12,8 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
             `onnxruntime` PyPI wheel (into target/onnxruntime/) and OpenVINO's runtime from the
             `openvino` wheel (into target/openvino/)
   plugins   setup, then build every plugin and test fixture into target/wasm32-wasip2/plugin/
-            (Rust ones with cargo, Python ones with componentize-py from PyPI in target/py-plugin)
+            (Rust ones with cargo, Python ones with componentize-py from PyPI in target/py-plugin,
+            JavaScript ones with componentize-js from npm in target/js-plugin)
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
             mosquitto-clients, `cargo install wkg`, the `onnx` Python package, Python
@@ -351,35 +352,111 @@ fn plugins() -> Result<(), String> {
         args.extend(["-p", p.as_str()]);
     }
     cargo(&args)?;
-    python_plugins()
+    language_plugins(Lang::Python)?;
+    language_plugins(Lang::JavaScript)
 }
 
 /// componentize-py, from PyPI, into target/py-plugin.
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+/// componentize-js, from npm, into target/js-plugin.
+const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
 
-/// Python plugins: each `plugins/<name>/` (and `tests/fixtures/<name>/`) with an `app.py` and a `plugin.toml` naming its WIT
-/// world (`world = "aggregator-plugin"`) becomes `nereid_<name>.wasm` beside the Rust plugins,
-/// built by componentize-py with `sdk/python` (again only when a source is newer).
-fn python_plugins() -> Result<(), String> {
+/// A plugin language other than Rust: the file a plugin directory holds and the tool that makes
+/// it a component.
+#[derive(Clone, Copy)]
+enum Lang {
+    Python,
+    JavaScript,
+}
+
+impl Lang {
+    fn entry(self) -> &'static str {
+        match self {
+            Lang::Python => "app.py",
+            Lang::JavaScript => "app.js",
+        }
+    }
+
+    fn sdk(self) -> PathBuf {
+        root().join(match self {
+            Lang::Python => "sdk/python",
+            Lang::JavaScript => "sdk/js",
+        })
+    }
+
+    /// The toolchain, installed (from PyPI or npm, under target/) when it is missing.
+    fn tool(self) -> Result<PathBuf, String> {
+        let (tool, version) = match self {
+            Lang::Python => {
+                let python = venv("target/py-plugin")?;
+                (python.with_file_name("componentize-py"), "componentize-py 0.25.1")
+            }
+            Lang::JavaScript => (root().join("target/js-plugin/node_modules/.bin/componentize-js"), "0.23.0"),
+        };
+        let installed = Command::new(&tool).arg("--version").output();
+        if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == version) {
+            match self {
+                Lang::Python => {
+                    let python = tool.with_file_name("python");
+                    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", COMPONENTIZE_PY]))?
+                }
+                Lang::JavaScript => {
+                    // The machine's Node.js and npm serve; Debian's only where there are none.
+                    if Command::new("npm").arg("--version").output().is_err() {
+                        debian_packages(&["npm"])?;
+                    }
+                    run(Command::new("npm")
+                        .args([
+                            "install",
+                            "--no-audit",
+                            "--no-fund",
+                            "--loglevel=error",
+                            "--prefix",
+                            "target/js-plugin",
+                        ])
+                        .arg(COMPONENTIZE_JS))?
+                }
+            }
+        }
+        Ok(tool)
+    }
+
+    fn command(self, tool: &Path, dir: &Path, world: &str, out: &Path) -> Command {
+        let mut cmd = Command::new(tool);
+        match self {
+            Lang::Python => {
+                cmd.arg("-d").arg(root().join("wit")).args(["-w", world, "componentize", "-p"]).arg(dir);
+                cmd.arg("-p").arg(self.sdk()).args(["app", "-o"]).arg(out);
+            }
+            // componentize-js wants the WIT path relative to where it runs (the root); it bundles
+            // the app's relative imports (the SDK) itself. wasi:http is not offered to plugins.
+            Lang::JavaScript => {
+                cmd.arg(dir.join(self.entry())).args(["--wit", "wit", "--world-name", world]);
+                cmd.args(["--disable", "http", "fetch-event", "-o"]).arg(out);
+            }
+        }
+        cmd
+    }
+}
+
+/// Plugins in Python and JavaScript: each `plugins/<name>/` (and `tests/fixtures/<name>/`) with
+/// an `app.py` or `app.js` and a `plugin.toml` naming its WIT world (`world =
+/// "aggregator-plugin"`) becomes `nereid_<name>.wasm` beside the Rust plugins, built by
+/// componentize-py or componentize-js with the language's SDK (again only when a source is newer).
+fn language_plugins(lang: Lang) -> Result<(), String> {
     let mut dirs: Vec<PathBuf> = ["plugins", "tests/fixtures"]
         .iter()
         .flat_map(|d| std::fs::read_dir(root().join(d)).into_iter().flatten().flatten())
         .map(|e| e.path())
-        .filter(|p| p.join("app.py").is_file() && p.join("plugin.toml").is_file())
+        .filter(|p| p.join(lang.entry()).is_file() && p.join("plugin.toml").is_file())
         .collect();
     dirs.sort();
     if dirs.is_empty() {
         return Ok(());
     }
-    let python = venv("target/py-plugin")?;
-    let componentize = python.with_file_name("componentize-py");
-    let version = Command::new(&componentize).arg("--version").output();
-    if !version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "componentize-py 0.25.1") {
-        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", COMPONENTIZE_PY]))?;
-    }
+    let tool = lang.tool()?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     let out_dir = target.join("wasm32-wasip2/plugin");
-    let sdk = root().join("sdk/python");
     let newest = |dir: &Path| -> std::time::SystemTime {
         let mut newest = std::time::UNIX_EPOCH;
         let mut stack = vec![dir.to_path_buf()];
@@ -402,23 +479,15 @@ fn python_plugins() -> Result<(), String> {
         let world = manifest
             .lines()
             .find_map(|l| l.trim().strip_prefix("world = ").map(|v| v.trim_matches('"').to_string()))
-            .ok_or_else(|| format!("plugins/{name}/plugin.toml: no `world = \"...\"`"))?;
+            .ok_or_else(|| format!("{}: no `world = \"...\"`", dir.join("plugin.toml").display()))?;
         let out = out_dir.join(format!("nereid_{}.wasm", name.replace('-', "_")));
         let built = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
-        let sources = newest(&dir).max(newest(&sdk)).max(newest(&wit));
+        let sources = newest(&dir).max(newest(&lang.sdk())).max(newest(&wit));
         if built.is_some_and(|b| b >= sources) {
             continue;
         }
         std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
-        run(Command::new(&componentize)
-            .arg("-d")
-            .arg(&wit)
-            .args(["-w", &world, "componentize", "-p"])
-            .arg(&dir)
-            .arg("-p")
-            .arg(&sdk)
-            .args(["app", "-o"])
-            .arg(&out))?;
+        run(&mut lang.command(&tool, &dir, &world, &out))?;
     }
     Ok(())
 }
