@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tools for plugin authors: inspect a component, run an aggregator offline.
+    /// Tools for plugin authors: start a project, build and check it, inspect a component, run an
+    /// aggregator offline.
     #[command(subcommand)]
     Plugin(cli::plugin::PluginCommand),
     /// Benchmarks, reported as ratios against a baseline measured in the same run.

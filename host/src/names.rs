@@ -12,6 +12,7 @@ pub enum Kind {
     Node,
     Service,
     Model,
+    Plugin,
 }
 
 impl fmt::Display for Kind {
@@ -21,6 +22,7 @@ impl fmt::Display for Kind {
             Kind::Node => "node",
             Kind::Service => "service",
             Kind::Model => "model",
+            Kind::Plugin => "plugin",
         })
     }
 }

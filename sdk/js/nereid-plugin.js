@@ -177,3 +177,31 @@ export class WeightedMean {
     };
   }
 }
+
+// Reproducible randomness, the same streams as the Rust SDK's `nereid_sdk::random` and the
+// Python SDK's `nereid_plugin.random`: splitmix64 keyed by (key, counter), on BigInt (u64).
+const MASK = (1n << 64n) - 1n;
+const GOLDEN = 0x9e3779b97f4a7c15n;
+
+/** splitmix64's output function: a well-mixed 64-bit value (BigInt) from any input. */
+export function mix(z) {
+  z = (BigInt(z) + GOLDEN) & MASK;
+  z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK;
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK;
+  return z ^ (z >> 31n);
+}
+
+/** A uniform number in [0, 1) for element `counter` of the stream `key`. */
+export function uniform(key, counter) {
+  return Number(mix((BigInt(key) ^ mix(counter)) & MASK) >> 11n) / 2 ** 53;
+}
+
+/** A uniform integer (BigInt) in [0, n) from the stream (`key`, `counter`), without modulo bias. */
+export function below(key, counter, n) {
+  n = BigInt(n);
+  const zone = MASK - (MASK % n);
+  for (let k = 0n; ; k += 1n) {
+    const x = mix((mix((BigInt(key) ^ mix(counter)) & MASK) + k) & MASK);
+    if (x < zone) return x % n;
+  }
+}

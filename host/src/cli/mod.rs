@@ -4,6 +4,7 @@ pub mod demo;
 pub mod model;
 pub mod oci;
 pub mod plugin;
+pub mod project;
 pub mod serve;
 
 use std::path::PathBuf;

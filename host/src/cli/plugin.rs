@@ -1,4 +1,5 @@
-//! `nereid plugin inspect` and `nereid plugin aggregate`.
+//! `nereid plugin inspect` and `nereid plugin aggregate` (`new`, `build` and `test` are in
+//! `cli::project`).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +23,15 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new plugin project (plugin.toml, a working example of the slot, the contract and
+    /// the SDK of the language under .nereid/), ready for `plugin build`.
+    New(super::project::NewArgs),
+    /// Build a plugin project into a component (cargo, componentize-py or componentize-js), check
+    /// its slot as `inspect` does, and run the slot's checks.
+    Build(super::project::BuildArgs),
+    /// Run the slot's checks on a built component or project: every call of the slot with small
+    /// inputs, the answers held to the contract (layouts kept, no NaN, only held samples evicted).
+    Test(super::project::TestArgs),
     /// Run any aggregator plugin offline over safetensors files and write the aggregated model.
     Aggregate(AggregateArgs),
     /// Run fedavg and fedprox over generated client updates, checked against a float64
@@ -92,13 +102,19 @@ pub struct AggregateArgs {
 }
 
 pub fn run(cmd: PluginCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    if let PluginCommand::Demo(args) = cmd {
-        return super::demo::plugins::run(args, cache_dir);
-    }
+    let cmd = match cmd {
+        PluginCommand::Demo(args) => return super::demo::plugins::run(args, cache_dir),
+        PluginCommand::New(args) => return super::project::new(args),
+        PluginCommand::Build(args) => return super::project::build(args, cache_dir),
+        PluginCommand::Test(args) => return super::project::test(args, cache_dir),
+        other => other,
+    };
     let registry_cache = cache_dir.clone();
     let runtime = Runtime::new(cache_dir)?;
     match cmd {
-        PluginCommand::Demo(_) => unreachable!("handled above"),
+        PluginCommand::Demo(_) | PluginCommand::New(_) | PluginCommand::Build(_) | PluginCommand::Test(_) => {
+            unreachable!("handled above")
+        }
         PluginCommand::Inspect { component, json } => inspect(&runtime, &component, json, registry_cache.as_deref()),
         PluginCommand::Aggregate(args) => aggregate(&runtime, args),
     }

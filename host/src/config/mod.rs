@@ -1,5 +1,6 @@
 //! Every file the user writes: cloud.toml ([`cloud`]), edge.toml ([`edge`]), job files
-//! ([`job`]), pipeline files ([`pipeline`]) and registries.toml ([`registries`]), as serde types
+//! ([`job`]), pipeline files ([`pipeline`]), registries.toml ([`registries`]) and a plugin
+//! project's plugin.toml ([`project`]), as serde types
 //! with `deny_unknown_fields`; the one reader that gives file:line:key errors for all of them
 //! ([`reader`]); the small languages of triggers and deploy conditions ([`trigger`]). Names
 //! follow [`crate::names`]. The CLI and the servers check through the same functions.
@@ -12,6 +13,7 @@ pub mod cloud;
 pub mod edge;
 pub mod job;
 pub mod pipeline;
+pub mod project;
 pub mod reader;
 pub mod registries;
 pub mod trigger;

@@ -147,6 +147,16 @@ impl Slot {
         }
     }
 
+    /// The slot's name as configs and the CLI spell it (`client-objective`).
+    pub fn name(self) -> &'static str {
+        self.world().trim_end_matches("-plugin")
+    }
+
+    /// The slot named `name` (as [`Slot::name`] spells it).
+    pub fn named(name: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// The world of `wit/nereid.wit` a component of this slot implements.
     pub fn world(self) -> &'static str {
         match self {
