@@ -63,17 +63,20 @@ fn every_slot_builds(lang: &str, slots: &[&str]) {
 
 #[test]
 fn plugin_new_and_build_make_a_rust_component_of_each_slot() {
-    every_slot_builds("rust", &["aggregator", "client-objective", "sampler", "compressor", "router", "adapter"]);
+    every_slot_builds(
+        "rust",
+        &["aggregator", "client-objective", "sampler", "compressor", "router", "splitter", "adapter"],
+    );
 }
 
 #[test]
 fn plugin_new_and_build_make_a_python_component_of_each_slot() {
-    every_slot_builds("python", &["aggregator", "client-objective", "sampler", "compressor", "adapter"]);
+    every_slot_builds("python", &["aggregator", "client-objective", "sampler", "compressor", "router", "adapter"]);
 }
 
 #[test]
 fn plugin_new_and_build_make_a_javascript_component_of_each_slot() {
-    every_slot_builds("javascript", &["aggregator", "client-objective", "sampler", "compressor", "adapter"]);
+    every_slot_builds("javascript", &["aggregator", "client-objective", "sampler", "compressor", "router", "adapter"]);
 }
 
 /// The slot checks fail a plugin that breaks the contract, naming the check and the fault; a
@@ -130,17 +133,18 @@ fn plugin_build_fails_a_plugin_that_breaks_its_slots_contract() {
     let out = nereid_in(&cache, &["plugin", "test", sampler.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("plugin.toml says slot router, but the component implements world `sampler-plugin`"),
+        !out.status.success()
+            && err.contains("plugin.toml says slot router, but the component implements world `sampler-plugin`"),
         "{err}"
     );
     edit(sampler.join("plugin.toml"), "slot = \"router\"", "slot = \"mixer\"");
     fails(&sampler, &["plugin.toml", "slot", "unknown slot `mixer`"]);
     let out = nereid_in(
         &cache,
-        &["plugin", "new", dir.path().join("r").to_str().expect("utf-8"), "--slot", "router", "--lang", "python"],
+        &["plugin", "new", dir.path().join("r").to_str().expect("utf-8"), "--slot", "splitter", "--lang", "python"],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs wasi-nn bindings"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no python template for the splitter slot"), "{out:?}");
 }
 
 /// From nothing to a plugin in a live job: `plugin new`, write the code, then three commands —

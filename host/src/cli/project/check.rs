@@ -7,13 +7,19 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
+use nereid::inference::export::to_onnx;
+use nereid::inference::profile;
 use nereid::runtime::bindings::types::{ConfigEntry, ConfigValue, Dtype};
 use nereid::runtime::config::ConfigTable;
+use nereid::runtime::nn::Models;
 use nereid::runtime::{
     AdapterPlugin, Admission, AggregatorPlugin, ClientUpdate, CompressorPlugin, InputSpec, Limits, LoadedComponent,
-    ObjectivePlugin, RoundContext, RouterPlugin, Runtime, SampleRef, SamplerPlugin, Slot, UpdateKind,
+    ObjectivePlugin, RoundContext, RouterPlugin, Runtime, SampleRef, SamplerPlugin, Slot, SplitterPlugin, TensorData,
+    UpdateKind,
 };
 use nereid::tensor::Tensor;
+use nereid::train::ModelSpec;
+use nereid_onnx::Message;
 
 /// One check that passed, for the report.
 pub struct Passed {
@@ -29,6 +35,7 @@ pub type AdapterInput = (String, Vec<u8>);
 /// (`application/octet-stream`).
 pub fn run(
     runtime: &Runtime,
+    models: &Models,
     loaded: &LoadedComponent,
     slot: Slot,
     limits: Limits,
@@ -134,7 +141,31 @@ pub fn run(
             })?;
         }
         Slot::Router => {
+            // A small MLP with a softmax output, registered for the plugin's wasi-nn.
+            let spec = ModelSpec::Mlp { inputs: 8, hidden: vec![6], classes: 4 };
+            models.insert(TEST_MODEL, &to_onnx(&spec, &spec.init(1))?.encode_to_vec())?;
             let mut p = RouterPlugin::new(runtime, loaded.clone(), limits, config)?;
+            check("runs a model through wasi-nn", &mut || {
+                let input: Vec<u8> = (0..16).flat_map(|i| (i as f32 * 0.1).to_le_bytes()).collect();
+                let inputs = [TensorData { name: "input".into(), dtype: Dtype::F32, shape: vec![2, 8], data: input }];
+                let out = p.run(TEST_MODEL, &inputs)?;
+                ensure!(out.len() == 1, "the model has one output, the runner gave {}", out.len());
+                ensure!(
+                    out[0].shape == [2, 4] && out[0].dtype == Dtype::F32,
+                    "output {:?} {:?}",
+                    out[0].dtype,
+                    out[0].shape
+                );
+                let probs = Tensor::new(
+                    vec![2, 4],
+                    nereid::tensor::Buffer::from_le_bytes(nereid::tensor::DType::F32, &out[0].data)
+                        .context("f32 bytes")?,
+                )
+                .context("shape")?;
+                let d = p.decide(&probs)?;
+                ensure!(d.score.is_finite(), "score {}", d.score);
+                Ok(())
+            })?;
             check("decides on class probabilities with a finite score", &mut || {
                 for probs in [vec![0.97f32, 0.01, 0.01, 0.01], vec![0.25; 4]] {
                     let output = Tensor::from_f32(vec![1, 4], probs).context("a tensor")?;
@@ -162,12 +193,51 @@ pub fn run(
                 Ok(())
             })?;
         }
-        Slot::Splitter => bail!(
-            "`plugin test` has no checks for the splitter slot yet: try the plugin with `nereid model plan` on a model"
-        ),
+        Slot::Splitter => {
+            let mut p = SplitterPlugin::new(runtime, loaded.clone(), limits, config)?;
+            // A small MLP, profiled by ONNX Runtime as `nereid model plan` does.
+            let spec = ModelSpec::Mlp { inputs: 8, hidden: vec![6], classes: 3 };
+            let onnx = to_onnx(&spec, &spec.init(1))?.encode_to_vec();
+            let profiled = profile::profile(&onnx, 3)?;
+            let split = profiled.split_profile(profiled.node_ms.clone());
+            let typed = profiled.model.encode();
+            let mut cuts = Vec::new();
+            check("plans cuts of the model's own tensors", &mut || {
+                cuts = p.plan(&typed, &split, 10.0, 5.0)?;
+                ensure!(!cuts.is_empty(), "no cut planned");
+                for c in &cuts {
+                    ensure!(
+                        c.predicted_ms.is_finite() && c.predicted_ms >= 0.0,
+                        "cut {:?}: {} ms",
+                        c.tensors,
+                        c.predicted_ms
+                    );
+                    if let Some(t) = c.tensors.iter().find(|t| !split.tensor_bytes.contains_key(*t)) {
+                        bail!("cut {:?} names `{t}`, which is not a tensor of the model", c.tensors);
+                    }
+                }
+                Ok(())
+            })?;
+            check("partitions at a planned cut into two ONNX models", &mut || {
+                for c in &cuts {
+                    let (head, tail) = p.partition(&typed, &c.tensors)?;
+                    for (side, half) in [("head", head), ("tail", tail)] {
+                        if let Some(bytes) = half {
+                            nereid_onnx::Model::decode(&bytes).map_err(|e| {
+                                anyhow::anyhow!("cut {:?}: the {side} is not an ONNX model: {e}", c.tensors)
+                            })?;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
     Ok(passed)
 }
+
+/// The name the router check registers its model under.
+const TEST_MODEL: &str = "plugin-test-mlp";
 
 /// A small model: two f32 tensors, every element `v` (plus a ramp, so elements differ).
 fn model(v: f32) -> Vec<(String, Tensor)> {

@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use nereid::config::project::{slot_names, Language, PluginProject};
+use nereid::runtime::nn::{Models, NnBackend};
 use nereid::runtime::{self, Runtime, Slot};
 
 mod check;
@@ -151,7 +152,8 @@ pub fn build(args: BuildArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
             let tool =
                 toolchain("componentize-py", "NEREID_COMPONENTIZE_PY", &format!("pip install {COMPONENTIZE_PY}"))?;
             let mut cmd = Command::new(tool);
-            cmd.args(["-d", ".nereid/wit", "-w", project.slot().world(), "componentize", "-p", ".", "-p"]);
+            let wit = templates::wit_dir(project.language, project.slot());
+            cmd.args(["-d", wit, "-w", project.slot().world(), "componentize", "-p", ".", "-p"]);
             cmd.args([".nereid/python", "app", "-o"]).arg(absolute(&out)?);
             run(cmd.current_dir(&args.dir))?;
         }
@@ -160,19 +162,27 @@ pub fn build(args: BuildArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
                 toolchain("componentize-js", "NEREID_COMPONENTIZE_JS", &format!("npm install -g {COMPONENTIZE_JS}"))?;
             let mut cmd = Command::new(tool);
             // wasi:http is not offered to plugins: the component must not import it.
-            cmd.args(["app.js", "--wit", ".nereid/wit", "--world-name", project.slot().world()]);
+            let wit = templates::wit_dir(project.language, project.slot());
+            cmd.args(["app.js", "--wit", wit, "--world-name", project.slot().world()]);
             cmd.args(["--disable", "http", "fetch-event", "-o"]).arg(absolute(&out)?);
             run(cmd.current_dir(&args.dir))?;
         }
     }
     let build_seconds = started.elapsed().as_secs_f64();
-    let runtime = Runtime::new(cache_dir)?;
+    let runtime = runtime_with_models(cache_dir)?;
     let report = test_component(&runtime, &out, &project, Some(project.slot()), &args.limits, args.no_test, &args.dir)?;
     print_report(Report { build_seconds: Some(build_seconds), ..report }, args.json)
 }
 
+/// A runtime whose plugins reach the models the checks register (a router runs one through
+/// wasi-nn); ONNX Runtime is loaded only when one is.
+fn runtime_with_models(cache_dir: Option<PathBuf>) -> anyhow::Result<(Runtime, Models)> {
+    let models = Models::new(NnBackend::Onnxruntime);
+    Ok((Runtime::with_models(cache_dir, models.clone())?, models))
+}
+
 pub fn test(args: TestArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let runtime = Runtime::new(cache_dir)?;
+    let runtime = runtime_with_models(cache_dir)?;
     let (component, project, dir) = if args.target.is_dir() {
         let project = read_project(&args.target)?;
         (args.target.join(format!("{}.wasm", project.name)), Some(project), args.target.clone())
@@ -195,7 +205,7 @@ pub fn test(args: TestArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
 /// Loads `component`, checks that it implements `slot` (as `plugin inspect` shows it) and, unless
 /// `skip`, runs the slot's checks with the project's config.
 fn test_component(
-    runtime: &Runtime,
+    (runtime, models): &(Runtime, Models),
     component: &Path,
     project: &PluginProject,
     slot: Option<Slot>,
@@ -234,7 +244,7 @@ fn test_component(
     let checks = if skip {
         Vec::new()
     } else {
-        check::run(runtime, &loaded, slot, limits.limits(), &project.config, adapter_input)?
+        check::run(runtime, models, &loaded, slot, limits.limits(), &project.config, adapter_input)?
     };
     Ok(Report {
         component: component.display().to_string(),

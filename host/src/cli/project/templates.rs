@@ -26,15 +26,42 @@ const RUST_SDK: &[(&str, &str)] = &[
     ("src/random.rs", include_str!("../../../../sdk/src/random.rs")),
 ];
 
+/// nereid-onnx's sources, under `.nereid/onnx/`, for a Rust splitter.
+const ONNX_CRATE: &[(&str, &str)] = &[
+    ("src/lib.rs", include_str!("../../../../onnx/src/lib.rs")),
+    ("src/graph.rs", include_str!("../../../../onnx/src/graph.rs")),
+    ("src/profile.rs", include_str!("../../../../onnx/src/profile.rs")),
+    ("src/proto.rs", include_str!("../../../../onnx/src/proto.rs")),
+];
+
 const PYTHON_SDK: &[(&str, &str)] = &[
     ("nereid_plugin/__init__.py", include_str!("../../../../sdk/python/nereid_plugin/__init__.py")),
     ("nereid_plugin/random.py", include_str!("../../../../sdk/python/nereid_plugin/random.py")),
+    ("nereid_plugin/nn.py", include_str!("../../../../sdk/python/nereid_plugin/nn.py")),
 ];
 
 const JS_SDK: &str = include_str!("../../../../sdk/js/nereid-plugin.js");
+const JS_NN: &str = include_str!("../../../../sdk/js/nereid-nn.js");
 
-/// The wit-bindgen the Rust SDK is built with (the workspace's pin).
+/// The `nereid:sdk` worlds (the router slot with its wasi-nn imports), under `.nereid/wit-nn/`
+/// with the contract and wasi-nn as its dependencies: what Python and JavaScript routers build
+/// against.
+const WIT_NN: &str = include_str!("../../../../sdk/wit-nn/nereid-sdk.wit");
+
+/// Where a project's WIT is, for its toolchain.
+pub fn wit_dir(language: Language, slot: Slot) -> &'static str {
+    if language != Language::Rust && slot == Slot::Router {
+        ".nereid/wit-nn"
+    } else {
+        ".nereid/wit"
+    }
+}
+
+/// The crates the vendored SDK and nereid-onnx build with (the workspace's pins).
 const WIT_BINDGEN: &str = "=0.61.1";
+const ONNX_DEPENDENCIES: &str =
+    "prost = { version = \"0.14\", default-features = false, features = [\"std\", \"derive\"] }\n\
+                                 thiserror = \"2.0\"\nserde = { version = \"1.0\", features = [\"derive\"] }\n";
 
 /// The template of `slot` in `language`, or why there is none.
 fn source(language: Language, slot: Slot) -> Result<&'static str, String> {
@@ -45,11 +72,14 @@ fn source(language: Language, slot: Slot) -> Result<&'static str, String> {
         (Language::Rust, Slot::Compressor) => Some(include_str!("templates/rust/compressor.rs")),
         (Language::Rust, Slot::Router) => Some(include_str!("templates/rust/router.rs")),
         (Language::Rust, Slot::Adapter) => Some(include_str!("templates/rust/adapter.rs")),
+        (Language::Rust, Slot::Splitter) => Some(include_str!("templates/rust/splitter.rs")),
         (Language::Python, Slot::Aggregator) => Some(include_str!("templates/python/aggregator.py")),
         (Language::Python, Slot::ClientObjective) => Some(include_str!("templates/python/client-objective.py")),
         (Language::Python, Slot::Sampler) => Some(include_str!("templates/python/sampler.py")),
         (Language::Python, Slot::Compressor) => Some(include_str!("templates/python/compressor.py")),
         (Language::Python, Slot::Adapter) => Some(include_str!("templates/python/adapter.py")),
+        (Language::Python, Slot::Router) => Some(include_str!("templates/python/router.py")),
+        (Language::Javascript, Slot::Router) => Some(include_str!("templates/javascript/router.js")),
         (Language::Javascript, Slot::Aggregator) => Some(include_str!("templates/javascript/aggregator.js")),
         (Language::Javascript, Slot::ClientObjective) => Some(include_str!("templates/javascript/client-objective.js")),
         (Language::Javascript, Slot::Sampler) => Some(include_str!("templates/javascript/sampler.js")),
@@ -57,14 +87,13 @@ fn source(language: Language, slot: Slot) -> Result<&'static str, String> {
         (Language::Javascript, Slot::Adapter) => Some(include_str!("templates/javascript/adapter.js")),
         _ => None,
     };
-    found.ok_or_else(|| match slot {
-        Slot::Splitter => "no template for the splitter slot yet: start from plugins/split-infer (Rust)".to_string(),
-        _ => format!(
-            "no {} template for the {} slot: its `runner` export needs wasi-nn bindings, which only the Rust SDK \
-             has so far (use --lang rust)",
+    found.ok_or_else(|| {
+        format!(
+            "no {} template for the {} slot: a splitter cuts and writes ONNX graphs, for which nereid has a library \
+             (nereid-onnx) only in Rust (use --lang rust)",
             language.name(),
             slot.name()
-        ),
+        )
     })
 }
 
@@ -91,15 +120,36 @@ pub fn project(name: &str, slot: Slot, language: Language) -> Result<Vec<File>, 
         (".gitignore".into(), "/target/\n/*.wasm\n__pycache__/\n".into()),
     ];
     files.extend(WIT.iter().map(|(path, text)| (format!(".nereid/wit/{path}"), text.to_string())));
+    if wit_dir(language, slot) == ".nereid/wit-nn" {
+        files.push((".nereid/wit-nn/nereid-sdk.wit".into(), WIT_NN.to_string()));
+        files.extend(WIT.iter().map(|(path, text)| {
+            let path = if *path == "nereid.wit" { "deps/nereid-plugin/nereid.wit" } else { path };
+            (format!(".nereid/wit-nn/{path}"), text.to_string())
+        }));
+    }
     match language {
         Language::Rust => {
             files.push(("src/lib.rs".into(), code));
+            let onnx = if slot == Slot::Splitter {
+                files.push((
+                    ".nereid/onnx/Cargo.toml".into(),
+                    format!(
+                        "[package]\nname = \"nereid-onnx\"\nversion = \"{}\"\nedition = \"2021\"\npublish = false\n\n\
+                         [dependencies]\n{ONNX_DEPENDENCIES}",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                ));
+                files.extend(ONNX_CRATE.iter().map(|(path, text)| (format!(".nereid/onnx/{path}"), text.to_string())));
+                "nereid-onnx = { path = \".nereid/onnx\" }\nserde_json = \"1.0\"\n"
+            } else {
+                ""
+            };
             files.push((
                 "Cargo.toml".into(),
                 format!(
                     "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
                      [lib]\ncrate-type = [\"cdylib\"]\n\n\
-                     [dependencies]\nnereid-sdk = {{ path = \".nereid/sdk\" }}\n\n\
+                     [dependencies]\nnereid-sdk = {{ path = \".nereid/sdk\" }}\n{onnx}\n\
                      [profile.release]\nstrip = true\n\n\
                      # A project of its own, also inside another workspace.\n[workspace]\n"
                 ),
@@ -121,8 +171,11 @@ pub fn project(name: &str, slot: Slot, language: Language) -> Result<Vec<File>, 
             files.extend(PYTHON_SDK.iter().map(|(path, text)| (format!(".nereid/python/{path}"), text.to_string())));
         }
         Language::Javascript => {
-            files.push(("app.js".into(), code.replace("{{sdk}}", "./.nereid/nereid-plugin.js")));
+            let code =
+                code.replace("{{sdk}}", "./.nereid/nereid-plugin.js").replace("{{nn}}", "./.nereid/nereid-nn.js");
+            files.push(("app.js".into(), code));
             files.push((".nereid/nereid-plugin.js".into(), JS_SDK.to_string()));
+            files.push((".nereid/nereid-nn.js".into(), JS_NN.to_string()));
         }
     }
     Ok(files)
