@@ -79,3 +79,28 @@ impl HttpLimitArgs {
         Ok(limits)
     }
 }
+
+/// The limits of one plugin, as flags (`plugin aggregate`, `plugin build`, `plugin test`).
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    /// Time limit of one plugin call, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub timeout_ms: u64,
+    /// Memory limit of the plugin's linear memory, in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub memory_mib: usize,
+    /// Limit of host tensors the plugin may create, in MiB.
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    pub tensor_mib: usize,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> nereid::runtime::Limits {
+        nereid::runtime::Limits {
+            call_timeout: std::time::Duration::from_millis(self.timeout_ms),
+            memory_bytes: self.memory_mib << 20,
+            tensor_bytes: self.tensor_mib << 20,
+        }
+    }
+}
+

@@ -2,10 +2,11 @@
 //! `cli::project`).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+
+use super::LimitArgs;
 use serde::Serialize;
 
 use nereid::aggregate::{run_round, Rejection};
@@ -37,29 +38,6 @@ pub enum PluginCommand {
     /// Run fedavg and fedprox over generated client updates, checked against a float64
     /// reference and a hand computation of FedProx's client term.
     Demo(super::demo::plugins::DemoArgs),
-}
-
-#[derive(Args)]
-pub struct LimitArgs {
-    /// Time limit of one plugin call, in milliseconds.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
-    pub timeout_ms: u64,
-    /// Memory limit of the plugin's linear memory, in MiB.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
-    pub memory_mib: usize,
-    /// Limit of host tensors the plugin may create, in MiB.
-    #[arg(long, default_value_t = 4096, value_name = "MIB")]
-    pub tensor_mib: usize,
-}
-
-impl LimitArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            call_timeout: Duration::from_millis(self.timeout_ms),
-            memory_bytes: self.memory_mib << 20,
-            tensor_bytes: self.tensor_mib << 20,
-        }
-    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -48,7 +48,7 @@ pub struct BuildArgs {
     #[arg(long)]
     no_test: bool,
     #[command(flatten)]
-    limits: super::plugin::LimitArgs,
+    limits: super::LimitArgs,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
@@ -63,7 +63,7 @@ pub struct TestArgs {
     #[arg(long, value_parser = parse_slot)]
     slot: Option<Slot>,
     #[command(flatten)]
-    limits: super::plugin::LimitArgs,
+    limits: super::LimitArgs,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
@@ -209,7 +209,7 @@ fn test_component(
     component: &Path,
     project: &PluginProject,
     slot: Option<Slot>,
-    limits: &super::plugin::LimitArgs,
+    limits: &super::LimitArgs,
     skip: bool,
     dir: &Path,
 ) -> anyhow::Result<Report> {
