@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use crate::common::*;
 
+const ALL_SLOTS: [&str; 7] =
+    ["aggregator", "client-objective", "sampler", "compressor", "router", "splitter", "adapter"];
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ is in the workspace").to_path_buf()
 }
@@ -32,7 +35,7 @@ fn succeeds(out: Output, what: &str) -> String {
 
 /// For every slot `lang` has a template for: new, build (the slot's checks pass), and
 /// `plugin inspect` accepts the component for that slot and no other.
-fn every_slot_builds(lang: &str, slots: &[&str]) {
+fn every_slot_builds(lang: &str, slots: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
     let cache = dir.path().join("cache");
     for slot in slots {
@@ -59,24 +62,49 @@ fn every_slot_builds(lang: &str, slots: &[&str]) {
         assert_eq!(inspected["slots"], serde_json::json!([slot]), "{lang} {slot}: {inspected}");
         assert_eq!(inspected["name"], format!("{lang}-{slot}"));
     }
+    dir
+}
+
+/// The splitter template (its own ONNX codec in Python and JavaScript) plans the same cuts with
+/// the same predicted latencies as the Rust `split-infer` on the same profiled model.
+fn plans_as_split_infer(wasm: &Path) {
+    use nereid::runtime::{Limits, SplitterPlugin};
+    use nereid_onnx::Message;
+    let (rt, _cache) = runtime();
+    let spec = nereid::train::ModelSpec::Mlp { inputs: 12, hidden: vec![10, 6], classes: 4 };
+    let onnx = nereid::inference::export::to_onnx(&spec, &spec.init(5)).expect("onnx").encode_to_vec();
+    let profiled = nereid::inference::profile::profile(&onnx, 3).expect("profile");
+    let split = profiled.split_profile(profiled.node_ms.iter().map(|(n, ms)| (n.clone(), ms / 4.0)).collect());
+    let typed = profiled.model.encode();
+    let mut plans = Vec::new();
+    for path in [wasm.to_path_buf(), plugin("split-infer")] {
+        let mut p = SplitterPlugin::load(&rt, &path, Limits::default(), &config(&[])).expect("loads");
+        plans.push(p.plan(&typed, &split, 20.0, 3.0).expect("plan"));
+    }
+    assert!(plans[1].len() >= 4, "{:?}", plans[1]);
+    assert_eq!(plans[0].len(), plans[1].len(), "{plans:?}");
+    for (a, b) in plans[0].iter().zip(&plans[1]) {
+        assert_eq!(a.tensors, b.tensors, "{plans:?}");
+        assert!((a.predicted_ms - b.predicted_ms).abs() <= 1e-9 * b.predicted_ms.max(1.0), "{a:?} vs {b:?}");
+    }
 }
 
 #[test]
 fn plugin_new_and_build_make_a_rust_component_of_each_slot() {
-    every_slot_builds(
-        "rust",
-        &["aggregator", "client-objective", "sampler", "compressor", "router", "splitter", "adapter"],
-    );
+    let dir = every_slot_builds("rust", &ALL_SLOTS);
+    plans_as_split_infer(&dir.path().join("rust-splitter/rust-splitter.wasm"));
 }
 
 #[test]
 fn plugin_new_and_build_make_a_python_component_of_each_slot() {
-    every_slot_builds("python", &["aggregator", "client-objective", "sampler", "compressor", "router", "adapter"]);
+    let dir = every_slot_builds("python", &ALL_SLOTS);
+    plans_as_split_infer(&dir.path().join("python-splitter/python-splitter.wasm"));
 }
 
 #[test]
 fn plugin_new_and_build_make_a_javascript_component_of_each_slot() {
-    every_slot_builds("javascript", &["aggregator", "client-objective", "sampler", "compressor", "router", "adapter"]);
+    let dir = every_slot_builds("javascript", &ALL_SLOTS);
+    plans_as_split_infer(&dir.path().join("javascript-splitter/javascript-splitter.wasm"));
 }
 
 /// The slot checks fail a plugin that breaks the contract, naming the check and the fault; a
@@ -139,12 +167,12 @@ fn plugin_build_fails_a_plugin_that_breaks_its_slots_contract() {
     );
     edit(sampler.join("plugin.toml"), "slot = \"router\"", "slot = \"mixer\"");
     fails(&sampler, &["plugin.toml", "slot", "unknown slot `mixer`"]);
-    let out = nereid_in(
-        &cache,
-        &["plugin", "new", dir.path().join("r").to_str().expect("utf-8"), "--slot", "splitter", "--lang", "python"],
+    let out = nereid_in(&cache, &["plugin", "new", dir.path().join("m").to_str().expect("utf-8"), "--slot", "mixer"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown slot `mixer`: one of aggregator, client-objective"),
+        "{err}"
     );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no python template for the splitter slot"), "{out:?}");
 }
 
 /// From nothing to a plugin in a live job: `plugin new`, write the code, then three commands —

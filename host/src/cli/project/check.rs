@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use nereid::inference::export::to_onnx;
+use nereid::inference::native::NativeModel;
 use nereid::inference::profile;
 use nereid::runtime::bindings::types::{ConfigEntry, ConfigValue, Dtype};
 use nereid::runtime::config::ConfigTable;
@@ -218,22 +219,44 @@ pub fn run(
                 }
                 Ok(())
             })?;
-            check("partitions at a planned cut into two ONNX models", &mut || {
+            check("the head then the tail compute what the whole model computes, at every cut", &mut || {
+                let x: Vec<u8> = (0..16).flat_map(|i| (i as f32 * 0.3 - 2.0).to_le_bytes()).collect();
+                let x = TensorData { name: "input".into(), dtype: Dtype::F32, shape: vec![2, 8], data: x };
+                let whole = NativeModel::new(&typed)?.run(std::slice::from_ref(&x))?;
                 for c in &cuts {
                     let (head, tail) = p.partition(&typed, &c.tensors)?;
-                    for (side, half) in [("head", head), ("tail", tail)] {
-                        if let Some(bytes) = half {
-                            nereid_onnx::Model::decode(&bytes).map_err(|e| {
-                                anyhow::anyhow!("cut {:?}: the {side} is not an ONNX model: {e}", c.tensors)
-                            })?;
-                        }
+                    let mut at_cut = vec![x.clone()];
+                    if let Some(head) = head {
+                        at_cut = NativeModel::new(&head)
+                            .with_context(|| format!("cut {:?}: the head", c.tensors))?
+                            .run(&[x.clone()])?;
+                        at_cut.extend(c.tensors.iter().filter(|t| *t == &x.name).map(|_| x.clone()));
                     }
+                    let out = match tail {
+                        Some(tail) => NativeModel::new(&tail)
+                            .with_context(|| format!("cut {:?}: the tail", c.tensors))?
+                            .run(&at_cut)?,
+                        None => at_cut,
+                    };
+                    let same = out.len() == whole.len()
+                        && out
+                            .iter()
+                            .zip(&whole)
+                            .all(|(a, b)| a.name == b.name && a.shape == b.shape && close(&a.data, &b.data));
+                    ensure!(same, "cut {:?}: the halves' outputs differ from the whole model's", c.tensors);
                 }
                 Ok(())
             })?;
         }
     }
     Ok(passed)
+}
+
+/// f32 values within 1e-5 (relative) of each other.
+fn close(a: &[u8], b: &[u8]) -> bool {
+    let f = |d: &[u8]| d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
+    let (a, b) = (f(a), f(b));
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
 }
 
 /// The name the router check registers its model under.

@@ -92,7 +92,7 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{}: name the plugin with --name", args.dir.display()))?,
     };
     nereid::names::check(nereid::names::Kind::Plugin, &name)?;
-    let files = templates::project(&name, args.slot, args.lang).map_err(anyhow::Error::msg)?;
+    let files = templates::project(&name, args.slot, args.lang);
     if args.dir.exists() && std::fs::read_dir(&args.dir)?.next().is_some() {
         bail!("{}: exists and is not empty", args.dir.display());
     }

@@ -38,19 +38,21 @@ const PYTHON_SDK: &[(&str, &str)] = &[
     ("nereid_plugin/__init__.py", include_str!("../../../../sdk/python/nereid_plugin/__init__.py")),
     ("nereid_plugin/random.py", include_str!("../../../../sdk/python/nereid_plugin/random.py")),
     ("nereid_plugin/nn.py", include_str!("../../../../sdk/python/nereid_plugin/nn.py")),
+    ("nereid_plugin/onnx.py", include_str!("../../../../sdk/python/nereid_plugin/onnx.py")),
 ];
 
 const JS_SDK: &str = include_str!("../../../../sdk/js/nereid-plugin.js");
 const JS_NN: &str = include_str!("../../../../sdk/js/nereid-nn.js");
+const JS_ONNX: &str = include_str!("../../../../sdk/js/nereid-onnx.js");
 
-/// The `nereid:sdk` worlds (the router slot with its wasi-nn imports), under `.nereid/wit-nn/`
-/// with the contract and wasi-nn as its dependencies: what Python and JavaScript routers build
-/// against.
+/// The `nereid:sdk` worlds (the inference slots with their wasi-nn imports), under
+/// `.nereid/wit-nn/` with the contract and wasi-nn as its dependencies: what Python and
+/// JavaScript routers and splitters build against.
 const WIT_NN: &str = include_str!("../../../../sdk/wit-nn/nereid-sdk.wit");
 
 /// Where a project's WIT is, for its toolchain.
 pub fn wit_dir(language: Language, slot: Slot) -> &'static str {
-    if language != Language::Rust && slot == Slot::Router {
+    if language != Language::Rust && matches!(slot, Slot::Router | Slot::Splitter) {
         ".nereid/wit-nn"
     } else {
         ".nereid/wit"
@@ -59,47 +61,42 @@ pub fn wit_dir(language: Language, slot: Slot) -> &'static str {
 
 /// The crates the vendored SDK and nereid-onnx build with (the workspace's pins).
 const WIT_BINDGEN: &str = "=0.61.1";
-const ONNX_DEPENDENCIES: &str =
-    "prost = { version = \"0.14\", default-features = false, features = [\"std\", \"derive\"] }\n\
-                                 thiserror = \"2.0\"\nserde = { version = \"1.0\", features = [\"derive\"] }\n";
+const ONNX_DEPENDENCIES: &str = concat!(
+    "prost = { version = \"0.14\", default-features = false, features = [\"std\", \"derive\"] }\n",
+    "thiserror = \"2.0\"\n",
+    "serde = { version = \"1.0\", features = [\"derive\"] }\n",
+);
 
-/// The template of `slot` in `language`, or why there is none.
-fn source(language: Language, slot: Slot) -> Result<&'static str, String> {
-    let found = match (language, slot) {
-        (Language::Rust, Slot::Aggregator) => Some(include_str!("templates/rust/aggregator.rs")),
-        (Language::Rust, Slot::ClientObjective) => Some(include_str!("templates/rust/client-objective.rs")),
-        (Language::Rust, Slot::Sampler) => Some(include_str!("templates/rust/sampler.rs")),
-        (Language::Rust, Slot::Compressor) => Some(include_str!("templates/rust/compressor.rs")),
-        (Language::Rust, Slot::Router) => Some(include_str!("templates/rust/router.rs")),
-        (Language::Rust, Slot::Adapter) => Some(include_str!("templates/rust/adapter.rs")),
-        (Language::Rust, Slot::Splitter) => Some(include_str!("templates/rust/splitter.rs")),
-        (Language::Python, Slot::Aggregator) => Some(include_str!("templates/python/aggregator.py")),
-        (Language::Python, Slot::ClientObjective) => Some(include_str!("templates/python/client-objective.py")),
-        (Language::Python, Slot::Sampler) => Some(include_str!("templates/python/sampler.py")),
-        (Language::Python, Slot::Compressor) => Some(include_str!("templates/python/compressor.py")),
-        (Language::Python, Slot::Adapter) => Some(include_str!("templates/python/adapter.py")),
-        (Language::Python, Slot::Router) => Some(include_str!("templates/python/router.py")),
-        (Language::Javascript, Slot::Router) => Some(include_str!("templates/javascript/router.js")),
-        (Language::Javascript, Slot::Aggregator) => Some(include_str!("templates/javascript/aggregator.js")),
-        (Language::Javascript, Slot::ClientObjective) => Some(include_str!("templates/javascript/client-objective.js")),
-        (Language::Javascript, Slot::Sampler) => Some(include_str!("templates/javascript/sampler.js")),
-        (Language::Javascript, Slot::Compressor) => Some(include_str!("templates/javascript/compressor.js")),
-        (Language::Javascript, Slot::Adapter) => Some(include_str!("templates/javascript/adapter.js")),
-        _ => None,
-    };
-    found.ok_or_else(|| {
-        format!(
-            "no {} template for the {} slot: a splitter cuts and writes ONNX graphs, for which nereid has a library \
-             (nereid-onnx) only in Rust (use --lang rust)",
-            language.name(),
-            slot.name()
-        )
-    })
+/// The template of `slot` in `language`.
+fn source(language: Language, slot: Slot) -> &'static str {
+    match (language, slot) {
+        (Language::Rust, Slot::Aggregator) => include_str!("templates/rust/aggregator.rs"),
+        (Language::Rust, Slot::ClientObjective) => include_str!("templates/rust/client-objective.rs"),
+        (Language::Rust, Slot::Sampler) => include_str!("templates/rust/sampler.rs"),
+        (Language::Rust, Slot::Compressor) => include_str!("templates/rust/compressor.rs"),
+        (Language::Rust, Slot::Router) => include_str!("templates/rust/router.rs"),
+        (Language::Rust, Slot::Adapter) => include_str!("templates/rust/adapter.rs"),
+        (Language::Rust, Slot::Splitter) => include_str!("templates/rust/splitter.rs"),
+        (Language::Python, Slot::Aggregator) => include_str!("templates/python/aggregator.py"),
+        (Language::Python, Slot::ClientObjective) => include_str!("templates/python/client-objective.py"),
+        (Language::Python, Slot::Sampler) => include_str!("templates/python/sampler.py"),
+        (Language::Python, Slot::Compressor) => include_str!("templates/python/compressor.py"),
+        (Language::Python, Slot::Adapter) => include_str!("templates/python/adapter.py"),
+        (Language::Python, Slot::Router) => include_str!("templates/python/router.py"),
+        (Language::Python, Slot::Splitter) => include_str!("templates/python/splitter.py"),
+        (Language::Javascript, Slot::Router) => include_str!("templates/javascript/router.js"),
+        (Language::Javascript, Slot::Splitter) => include_str!("templates/javascript/splitter.js"),
+        (Language::Javascript, Slot::Aggregator) => include_str!("templates/javascript/aggregator.js"),
+        (Language::Javascript, Slot::ClientObjective) => include_str!("templates/javascript/client-objective.js"),
+        (Language::Javascript, Slot::Sampler) => include_str!("templates/javascript/sampler.js"),
+        (Language::Javascript, Slot::Compressor) => include_str!("templates/javascript/compressor.js"),
+        (Language::Javascript, Slot::Adapter) => include_str!("templates/javascript/adapter.js"),
+    }
 }
 
 /// Every file of a new project named `name`.
-pub fn project(name: &str, slot: Slot, language: Language) -> Result<Vec<File>, String> {
-    let code = source(language, slot)?.replace("{{name}}", name);
+pub fn project(name: &str, slot: Slot, language: Language) -> Vec<File> {
+    let code = source(language, slot).replace("{{name}}", name);
     let mut files: Vec<File> = vec![
         (
             "plugin.toml".into(),
@@ -171,12 +168,15 @@ pub fn project(name: &str, slot: Slot, language: Language) -> Result<Vec<File>, 
             files.extend(PYTHON_SDK.iter().map(|(path, text)| (format!(".nereid/python/{path}"), text.to_string())));
         }
         Language::Javascript => {
-            let code =
-                code.replace("{{sdk}}", "./.nereid/nereid-plugin.js").replace("{{nn}}", "./.nereid/nereid-nn.js");
+            let code = code
+                .replace("{{sdk}}", "./.nereid/nereid-plugin.js")
+                .replace("{{nn}}", "./.nereid/nereid-nn.js")
+                .replace("{{onnx}}", "./.nereid/nereid-onnx.js");
             files.push(("app.js".into(), code));
             files.push((".nereid/nereid-plugin.js".into(), JS_SDK.to_string()));
             files.push((".nereid/nereid-nn.js".into(), JS_NN.to_string()));
+            files.push((".nereid/nereid-onnx.js".into(), JS_ONNX.to_string()));
         }
     }
-    Ok(files)
+    files
 }
