@@ -229,7 +229,7 @@ pub fn run(
                     if let Some(head) = head {
                         at_cut = NativeModel::new(&head)
                             .with_context(|| format!("cut {:?}: the head", c.tensors))?
-                            .run(&[x.clone()])?;
+                            .run(std::slice::from_ref(&x))?;
                         at_cut.extend(c.tensors.iter().filter(|t| *t == &x.name).map(|_| x.clone()));
                     }
                     let out = match tail {
