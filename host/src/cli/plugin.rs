@@ -80,21 +80,15 @@ pub struct AggregateArgs {
 }
 
 pub fn run(cmd: PluginCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let cmd = match cmd {
-        PluginCommand::Demo(args) => return super::demo::plugins::run(args, cache_dir),
-        PluginCommand::New(args) => return super::project::new(args),
-        PluginCommand::Build(args) => return super::project::build(args, cache_dir),
-        PluginCommand::Test(args) => return super::project::test(args, cache_dir),
-        other => other,
-    };
-    let registry_cache = cache_dir.clone();
-    let runtime = Runtime::new(cache_dir)?;
     match cmd {
-        PluginCommand::Demo(_) | PluginCommand::New(_) | PluginCommand::Build(_) | PluginCommand::Test(_) => {
-            unreachable!("handled above")
+        PluginCommand::Demo(args) => super::demo::plugins::run(args, cache_dir),
+        PluginCommand::New(args) => super::project::new(args),
+        PluginCommand::Build(args) => super::project::build(args, cache_dir),
+        PluginCommand::Test(args) => super::project::test(args, cache_dir),
+        PluginCommand::Inspect { component, json } => {
+            inspect(&Runtime::new(cache_dir.clone())?, &component, json, cache_dir.as_deref())
         }
-        PluginCommand::Inspect { component, json } => inspect(&runtime, &component, json, registry_cache.as_deref()),
-        PluginCommand::Aggregate(args) => aggregate(&runtime, args),
+        PluginCommand::Aggregate(args) => aggregate(&Runtime::new(cache_dir)?, args),
     }
 }
 

@@ -36,7 +36,8 @@ pub struct PluginProject {
     /// The plugin's name: the Rust package, the component file (`<name>.wasm`).
     pub name: String,
     /// The slot, as `nereid plugin inspect` names it (`aggregator`, `client-objective`, ...).
-    pub slot: String,
+    #[serde(deserialize_with = "slot_by_name")]
+    pub slot: Slot,
     pub language: Language,
     /// The WIT world; it follows from the slot (kept in the file for the tools that read it).
     #[serde(default)]
@@ -57,11 +58,10 @@ pub struct AdapterTest {
     pub payload: PathBuf,
 }
 
-impl PluginProject {
-    /// The slot (checked by [`CheckConfig::check`]).
-    pub fn slot(&self) -> Slot {
-        Slot::named(&self.slot).unwrap_or(Slot::Aggregator)
-    }
+fn slot_by_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+    let name = String::deserialize(d)?;
+    Slot::named(&name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown slot `{name}`: one of {}", slot_names())))
 }
 
 /// The slots, as a sentence for messages.
@@ -72,8 +72,7 @@ pub fn slot_names() -> String {
 impl CheckConfig for PluginProject {
     fn check(&self) -> Result<(), FieldError> {
         crate::names::check(crate::names::Kind::Plugin, &self.name).map_err(|e| bad("name", e.to_string()))?;
-        let slot = Slot::named(&self.slot)
-            .ok_or_else(|| bad("slot", format!("unknown slot `{}`: one of {}", self.slot, slot_names())))?;
+        let slot = self.slot;
         if let Some(world) = &self.world {
             if world != slot.world() {
                 return Err(bad("world", format!("slot {} is world `{}`, not `{world}`", slot.name(), slot.world())));

@@ -143,8 +143,7 @@ pub fn run(
         }
         Slot::Router => {
             // A small MLP with a softmax output, registered for the plugin's wasi-nn.
-            let spec = ModelSpec::Mlp { inputs: 8, hidden: vec![6], classes: 4 };
-            models.insert(TEST_MODEL, &to_onnx(&spec, &spec.init(1))?.encode_to_vec())?;
+            models.insert(TEST_MODEL, &test_mlp(4)?)?;
             let mut p = RouterPlugin::new(runtime, loaded.clone(), limits, config)?;
             check("runs a model through wasi-nn", &mut || {
                 let input: Vec<u8> = (0..16).flat_map(|i| (i as f32 * 0.1).to_le_bytes()).collect();
@@ -197,9 +196,7 @@ pub fn run(
         Slot::Splitter => {
             let mut p = SplitterPlugin::new(runtime, loaded.clone(), limits, config)?;
             // A small MLP, profiled by ONNX Runtime as `nereid model plan` does.
-            let spec = ModelSpec::Mlp { inputs: 8, hidden: vec![6], classes: 3 };
-            let onnx = to_onnx(&spec, &spec.init(1))?.encode_to_vec();
-            let profiled = profile::profile(&onnx, 3)?;
+            let profiled = profile::profile(&test_mlp(3)?, 3)?;
             let split = profiled.split_profile(profiled.node_ms.clone());
             let typed = profiled.model.encode();
             let mut cuts = Vec::new();
@@ -257,6 +254,13 @@ fn close(a: &[u8], b: &[u8]) -> bool {
     let f = |d: &[u8]| d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
     let (a, b) = (f(a), f(b));
     a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+}
+
+/// The checks' model: an MLP of 8 inputs, 6 hidden units and `classes` softmax outputs (input
+/// `input`), as ONNX.
+fn test_mlp(classes: usize) -> anyhow::Result<Vec<u8>> {
+    let spec = ModelSpec::Mlp { inputs: 8, hidden: vec![6], classes };
+    Ok(to_onnx(&spec, &spec.init(1))?.encode_to_vec())
 }
 
 /// The name the router check registers its model under.

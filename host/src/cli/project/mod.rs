@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use nereid::config::project::{slot_names, Language, PluginProject};
+use nereid::runtime::config::ConfigTable;
 use nereid::runtime::nn::{Models, NnBackend};
 use nereid::runtime::{self, Runtime, Slot};
 
@@ -146,15 +147,16 @@ pub fn build(args: BuildArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
     let project = read_project(&args.dir)?;
     let out = args.output.clone().unwrap_or_else(|| args.dir.join(format!("{}.wasm", project.name)));
     let started = Instant::now();
+    let (slot, wit, out_abs) =
+        (project.slot, templates::wit_dir(project.language, project.slot), std::path::absolute(&out)?);
     match project.language {
         Language::Rust => build_rust(&args.dir, &project, &out)?,
         Language::Python => {
             let tool =
                 toolchain("componentize-py", "NEREID_COMPONENTIZE_PY", &format!("pip install {COMPONENTIZE_PY}"))?;
             let mut cmd = Command::new(tool);
-            let wit = templates::wit_dir(project.language, project.slot());
-            cmd.args(["-d", wit, "-w", project.slot().world(), "componentize", "-p", ".", "-p"]);
-            cmd.args([".nereid/python", "app", "-o"]).arg(absolute(&out)?);
+            cmd.args(["-d", wit, "-w", slot.world(), "componentize", "-p", ".", "-p"]);
+            cmd.args([".nereid/python", "app", "-o"]).arg(out_abs);
             run(cmd.current_dir(&args.dir))?;
         }
         Language::Javascript => {
@@ -162,15 +164,15 @@ pub fn build(args: BuildArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
                 toolchain("componentize-js", "NEREID_COMPONENTIZE_JS", &format!("npm install -g {COMPONENTIZE_JS}"))?;
             let mut cmd = Command::new(tool);
             // wasi:http is not offered to plugins: the component must not import it.
-            let wit = templates::wit_dir(project.language, project.slot());
-            cmd.args(["app.js", "--wit", wit, "--world-name", project.slot().world()]);
-            cmd.args(["--disable", "http", "fetch-event", "-o"]).arg(absolute(&out)?);
+            cmd.args(["app.js", "--wit", wit, "--world-name", slot.world()]);
+            cmd.args(["--disable", "http", "fetch-event", "-o"]).arg(out_abs);
             run(cmd.current_dir(&args.dir))?;
         }
     }
     let build_seconds = started.elapsed().as_secs_f64();
     let runtime = runtime_with_models(cache_dir)?;
-    let report = test_component(&runtime, &out, &project, Some(project.slot()), &args.limits, args.no_test, &args.dir)?;
+    let checks = if args.no_test { None } else { Some((&project.config, adapter_input(&project, &args.dir)?)) };
+    let report = test_component(&runtime, &out, Some(slot), &args.limits, checks)?;
     print_report(Report { build_seconds: Some(build_seconds), ..report }, args.json)
 }
 
@@ -183,35 +185,38 @@ fn runtime_with_models(cache_dir: Option<PathBuf>) -> anyhow::Result<(Runtime, M
 
 pub fn test(args: TestArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = runtime_with_models(cache_dir)?;
-    let (component, project, dir) = if args.target.is_dir() {
+    let (component, project) = if args.target.is_dir() {
         let project = read_project(&args.target)?;
-        (args.target.join(format!("{}.wasm", project.name)), Some(project), args.target.clone())
+        (args.target.join(format!("{}.wasm", project.name)), Some(project))
     } else {
-        (args.target.clone(), None, PathBuf::from("."))
+        (args.target.clone(), None)
     };
-    let slot = args.slot.or(project.as_ref().map(PluginProject::slot));
-    let project = project.unwrap_or_else(|| PluginProject {
-        name: String::new(),
-        slot: String::new(),
-        language: Language::Rust,
-        world: None,
-        config: Default::default(),
-        test: None,
-    });
-    let report = test_component(&runtime, &component, &project, slot, &args.limits, false, &dir)?;
+    let no_config = ConfigTable::new();
+    let (slot, config, input) = match &project {
+        Some(p) => (args.slot.or(Some(p.slot)), &p.config, adapter_input(p, &args.target)?),
+        None => (args.slot, &no_config, None),
+    };
+    let report = test_component(&runtime, &component, slot, &args.limits, Some((config, input)))?;
     print_report(report, args.json)
 }
 
-/// Loads `component`, checks that it implements `slot` (as `plugin inspect` shows it) and, unless
-/// `skip`, runs the slot's checks with the project's config.
+/// The adapter check's payload that a project's `[test]` names, read from the project.
+fn adapter_input(project: &PluginProject, dir: &Path) -> anyhow::Result<Option<check::AdapterInput>> {
+    let Some(t) = &project.test else { return Ok(None) };
+    let path = dir.join(&t.payload);
+    let bytes =
+        nereid::files::read_limited(&path, 64 << 20).with_context(|| format!("test.payload: {}", path.display()))?;
+    Ok(Some((t.content_type.clone(), bytes)))
+}
+
+/// Loads `component`, checks that it implements `slot` (as `plugin inspect` shows it) and, given
+/// a config and an adapter payload, runs the slot's checks.
 fn test_component(
     (runtime, models): &(Runtime, Models),
     component: &Path,
-    project: &PluginProject,
     slot: Option<Slot>,
     limits: &super::LimitArgs,
-    skip: bool,
-    dir: &Path,
+    checks: Option<(&ConfigTable, Option<check::AdapterInput>)>,
 ) -> anyhow::Result<Report> {
     let loaded = runtime.load_file(component)?;
     let slot = match slot {
@@ -232,19 +237,9 @@ fn test_component(
         },
     };
     let info = runtime::describe(runtime, &loaded, &limits.limits())?;
-    let adapter_input = match &project.test {
-        Some(t) => {
-            let path = dir.join(&t.payload);
-            let bytes = nereid::files::read_limited(&path, 64 << 20)
-                .with_context(|| format!("test.payload: {}", path.display()))?;
-            Some((t.content_type.clone(), bytes))
-        }
-        None => None,
-    };
-    let checks = if skip {
-        Vec::new()
-    } else {
-        check::run(runtime, models, &loaded, slot, limits.limits(), &project.config, adapter_input)?
+    let checks = match checks {
+        Some((config, input)) => check::run(runtime, models, &loaded, slot, limits.limits(), config, input)?,
+        None => Vec::new(),
     };
     Ok(Report {
         component: component.display().to_string(),
@@ -319,10 +314,6 @@ fn toolchain(tool: &str, env: &str, install: &str) -> anyhow::Result<PathBuf> {
         .map(|d| d.join(tool))
         .find(|p| p.is_file());
     found.with_context(|| format!("{tool} is not on PATH: install it (`{install}`) or set {env} to it"))
-}
-
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(std::path::absolute(path)?)
 }
 
 /// Runs a toolchain; what it prints goes to stderr, so that stdout holds only the report.
