@@ -533,6 +533,8 @@ impl Tensor {
     }
 }
 
+mod elementwise;
+
 #[cfg(test)]
 mod tests {
     use super::*;

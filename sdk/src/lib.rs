@@ -60,6 +60,9 @@ mod model;
 pub mod nn;
 mod plugin;
 pub mod random;
+pub mod round;
+pub mod server_opt;
+pub mod state;
 
 pub use bindings::nereid::plugin::host::LogLevel;
 pub use bindings::nereid::plugin::model::{ClientUpdate, NamedTensor, UpdateKind};

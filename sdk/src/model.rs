@@ -117,6 +117,74 @@ impl Model {
         self.axpy(-1.0, other)
     }
 
+    /// self *= other, element-wise.
+    pub fn mul(&self, other: &Model) -> Result<(), PluginError> {
+        for (_, a, b) in self.zip(other)? {
+            a.mul(b)?;
+        }
+        Ok(())
+    }
+
+    /// self /= other, element-wise.
+    pub fn div(&self, other: &Model) -> Result<(), PluginError> {
+        for (_, a, b) in self.zip(other)? {
+            a.div(b)?;
+        }
+        Ok(())
+    }
+
+    /// self = sqrt(self), element-wise.
+    pub fn sqrt(&self) -> Result<(), PluginError> {
+        self.tensors.iter().try_for_each(|t| Ok(t.value.sqrt()?))
+    }
+
+    /// self += value, element-wise.
+    pub fn add_scalar(&self, value: f64) -> Result<(), PluginError> {
+        self.tensors.iter().try_for_each(|t| Ok(t.value.add_scalar(value)?))
+    }
+
+    /// self = sign(self): -1, 0 or 1, element-wise.
+    pub fn sign(&self) -> Result<(), PluginError> {
+        self.tensors.iter().try_for_each(|t| Ok(t.value.sign()?))
+    }
+
+    /// self += N(0, stddev^2) per element; tensor i draws from the stream of `seed + i`.
+    pub fn add_gaussian(&self, stddev: f64, seed: u64) -> Result<(), PluginError> {
+        for (i, t) in self.tensors.iter().enumerate() {
+            t.value.add_gaussian(stddev, seed.wrapping_add(i as u64))?;
+        }
+        Ok(())
+    }
+
+    /// sum over every element of self * other, in f64.
+    pub fn dot(&self, other: &Model) -> Result<f64, PluginError> {
+        let mut sum = 0.0;
+        for (_, a, b) in self.zip(other)? {
+            sum += a.dot(b)?;
+        }
+        Ok(sum)
+    }
+
+    /// The L2 norm of the whole model (all tensors as one vector).
+    pub fn l2_norm(&self) -> Result<f64, PluginError> {
+        let mut sum = 0.0;
+        for t in &self.tensors {
+            sum += t.value.l2_norm()?.powi(2);
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// Scales the whole model so that its L2 norm is at most `max_norm`; the factor applied.
+    pub fn clip_by_norm(&self, max_norm: f64) -> Result<f64, PluginError> {
+        let norm = self.l2_norm()?;
+        if norm <= max_norm {
+            return Ok(1.0);
+        }
+        let factor = max_norm / norm;
+        self.scale(factor)?;
+        Ok(factor)
+    }
+
     /// Refuses a model with a NaN or infinite element, naming the tensor.
     pub fn check_finite(&self) -> Result<(), PluginError> {
         match self.tensors.iter().find(|t| !t.value.all_finite()) {

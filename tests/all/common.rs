@@ -68,7 +68,14 @@ pub fn model(tensors: &[(&str, Tensor)]) -> NamedTensors {
 }
 
 pub fn update(client: &str, n: u64, tensors: NamedTensors) -> ClientUpdate {
-    ClientUpdate { client: client.into(), kind: UpdateKind::Weights, tensors, num_examples: n, metrics: Vec::new() }
+    ClientUpdate {
+        client: client.into(),
+        kind: UpdateKind::Weights,
+        tensors,
+        num_examples: n,
+        metrics: Vec::new(),
+        file: None,
+    }
 }
 
 pub fn get<'a>(m: &'a NamedTensors, name: &str) -> &'a Tensor {

@@ -23,3 +23,4 @@ mod router;
 mod sampler;
 mod sandbox;
 mod sdk;
+mod strategies;

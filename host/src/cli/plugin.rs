@@ -72,6 +72,10 @@ pub struct AggregateArgs {
     /// Where to write the aggregated model (safetensors).
     #[arg(long, short)]
     output: PathBuf,
+    /// The strategy state (FedAdam's moments, a clipping norm) across offline rounds: read
+    /// before the round if the file exists, written after it.
+    #[arg(long, value_name = "STATE.safetensors")]
+    state: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
     /// Print a JSON report.
@@ -224,6 +228,9 @@ fn aggregate(runtime: &Runtime, args: AggregateArgs) -> anyhow::Result<()> {
     let updates: Vec<(PathBuf, u64)> = args.updates.iter().map(|s| parse_update(s)).collect::<anyhow::Result<_>>()?;
     let global = args.global.as_deref().map(model_io::read).transpose()?;
     let mut plugin = AggregatorPlugin::load(runtime, &args.plugin, args.limits.limits(), &config)?;
+    if let Some(path) = args.state.as_ref().filter(|p| p.exists()) {
+        plugin.set_state(model_io::read(path)?);
+    }
     let kind = match args.kind {
         KindArg::Weights => UpdateKind::Weights,
         KindArg::Delta => UpdateKind::Delta,
@@ -233,7 +240,14 @@ fn aggregate(runtime: &Runtime, args: AggregateArgs) -> anyhow::Result<()> {
         let (path, n) = &updates[i];
         let client = path.display().to_string();
         match model_io::read(path) {
-            Ok(tensors) => Ok(ClientUpdate { client, kind, tensors, num_examples: *n, metrics: Vec::new() }),
+            Ok(tensors) => Ok(ClientUpdate {
+                client,
+                kind,
+                tensors,
+                num_examples: *n,
+                metrics: Vec::new(),
+                file: Some(path.clone()),
+            }),
             Err(e) => Err(Rejection { update: client, reason: e.to_string() }),
         }
     };
@@ -246,6 +260,9 @@ fn aggregate(runtime: &Runtime, args: AggregateArgs) -> anyhow::Result<()> {
     ]);
     metadata.insert("nereid.accepted_updates".into(), report.accepted.len().to_string());
     model_io::write(&args.output, &report.result.tensors, Some(metadata))?;
+    if let Some(path) = &args.state {
+        model_io::write(path, &report.result.state, None)?;
+    }
 
     let component = plugin.sandbox().component();
     let out = AggregateReport {

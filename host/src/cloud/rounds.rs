@@ -42,6 +42,14 @@ pub(super) enum Closing {
     TooFew,
 }
 
+/// A closed round: v(round), its summary, and the aggregator's strategy state with the
+/// aggregator that left it (None when nothing was folded).
+pub(super) struct ClosedRound {
+    pub model: Vec<u8>,
+    pub summary: RoundSummary,
+    pub state: Option<(String, Vec<u8>)>,
+}
+
 /// One round of a job, with what the engine reaches through: the store and the job's plugins.
 #[derive(Clone, Copy)]
 pub(super) struct RoundOf<'a> {
@@ -79,6 +87,7 @@ fn load_update(store: &CloudStore, job: &str, round: u32, node: &str) -> Result<
         tensors,
         num_examples: row.num_examples,
         metrics: Vec::new(),
+        file: Some(row.file),
     })
 }
 
@@ -112,6 +121,12 @@ impl Rounds {
         if stale {
             let aggregator = plugins.aggregator(store, spec)?;
             let mut plugin = crate::lock(&aggregator.plugin);
+            // The strategy state as committed: after a restart the same as the instance had.
+            let state = match store.strategy_state(&spec.name, round, &aggregator.label)? {
+                Some(bytes) => model_io::decode(&bytes, Path::new("the strategy state"))?,
+                None => Vec::new(),
+            };
+            plugin.set_state(state);
             // A new round, or a restarted cloud: begin again from the persisted state.
             let mut order = selected.to_vec();
             order.sort();
@@ -166,7 +181,7 @@ impl Rounds {
         r: &RoundOf,
         closing: Closing,
         (closed_by, opened_ms, traffic): (&str, i64, (u64, u64)),
-    ) -> anyhow::Result<(Vec<u8>, RoundSummary)> {
+    ) -> anyhow::Result<ClosedRound> {
         let RoundOf { store, spec, round, .. } = *r;
         let failures = store.failures(&spec.name, round)?;
         let failed =
@@ -204,23 +219,24 @@ impl Rounds {
                 aggregator: plugins::label(&spec.aggregator),
                 ..RoundSummary::default()
             };
-            return Ok((previous_model(store, &spec.name, round)?, summary));
+            return Ok(ClosedRound { model: previous_model(store, &spec.name, round)?, summary, state: None });
         }
         self.advance(r, true)?;
         let active =
             lock(&self.folds).remove(&spec.name).ok_or_else(|| anyhow::anyhow!("round {round} has no fold"))?;
         lock(&self.globals).remove(&spec.name);
         let mut plugin = crate::lock(&active.aggregator.plugin);
-        let (model, accepted, mut rejected, agg_metrics) = match active.fold.finish(&mut plugin) {
+        let (model, accepted, mut rejected, agg_metrics, state) = match active.fold.finish(&mut plugin) {
             Ok(report) => (
                 model_io::encode(&report.result.tensors, None)?,
                 report.accepted,
                 report.rejected,
                 report.result.metrics.into_iter().collect(),
+                Some((active.aggregator.label.clone(), model_io::encode(&report.result.state, None)?)),
             ),
-            // Nothing usable arrived: the global model stays as it was.
+            // Nothing usable arrived: the global model and the strategy state stay as they were.
             Err(RoundError::NothingAccepted(rejected)) => {
-                (previous_model(store, &spec.name, round)?, Vec::new(), rejected, BTreeMap::new())
+                (previous_model(store, &spec.name, round)?, Vec::new(), rejected, BTreeMap::new(), None)
             }
             Err(e) => return Err(e.into()),
         };
@@ -260,7 +276,7 @@ impl Rounds {
             duration_ms: now_ms() - opened_ms,
             aggregator: active.aggregator.label.clone(),
         };
-        Ok((model, summary))
+        Ok(ClosedRound { model, summary, state })
     }
 }
 
@@ -352,13 +368,14 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let (c, spec2, selected) = (cloud.clone(), spec.clone(), round.selected.clone());
         let traffic = lock(&cloud.traffic).get(&(name.to_string(), r)).copied().unwrap_or_default();
         let opened = round.opened_ms;
-        let (model, summary) = tokio::task::spawn_blocking(move || {
+        let ClosedRound { model, summary, state } = tokio::task::spawn_blocking(move || {
             let of = RoundOf { store: &c.store, plugins: &c.plugins, spec: &spec2, round: r, selected: &selected };
             c.rounds.close(&of, closing, (closed_by, opened, traffic))
         })
         .await??;
         let summary_json = serde_json::to_string(&summary)?;
-        cloud.store.close_round(name, r, &model, &summary_json)?;
+        let state = state.as_ref().map(|(by, bytes)| (by.as_str(), bytes.as_slice()));
+        cloud.store.close_round(name, r, &model, &summary_json, state)?;
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
         let c = cloud.clone();
         tokio::task::spawn_blocking(move || c.store.collect_update_files()).await??;

@@ -1,8 +1,8 @@
 //! The host functions plugins import: tensor operations and logging.
 use wasmtime::component::Resource;
 
-use super::bindings::nereid::plugin::{host, model, tensors, types};
-use super::state::{PluginState, TensorSlot};
+use super::bindings::nereid::plugin::{host, model, round_updates, strategy_state, tensors, types};
+use super::state::{PluginState, TensorSlot, MAX_STATE_KEYS, MAX_STATE_KEY_BYTES};
 use crate::tensor::{self, DType, Tensor};
 
 /// Elements one chunk read or write moves at most (4 MiB of f32).
@@ -237,9 +237,137 @@ impl tensors::HostTensor for PluginState {
         self.unary(&this, |a| a.write_f32(offset, &values, MAX_CHUNK))
     }
 
+    fn mul(&mut self, this: Resource<TensorSlot>, other: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.binary(&this, &other, |a, b| a.mul(b))
+    }
+
+    fn div(&mut self, this: Resource<TensorSlot>, other: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.binary(&this, &other, |a, b| a.div(b))
+    }
+
+    fn sqrt(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.sqrt())
+    }
+
+    fn add_scalar(&mut self, this: Resource<TensorSlot>, value: f64) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.add_scalar(value))
+    }
+
+    fn sign(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.sign())
+    }
+
+    fn add_gaussian(
+        &mut self,
+        this: Resource<TensorSlot>,
+        stddev: f64,
+        seed: u64,
+    ) -> wasmtime::Result<TensorResult<()>> {
+        self.unary(&this, |a| a.add_gaussian(stddev, seed))
+    }
+
     fn drop(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<()> {
         self.take(this)?;
         Ok(())
+    }
+}
+
+impl strategy_state::Host for PluginState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Resource<TensorSlot>>> {
+        match self.strategy.committed.get(&key).cloned() {
+            Some(t) => Ok(Some(self.lend(t)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&mut self, key: String, value: Resource<TensorSlot>) -> wasmtime::Result<Result<(), String>> {
+        if key.is_empty() || key.len() > MAX_STATE_KEY_BYTES {
+            return Ok(Err(format!("a state key is 1 to {MAX_STATE_KEY_BYTES} bytes, `{key}` is {}", key.len())));
+        }
+        let known = self.strategy.committed.contains_key(&key) || self.strategy.staged.contains_key(&key);
+        if !known && self.strategy.merged().len() >= MAX_STATE_KEYS {
+            return Ok(Err(format!("the strategy state holds at most {MAX_STATE_KEYS} keys")));
+        }
+        // Copy-on-write: the plugin may go on changing its tensor without changing the state.
+        let tensor = self.table.get(&value)?.tensor.clone();
+        self.strategy.staged.insert(key, Some(tensor));
+        Ok(Ok(()))
+    }
+
+    fn remove(&mut self, key: String) -> wasmtime::Result<()> {
+        self.strategy.staged.insert(key, None);
+        Ok(())
+    }
+}
+
+impl PluginState {
+    /// Hands a whole-round result to the plugin as new tensors, charged to its budget.
+    fn hand_over(
+        &mut self,
+        tensors: crate::model_io::NamedTensors,
+    ) -> wasmtime::Result<Result<Vec<model::NamedTensor>, String>> {
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, tensor) in tensors {
+            match self.create(tensor)? {
+                Ok(value) => out.push(model::NamedTensor { name, value }),
+                Err(e) => {
+                    for t in out {
+                        self.take(t.value)?;
+                    }
+                    let (tensors::TensorError::OutOfMemory(m)
+                    | tensors::TensorError::DtypeMismatch(m)
+                    | tensors::TensorError::ShapeMismatch(m)
+                    | tensors::TensorError::OutOfBounds(m)
+                    | tensors::TensorError::Unsupported(m)) = e;
+                    return Ok(Err(m));
+                }
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+impl round_updates::Host for PluginState {
+    fn count(&mut self) -> wasmtime::Result<u32> {
+        Ok(self.round.count() as u32)
+    }
+
+    fn pairwise_distances(&mut self, updates: Vec<u32>) -> wasmtime::Result<Result<Vec<f64>, String>> {
+        Ok(self.round.pairwise_distances(&updates))
+    }
+
+    fn rank_mean(
+        &mut self,
+        updates: Vec<u32>,
+        lo: u32,
+        hi: u32,
+    ) -> wasmtime::Result<Result<Vec<model::NamedTensor>, String>> {
+        match self.round.rank_mean(&updates, lo, hi) {
+            Ok(t) => self.hand_over(t),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn median_nearest_mean(
+        &mut self,
+        updates: Vec<u32>,
+        count: u32,
+    ) -> wasmtime::Result<Result<Vec<model::NamedTensor>, String>> {
+        match self.round.median_nearest_mean(&updates, count) {
+            Ok(t) => self.hand_over(t),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn weighted_mean(
+        &mut self,
+        updates: Vec<u32>,
+        weights: Vec<f64>,
+    ) -> wasmtime::Result<Result<Vec<model::NamedTensor>, String>> {
+        match self.round.weighted_mean(&updates, &weights) {
+            Ok(t) => self.hand_over(t),
+            Err(e) => Ok(Err(e)),
+        }
     }
 }
 

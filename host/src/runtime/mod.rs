@@ -7,6 +7,7 @@ mod error;
 mod host_impl;
 pub mod nn;
 mod openvino;
+pub mod round_updates;
 mod sandbox;
 mod slots;
 pub mod state;

@@ -1,13 +1,16 @@
 //! Typed front-ends of the slots: what the cloud and edge hosts call.
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use wasmtime::component::Resource;
 use wasmtime::Store;
 
 use super::bindings::{adapter, aggregator, client_objective, compressor, model, router, sampler, splitter, types};
 use super::config::ConfigTable;
+use super::round_updates::UpdateSource;
 use super::sandbox::WithRunner;
-use super::state::{PluginState, TensorSlot};
+use super::state::{PluginState, StrategyState, TensorSlot};
 use super::{Limits, LoadedComponent, PluginError, Runtime, Sandbox, SlotGuest};
 use crate::model_io::NamedTensors;
 use crate::tensor::Tensor;
@@ -41,13 +44,18 @@ pub struct ClientUpdate {
     pub tensors: NamedTensors,
     pub num_examples: u64,
     pub metrics: Vec<(String, f64)>,
+    /// The file the tensors were read from, where whole-round operations read them again; None
+    /// keeps the tensors in memory for the round.
+    pub file: Option<PathBuf>,
 }
 
-/// The end of a round: the next global model and the aggregator's metrics.
+/// The end of a round: the next global model, the aggregator's metrics, and its strategy state
+/// for the rounds after (to be committed with the model).
 #[derive(Debug, Clone)]
 pub struct AggregateResult {
     pub tensors: NamedTensors,
     pub metrics: Vec<(String, f64)>,
+    pub state: NamedTensors,
 }
 
 fn lend_all(store: &mut Store<PluginState>, tensors: &[(String, Tensor)]) -> wasmtime::Result<Vec<model::NamedTensor>> {
@@ -64,10 +72,11 @@ fn take_all(store: &mut Store<PluginState>, tensors: Vec<model::NamedTensor>) ->
 /// What every slot's front-end shares: the struct around its sandbox, `Debug` (the plugin's
 /// name), construction from a loaded component and loading from a file.
 macro_rules! slot_front_end {
-    ($(#[$doc:meta])* $name:ident, $guest:ty) => {
+    ($(#[$doc:meta])* $name:ident, $guest:ty $(, $field:ident: $ty:ty)*) => {
         $(#[$doc])*
         pub struct $name {
             sandbox: Sandbox<$guest>,
+            $($field: $ty,)*
         }
 
         impl std::fmt::Debug for $name {
@@ -84,7 +93,7 @@ macro_rules! slot_front_end {
                 limits: Limits,
                 config: &ConfigTable,
             ) -> Result<Self, PluginError> {
-                Ok($name { sandbox: Sandbox::new(runtime, loaded, limits, config)? })
+                Ok($name { sandbox: Sandbox::new(runtime, loaded, limits, config)?, $($field: Default::default(),)* })
             }
 
             pub fn load(runtime: &Runtime, path: &Path, limits: Limits, config: &ConfigTable) -> Result<Self, PluginError> {
@@ -99,19 +108,36 @@ macro_rules! slot_front_end {
 }
 
 slot_front_end!(
-    /// A plugin in the aggregator slot.
+    /// A plugin in the aggregator slot, with its strategy state as the last finished round left it.
     AggregatorPlugin,
-    aggregator::Guest
+    aggregator::Guest,
+    state: Arc<BTreeMap<String, Tensor>>
 );
 
 impl AggregatorPlugin {
+    /// Starts a round from the strategy state the last finished round left (or `set_state` gave).
+    /// Beginning again (a replay) drops what the round did so far.
     pub fn begin_round(&mut self, ctx: &RoundContext, global: Option<&[(String, Tensor)]>) -> Result<(), PluginError> {
         let ctx = types::RoundContext::from(ctx);
+        let committed = self.state.clone();
         let r = self.sandbox.call("begin-round", |g, store| {
+            let data = store.data_mut();
+            data.strategy = StrategyState { committed, staged: BTreeMap::new() };
+            data.round.clear();
             let global = global.map(|m| lend_all(store, m)).transpose()?;
             g.call_begin_round(store, &ctx, global.as_deref())
         })?;
         self.sandbox.check_plugin_result("begin-round", "the global model", r)
+    }
+
+    /// The strategy state the next round begins from (restored from a committed round).
+    pub fn set_state(&mut self, state: NamedTensors) {
+        self.state = Arc::new(state.into_iter().collect());
+    }
+
+    /// The strategy state as the last finished round left it, ordered by key.
+    pub fn state(&self) -> NamedTensors {
+        self.state.iter().map(|(k, t)| (k.clone(), t.clone())).collect()
     }
 
     /// Folds one update in. `Err(Rejected)` names the update; the plugin's state is as before.
@@ -132,7 +158,16 @@ impl AggregatorPlugin {
                     .map(|(name, value)| types::Metric { name: name.clone(), value: *value })
                     .collect(),
             };
-            g.call_accumulate(store, &wire)
+            let r = g.call_accumulate(&mut *store, &wire)?;
+            if r.is_ok() {
+                // Whole-round aggregators read it again through `round-updates`.
+                let source = match &update.file {
+                    Some(path) => UpdateSource::File(path.clone()),
+                    None => UpdateSource::Memory(update.tensors.clone()),
+                };
+                store.data_mut().round.push(update.client.clone(), source);
+            }
+            Ok(r)
         })?;
         self.sandbox.check_plugin_result("accumulate", &format!("update `{}`", update.client), r)
     }
@@ -140,14 +175,21 @@ impl AggregatorPlugin {
     pub fn finish(&mut self) -> Result<AggregateResult, PluginError> {
         let r = self.sandbox.call("finish", |g, store| {
             Ok(match g.call_finish(&mut *store)? {
-                Ok(agg) => Ok(AggregateResult {
-                    tensors: take_all(store, agg.tensors)?,
-                    metrics: agg.metrics.into_iter().map(|m| (m.name, m.value)).collect(),
-                }),
+                Ok(agg) => {
+                    let state = store.data().strategy.merged();
+                    store.data_mut().round.clear();
+                    Ok(AggregateResult {
+                        tensors: take_all(store, agg.tensors)?,
+                        metrics: agg.metrics.into_iter().map(|m| (m.name, m.value)).collect(),
+                        state: state.into_iter().collect(),
+                    })
+                }
                 Err(e) => Err(e),
             })
         })?;
-        self.sandbox.check_plugin_result("finish", "the round", r)
+        let result = self.sandbox.check_plugin_result("finish", "the round", r)?;
+        self.state = Arc::new(result.state.iter().cloned().collect());
+        Ok(result)
     }
 
     /// What the aggregator publishes to clients with the global model.

@@ -11,7 +11,34 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::round_updates::RoundUpdates;
 use crate::tensor::Tensor;
+
+/// Most keys a plugin's strategy state holds, and the longest key.
+pub const MAX_STATE_KEYS: usize = 4096;
+pub const MAX_STATE_KEY_BYTES: usize = 256;
+
+/// An aggregator's strategy state during a round: what the last committed round left, and the
+/// changes this round made (`None`: removed), applied when the round's model is committed.
+#[derive(Debug, Default, Clone)]
+pub struct StrategyState {
+    pub committed: Arc<std::collections::BTreeMap<String, Tensor>>,
+    pub staged: std::collections::BTreeMap<String, Option<Tensor>>,
+}
+
+impl StrategyState {
+    /// The state after this round: the committed values with this round's changes applied.
+    pub fn merged(&self) -> std::collections::BTreeMap<String, Tensor> {
+        let mut state = (*self.committed).clone();
+        for (key, value) in &self.staged {
+            match value {
+                Some(t) => state.insert(key.clone(), t.clone()),
+                None => state.remove(key),
+            };
+        }
+        state
+    }
+}
 
 /// A tensor in a plugin's resource table, with the bytes it was charged against the plugin's
 /// tensor budget (zero for tensors the host handed in).
@@ -145,6 +172,10 @@ pub struct PluginState {
     pub stderr: StderrTail,
     /// wasi-nn: the inference backends and the node's models.
     pub nn: wasmtime_wasi_nn::wit::WasiNnCtx,
+    /// Aggregators: the strategy state this round reads and writes.
+    pub strategy: StrategyState,
+    /// Aggregators: the updates this round accepted so far.
+    pub round: RoundUpdates,
 }
 
 impl PluginState {
@@ -174,6 +205,8 @@ impl PluginState {
             tensor_limit,
             stderr,
             nn,
+            strategy: StrategyState::default(),
+            round: RoundUpdates::default(),
         }
     }
 }

@@ -19,6 +19,9 @@ CREATE TABLE IF NOT EXISTS swaps (
     job TEXT NOT NULL, round INTEGER NOT NULL, slot TEXT NOT NULL, from_plugin TEXT NOT NULL,
     to_plugin TEXT NOT NULL, error TEXT, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS models (job TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL, PRIMARY KEY (job, version));
+CREATE TABLE IF NOT EXISTS strategy_states (
+    job TEXT NOT NULL, version INTEGER NOT NULL, aggregator TEXT NOT NULL, bytes BLOB NOT NULL,
+    PRIMARY KEY (job, version));
 CREATE TABLE IF NOT EXISTS rounds (
     job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL, opened_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, PRIMARY KEY (job, round));
@@ -442,6 +445,21 @@ impl CloudStore {
             .optional()?)
     }
 
+    /// The strategy state round `round` begins from: the one the latest earlier round that folded
+    /// updates committed, if `aggregator` left it (a swapped-in aggregator starts from nothing).
+    pub fn strategy_state(&self, job: &str, round: u32, aggregator: &str) -> Result<Option<Vec<u8>>> {
+        let latest: Option<(String, Vec<u8>)> = self
+            .conn()
+            .query_row(
+                "SELECT aggregator, bytes FROM strategy_states WHERE job = ?1 AND version < ?2
+                 ORDER BY version DESC LIMIT 1",
+                params![job, round],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(latest.filter(|(by, _)| by == aggregator).map(|(_, bytes)| bytes))
+    }
+
     /// (node, examples, metrics JSON) of a round's updates, without their tensors.
     pub fn update_metrics(&self, job: &str, round: u32) -> Result<Vec<(String, u64, String)>> {
         let conn = self.conn();
@@ -453,13 +471,28 @@ impl CloudStore {
 
     /// Commits round `round`'s model as version `round`, closes the round and moves the job on,
     /// in one transaction.
-    pub fn close_round(&self, job: &str, round: u32, model: &[u8], summary: &str) -> Result<()> {
+    /// `state`: the aggregator's strategy state after the round and which aggregator left it;
+    /// None when the round folded nothing (the state stays as the round before left it).
+    pub fn close_round(
+        &self,
+        job: &str,
+        round: u32,
+        model: &[u8],
+        summary: &str,
+        state: Option<(&str, &[u8])>,
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO models (job, version, bytes) VALUES (?1, ?2, ?3)",
             params![job, round, model],
         )?;
+        if let Some((aggregator, bytes)) = state {
+            tx.execute(
+                "INSERT OR REPLACE INTO strategy_states (job, version, aggregator, bytes) VALUES (?1, ?2, ?3, ?4)",
+                params![job, round, aggregator, bytes],
+            )?;
+        }
         tx.execute(
             "UPDATE rounds SET closed_ms = ?3, summary = ?4 WHERE job = ?1 AND round = ?2",
             params![job, round, now_ms(), summary],

@@ -173,7 +173,14 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
             let bytes = model_io::encode(&[("w".to_string(), t)], None).context("encoding an update")?;
             let client = format!("client-{k}");
             let tensors = model_io::decode(&bytes, std::path::Path::new(&client))?;
-            Ok(ClientUpdate { client, kind: UpdateKind::Weights, tensors, num_examples: *n, metrics: Vec::new() })
+            Ok(ClientUpdate {
+                client,
+                kind: UpdateKind::Weights,
+                tensors,
+                num_examples: *n,
+                metrics: Vec::new(),
+                file: None,
+            })
         })
         .collect::<anyhow::Result<_>>()?;
 

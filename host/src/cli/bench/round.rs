@@ -188,6 +188,7 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             tensors: model.clone(),
             num_examples: *n,
             metrics: Vec::new(),
+            file: None,
         })?;
     }
     plugin.finish()?;

@@ -121,6 +121,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             tensors: perturb(&global, &mut rng),
             num_examples: rng.gen_range(20..400),
             metrics: Vec::new(),
+            file: None,
         })
         .collect();
     let good = updates.clone();
@@ -133,6 +134,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         tensors: poisoned,
         num_examples: 100,
         metrics: Vec::new(),
+        file: None,
     });
     let mut misshapen = perturb(&global, &mut rng);
     misshapen[1].1 = Tensor::from_f32(vec![16], vec![0.0; 16]).expect("shape");
@@ -142,6 +144,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         tensors: misshapen,
         num_examples: 100,
         metrics: Vec::new(),
+        file: None,
     });
     updates.push(ClientUpdate {
         client: "edge-empty".into(),
@@ -149,6 +152,7 @@ pub fn run(args: DemoArgs, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         tensors: perturb(&global, &mut rng),
         num_examples: 0,
         metrics: Vec::new(),
+        file: None,
     });
 
     let expected = reference(&good);

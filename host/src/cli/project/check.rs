@@ -276,7 +276,14 @@ fn model(v: f32) -> Vec<(String, Tensor)> {
 }
 
 fn update(k: usize, examples: u64, kind: UpdateKind, tensors: Vec<(String, Tensor)>) -> ClientUpdate {
-    ClientUpdate { client: format!("client-{k}"), kind, tensors, num_examples: examples, metrics: Vec::new() }
+    ClientUpdate {
+        client: format!("client-{k}"),
+        kind,
+        tensors,
+        num_examples: examples,
+        metrics: Vec::new(),
+        file: None,
+    }
 }
 
 fn same_layout(what: &str, got: &[(String, Tensor)], want: &[(String, Tensor)]) -> anyhow::Result<()> {
