@@ -10,6 +10,7 @@ pub mod inference;
 pub mod link;
 pub mod model_io;
 pub mod names;
+pub mod privacy;
 pub mod protocol;
 pub mod runtime;
 pub mod store;

@@ -180,6 +180,22 @@ pub struct RoundSummary {
     /// The aggregator instance that folded this round (pinned reference or digest).
     #[serde(default)]
     pub aggregator: String,
+    /// For a round whose aggregator added differential-privacy noise: its parameters and the
+    /// job's epsilon after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<RoundPrivacy>,
+}
+
+/// What a differentially private round spent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundPrivacy {
+    /// Noise standard deviation over the clipping norm (the aggregator's `dp_noise_multiplier`).
+    pub noise_multiplier: f64,
+    /// Nodes selected over nodes online when the round opened.
+    pub sampling_rate: f64,
+    /// The job's epsilon after this round, at the job's `[privacy] delta`.
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -54,6 +54,7 @@ pub mod bindings {
 include!(concat!(env!("OUT_DIR"), "/generate.rs"));
 
 mod config;
+pub mod dp;
 mod export;
 pub mod fold;
 mod model;

@@ -383,3 +383,73 @@ fn a_job_stops_at_its_target_accuracy_or_when_an_operator_stops_it() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.status("long").rounds_done, done, "no round runs after the stop");
 }
+
+/// A job whose rounds are a differentially private mean (adaptive clipping) then FedAdam's
+/// server step, with the privacy section `privacy`.
+fn private_job(rounds: u32, privacy: &str) -> String {
+    let fedadam = plugin("fedadam").display().to_string();
+    job_toml("digits", "dp-adaptive-clipping", rounds, 3, 60.0)
+        + "config = { noise_multiplier = 0.8, clipped_count_stddev = 0.5, initial_clipping_norm = 0.5 }\n\n"
+        + &format!("[[aggregator.then]]\nplugin = {fedadam:?}\nconfig = {{ eta = 0.05, tau = 0.001 }}\n\n[privacy]\n{privacy}\n")
+}
+
+#[test]
+fn a_private_chain_killed_mid_job_keeps_its_clipping_norm_and_moments_and_ends_bit_identical() {
+    let rounds = 5;
+    let job = private_job(rounds, "delta = 1e-5");
+    let reference = reference_of(&job, rounds);
+    let (model, states) = killed_at_round(&job, rounds, 3);
+    assert_eq!(model, reference, "bit-identical to the run without the crash");
+    let last = states.last().expect("a state per round");
+    assert!(last.contains(&"clipping_norm".to_string()), "{last:?}");
+    assert!(last.contains(&"then[0]/m/dense.0.weight".to_string()), "{last:?}");
+}
+
+#[test]
+fn a_private_job_reports_epsilon_after_every_round_and_stops_at_its_budget() {
+    // Every node selected (q = 1) with z = 0.8: epsilon after k rounds, computed here.
+    let after = |k: u32| {
+        let mut a = nereid::privacy::Accountant::default();
+        (0..k).for_each(|_| a.step(1.0, 0.8));
+        a.epsilon(1e-5)
+    };
+    let budget = (after(2) + after(3)) / 2.0;
+    let c = Cluster::running(3);
+    c.apply("job", &private_job(10, &format!("delta = 1e-5\nepsilon_budget = {budget}")));
+    let s = c.wait_done("digits");
+    assert_eq!(s.rounds_done, 2, "the third round would pass the budget: {:?}", s.reason);
+    assert!(s.reason.as_deref().is_some_and(|r| r.contains("privacy budget spent")), "{:?}", s.reason);
+    for (k, h) in s.history.iter().enumerate() {
+        let p = h.privacy.as_ref().expect("a private round reports its privacy");
+        assert_eq!((p.noise_multiplier, p.sampling_rate, p.delta), (0.8, 1.0, 1e-5));
+        assert!(
+            (p.epsilon - after(k as u32 + 1)).abs() < 1e-9,
+            "round {}: {} vs {}",
+            h.round,
+            p.epsilon,
+            after(k as u32 + 1)
+        );
+        assert!(h.aggregator_metrics.contains_key("then[0].eta_t"), "FedAdam's metrics: {:?}", h.aggregator_metrics);
+    }
+    let (_, body) = http("GET", &c.url("/metrics"), None, Vec::new());
+    let text = String::from_utf8(body).expect("utf-8");
+    let line = text.lines().find(|l| l.starts_with("nereid_privacy_epsilon{job=\"digits\"")).expect("the gauge");
+    let epsilon: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number");
+    assert!((epsilon - after(2)).abs() < 1e-9, "/metrics: {epsilon}");
+    let text = String::from_utf8_lossy(&c.nereid(&["job", "status", "digits"]).stdout).to_string();
+    assert!(text.contains("privacy    epsilon") && text.contains("privacy budget spent"), "{text}");
+}
+
+#[test]
+fn a_chain_stage_of_the_wrong_slot_is_refused_naming_it() {
+    let c = Cluster::running(0);
+    let clipping = plugin("dp-client-clipping").display().to_string();
+    let job = job_toml("digits", "fedavg", 2, 1, 60.0)
+        + &format!("\n[[aggregator.then]]\nplugin = {clipping:?}\nconfig = {{ clipping_norm = 1.0 }}\n");
+    let path = c.path("chain.toml");
+    std::fs::write(&path, job).expect("job file");
+    let out = c.nereid(&["job", "apply", path.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(err.contains("aggregator.then[0].plugin") && err.contains("compressor"), "{err}");
+}

@@ -311,3 +311,110 @@ fn whole_round_statistics_over_stored_files_equal_a_float64_reference_across_chu
         assert_eq!(got[i], median, "element {i}");
     }
 }
+
+#[test]
+fn a_private_rounds_noise_has_the_configured_deviation() {
+    // Four identical updates within the bound: what the plugin adds beyond their mean is its
+    // noise, N(0, (z C / n)^2) per element = 0.25^2 here.
+    let (rt, _dir) = runtime();
+    let (z, c, n, len) = (1.0, 1.0, 4usize, 200_000usize);
+    let cfg = [("noise_multiplier", Value::Float(z)), ("clipping_norm", Value::Float(c))];
+    let mut p = aggregator(&rt, "dp-fixed-clipping", &cfg);
+    let global = model(&[("w", f32s(&[len as u64], &flat(0.0, len)))]);
+    let step = 0.5 / (len as f32).sqrt(); // the delta's norm is 0.5 < C
+    let ups: Vec<(Vec<f32>, u64)> = (0..n).map(|k| (flat(step, len), 10 + k as u64)).collect();
+    let report = round_of(&mut p, 1, &global, &ups);
+    let noise: Vec<f64> = values(&report.result.tensors).iter().map(|v| *v as f64 - step as f64).collect();
+    let mean = noise.iter().sum::<f64>() / len as f64;
+    let sd = (noise.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (len - 1) as f64).sqrt();
+    let want = z * c / n as f64;
+    // The sample deviation's standard error is want / sqrt(2 len) = 0.0004: 5 of them.
+    assert!((sd - want).abs() < 5.0 * want / (2.0 * len as f64).sqrt(), "deviation {sd}, configured {want}");
+    assert!(mean.abs() < 5.0 * want / (len as f64).sqrt(), "mean {mean}");
+    let metric = |name: &str| report.result.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    assert_eq!(metric("dp_noise_multiplier"), Some(z));
+    assert_eq!(metric("dp_clipped_updates"), Some(0.0));
+    // The same round again draws the same noise (a replay after a crash is bit-identical).
+    let mut again = aggregator(&rt, "dp-fixed-clipping", &cfg);
+    assert_eq!(round_of(&mut again, 1, &global, &ups).result.tensors, report.result.tensors);
+}
+
+#[test]
+fn the_clipping_bound_holds_for_every_update_on_the_server_and_on_the_edge() {
+    let (rt, _dir) = runtime();
+    let c = 1.5;
+    let global = model(&[("a", f32s(&[3], &[0.1, 0.2, 0.3])), ("b", f32s(&[2], &[1.0, -1.0]))]);
+    let norm = |m: &NamedTensors| -> f64 {
+        m.iter()
+            .map(|(name, t)| {
+                let g = get(&global, name).to_f64_vec();
+                t.to_f64_vec().iter().zip(g).map(|(x, y)| (x - y).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let cfg = [("noise_multiplier", Value::Float(0.0)), ("clipping_norm", Value::Float(c))];
+    for scale in [0.1f32, 1.0, 3.0, 100.0, 1e4] {
+        // One update per round: the round's result is that update clipped (no noise at z = 0).
+        let mut p = aggregator(&rt, "dp-fixed-clipping", &cfg);
+        let up = model(&[
+            ("a", f32s(&[3], &[0.1 + scale, 0.2 - scale, 0.3 + 0.5 * scale])),
+            ("b", f32s(&[2], &[1.0 + scale, -1.0])),
+        ]);
+        let raw = norm(&up);
+        let r = run_round(&mut p, &ctx(1), Some(&global), 1, |_| Ok(update("k", 5, up.clone()))).expect("round");
+        let clipped = norm(&r.result.tensors);
+        assert!(clipped <= c * (1.0 + 1e-6), "scale {scale}: norm {clipped} > {c}");
+        if raw <= c {
+            assert!((clipped - raw).abs() < 1e-6, "an update within the bound is unchanged");
+        } else {
+            assert!((clipped - c).abs() < 1e-5 * c, "scaled to the bound: {clipped}");
+        }
+    }
+
+    // On the edge: the compressor clips the difference before it is encoded for upload.
+    let mut edge = nereid::runtime::CompressorPlugin::load(
+        &rt,
+        &plugin("dp-client-clipping"),
+        nereid::runtime::Limits::default(),
+        &config(&[("clipping_norm", Value::Float(c))]),
+    )
+    .expect("loads");
+    let delta = model(&[("a", f32s(&[3], &[30.0, -40.0, 0.0])), ("b", f32s(&[2], &[0.0, 0.0]))]);
+    let sent = edge.encode(&ctx(1), &delta).expect("encode");
+    let sent_norm: f64 = sent.iter().flat_map(|(_, t)| t.to_f64_vec()).map(|x| x * x).sum::<f64>().sqrt();
+    assert!((sent_norm - c).abs() < 1e-5, "{sent_norm}");
+    let received = edge.decode(&ctx(1), &sent, "edge-1").expect("decode");
+    assert_eq!(received, sent, "the cloud takes the clipped difference as it came");
+}
+
+#[test]
+fn adaptive_clipping_moves_its_norm_toward_the_quantile_and_keeps_it_in_the_state() {
+    let (rt, _dir) = runtime();
+    let cfg = [
+        ("noise_multiplier", Value::Float(0.5)),
+        ("initial_clipping_norm", Value::Float(0.1)),
+        ("clipped_count_stddev", Value::Float(0.5)),
+    ];
+    let mut p = aggregator(&rt, "dp-adaptive-clipping", &cfg);
+    let global = model(&[("w", f32s(&[4], &flat(0.0, 4)))]);
+    // Deltas of norm 1 and 2: all far above 0.1, so the norm grows round after round.
+    let ups = [(flat(0.5, 4), 5), (flat(1.0, 4), 5), (flat(0.5, 4), 5), (flat(1.0, 4), 5)];
+    let mut norms = Vec::new();
+    for round in 1..=3 {
+        let r = round_of(&mut p, round, &global, &ups).result;
+        let metric = |name: &str| r.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v).expect(name);
+        norms.push(metric("dp_clipping_norm"));
+        assert_eq!(metric("dp_clipped_updates"), 4.0);
+        let (_, kept) = r.state.iter().find(|(k, _)| k == "clipping_norm").expect("kept in the host's state");
+        assert_eq!(kept.to_f64_vec(), vec![metric("dp_next_clipping_norm")]);
+    }
+    assert!(norms[0] == 0.1 && norms[1] > norms[0] && norms[2] > norms[1], "{norms:?}");
+    // Too little noise on the count for the configured multiplier: refused with the reason.
+    let mut bad = aggregator(&rt, "dp-adaptive-clipping", &[("noise_multiplier", Value::Float(1.0))]);
+    let e = run_round(&mut bad, &ctx(1), Some(&global), 2, |i| {
+        Ok(update(&format!("c{i}"), 5, model(&[("w", f32s(&[4], &ups[i].0))])))
+    })
+    .expect_err("refused");
+    assert!(e.to_string().contains("clipped_count_stddev"), "{e}");
+}

@@ -136,6 +136,12 @@ pub fn print_status(s: &JobStatus) {
         println!("compressor {c}");
     }
     println!("uploaded   {} bytes of updates in {} closed rounds", s.bytes_up_total, s.history.len());
+    if let Some(p) = s.history.iter().rev().find_map(|h| h.privacy.as_ref()) {
+        println!(
+            "privacy    epsilon {:.4} at delta {} (noise multiplier {}, sampling rate {:.3})",
+            p.epsilon, p.delta, p.noise_multiplier, p.sampling_rate
+        );
+    }
     if s.swap_pending {
         println!("swap       new plugins take over at the next round boundary");
     }

@@ -362,7 +362,7 @@ pub(super) fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         reason: row.reason.clone(),
         rounds_done: row.next_round - 1,
         max_rounds: spec.stop.rounds,
-        aggregator: plugins::label(&spec.aggregator),
+        aggregator: plugins::chain_label(&spec),
         client_objective: spec.client_objective.as_ref().map(plugins::label),
         compressor: spec.compressor.as_ref().map(plugins::label),
         bytes_up_total: history.iter().map(|h| h.bytes_up).sum(),
@@ -415,12 +415,21 @@ pub(super) async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String
     ));
     out.push_str("# HELP nereid_job_round Rounds closed per job.\n# TYPE nereid_job_round gauge\n");
     out.push_str("# HELP nereid_job_accuracy Accuracy of the newest evaluated global model per job.\n# TYPE nereid_job_accuracy gauge\n");
+    out.push_str("# HELP nereid_privacy_epsilon Differential privacy spent per job (epsilon at the job's delta).\n# TYPE nereid_privacy_epsilon gauge\n");
     for row in cloud.store.jobs()? {
         let job = crate::names::escape_label(&row.name);
         out.push_str(&format!("nereid_job_round{{job=\"{job}\"}} {}\n", row.next_round - 1));
-        let last = cloud.store.rounds(&row.name)?.into_iter().rev().find_map(|r| r.summary);
-        if let Some(acc) = last.and_then(|s| serde_json::from_str::<RoundSummary>(&s).ok()).and_then(|s| s.accuracy) {
+        let summaries: Vec<RoundSummary> = cloud
+            .store
+            .rounds(&row.name)?
+            .into_iter()
+            .filter_map(|r| r.summary.and_then(|s| serde_json::from_str(&s).ok()))
+            .collect();
+        if let Some(acc) = summaries.last().and_then(|s| s.accuracy) {
             out.push_str(&format!("nereid_job_accuracy{{job=\"{job}\"}} {acc}\n"));
+        }
+        if let Some(p) = summaries.iter().rev().find_map(|s| s.privacy.as_ref()) {
+            out.push_str(&format!("nereid_privacy_epsilon{{job=\"{job}\",delta=\"{}\"}} {}\n", p.delta, p.epsilon));
         }
     }
     Ok(out)

@@ -17,12 +17,17 @@ use crate::runtime::config::ConfigTable;
 use crate::runtime::{AggregatorPlugin, CompressorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
 use crate::store::{now_ms, CloudStore};
 
-/// A job's aggregator instance and what to call it (its pinned reference or digest).
+/// A job's aggregator instance, the instances of the stages after it (`aggregator.then`), and
+/// what to call the chain (pinned references or digests, joined by ` -> `).
 #[derive(Clone)]
 pub struct LiveAggregator {
     pub plugin: Arc<Mutex<AggregatorPlugin>>,
+    pub then: Arc<Mutex<Vec<AggregatorPlugin>>>,
     pub label: String,
 }
+
+/// An aggregator chain's instances: the first stage and the ones after it.
+pub type Chain = (AggregatorPlugin, Vec<AggregatorPlugin>);
 
 pub struct JobPlugins {
     runtime: Runtime,
@@ -30,8 +35,8 @@ pub struct JobPlugins {
     live: Mutex<HashMap<String, LiveAggregator>>,
     /// Each job's compressor instance (decoding is stateless: one instance serves every node).
     compressors: Mutex<HashMap<String, Arc<Mutex<CompressorPlugin>>>>,
-    /// Aggregators an apply validated, waiting for their job's next round boundary.
-    pending: Mutex<HashMap<String, AggregatorPlugin>>,
+    /// Aggregator chains an apply validated, waiting for their job's next round boundary.
+    pending: Mutex<HashMap<String, Chain>>,
     /// What each job's aggregator publishes to clients (FedProx's `mu`).
     published: Mutex<HashMap<String, ConfigTable>>,
     /// The round at whose boundary each job's followed tags were last checked.
@@ -44,6 +49,15 @@ pub struct JobPlugins {
 /// What to call a plugin in summaries: its pinned reference, else its digest.
 pub fn label(p: &PluginRef) -> String {
     p.pinned.clone().unwrap_or_else(|| p.digest.clone())
+}
+
+/// What to call a job's aggregator chain: its stages' labels joined by ` -> `.
+pub fn chain_label(spec: &JobSpec) -> String {
+    spec.aggregator_chain().map(label).collect::<Vec<_>>().join(" -> ")
+}
+
+fn same_chain(a: &JobSpec, b: &JobSpec) -> bool {
+    a.aggregator == b.aggregator && a.aggregator_then == b.aggregator_then
 }
 
 impl JobPlugins {
@@ -73,6 +87,19 @@ impl JobPlugins {
         Ok(AggregatorPlugin::new(&self.runtime, loaded, p.limits, &p.config)?)
     }
 
+    fn build_chain(&self, store: &CloudStore, spec: &JobSpec) -> anyhow::Result<Chain> {
+        let first = self.build_aggregator(store, &spec.name, &spec.aggregator).map_err(|e| e.context("aggregator"))?;
+        let then = spec
+            .aggregator_then
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                self.build_aggregator(store, &spec.name, p).map_err(|e| e.context(format!("aggregator.then[{i}]")))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok((first, then))
+    }
+
     fn check_objective(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<()> {
         let loaded = self.load(store, job, "client objective", p)?;
         ObjectivePlugin::new(&self.runtime, loaded, p.limits, &p.config)?;
@@ -81,7 +108,7 @@ impl JobPlugins {
 
     /// Makes `plugin` the job's aggregator; the one it replaces is dropped once the round that
     /// holds it (if any) lets go of it.
-    fn install(&self, job: &str, mut plugin: AggregatorPlugin, label: String) -> anyhow::Result<LiveAggregator> {
+    fn install(&self, job: &str, (mut plugin, then): Chain, label: String) -> anyhow::Result<LiveAggregator> {
         let published = plugin.client_config()?;
         {
             let mut p = lock(&self.published);
@@ -90,7 +117,7 @@ impl JobPlugins {
                 published.iter().map(|e| (e.key.clone(), config_value_to_toml(&e.value))).collect(),
             );
         }
-        let live = LiveAggregator { plugin: Arc::new(Mutex::new(plugin)), label };
+        let live = LiveAggregator { plugin: Arc::new(Mutex::new(plugin)), then: Arc::new(Mutex::new(then)), label };
         {
             let mut map = lock(&self.live);
             map.insert(job.to_string(), live.clone());
@@ -103,8 +130,8 @@ impl JobPlugins {
         if let Some(a) = lock(&self.live).get(&spec.name).cloned() {
             return Ok(a);
         }
-        let plugin = self.build_aggregator(store, &spec.name, &spec.aggregator)?;
-        self.install(&spec.name, plugin, label(&spec.aggregator))
+        let chain = self.build_chain(store, spec)?;
+        self.install(&spec.name, chain, chain_label(spec))
     }
 
     /// The job's compressor (None for a job without one), instantiated once and kept.
@@ -167,12 +194,11 @@ impl JobPlugins {
         if let Some(p) = new.client_objective.as_ref().filter(|_| new.client_objective != current.client_objective) {
             self.check_objective(store, &new.name, p).map_err(|e| e.context("client_objective"))?;
         }
-        if new.aggregator != current.aggregator {
-            let plugin =
-                self.build_aggregator(store, &new.name, &new.aggregator).map_err(|e| e.context("aggregator"))?;
+        if !same_chain(new, current) {
+            let chain = self.build_chain(store, new)?;
             {
                 let mut pending = lock(&self.pending);
-                pending.insert(new.name.clone(), plugin);
+                pending.insert(new.name.clone(), chain);
             }
         }
         Ok(())
@@ -217,14 +243,14 @@ impl JobPlugins {
                 continue;
             }
             let refuse = |error: String| {
-                tracing::warn!(job = %name, slot, to = %pinned, "the moved tag's plugin is refused; the old one keeps running: {error}");
+                tracing::warn!(job = %name, %slot, to = %pinned, "the moved tag's plugin is refused; the old one keeps running: {error}");
                 {
                     let mut r = lock(&self.refused);
                     r.insert(pinned.clone());
                 }
                 let swap = SwapRow {
                     round,
-                    slot: slot.into(),
+                    slot: slot.clone(),
                     from: label(p),
                     to: pinned.clone(),
                     error: Some(error),
@@ -241,8 +267,8 @@ impl JobPlugins {
             };
             store.put_component(&fetched.digest, &fetched.bytes)?;
             let candidate = PluginRef { digest: fetched.digest, pinned: fetched.pinned, ..p.clone() };
-            let checked = match slot {
-                "aggregator" => self.build_aggregator(store, name, &candidate).map(drop),
+            let checked = match slot.as_str() {
+                s if s.starts_with("aggregator") => self.build_aggregator(store, name, &candidate).map(drop),
                 _ => self.check_objective(store, name, &candidate),
             };
             if let Err(e) = checked {
@@ -267,20 +293,20 @@ impl JobPlugins {
         old: &JobSpec,
         new: &JobSpec,
         round: u32,
-        prepared: Option<AggregatorPlugin>,
+        prepared: Option<Chain>,
     ) -> anyhow::Result<()> {
         let record = |slot: &str, from: String, to: String| {
             tracing::info!(job = %new.name, round, slot, %from, %to, "plugin swapped");
             self.swaps.fetch_add(1, Ordering::Relaxed);
             store.record_swap(&new.name, &SwapRow { round, slot: slot.into(), from, to, error: None, at_ms: now_ms() })
         };
-        if new.aggregator != old.aggregator {
-            let plugin = match prepared {
-                Some(p) => p,
-                None => self.build_aggregator(store, &new.name, &new.aggregator)?,
+        if !same_chain(new, old) {
+            let chain = match prepared {
+                Some(c) => c,
+                None => self.build_chain(store, new)?,
             };
-            self.install(&new.name, plugin, label(&new.aggregator))?;
-            record("aggregator", label(&old.aggregator), label(&new.aggregator))?;
+            self.install(&new.name, chain, chain_label(new))?;
+            record("aggregator", chain_label(old), chain_label(new))?;
         }
         if new.client_objective != old.client_objective {
             let name = |p: &Option<PluginRef>| p.as_ref().map_or_else(|| "none".to_string(), label);

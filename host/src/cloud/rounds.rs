@@ -16,6 +16,7 @@ use crate::aggregate::{Rejection, RoundError, RoundFold};
 use crate::config::job::JobSpec;
 use crate::lock;
 use crate::model_io::{self, NamedTensors};
+use crate::privacy::Accountant;
 use crate::protocol::*;
 use crate::runtime::{ClientUpdate, RoundContext, UpdateKind};
 use crate::store::{now_ms, CloudStore};
@@ -95,7 +96,131 @@ fn previous_model(store: &CloudStore, job: &str, round: u32) -> anyhow::Result<V
     store.model(job, round - 1)?.ok_or_else(|| anyhow::anyhow!("model version {} is missing", round - 1))
 }
 
+/// The aggregator metric in which a differentially private aggregator reports its noise
+/// multiplier (noise standard deviation over one client's clipping norm).
+pub const DP_NOISE_METRIC: &str = "dp_noise_multiplier";
+
+/// The delta at which epsilon is reported when a job has no `[privacy]` section.
+pub const DEFAULT_DELTA: f64 = 1e-5;
+
+fn sampling_rate(selected: usize, population: usize) -> f64 {
+    if population == 0 {
+        1.0
+    } else {
+        (selected as f64 / population as f64).min(1.0)
+    }
+}
+
+/// The accountant of the rounds of `spec` before `round` that reported privacy.
+fn accountant_before(store: &CloudStore, spec: &JobSpec, round: u32) -> anyhow::Result<(Accountant, Option<f64>)> {
+    let mut accountant = Accountant::default();
+    let mut last_z = None;
+    for row in store.rounds(&spec.name)?.into_iter().filter(|r| r.round < round) {
+        let Some(summary) = row.summary.as_deref().and_then(|s| serde_json::from_str::<RoundSummary>(s).ok()) else {
+            continue;
+        };
+        if let Some(p) = summary.privacy {
+            accountant.step(p.sampling_rate, p.noise_multiplier);
+            last_z = Some(p.noise_multiplier);
+        }
+    }
+    Ok((accountant, last_z))
+}
+
+/// The privacy spent once round `round` (noise multiplier `z`, sampling rate `q`) is added.
+fn account(store: &CloudStore, spec: &JobSpec, round: u32, z: f64, q: f64) -> anyhow::Result<RoundPrivacy> {
+    let delta = spec.privacy.as_ref().map_or(DEFAULT_DELTA, |p| p.delta);
+    let (mut accountant, _) = accountant_before(store, spec, round)?;
+    accountant.step(q, z);
+    Ok(RoundPrivacy { noise_multiplier: z, sampling_rate: q, epsilon: accountant.epsilon(delta), delta })
+}
+
+/// Why round `round` must not open: one more round like the last private one, at sampling
+/// rate `q`, would take epsilon past the job's budget.
+fn budget_spent(store: &CloudStore, spec: &JobSpec, round: u32, q: f64) -> anyhow::Result<Option<String>> {
+    let Some((budget, delta)) = spec.privacy.as_ref().and_then(|p| p.epsilon_budget.map(|b| (b, p.delta))) else {
+        return Ok(None);
+    };
+    let (mut accountant, last_z) = accountant_before(store, spec, round)?;
+    let Some(z) = last_z else { return Ok(None) };
+    let spent = accountant.epsilon(delta);
+    accountant.step(q, z);
+    let next = accountant.epsilon(delta);
+    Ok((next > budget).then(|| {
+        format!("privacy budget spent: epsilon {spent:.4} at delta {delta}; one more round would reach {next:.4}, past the budget of {budget}")
+    }))
+}
+
+fn round_context(spec: &JobSpec, round: u32) -> RoundContext {
+    RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) }
+}
+
+/// The prefix of stage `k`'s keys (k >= 1) in a chain's committed strategy state; the first
+/// stage's keys have none.
+fn stage_prefix(k: usize) -> String {
+    format!("then[{}]/", k - 1)
+}
+
+/// Splits a chain's committed state into the first stage's and each later stage's.
+fn split_state(state: NamedTensors, later: usize) -> (NamedTensors, Vec<NamedTensors>) {
+    let mut first = Vec::new();
+    let mut rest = vec![Vec::new(); later];
+    'keys: for (key, t) in state {
+        for (k, stage) in rest.iter_mut().enumerate() {
+            if let Some(own) = key.strip_prefix(&stage_prefix(k + 1)) {
+                stage.push((own.to_string(), t));
+                continue 'keys;
+            }
+        }
+        first.push((key, t));
+    }
+    (first, rest)
+}
+
 impl Rounds {
+    /// Runs the stages after the aggregator (`aggregator.then`) on its result: each takes the
+    /// model the one before produced as its only update (`examples`: the round's example
+    /// count) with the round's global model. Metrics of stage k are named `then[k-1].<name>`;
+    /// the states are joined under [`stage_prefix`].
+    fn run_stages(
+        &self,
+        r: &RoundOf,
+        aggregator: &LiveAggregator,
+        first: crate::runtime::AggregateResult,
+        examples: u64,
+    ) -> anyhow::Result<crate::runtime::AggregateResult> {
+        let mut stages = crate::lock(&aggregator.then);
+        if stages.is_empty() {
+            return Ok(first);
+        }
+        let RoundOf { store, spec, round, .. } = *r;
+        let global = self.global(store, spec, round)?;
+        let ctx = round_context(spec, round);
+        let mut result = first;
+        for (k, stage) in stages.iter_mut().enumerate() {
+            let table = format!("aggregator.then[{k}]");
+            let update = ClientUpdate {
+                client: if k == 0 { "aggregator".into() } else { format!("aggregator.then[{}]", k - 1) },
+                kind: UpdateKind::Weights,
+                tensors: result.tensors,
+                num_examples: examples.max(1),
+                metrics: Vec::new(),
+                file: None,
+            };
+            let report = crate::aggregate::run_round(stage, &ctx, Some(&global), 1, |_| Ok(update.clone()))
+                .map_err(|e| anyhow::anyhow!("{table}: {e}"))?;
+            if let Some(refused) = report.rejected.first() {
+                anyhow::bail!("{table} refused the model of the stage before it: {}", refused.reason);
+            }
+            result.tensors = report.result.tensors;
+            result.metrics.extend(report.result.metrics.into_iter().map(|(n, v)| (format!("then[{k}].{n}"), v)));
+            result
+                .state
+                .extend(report.result.state.into_iter().map(|(key, t)| (format!("{}{key}", stage_prefix(k + 1)), t)));
+        }
+        Ok(result)
+    }
+
     /// The global model round `round` of `spec` starts from, v(round - 1). For a job with a
     /// compressor it is decoded once per round and kept (every upload is decoded against it);
     /// otherwise it is read when needed (at the fold's start), so its memory is not held.
@@ -126,11 +251,17 @@ impl Rounds {
                 Some(bytes) => model_io::decode(&bytes, Path::new("the strategy state"))?,
                 None => Vec::new(),
             };
-            plugin.set_state(state);
+            let mut then = crate::lock(&aggregator.then);
+            let (first, rest) = split_state(state, then.len());
+            plugin.set_state(first);
+            for (stage, state) in then.iter_mut().zip(rest) {
+                stage.set_state(state);
+            }
+            drop(then);
             // A new round, or a restarted cloud: begin again from the persisted state.
             let mut order = selected.to_vec();
             order.sort();
-            let ctx = RoundContext { job: spec.name.clone(), round, seed: spec.seed.wrapping_add(round as u64) };
+            let ctx = round_context(spec, round);
             let global = self.global(store, spec, round)?;
             let fold = RoundFold::begin(&mut plugin, ctx, Some(&global))?;
             drop(plugin);
@@ -216,7 +347,7 @@ impl Rounds {
                 closed_by: closed_by.into(),
                 rejected,
                 duration_ms: now_ms() - opened_ms,
-                aggregator: plugins::label(&spec.aggregator),
+                aggregator: plugins::chain_label(spec),
                 ..RoundSummary::default()
             };
             return Ok(ClosedRound { model: previous_model(store, &spec.name, round)?, summary, state: None });
@@ -227,13 +358,21 @@ impl Rounds {
         lock(&self.globals).remove(&spec.name);
         let mut plugin = crate::lock(&active.aggregator.plugin);
         let (model, accepted, mut rejected, agg_metrics, state) = match active.fold.finish(&mut plugin) {
-            Ok(report) => (
-                model_io::encode(&report.result.tensors, None)?,
-                report.accepted,
-                report.rejected,
-                report.result.metrics.into_iter().collect(),
-                Some((active.aggregator.label.clone(), model_io::encode(&report.result.state, None)?)),
-            ),
+            Ok(report) => {
+                let examples = report
+                    .accepted
+                    .iter()
+                    .filter_map(|n| metrics_of.get(n))
+                    .fold(0u64, |sum, m| sum.saturating_add(m.0));
+                let staged = self.run_stages(r, &active.aggregator, report.result, examples)?;
+                (
+                    model_io::encode(&staged.tensors, None)?,
+                    report.accepted,
+                    report.rejected,
+                    staged.metrics.into_iter().collect(),
+                    Some((active.aggregator.label.clone(), model_io::encode(&staged.state, None)?)),
+                )
+            }
             // Nothing usable arrived: the global model and the strategy state stay as they were.
             Err(RoundError::NothingAccepted(rejected)) => {
                 (previous_model(store, &spec.name, round)?, Vec::new(), rejected, BTreeMap::new(), None)
@@ -256,7 +395,15 @@ impl Rounds {
                 *weight = weight.saturating_add(*n);
             }
         }
+        let privacy = match agg_metrics.get(DP_NOISE_METRIC) {
+            Some(&z) => {
+                let population = store.round(&spec.name, round)?.and_then(|r| r.population).unwrap_or(0);
+                Some(account(store, spec, round, z, sampling_rate(r.selected.len(), population as usize))?)
+            }
+            None => None,
+        };
         let summary = RoundSummary {
+            privacy,
             round,
             trainer_metrics: trainer_metrics
                 .into_iter()
@@ -330,7 +477,11 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 chosen.truncate(count);
                 chosen.sort();
                 let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
-                cloud.store.open_round(name, r, &chosen, deadline)?;
+                if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {
+                    cloud.store.finish_job(name, "done", &reason)?;
+                    continue;
+                }
+                cloud.store.open_round(name, r, &chosen, deadline, online.len())?;
                 tracing::info!(job = name, round = r, selected = ?chosen, "round opened");
                 continue;
             }

@@ -25,11 +25,52 @@ pub struct JobFile {
     pub model: ModelSpec,
     #[serde(default)]
     pub training: TrainingSection,
-    pub aggregator: PluginSection,
+    pub aggregator: AggregatorSection,
     pub client_objective: Option<PluginSection>,
     /// Encodes each update on its edge before upload and decodes it on the cloud (e.g. INT8 or
     /// top-k); edges then send the difference to the global model.
     pub compressor: Option<PluginSection>,
+    /// Differential privacy's accounting: epsilon after every round, and a budget.
+    pub privacy: Option<PrivacySection>,
+}
+
+/// `[aggregator]`: the plugin that folds the clients' updates, and the stages after it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorSection {
+    pub plugin: Spanned<String>,
+    pub follow_tag: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub config: BTreeMap<Spanned<String>, toml::Value>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mib: Option<usize>,
+    /// Aggregators run after this one, in order, each on the model the one before produced (its
+    /// only update), e.g. a differentially private mean then FedAdam's server step.
+    #[serde(default)]
+    pub then: Vec<PluginSection>,
+}
+
+impl AggregatorSection {
+    /// The first stage as a plain plugin section.
+    fn first(&self) -> PluginSection {
+        PluginSection {
+            plugin: self.plugin.clone(),
+            follow_tag: self.follow_tag.clone(),
+            config: self.config.clone(),
+            timeout_ms: self.timeout_ms,
+            memory_mib: self.memory_mib,
+        }
+    }
+}
+
+/// `[privacy]`: the (epsilon, delta) a job's differentially private rounds spend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    /// The delta at which epsilon is reported.
+    pub delta: f64,
+    /// The job stops when its next round would take epsilon past this.
+    pub epsilon_budget: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -166,24 +207,36 @@ pub struct JobSpec {
     pub model: ModelSpec,
     pub training: TrainingSection,
     pub aggregator: PluginRef,
+    /// `aggregator.then`: the stages after the aggregator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregator_then: Vec<PluginRef>,
     pub client_objective: Option<PluginRef>,
     #[serde(default)]
     pub compressor: Option<PluginRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySection>,
 }
 
 impl JobSpec {
-    /// The job's plugins with their slot (table) names: the aggregator, then the client
+    /// The job's plugins with their table names: the aggregator and its stages, then the client
     /// objective and the compressor if there are.
-    pub fn plugins(&self) -> impl Iterator<Item = (&'static str, &PluginRef)> {
-        std::iter::once(("aggregator", &self.aggregator))
-            .chain(self.client_objective.as_ref().map(|p| ("client_objective", p)))
-            .chain(self.compressor.as_ref().map(|p| ("compressor", p)))
+    pub fn plugins(&self) -> impl Iterator<Item = (String, &PluginRef)> {
+        std::iter::once(("aggregator".to_string(), &self.aggregator))
+            .chain(self.aggregator_then.iter().enumerate().map(|(i, p)| (format!("aggregator.then[{i}]"), p)))
+            .chain(self.client_objective.as_ref().map(|p| ("client_objective".to_string(), p)))
+            .chain(self.compressor.as_ref().map(|p| ("compressor".to_string(), p)))
     }
 
-    pub fn plugins_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut PluginRef)> {
-        std::iter::once(("aggregator", &mut self.aggregator))
-            .chain(self.client_objective.as_mut().map(|p| ("client_objective", p)))
-            .chain(self.compressor.as_mut().map(|p| ("compressor", p)))
+    pub fn plugins_mut(&mut self) -> impl Iterator<Item = (String, &mut PluginRef)> {
+        std::iter::once(("aggregator".to_string(), &mut self.aggregator))
+            .chain(self.aggregator_then.iter_mut().enumerate().map(|(i, p)| (format!("aggregator.then[{i}]"), p)))
+            .chain(self.client_objective.as_mut().map(|p| ("client_objective".to_string(), p)))
+            .chain(self.compressor.as_mut().map(|p| ("compressor".to_string(), p)))
+    }
+
+    /// Every aggregator stage: the aggregator, then `aggregator.then`.
+    pub fn aggregator_chain(&self) -> impl Iterator<Item = &PluginRef> {
+        std::iter::once(&self.aggregator).chain(&self.aggregator_then)
     }
 }
 
@@ -288,6 +341,16 @@ pub fn check_settings(
     Ok(())
 }
 
+fn check_privacy(p: &PrivacySection) -> Result<(), FieldError> {
+    if !(p.delta > 0.0 && p.delta < 1.0) {
+        return Err(bad("privacy.delta", format!("must be between 0 and 1 (exclusive), got {}", p.delta)));
+    }
+    if let Some(b) = p.epsilon_budget.filter(|b| !(b.is_finite() && *b > 0.0)) {
+        return Err(bad("privacy.epsilon_budget", format!("must be a positive number, got {b}")));
+    }
+    Ok(())
+}
+
 /// Checks a plugin's limits; the key is under `table`.
 fn check_limits(table: &str, limits: &Limits) -> Result<(), FieldError> {
     limits.validate().map_err(|(key, message)| bad(format!("{table}.{key}"), message))
@@ -303,7 +366,11 @@ impl JobSpec {
                 return Err(bad("model.init", "the initial weights' digest is not `sha256:<64 hex digits>`"));
             }
         }
+        if let Some(privacy) = &self.privacy {
+            check_privacy(privacy)?;
+        }
         for (table, p) in self.plugins() {
+            let table = table.as_str();
             if nereid_registry::sha256_hex(&p.digest).is_none() {
                 return Err(bad(format!("{table}.plugin"), "the component's digest is not `sha256:<64 hex digits>`"));
             }
@@ -404,7 +471,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
         check_limits(table, &limits).map_err(|e| src.error_at_key(&e.key, e.message))?;
         let loaded = runtime.load_bytes(&fetched.bytes, &fetched.origin).map_err(|e| at_plugin(e.to_string()))?;
         let checked = match table {
-            "aggregator" => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
+            t if t.starts_with("aggregator") => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
             "compressor" => CompressorPlugin::new(runtime, loaded, limits, &config).map(drop),
             _ => ObjectivePlugin::new(runtime, loaded, limits, &config).map(drop),
         };
@@ -435,7 +502,17 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
             limits,
         })
     };
-    let aggregator = load_plugin(&file.aggregator, "aggregator")?;
+    let aggregator = load_plugin(&file.aggregator.first(), "aggregator")?;
+    let aggregator_then = file
+        .aggregator
+        .then
+        .iter()
+        .enumerate()
+        .map(|(i, s)| load_plugin(s, &format!("aggregator.then[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(privacy) = &file.privacy {
+        check_privacy(privacy).map_err(|e| src.error_at_key(&e.key, e.message))?;
+    }
     let client_objective = file.client_objective.as_ref().map(|s| load_plugin(s, "client_objective")).transpose()?;
     let compressor = file.compressor.as_ref().map(|s| load_plugin(s, "compressor")).transpose()?;
     let spec = JobSpec {
@@ -446,8 +523,10 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
         model: file.model,
         training: file.training,
         aggregator,
+        aggregator_then,
         client_objective,
         compressor,
+        privacy: file.privacy,
     };
     Ok(LoadedJob { spec, components, initial_weights })
 }

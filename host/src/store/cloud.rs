@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS strategy_states (
     PRIMARY KEY (job, version));
 CREATE TABLE IF NOT EXISTS rounds (
     job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL, opened_ms INTEGER NOT NULL,
-    deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, PRIMARY KEY (job, round));
+    deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT, population INTEGER, PRIMARY KEY (job, round));
 CREATE TABLE IF NOT EXISTS updates (
     job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL, file TEXT NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
@@ -57,6 +57,9 @@ pub struct RoundRow {
     pub deadline_ms: i64,
     pub closed_ms: Option<i64>,
     pub summary: Option<String>,
+    /// Nodes online when the round opened (the selection's population): the sampling rate of
+    /// the privacy accountant is selected / population.
+    pub population: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +100,15 @@ impl CloudStore {
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         if !has_pending {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN pending_spec TEXT")
+                .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        }
+        let has_population: bool = conn
+            .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('rounds') WHERE name = 'population'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        if !has_population {
+            conn.execute_batch("ALTER TABLE rounds ADD COLUMN population INTEGER")
                 .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         }
         Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
@@ -276,11 +288,19 @@ impl CloudStore {
             .optional()?)
     }
 
-    pub fn open_round(&self, job: &str, round: u32, selected: &[String], deadline_ms: i64) -> Result<()> {
+    pub fn open_round(
+        &self,
+        job: &str,
+        round: u32,
+        selected: &[String],
+        deadline_ms: i64,
+        population: usize,
+    ) -> Result<()> {
         let selected = serde_json::to_string(selected).expect("strings serialize");
         self.conn().execute(
-            "INSERT OR IGNORE INTO rounds (job, round, selected, opened_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![job, round, selected, now_ms(), deadline_ms],
+            "INSERT OR IGNORE INTO rounds (job, round, selected, opened_ms, deadline_ms, population)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![job, round, selected, now_ms(), deadline_ms, population as i64],
         )?;
         Ok(())
     }
@@ -294,6 +314,7 @@ impl CloudStore {
             deadline_ms: r.get(3)?,
             closed_ms: r.get(4)?,
             summary: r.get(5)?,
+            population: r.get(6)?,
         })
     }
 
@@ -301,7 +322,7 @@ impl CloudStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 AND round = ?2",
+                "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary, population FROM rounds WHERE job = ?1 AND round = ?2",
                 params![job, round],
                 Self::round_row,
             )
@@ -311,7 +332,7 @@ impl CloudStore {
     pub fn rounds(&self, job: &str) -> Result<Vec<RoundRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary FROM rounds WHERE job = ?1 ORDER BY round",
+            "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary, population FROM rounds WHERE job = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([job], Self::round_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
