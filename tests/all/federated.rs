@@ -453,3 +453,56 @@ fn a_chain_stage_of_the_wrong_slot_is_refused_naming_it() {
     assert!(!out.status.success(), "refused");
     assert!(err.contains("aggregator.then[0].plugin") && err.contains("compressor"), "{err}");
 }
+
+fn selection_job(selector: &str, config: &str) -> String {
+    let selector = plugin(selector).display().to_string();
+    job_toml("digits", "fedavg", 1000, 2, 60.0).replace("fraction = 1.0", "fraction = 0.6")
+        + &format!("\n[client_selection]\nplugin = {selector:?}\nconfig = {{ {config} }}\n")
+}
+
+#[test]
+fn client_selection_is_a_sampler_plugin_that_follows_the_loss_and_swaps_live() {
+    let c = Cluster::running(3);
+    c.apply("job", &selection_job("power-of-choice", "candidates = 1.5"));
+    c.wait_until("digits", "three rounds", |s| s.rounds_done >= 3);
+    c.apply("job", &selection_job("replay-buffer", "capacity = 16"));
+    let swapped = c.wait_until("digits", "the swap and two rounds after it", |s| {
+        s.swaps.iter().any(|w| w.slot == "client_selection" && s.rounds_done >= w.round + 1)
+    });
+    let out = c.nereid(&["job", "stop", "digits"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = c.status("digits");
+    assert!(s.rounds_done >= swapped.rounds_done);
+    let swap = s.swaps.iter().find(|w| w.slot == "client_selection").expect("the selector swapped");
+    assert!(swap.error.is_none() && swap.from.starts_with("sha256:") && swap.from != swap.to, "{swap:?}");
+    assert!(s.history.iter().all(|h| h.participants.len() == 2), "two of three nodes per round");
+
+    // Before the swap, each round took the two nodes with the highest training loss they last
+    // reported (nodes that reported none first, in name order).
+    let db = rusqlite::Connection::open(c.path("cloud.db")).expect("the cloud's state");
+    let mut stmt = db.prepare("SELECT round, node, metrics FROM updates WHERE job = 'digits'").expect("query");
+    let updates: Vec<(u32, String, f64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))
+        .expect("rows")
+        .map(|row| {
+            let (round, node, metrics) = row.expect("row");
+            let m: Value = serde_json::from_str(&metrics).expect("metrics");
+            (round, node, m["train_loss"].as_f64().expect("train loss"))
+        })
+        .collect();
+    for h in s.history.iter().filter(|h| h.round < swap.round) {
+        let mut last: std::collections::BTreeMap<&str, (u32, f64)> = Default::default();
+        for (round, node, loss) in updates.iter().filter(|u| u.0 < h.round) {
+            if last.get(node.as_str()).is_none_or(|(r, _)| r < round) {
+                last.insert(node, (*round, *loss));
+            }
+        }
+        let rank = |n: &str| last.get(n).map_or(i64::MAX, |(_, l)| (l * 1e6).round() as i64);
+        let mut nodes = vec!["edge-1", "edge-2", "edge-3"];
+        nodes.sort_by(|a, b| rank(b).cmp(&rank(a)).then(a.cmp(b)));
+        let mut want: Vec<&str> = nodes[..2].to_vec();
+        want.sort();
+        assert_eq!(h.participants, want, "round {}: losses {last:?}", h.round);
+    }
+    assert!(swap.round >= 4, "power-of-choice chose at least three rounds: {swap:?}");
+}

@@ -17,6 +17,7 @@ mod error;
 mod inference;
 mod plugins;
 mod rounds;
+mod selection;
 mod uploads;
 
 use std::collections::HashMap;

@@ -14,7 +14,7 @@ use crate::lock;
 use crate::protocol::SwapRow;
 use crate::runtime::config::config_value_to_toml;
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{AggregatorPlugin, CompressorPlugin, LoadedComponent, ObjectivePlugin, Runtime};
+use crate::runtime::{AggregatorPlugin, CompressorPlugin, LoadedComponent, ObjectivePlugin, Runtime, SamplerPlugin};
 use crate::store::{now_ms, CloudStore};
 
 /// A job's aggregator instance, the instances of the stages after it (`aggregator.then`), and
@@ -35,6 +35,8 @@ pub struct JobPlugins {
     live: Mutex<HashMap<String, LiveAggregator>>,
     /// Each job's compressor instance (decoding is stateless: one instance serves every node).
     compressors: Mutex<HashMap<String, Arc<Mutex<CompressorPlugin>>>>,
+    /// Each job's client-selection sampler, with the plugin it was built from (a swap rebuilds).
+    selectors: Mutex<HashMap<String, (PluginRef, Arc<Mutex<SamplerPlugin>>)>>,
     /// Aggregator chains an apply validated, waiting for their job's next round boundary.
     pending: Mutex<HashMap<String, Chain>>,
     /// What each job's aggregator publishes to clients (FedProx's `mu`).
@@ -67,6 +69,7 @@ impl JobPlugins {
             components,
             live: Mutex::new(HashMap::new()),
             compressors: Mutex::new(HashMap::new()),
+            selectors: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
             tags_checked: Mutex::new(HashMap::new()),
@@ -98,6 +101,28 @@ impl JobPlugins {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok((first, then))
+    }
+
+    fn build_selector(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<SamplerPlugin> {
+        let loaded = self.load(store, job, "client selection", p)?;
+        Ok(SamplerPlugin::new(&self.runtime, loaded, p.limits, &p.config)?)
+    }
+
+    /// The job's client-selection sampler (None: the built-in uniform selection), built once
+    /// and rebuilt when the job's spec names another plugin (a swap).
+    pub fn selector(&self, store: &CloudStore, spec: &JobSpec) -> anyhow::Result<Option<Arc<Mutex<SamplerPlugin>>>> {
+        let Some(p) = &spec.client_selection else {
+            lock(&self.selectors).remove(&spec.name);
+            return Ok(None);
+        };
+        if let Some((built_from, s)) = lock(&self.selectors).get(&spec.name) {
+            if built_from == p {
+                return Ok(Some(s.clone()));
+            }
+        }
+        let plugin = Arc::new(Mutex::new(self.build_selector(store, &spec.name, p)?));
+        lock(&self.selectors).insert(spec.name.clone(), (p.clone(), plugin.clone()));
+        Ok(Some(plugin))
     }
 
     fn check_objective(&self, store: &CloudStore, job: &str, p: &PluginRef) -> anyhow::Result<()> {
@@ -171,6 +196,7 @@ impl JobPlugins {
             let mut m = lock(&self.compressors);
             m.remove(job);
         }
+        lock(&self.selectors).remove(job);
     }
 
     /// Pins each `oci://` plugin of `spec` to the manifest digest its reference names now, pulls
@@ -193,6 +219,9 @@ impl JobPlugins {
     pub fn prepare(&self, store: &CloudStore, current: &JobSpec, new: &JobSpec) -> anyhow::Result<()> {
         if let Some(p) = new.client_objective.as_ref().filter(|_| new.client_objective != current.client_objective) {
             self.check_objective(store, &new.name, p).map_err(|e| e.context("client_objective"))?;
+        }
+        if let Some(p) = new.client_selection.as_ref().filter(|_| new.client_selection != current.client_selection) {
+            self.build_selector(store, &new.name, p).map_err(|e| e.context("client_selection"))?;
         }
         if !same_chain(new, current) {
             let chain = self.build_chain(store, new)?;
@@ -269,6 +298,7 @@ impl JobPlugins {
             let candidate = PluginRef { digest: fetched.digest, pinned: fetched.pinned, ..p.clone() };
             let checked = match slot.as_str() {
                 s if s.starts_with("aggregator") => self.build_aggregator(store, name, &candidate).map(drop),
+                "client_selection" => self.build_selector(store, name, &candidate).map(drop),
                 _ => self.check_objective(store, name, &candidate),
             };
             if let Err(e) = checked {
@@ -307,6 +337,11 @@ impl JobPlugins {
             };
             self.install(&new.name, chain, chain_label(new))?;
             record("aggregator", chain_label(old), chain_label(new))?;
+        }
+        if new.client_selection != old.client_selection {
+            let name = |p: &Option<PluginRef>| p.as_ref().map_or_else(|| "uniform".to_string(), label);
+            // `selector` builds the new one when the next round opens.
+            record("client_selection", name(&old.client_selection), name(&new.client_selection))?;
         }
         if new.client_objective != old.client_objective {
             let name = |p: &Option<PluginRef>| p.as_ref().map_or_else(|| "none".to_string(), label);

@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
 use super::plugins::{self, JobPlugins, LiveAggregator};
 use super::Cloud;
@@ -472,10 +470,11 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 }
                 let count = ((online.len() as f64 * spec.rounds.fraction).ceil() as usize)
                     .clamp(spec.rounds.min_clients, online.len());
-                let mut chosen = online.clone();
-                chosen.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed ^ (r as u64).rotate_left(32)));
-                chosen.truncate(count);
-                chosen.sort();
+                let chosen = {
+                    let (c, spec2, online) = (cloud.clone(), spec.clone(), online.clone());
+                    tokio::task::spawn_blocking(move || super::selection::select(&c, &spec2, r, &online, count))
+                        .await?
+                };
                 let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
                 if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {
                     cloud.store.finish_job(name, "done", &reason)?;

@@ -11,7 +11,9 @@ use toml::Spanned;
 use super::reader::{bad, parse, read, ConfigError, FieldError, Source};
 use crate::runtime::config::ConfigTable;
 use crate::runtime::Fetched;
-use crate::runtime::{AggregatorPlugin, CompressorPlugin, Limits, ObjectivePlugin, PluginError, Runtime};
+use crate::runtime::{
+    AggregatorPlugin, CompressorPlugin, Limits, ObjectivePlugin, PluginError, Runtime, SamplerPlugin,
+};
 use crate::train::{ModelSpec, OptimizerKind, TrainParams};
 
 /// A job file as written.
@@ -32,6 +34,8 @@ pub struct JobFile {
     pub compressor: Option<PluginSection>,
     /// Differential privacy's accounting: epsilon after every round, and a budget.
     pub privacy: Option<PrivacySection>,
+    /// A sampler plugin that picks each round's nodes among those online (default: uniform).
+    pub client_selection: Option<PluginSection>,
 }
 
 /// `[aggregator]`: the plugin that folds the clients' updates, and the stages after it.
@@ -215,6 +219,8 @@ pub struct JobSpec {
     pub compressor: Option<PluginRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_selection: Option<PluginRef>,
 }
 
 impl JobSpec {
@@ -225,6 +231,7 @@ impl JobSpec {
             .chain(self.aggregator_then.iter().enumerate().map(|(i, p)| (format!("aggregator.then[{i}]"), p)))
             .chain(self.client_objective.as_ref().map(|p| ("client_objective".to_string(), p)))
             .chain(self.compressor.as_ref().map(|p| ("compressor".to_string(), p)))
+            .chain(self.client_selection.as_ref().map(|p| ("client_selection".to_string(), p)))
     }
 
     pub fn plugins_mut(&mut self) -> impl Iterator<Item = (String, &mut PluginRef)> {
@@ -232,6 +239,7 @@ impl JobSpec {
             .chain(self.aggregator_then.iter_mut().enumerate().map(|(i, p)| (format!("aggregator.then[{i}]"), p)))
             .chain(self.client_objective.as_mut().map(|p| ("client_objective".to_string(), p)))
             .chain(self.compressor.as_mut().map(|p| ("compressor".to_string(), p)))
+            .chain(self.client_selection.as_mut().map(|p| ("client_selection".to_string(), p)))
     }
 
     /// Every aggregator stage: the aggregator, then `aggregator.then`.
@@ -473,6 +481,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
         let checked = match table {
             t if t.starts_with("aggregator") => AggregatorPlugin::new(runtime, loaded, limits, &config).map(drop),
             "compressor" => CompressorPlugin::new(runtime, loaded, limits, &config).map(drop),
+            "client_selection" => SamplerPlugin::new(runtime, loaded, limits, &config).map(drop),
             _ => ObjectivePlugin::new(runtime, loaded, limits, &config).map(drop),
         };
         if let Err(e) = checked {
@@ -515,6 +524,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
     }
     let client_objective = file.client_objective.as_ref().map(|s| load_plugin(s, "client_objective")).transpose()?;
     let compressor = file.compressor.as_ref().map(|s| load_plugin(s, "compressor")).transpose()?;
+    let client_selection = file.client_selection.as_ref().map(|s| load_plugin(s, "client_selection")).transpose()?;
     let spec = JobSpec {
         name: file.job.name,
         seed: file.job.seed,
@@ -527,6 +537,7 @@ pub fn load(path: &Path, runtime: &Runtime, fetch: Fetch) -> Result<LoadedJob, C
         client_objective,
         compressor,
         privacy: file.privacy,
+        client_selection,
     };
     Ok(LoadedJob { spec, components, initial_weights })
 }

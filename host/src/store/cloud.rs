@@ -1,5 +1,6 @@
 //! The cloud's state: SQLite for everything but the updates' tensors, which are files next to
 //! it (written and fsynced before their row commits), as SQLite advises for large blobs.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -479,6 +480,24 @@ impl CloudStore {
             )
             .optional()?;
         Ok(latest.filter(|(by, _)| by == aggregator).map(|(_, bytes)| bytes))
+    }
+
+    /// Each node's training loss in its newest update of `job` among the rounds `since..`.
+    pub fn last_losses(&self, job: &str, since: u32) -> Result<HashMap<String, f64>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT node, metrics FROM updates WHERE job = ?1 AND round >= ?2 ORDER BY round")?;
+        let rows = stmt.query_map(params![job, since], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut losses = HashMap::new();
+        for row in rows {
+            let (node, metrics) = row?;
+            if let Ok(m) = serde_json::from_str::<crate::protocol::UpdateMetrics>(&metrics) {
+                if m.train_loss.is_finite() {
+                    losses.insert(node, m.train_loss);
+                }
+            }
+        }
+        Ok(losses)
     }
 
     /// (node, examples, metrics JSON) of a round's updates, without their tensors.
