@@ -106,8 +106,8 @@ macro_rules! with_vec {
 impl Buffer {
     pub fn zeros(dtype: DType, len: usize) -> Buffer {
         match dtype {
-            DType::F32 => Buffer::F32(vec![0.0; len]),
-            DType::F64 => Buffer::F64(vec![0.0; len]),
+            DType::F32 => Buffer::F32(pool::zeroed(len)),
+            DType::F64 => Buffer::F64(pool::zeroed(len)),
             DType::I32 => Buffer::I32(vec![0; len]),
             DType::I64 => Buffer::I64(vec![0; len]),
             DType::U8 => Buffer::U8(vec![0; len]),
@@ -262,9 +262,15 @@ impl Buffer {
         if self.dtype() == dtype {
             return self.clone();
         }
+        /// Into a kept buffer where there is one, so a cast every update reuses memory.
+        fn conv_pooled<A: Element, B: Element + pool::Pooled>(src: &[A]) -> Vec<B> {
+            let mut out = pool::zeroed::<B>(src.len());
+            out.iter_mut().zip(src).for_each(|(o, x)| *o = B::from_f64(x.to_f64()));
+            out
+        }
         with_vec!(self, v => match dtype {
-            DType::F32 => Buffer::F32(conv(v)),
-            DType::F64 => Buffer::F64(conv(v)),
+            DType::F32 => Buffer::F32(conv_pooled(v)),
+            DType::F64 => Buffer::F64(conv_pooled(v)),
             DType::I32 => Buffer::I32(conv(v)),
             DType::I64 => Buffer::I64(conv(v)),
             DType::U8 => Buffer::U8(conv(v)),
@@ -279,6 +285,12 @@ impl Buffer {
 struct Stored {
     buf: Buffer,
     finite: std::sync::OnceLock<bool>,
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        pool::recycle(std::mem::replace(&mut self.buf, Buffer::U8(Vec::new())));
+    }
 }
 
 impl std::ops::Deref for Stored {
@@ -411,11 +423,16 @@ impl Tensor {
         }
     }
 
-    /// self += alpha * x, computed in f64 and stored in self's type.
-    pub fn axpy(&mut self, alpha: f64, x: &Tensor) -> Result<(), TensorError> {
+    /// Whether self += alpha * x is defined: both float, same shape.
+    pub fn check_axpy(&self, x: &Tensor) -> Result<(), TensorError> {
         float_only("axpy", self.dtype())?;
         float_only("axpy", x.dtype())?;
-        self.same_shape(x, "axpy")?;
+        self.same_shape(x, "axpy")
+    }
+
+    /// self += alpha * x, computed in f64 and stored in self's type.
+    pub fn axpy(&mut self, alpha: f64, x: &Tensor) -> Result<(), TensorError> {
+        self.check_axpy(x)?;
         fn kernel<A: Element, B: Element>(a: &mut [A], alpha: f64, b: &[B]) {
             for (a, b) in a.iter_mut().zip(b) {
                 *a = A::from_f64(a.to_f64() + alpha * b.to_f64());
@@ -534,6 +551,7 @@ impl Tensor {
 }
 
 mod elementwise;
+mod pool;
 
 #[cfg(test)]
 mod tests {

@@ -467,7 +467,7 @@ fn client_selection_is_a_sampler_plugin_that_follows_the_loss_and_swaps_live() {
     c.wait_until("digits", "three rounds", |s| s.rounds_done >= 3);
     c.apply("job", &selection_job("replay-buffer", "capacity = 16"));
     let swapped = c.wait_until("digits", "the swap and two rounds after it", |s| {
-        s.swaps.iter().any(|w| w.slot == "client_selection" && s.rounds_done >= w.round + 1)
+        s.swaps.iter().any(|w| w.slot == "client_selection" && s.rounds_done > w.round)
     });
     let out = c.nereid(&["job", "stop", "digits"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -498,7 +498,7 @@ fn client_selection_is_a_sampler_plugin_that_follows_the_loss_and_swaps_live() {
             }
         }
         let rank = |n: &str| last.get(n).map_or(i64::MAX, |(_, l)| (l * 1e6).round() as i64);
-        let mut nodes = vec!["edge-1", "edge-2", "edge-3"];
+        let mut nodes = ["edge-1", "edge-2", "edge-3"];
         nodes.sort_by(|a, b| rank(b).cmp(&rank(a)).then(a.cmp(b)));
         let mut want: Vec<&str> = nodes[..2].to_vec();
         want.sort();

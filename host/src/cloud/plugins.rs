@@ -29,6 +29,9 @@ pub struct LiveAggregator {
 /// An aggregator chain's instances: the first stage and the ones after it.
 pub type Chain = (AggregatorPlugin, Vec<AggregatorPlugin>);
 
+/// A job's client-selection sampler and the plugin it was built from.
+type Selector = (PluginRef, Arc<Mutex<SamplerPlugin>>);
+
 pub struct JobPlugins {
     runtime: Runtime,
     components: Components,
@@ -36,7 +39,7 @@ pub struct JobPlugins {
     /// Each job's compressor instance (decoding is stateless: one instance serves every node).
     compressors: Mutex<HashMap<String, Arc<Mutex<CompressorPlugin>>>>,
     /// Each job's client-selection sampler, with the plugin it was built from (a swap rebuilds).
-    selectors: Mutex<HashMap<String, (PluginRef, Arc<Mutex<SamplerPlugin>>)>>,
+    selectors: Mutex<HashMap<String, Selector>>,
     /// Aggregator chains an apply validated, waiting for their job's next round boundary.
     pending: Mutex<HashMap<String, Chain>>,
     /// What each job's aggregator publishes to clients (FedProx's `mu`).

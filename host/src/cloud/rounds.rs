@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-
 use super::plugins::{self, JobPlugins, LiveAggregator};
 use super::Cloud;
 use crate::aggregate::{Rejection, RoundError, RoundFold};
@@ -472,8 +471,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                     .clamp(spec.rounds.min_clients, online.len());
                 let chosen = {
                     let (c, spec2, online) = (cloud.clone(), spec.clone(), online.clone());
-                    tokio::task::spawn_blocking(move || super::selection::select(&c, &spec2, r, &online, count))
-                        .await?
+                    tokio::task::spawn_blocking(move || super::selection::select(&c, &spec2, r, &online, count)).await?
                 };
                 let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
                 if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {

@@ -51,13 +51,15 @@ type TensorResult<T> = Result<T, tensors::TensorError>;
 impl PluginState {
     /// Puts a tensor the host hands in (not charged to the plugin's budget).
     pub fn lend(&mut self, tensor: Tensor) -> wasmtime::Result<Resource<TensorSlot>> {
-        Ok(self.table.push(TensorSlot { tensor, charged: 0 })?)
+        Ok(self.table.push(TensorSlot::new(tensor, 0))?)
     }
 
     /// Takes a tensor the plugin hands back, releasing its charge.
     pub fn take(&mut self, handle: Resource<TensorSlot>) -> wasmtime::Result<Tensor> {
-        let slot = self.table.delete(handle)?;
+        let mut slot = self.table.delete(handle)?;
         self.tensor_bytes = self.tensor_bytes.saturating_sub(slot.charged);
+        // Checked when deferred: applying them cannot fail.
+        slot.settle().map_err(wasmtime::Error::msg)?;
         Ok(slot.tensor)
     }
 
@@ -71,11 +73,14 @@ impl PluginState {
             ))));
         }
         self.tensor_bytes += bytes;
-        Ok(Ok(self.table.push(TensorSlot { tensor, charged: bytes })?))
+        Ok(Ok(self.table.push(TensorSlot::new(tensor, bytes))?))
     }
 
-    fn get(&self, handle: &Resource<TensorSlot>) -> wasmtime::Result<&Tensor> {
-        Ok(&self.table.get(handle)?.tensor)
+    /// The tensor behind `handle`, with its deferred `axpy` calls applied.
+    fn get(&mut self, handle: &Resource<TensorSlot>) -> wasmtime::Result<&mut Tensor> {
+        let slot = self.table.get_mut(handle)?;
+        slot.settle().map_err(wasmtime::Error::msg)?;
+        Ok(&mut slot.tensor)
     }
 
     /// Runs `op` on the tensor behind `this` with a cheap (copy-on-write) copy of `other`.
@@ -86,7 +91,7 @@ impl PluginState {
         op: impl FnOnce(&mut Tensor, &Tensor) -> Result<T, tensor::TensorError>,
     ) -> wasmtime::Result<TensorResult<T>> {
         let other = self.get(other)?.clone();
-        let this = &mut self.table.get_mut(this)?.tensor;
+        let this = self.get(this)?;
         Ok(op(this, &other).map_err(Into::into))
     }
 
@@ -95,7 +100,7 @@ impl PluginState {
         this: &Resource<TensorSlot>,
         op: impl FnOnce(&mut Tensor) -> Result<T, tensor::TensorError>,
     ) -> wasmtime::Result<TensorResult<T>> {
-        let this = &mut self.table.get_mut(this)?.tensor;
+        let this = self.get(this)?;
         Ok(op(this).map_err(Into::into))
     }
 }
@@ -170,7 +175,9 @@ impl tensors::HostTensor for PluginState {
         alpha: f64,
         x: Resource<TensorSlot>,
     ) -> wasmtime::Result<TensorResult<()>> {
-        self.binary(&this, &x, |a, b| a.axpy(alpha, b))
+        // Deferred: a fold's accumulator then takes several updates in one pass.
+        let x = self.get(&x)?.clone();
+        Ok(self.table.get_mut(&this)?.defer_axpy(alpha, x).map_err(Into::into))
     }
 
     fn scale(&mut self, this: Resource<TensorSlot>, alpha: f64) -> wasmtime::Result<TensorResult<()>> {
@@ -289,7 +296,7 @@ impl strategy_state::Host for PluginState {
             return Ok(Err(format!("the strategy state holds at most {MAX_STATE_KEYS} keys")));
         }
         // Copy-on-write: the plugin may go on changing its tensor without changing the state.
-        let tensor = self.table.get(&value)?.tensor.clone();
+        let tensor = self.get(&value)?.clone();
         self.strategy.staged.insert(key, Some(tensor));
         Ok(Ok(()))
     }

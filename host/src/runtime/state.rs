@@ -41,10 +41,44 @@ impl StrategyState {
 }
 
 /// A tensor in a plugin's resource table, with the bytes it was charged against the plugin's
-/// tensor budget (zero for tensors the host handed in).
+/// tensor budget (zero for tensors the host handed in), and the `axpy` calls on it not applied
+/// yet: a fold's accumulator takes several updates in one pass over its memory (see
+/// [`Tensor::axpy_many`]), applied before anything reads or changes it otherwise.
 pub struct TensorSlot {
     pub tensor: Tensor,
     pub charged: usize,
+    pub pending: Vec<(f64, Tensor)>,
+}
+
+/// Most `axpy` calls one accumulator defers, and most bytes of inputs they may keep alive.
+pub const MAX_PENDING: usize = 16;
+pub const MAX_PENDING_BYTES: usize = 512 << 20;
+
+impl TensorSlot {
+    pub fn new(tensor: Tensor, charged: usize) -> TensorSlot {
+        TensorSlot { tensor, charged, pending: Vec::new() }
+    }
+
+    /// Applies the deferred `axpy` calls, in the order they were made.
+    pub fn settle(&mut self) -> Result<(), crate::tensor::TensorError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let terms = std::mem::take(&mut self.pending);
+        self.tensor.axpy_many(&terms)
+    }
+
+    /// Defers self += alpha * x (checked now, so errors come from this call); applies the
+    /// deferred calls once they hold too many inputs.
+    pub fn defer_axpy(&mut self, alpha: f64, x: Tensor) -> Result<(), crate::tensor::TensorError> {
+        self.tensor.check_axpy(&x)?;
+        self.pending.push((alpha, x));
+        let bytes: usize = self.pending.iter().map(|(_, t)| t.byte_len()).sum();
+        if self.pending.len() >= MAX_PENDING || bytes >= MAX_PENDING_BYTES {
+            self.settle()?;
+        }
+        Ok(())
+    }
 }
 
 /// Marker error raised when a plugin's linear memory would grow past its limit.

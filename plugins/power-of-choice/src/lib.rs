@@ -20,9 +20,13 @@ struct PowerOfChoice {
 
 impl Plugin for PowerOfChoice {
     fn info() -> Info {
-        Info::new("power-of-choice", env!("CARGO_PKG_VERSION"), "Selects the highest-loss nodes of a random candidate set")
-            .float("candidates", Some(2.0), "Candidate set size as a multiple of the selection (d / m >= 1)")
-            .integer("seed", Some(0), "Mixed with the round's seed for the candidate draw")
+        Info::new(
+            "power-of-choice",
+            env!("CARGO_PKG_VERSION"),
+            "Selects the highest-loss nodes of a random candidate set",
+        )
+        .float("candidates", Some(2.0), "Candidate set size as a multiple of the selection (d / m >= 1)")
+        .integer("seed", Some(0), "Mixed with the round's seed for the candidate draw")
     }
 
     fn configure(&mut self, config: &Config) -> Result<(), PluginError> {

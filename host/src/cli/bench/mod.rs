@@ -5,6 +5,7 @@ pub mod forgetting;
 pub mod infer;
 pub mod round;
 pub mod split;
+pub mod strategies;
 pub mod swap;
 pub mod trainer;
 
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Aggregate(AggregateBench),
     /// The cloud's cost of a round with many simulated clients (no training), and its peak RSS.
     Round(round::RoundBench),
+    /// Every shipped aggregation strategy's round time and added peak RSS for n updates.
+    Strategies(strategies::StrategiesBench),
     /// A plugin swap with the component cached and compiled, against a cold pull and first
     /// instantiation from the embedded registry.
     Swap(swap::SwapBench),
@@ -62,6 +65,9 @@ pub struct AggregateBench {
     /// Also time Flower's `flwr.server.strategy.aggregate.aggregate` (needs python3 with flwr).
     #[arg(long)]
     flower: bool,
+    /// The Python with `flwr` for --flower.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -117,6 +123,36 @@ fn native_fedavg(updates: &[(Vec<f32>, u64)]) -> Vec<f32> {
     acc.iter().map(|a| (a * scale) as f32).collect()
 }
 
+/// The floor of any aggregation: every input element read once (summed, so the reads happen),
+/// the updates split between the machine's cores.
+fn read_once(updates: &[(Vec<f32>, u64)]) -> f32 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| {
+                scope.spawn(move || {
+                    updates
+                        .iter()
+                        .map(|(w, _)| {
+                            let per = w.len().div_ceil(threads);
+                            let part = &w[(k * per).min(w.len())..((k + 1) * per).min(w.len())];
+                            // Eight lanes, so the sum is not one long dependency chain.
+                            let mut lanes = [0f32; 8];
+                            for c in part.chunks_exact(8) {
+                                for (l, x) in lanes.iter_mut().zip(c) {
+                                    *l += x;
+                                }
+                            }
+                            lanes.iter().sum::<f32>() + part.chunks_exact(8).remainder().iter().sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    })
+}
+
 /// The weighted mean in f64 (no rounding to f32), the reference for both results.
 fn exact_mean(updates: &[(Vec<f32>, u64)]) -> Vec<f64> {
     let (acc, total) = weighted_sum(updates);
@@ -137,6 +173,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
     match cmd {
         BenchCommand::Aggregate(args) => aggregate(args, cache_dir),
         BenchCommand::Round(args) => round::run(args, cache_dir),
+        BenchCommand::Strategies(args) => strategies::run(args, cache_dir),
         BenchCommand::Swap(args) => swap::run(args),
         BenchCommand::Split(args) => split::run(args),
         BenchCommand::Infer(args) => infer::run(args, cache_dir),
@@ -189,10 +226,15 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
     let mut plugin = AggregatorPlugin::load(&runtime, &plugin_path, limits, &ConfigTable::new())
         .with_context(|| format!("loading {} (build it with `cargo xtask plugins`)", plugin_path.display()))?;
 
-    let (mut native_times, mut plugin_times) = (Vec::new(), Vec::new());
+    let (mut native_times, mut plugin_times, mut read_times) = (Vec::new(), Vec::new(), Vec::new());
     let mut native_out = Vec::new();
     let mut plugin_out = None;
     for _ in 0..args.repeat {
+        progress.set_message("reading the inputs once");
+        let t = Instant::now();
+        std::hint::black_box(read_once(&data));
+        read_times.push(t.elapsed());
+
         progress.set_message("native loop");
         let t = Instant::now();
         native_out = native_fedavg(&data);
@@ -225,14 +267,16 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
         input_gb_per_s: input_bytes as f64 / d.as_secs_f64() / 1e9,
         ratio_to_native: d.as_secs_f64() / native.as_secs_f64(),
     };
+    let read = median(read_times);
     let mut timings = vec![
+        timing("reading every input once (all cores)", read),
         timing("native loop (f64 accumulation)", native),
         timing("fedavg plugin (wasm + host tensor ops)", plugin_t),
     ];
     let mut flower = None;
     let mut flower_error = None;
     if args.flower {
-        match time_flower(&data, args.repeat) {
+        match time_flower(&args.python, &data, args.repeat) {
             Ok((d, values)) => {
                 timings.push(timing("Flower aggregate (Python, numpy)", d));
                 flower_error = Some(max_relative_error(&values, &exact_mean(&data)));
@@ -297,7 +341,11 @@ print(times[len(times) // 2])
 
 /// Times Flower's `aggregate` on the same updates in a Python subprocess; returns the median
 /// time and Flower's result.
-fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<(Duration, Vec<f32>)> {
+fn time_flower(
+    python: &std::path::Path,
+    data: &[(Vec<f32>, u64)],
+    repeat: usize,
+) -> anyhow::Result<(Duration, Vec<f32>)> {
     let dir = std::env::temp_dir().join(format!("nereid-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("updates.f32");
@@ -308,7 +356,7 @@ fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<(Durat
     std::fs::write(&path, &bytes)?;
     drop(bytes);
     let counts: Vec<String> = data.iter().map(|d| d.1.to_string()).collect();
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(python)
         .arg("-c")
         .arg(FLOWER_SCRIPT)
         .arg(&path)
@@ -317,7 +365,7 @@ fn time_flower(data: &[(Vec<f32>, u64)], repeat: usize) -> anyhow::Result<(Durat
         .arg(repeat.to_string())
         .arg(counts.join(","))
         .output()
-        .context("running python3")?;
+        .with_context(|| format!("running {}", python.display()))?;
     let result = std::fs::read(path.with_extension("f32.out"));
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {

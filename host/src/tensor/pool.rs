@@ -1,0 +1,150 @@
+//! Large float buffers kept after use (the newest few) and handed out again zeroed: a fold allocates an
+//! accumulator and a result of the model's size every round, and fresh memory costs a page
+//! fault per 4 KiB page (20,000 for an 80 MB accumulator), which on a virtual machine is more
+//! than the arithmetic. Fresh buffers ask for transparent huge pages (2 MiB) for the same reason.
+use std::sync::Mutex;
+
+/// Buffers smaller than this are left to the allocator.
+const MIN_BYTES: usize = 4 << 20;
+/// Most bytes and buffers the pool keeps; past them the oldest kept buffers are freed.
+const MAX_BYTES: usize = 512 << 20;
+const MAX_BUFFERS: usize = 8;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Kept buffers, oldest first in each shelf.
+#[derive(Default)]
+pub(super) struct Pool {
+    f32s: Vec<Vec<f32>>,
+    f64s: Vec<Vec<f64>>,
+    bytes: usize,
+}
+
+impl Pool {
+    /// Frees the oldest buffers until `more` bytes and one more buffer fit.
+    fn make_room(&mut self, more: usize) {
+        while self.bytes + more > MAX_BYTES || self.f32s.len() + self.f64s.len() >= MAX_BUFFERS {
+            let freed = if self.f32s.len() >= self.f64s.len() && !self.f32s.is_empty() {
+                bytes_of(&self.f32s.remove(0))
+            } else if !self.f64s.is_empty() {
+                bytes_of(&self.f64s.remove(0))
+            } else {
+                return;
+            };
+            self.bytes -= freed;
+        }
+    }
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { f32s: Vec::new(), f64s: Vec::new(), bytes: 0 });
+
+/// The float types the pool keeps.
+pub(super) trait Pooled: Copy + Default + Send + 'static {
+    fn shelf(pool: &mut Pool) -> &mut Vec<Vec<Self>>;
+}
+
+impl Pooled for f32 {
+    fn shelf(pool: &mut Pool) -> &mut Vec<Vec<f32>> {
+        &mut pool.f32s
+    }
+}
+
+impl Pooled for f64 {
+    fn shelf(pool: &mut Pool) -> &mut Vec<Vec<f64>> {
+        &mut pool.f64s
+    }
+}
+
+fn bytes_of<T>(v: &Vec<T>) -> usize {
+    v.capacity() * std::mem::size_of::<T>()
+}
+
+/// Keeps a buffer that is no longer used, if it is large and the pool has room.
+pub(super) fn recycle(buffer: super::Buffer) {
+    match buffer {
+        super::Buffer::F32(v) => keep(v),
+        super::Buffer::F64(v) => keep(v),
+        _ => {}
+    }
+}
+
+fn keep<T: Pooled>(v: Vec<T>) {
+    let bytes = bytes_of(&v);
+    if bytes < MIN_BYTES {
+        return;
+    }
+    if bytes > MAX_BYTES {
+        return;
+    }
+    let Ok(mut pool) = POOL.lock() else { return };
+    pool.make_room(bytes);
+    pool.bytes += bytes;
+    T::shelf(&mut pool).push(v);
+}
+
+/// `len` zeros: a kept buffer of about that size, zeroed on every core, or fresh memory in huge
+/// pages where the kernel grants them.
+pub(super) fn zeroed<T: Pooled>(len: usize) -> Vec<T> {
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    if bytes < MIN_BYTES {
+        return vec![T::default(); len];
+    }
+    let reused = POOL.lock().ok().and_then(|mut pool| {
+        let shelf = T::shelf(&mut pool);
+        // The smallest kept buffer that fits without wasting more than half of it.
+        let k = (0..shelf.len())
+            .filter(|&k| shelf[k].capacity() >= len && shelf[k].capacity() <= 2 * len)
+            .min_by_key(|&k| shelf[k].capacity())?;
+        let v = shelf.swap_remove(k);
+        pool.bytes -= bytes_of(&v);
+        Some(v)
+    });
+    if let Some(mut v) = reused {
+        // SAFETY: capacity >= len, and every element is written below before the vector is
+        // read; f32 and f64 have no invalid bit patterns.
+        unsafe { v.set_len(len) };
+        fill_zero(&mut v);
+        return v;
+    }
+    // Zeroed by the allocator (fresh pages), first touched by whoever fills the buffer.
+    let v: Vec<T> = vec![T::default(); len];
+    let start = v.as_ptr() as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let end = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
+    if end > aligned {
+        // SAFETY: the range lies inside the vector's own allocation; madvise only changes how
+        // the kernel backs those pages, never their contents. A refusal leaves normal pages.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+        }
+    }
+    v
+}
+
+fn fill_zero<T: Pooled>(v: &mut [T]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let per = v.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for part in v.chunks_mut(per) {
+            scope.spawn(move || part.fill(T::default()));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_buffer_comes_back_as_zeros() {
+        let n = (MIN_BYTES / 4) + 1000;
+        let mut v: Vec<f32> = zeroed(n);
+        v.iter_mut().for_each(|x| *x = 7.0);
+        let ptr = v.as_ptr();
+        recycle(super::super::Buffer::F32(v));
+        let again: Vec<f32> = zeroed(n - 10);
+        assert_eq!(again.len(), n - 10);
+        assert!(again.iter().all(|x| *x == 0.0));
+        // Most likely the same allocation (another test may have taken it first).
+        let _ = ptr;
+    }
+}
