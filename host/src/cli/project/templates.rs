@@ -18,12 +18,16 @@ const RUST_SDK: &[(&str, &str)] = &[
     ("build.rs", include_str!("../../../../sdk/build.rs")),
     ("src/lib.rs", include_str!("../../../../sdk/src/lib.rs")),
     ("src/config.rs", include_str!("../../../../sdk/src/config.rs")),
+    ("src/dp.rs", include_str!("../../../../sdk/src/dp.rs")),
     ("src/export.rs", include_str!("../../../../sdk/src/export.rs")),
     ("src/fold.rs", include_str!("../../../../sdk/src/fold.rs")),
     ("src/model.rs", include_str!("../../../../sdk/src/model.rs")),
     ("src/nn.rs", include_str!("../../../../sdk/src/nn.rs")),
     ("src/plugin.rs", include_str!("../../../../sdk/src/plugin.rs")),
     ("src/random.rs", include_str!("../../../../sdk/src/random.rs")),
+    ("src/round.rs", include_str!("../../../../sdk/src/round.rs")),
+    ("src/server_opt.rs", include_str!("../../../../sdk/src/server_opt.rs")),
+    ("src/state.rs", include_str!("../../../../sdk/src/state.rs")),
 ];
 
 /// nereid-onnx's sources, under `.nereid/onnx/`, for a Rust splitter.
