@@ -58,6 +58,9 @@ pub struct AggregateResult {
     pub state: NamedTensors,
 }
 
+/// The interface whole-round aggregators import (any version).
+const ROUND_UPDATES: &str = "nereid:plugin/round-updates";
+
 fn lend_all(store: &mut Store<PluginState>, tensors: &[(String, Tensor)]) -> wasmtime::Result<Vec<model::NamedTensor>> {
     tensors
         .iter()
@@ -146,6 +149,9 @@ impl AggregatorPlugin {
             UpdateKind::Weights => model::UpdateKind::Weights,
             UpdateKind::Delta => model::UpdateKind::Delta,
         };
+        // Only an aggregator that imports `round-updates` reads the round's updates again; for
+        // the others, in-memory updates are not kept alive for the round.
+        let keeps_round = self.sandbox.component().imports.iter().any(|i| i.starts_with(ROUND_UPDATES));
         let r = self.sandbox.call("accumulate", |g, store| {
             let wire = model::ClientUpdate {
                 client: update.client.clone(),
@@ -159,7 +165,7 @@ impl AggregatorPlugin {
                     .collect(),
             };
             let r = g.call_accumulate(&mut *store, &wire)?;
-            if r.is_ok() {
+            if r.is_ok() && keeps_round {
                 // Whole-round aggregators read it again through `round-updates`.
                 let source = match &update.file {
                     Some(path) => UpdateSource::File(path.clone()),

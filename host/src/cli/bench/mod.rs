@@ -91,6 +91,10 @@ struct Report {
     /// Largest |result - exact| / |exact| over elements, exact = the mean in f64.
     max_relative_error_plugin: f64,
     max_relative_error_flower: Option<f64>,
+    /// The plugin's time over the time to read every input once (the memory-speed floor).
+    plugin_over_read_once: f64,
+    /// Flower's time over the plugin's (how many times faster the plugin is).
+    flower_over_plugin: Option<f64>,
     timings: Vec<Timing>,
     flower: Option<String>,
 }
@@ -275,10 +279,12 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
     ];
     let mut flower = None;
     let mut flower_error = None;
+    let mut flower_over_plugin = None;
     if args.flower {
         match time_flower(&args.python, &data, args.repeat) {
             Ok((d, values)) => {
                 timings.push(timing("Flower aggregate (Python, numpy)", d));
+                flower_over_plugin = Some(d.as_secs_f64() / plugin_t.as_secs_f64());
                 flower_error = Some(max_relative_error(&values, &exact_mean(&data)));
             }
             Err(e) => flower = Some(format!("not measured: {e:#}")),
@@ -293,6 +299,8 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
         max_abs_diff_plugin_vs_native: max_diff,
         max_relative_error_plugin: plugin_error,
         max_relative_error_flower: flower_error,
+        plugin_over_read_once: plugin_t.as_secs_f64() / read.as_secs_f64(),
+        flower_over_plugin,
         timings,
         flower,
     };
@@ -313,6 +321,10 @@ fn aggregate(args: AggregateBench, cache_dir: Option<PathBuf>) -> anyhow::Result
     }
     if let Some(f) = &report.flower {
         println!("Flower: {f}");
+    }
+    println!("plugin / reading the inputs once = {:.2}", report.plugin_over_read_once);
+    if let Some(r) = report.flower_over_plugin {
+        println!("Flower / plugin = {r:.2}");
     }
     println!("max |plugin - native| = {:e}", report.max_abs_diff_plugin_vs_native);
     println!("max relative error vs the exact (f64) mean: plugin {:.1e}", report.max_relative_error_plugin);
