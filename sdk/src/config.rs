@@ -103,6 +103,12 @@ impl Config {
         }
     }
 
+    /// A count: an integer option that must be >= 0.
+    pub fn count(&self, key: &str) -> Result<usize, PluginError> {
+        let v = self.i64(key)?;
+        usize::try_from(v).map_err(|_| PluginError::invalid_config(key, format!("must be >= 0, got {v}")))
+    }
+
     pub fn bool(&self, key: &str) -> Result<bool, PluginError> {
         match self.require(key)? {
             ConfigValue::Boolean(v) => Ok(*v),

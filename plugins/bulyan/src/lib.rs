@@ -23,9 +23,7 @@ impl Plugin for Bulyan {
     }
 
     fn configure(&mut self, config: &Config) -> Result<(), PluginError> {
-        let v = config.i64("num_malicious_clients")?;
-        self.malicious = usize::try_from(v)
-            .map_err(|_| PluginError::invalid_config("num_malicious_clients", format!("must be >= 0, got {v}")))?;
+        self.malicious = config.count("num_malicious_clients")?;
         Ok(())
     }
 }

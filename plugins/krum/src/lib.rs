@@ -24,11 +24,8 @@ impl Plugin for Krum {
     }
 
     fn configure(&mut self, config: &Config) -> Result<(), PluginError> {
-        for (key, slot) in [("num_malicious_clients", &mut self.malicious), ("num_clients_to_keep", &mut self.keep)] {
-            let v = config.i64(key)?;
-            *slot =
-                usize::try_from(v).map_err(|_| PluginError::invalid_config(key, format!("must be >= 0, got {v}")))?;
-        }
+        self.malicious = config.count("num_malicious_clients")?;
+        self.keep = config.count("num_clients_to_keep")?;
         Ok(())
     }
 }
