@@ -87,6 +87,11 @@ impl RoundUpdates {
         if indices.is_empty() {
             return Err("no update was given".into());
         }
+        // Distinct indices bound a call by the round's own updates, whatever a plugin asks.
+        let mut seen = std::collections::HashSet::with_capacity(indices.len());
+        if let Some(twice) = indices.iter().find(|i| !seen.insert(**i)) {
+            return Err(format!("update {twice} is given twice"));
+        }
         let mut layout: Option<Layout> = None;
         let mut opened = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -314,4 +319,34 @@ fn parallel_map<T: Send>(len: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Ve
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(values: &[f32]) -> UpdateSource {
+        let t = Tensor::from_f32(vec![values.len() as u64], values.to_vec()).expect("tensor");
+        UpdateSource::Memory(vec![("w".to_string(), t)])
+    }
+
+    #[test]
+    fn statistics_over_the_round_and_the_indices_a_plugin_may_give() {
+        let mut round = RoundUpdates::default();
+        for (k, v) in [[0.0, 4.0], [3.0, 0.0], [1.0, 1.0]].iter().enumerate() {
+            round.push(format!("c{k}"), memory(v));
+        }
+        let d = round.pairwise_distances(&[0, 1, 2]).expect("distances");
+        assert_eq!(d, vec![0.0, 25.0, 10.0, 25.0, 0.0, 5.0, 10.0, 5.0, 0.0]);
+        let median = round.rank_mean(&[0, 1, 2], 1, 2).expect("median");
+        assert_eq!(median[0].1.as_f32().expect("f32"), &[1.0, 1.0]);
+        let mean = round.weighted_mean(&[0, 1], &[1.0, 3.0]).expect("mean");
+        assert_eq!(mean[0].1.as_f32().expect("f32"), &[2.25, 1.0]);
+        // A plugin cannot make the host do more than the round holds.
+        assert!(round.pairwise_distances(&[0, 0]).expect_err("twice").contains("given twice"));
+        assert!(round.rank_mean(&[0, 3], 0, 1).expect_err("no such update").contains("does not exist"));
+        assert!(round.rank_mean(&[0, 1], 1, 1).is_err());
+        assert!(round.median_nearest_mean(&[0, 1], 3).is_err());
+        assert!(round.weighted_mean(&[0, 1], &[0.0, 0.0]).is_err());
+    }
 }
