@@ -321,6 +321,23 @@ fn stored(buf: Buffer, finite: Option<bool>) -> Arc<Stored> {
     Arc::new(Stored { buf, finite: cell })
 }
 
+/// Runs `f(offset, part)` over `v` split between the machine's cores (on this thread alone when
+/// `v` is shorter than `min_len`).
+pub fn for_each_part<T: Send>(v: &mut [T], min_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads < 2 || v.len() < min_len.max(2) {
+        f(0, v);
+        return;
+    }
+    let per = v.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (k, part) in v.chunks_mut(per).enumerate() {
+            let f = &f;
+            scope.spawn(move || f(k * per, part));
+        }
+    });
+}
+
 /// Number of elements of `shape`, or None on overflow.
 pub fn numel(shape: &[u64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d))

@@ -292,7 +292,7 @@ impl strategy_state::Host for PluginState {
             return Ok(Err(format!("a state key is 1 to {MAX_STATE_KEY_BYTES} bytes, `{key}` is {}", key.len())));
         }
         let known = self.strategy.committed.contains_key(&key) || self.strategy.staged.contains_key(&key);
-        if !known && self.strategy.merged().len() >= MAX_STATE_KEYS {
+        if !known && self.strategy.key_count() >= MAX_STATE_KEYS {
             return Ok(Err(format!("the strategy state holds at most {MAX_STATE_KEYS} keys")));
         }
         // Copy-on-write: the plugin may go on changing its tensor without changing the state.

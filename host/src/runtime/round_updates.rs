@@ -152,7 +152,7 @@ impl RoundUpdates {
                     u.read(t, start..end, &mut values)?;
                 }
                 let c = end - start;
-                parallel(&mut out[start..end], |offset, part| {
+                crate::tensor::for_each_part(&mut out[start..end], 4096, |offset, part| {
                     let mut column = vec![0.0f64; n];
                     for (k, slot) in part.iter_mut().enumerate() {
                         for (u, v) in column.iter_mut().enumerate() {
@@ -284,22 +284,6 @@ fn reorder<'a>(first: &Layout, names: &Layout, open: Opened<'a>) -> Result<Opene
             Opened::File { file, path, tensors }
         }
     })
-}
-
-/// Runs `f(offset, part)` over `out` split between the machine's cores.
-fn parallel(out: &mut [f64], f: impl Fn(usize, &mut [f64]) + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if threads < 2 || out.len() < 4096 {
-        f(0, out);
-        return;
-    }
-    let per = out.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (k, part) in out.chunks_mut(per).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(k * per, part));
-        }
-    });
 }
 
 /// Runs `f` over `0..len` split between the machine's cores; the parts' results in order.

@@ -27,6 +27,13 @@ pub struct StrategyState {
 }
 
 impl StrategyState {
+    /// How many keys the state holds with this round's changes applied.
+    pub fn key_count(&self) -> usize {
+        let added = self.staged.iter().filter(|(k, v)| v.is_some() && !self.committed.contains_key(*k)).count();
+        let removed = self.staged.iter().filter(|(k, v)| v.is_none() && self.committed.contains_key(*k)).count();
+        self.committed.len() + added - removed
+    }
+
     /// The state after this round: the committed values with this round's changes applied.
     pub fn merged(&self) -> std::collections::BTreeMap<String, Tensor> {
         let mut state = (*self.committed).clone();

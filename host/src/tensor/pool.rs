@@ -121,13 +121,7 @@ pub(super) fn zeroed<T: Pooled>(len: usize) -> Vec<T> {
 }
 
 fn fill_zero<T: Pooled>(v: &mut [T]) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let per = v.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for part in v.chunks_mut(per) {
-            scope.spawn(move || part.fill(T::default()));
-        }
-    });
+    super::for_each_part(v, 1 << 16, |_, part| part.fill(T::default()));
 }
 
 #[cfg(test)]
