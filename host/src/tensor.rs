@@ -115,6 +115,16 @@ impl Buffer {
         }
     }
 
+    /// `len` elements whose values are arbitrary for floats (see [`pool::leftovers`]); zeros for
+    /// the other types.
+    fn leftovers(dtype: DType, len: usize) -> Buffer {
+        match dtype {
+            DType::F32 => Buffer::F32(pool::leftovers(len)),
+            DType::F64 => Buffer::F64(pool::leftovers(len)),
+            other => Buffer::zeros(other, len),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             Buffer::F32(_) => DType::F32,
@@ -383,6 +393,14 @@ impl Tensor {
         Ok(Tensor { shape, data: stored(Buffer::zeros(dtype, n), Some(true)) })
     }
 
+    /// A tensor whose every element the caller writes before anything reads it (see
+    /// [`Tensor::assign_many`]): its values are arbitrary until then.
+    pub fn unfilled(dtype: DType, shape: Vec<u64>) -> Result<Tensor, TensorError> {
+        let n = numel(&shape).ok_or_else(|| TensorError::OutOfMemory(format!("shape {shape:?} overflows")))?;
+        let n = usize::try_from(n).map_err(|_| TensorError::OutOfMemory(format!("shape {shape:?} is too large")))?;
+        Ok(Tensor { shape, data: stored(Buffer::leftovers(dtype, n), None) })
+    }
+
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }
@@ -568,7 +586,10 @@ impl Tensor {
 }
 
 mod elementwise;
+mod fused;
 mod pool;
+
+pub use fused::Term;
 
 #[cfg(test)]
 mod tests {

@@ -64,8 +64,9 @@ impl PluginState {
     }
 
     /// Puts a tensor the plugin created, charging it to the plugin's tensor budget.
-    fn create(&mut self, tensor: Tensor) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
-        let bytes = tensor.byte_len();
+    fn create(&mut self, tensor: impl Into<TensorSlot>) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
+        let mut slot = tensor.into();
+        let bytes = slot.tensor.byte_len();
         if self.tensor_bytes.saturating_add(bytes) > self.tensor_limit {
             return Ok(Err(tensors::TensorError::OutOfMemory(format!(
                 "{bytes} more bytes of tensors would pass the plugin's tensor limit of {} ({} in use)",
@@ -73,7 +74,8 @@ impl PluginState {
             ))));
         }
         self.tensor_bytes += bytes;
-        Ok(Ok(self.table.push(TensorSlot::new(tensor, bytes))?))
+        slot.charged = bytes;
+        Ok(Ok(self.table.push(slot)?))
     }
 
     /// The tensor behind `handle`, with its deferred `axpy` calls applied.
@@ -81,6 +83,12 @@ impl PluginState {
         let slot = self.table.get_mut(handle)?;
         slot.settle().map_err(wasmtime::Error::msg)?;
         Ok(&mut slot.tensor)
+    }
+
+    /// The tensor behind `handle` for its type and shape only: its deferred calls, which change
+    /// neither, stay deferred.
+    fn peek(&self, handle: &Resource<TensorSlot>) -> wasmtime::Result<&Tensor> {
+        Ok(&self.table.get(handle)?.tensor)
     }
 
     /// Runs `op` on the tensor behind `this` with a cheap (copy-on-write) copy of `other`.
@@ -126,8 +134,8 @@ impl tensors::HostTensor for PluginState {
                 ))))
             }
         }
-        match Tensor::zeros(dtype.into(), shape) {
-            Ok(t) => self.create(t),
+        match TensorSlot::zeros(dtype.into(), shape) {
+            Ok(slot) => self.create(slot),
             Err(e) => Ok(Err(e.into())),
         }
     }
@@ -137,22 +145,22 @@ impl tensors::HostTensor for PluginState {
         other: Resource<TensorSlot>,
         dtype: Option<types::Dtype>,
     ) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
-        let other = self.get(&other)?;
+        let other = self.peek(&other)?;
         let dtype = dtype.unwrap_or_else(|| other.dtype().into());
         let shape = other.shape().to_vec();
         self.zeros(dtype, shape)
     }
 
     fn dtype(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<types::Dtype> {
-        Ok(self.get(&this)?.dtype().into())
+        Ok(self.peek(&this)?.dtype().into())
     }
 
     fn shape(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<Vec<u64>> {
-        Ok(self.get(&this)?.shape().to_vec())
+        Ok(self.peek(&this)?.shape().to_vec())
     }
 
     fn numel(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<u64> {
-        Ok(self.get(&this)?.numel())
+        Ok(self.peek(&this)?.numel())
     }
 
     fn duplicate(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<TensorResult<Resource<TensorSlot>>> {
@@ -176,8 +184,11 @@ impl tensors::HostTensor for PluginState {
         x: Resource<TensorSlot>,
     ) -> wasmtime::Result<TensorResult<()>> {
         // Deferred: a fold's accumulator then takes several updates in one pass.
-        let x = self.get(&x)?.clone();
-        Ok(self.table.get_mut(&this)?.defer_axpy(alpha, x).map_err(Into::into))
+        let term = match self.table.get_mut(&x)?.as_term(alpha) {
+            Ok(term) => term,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        Ok(self.table.get_mut(&this)?.defer(term).map_err(Into::into))
     }
 
     fn scale(&mut self, this: Resource<TensorSlot>, alpha: f64) -> wasmtime::Result<TensorResult<()>> {
@@ -274,7 +285,9 @@ impl tensors::HostTensor for PluginState {
     }
 
     fn drop(&mut self, this: Resource<TensorSlot>) -> wasmtime::Result<()> {
-        self.take(this)?;
+        // Its deferred calls are dropped with it: nothing can read it any more.
+        let slot = self.table.delete(this)?;
+        self.tensor_bytes = self.tensor_bytes.saturating_sub(slot.charged);
         Ok(())
     }
 }

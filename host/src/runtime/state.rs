@@ -12,7 +12,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::round_updates::RoundUpdates;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor, TensorError, Term};
 
 /// Most keys a plugin's strategy state holds, and the longest key.
 pub const MAX_STATE_KEYS: usize = 4096;
@@ -54,7 +54,16 @@ impl StrategyState {
 pub struct TensorSlot {
     pub tensor: Tensor,
     pub charged: usize,
-    pub pending: Vec<(f64, Tensor)>,
+    pending: Vec<Term>,
+    /// The tensor is zeros not written yet (its buffer holds leftovers): the first settle writes
+    /// the deferred sum over it, so a new accumulator costs no separate pass to zero it.
+    unfilled: bool,
+}
+
+impl From<Tensor> for TensorSlot {
+    fn from(tensor: Tensor) -> TensorSlot {
+        TensorSlot::new(tensor, 0)
+    }
 }
 
 /// Most `axpy` calls one accumulator defers, and most bytes of inputs they may keep alive.
@@ -63,25 +72,64 @@ pub const MAX_PENDING_BYTES: usize = 512 << 20;
 
 impl TensorSlot {
     pub fn new(tensor: Tensor, charged: usize) -> TensorSlot {
-        TensorSlot { tensor, charged, pending: Vec::new() }
+        TensorSlot { tensor, charged, pending: Vec::new(), unfilled: false }
     }
 
-    /// Applies the deferred `axpy` calls, in the order they were made.
-    pub fn settle(&mut self) -> Result<(), crate::tensor::TensorError> {
-        if self.pending.is_empty() {
+    /// A slot for zeros of `dtype` and `shape`, written when first settled.
+    pub fn zeros(dtype: DType, shape: Vec<u64>) -> Result<TensorSlot, TensorError> {
+        Ok(TensorSlot { tensor: Tensor::unfilled(dtype, shape)?, charged: 0, pending: Vec::new(), unfilled: true })
+    }
+
+    /// Applies the deferred `axpy` calls, in the order they were made (writes the zeros first
+    /// if the tensor is unfilled).
+    pub fn settle(&mut self) -> Result<(), TensorError> {
+        let terms = std::mem::take(&mut self.pending);
+        if std::mem::take(&mut self.unfilled) {
+            return self.tensor.assign_many(&terms);
+        }
+        if terms.is_empty() {
             return Ok(());
         }
-        let terms = std::mem::take(&mut self.pending);
         self.tensor.axpy_many(&terms)
     }
 
-    /// Defers self += alpha * x (checked now, so errors come from this call); applies the
-    /// deferred calls once they hold too many inputs.
-    pub fn defer_axpy(&mut self, alpha: f64, x: Tensor) -> Result<(), crate::tensor::TensorError> {
-        self.tensor.check_axpy(&x)?;
-        self.pending.push((alpha, x));
-        let bytes: usize = self.pending.iter().map(|(_, t)| t.byte_len()).sum();
-        if self.pending.len() >= MAX_PENDING || bytes >= MAX_PENDING_BYTES {
+    /// `alpha` times this tensor as a term of another's `axpy`. While this one is an f64
+    /// accumulator of deferred terms only, the term is those terms: a mean computed from a sum
+    /// then reads the inputs once and the sum is never written (the sum's own value is still
+    /// computed if it is read later). Otherwise this tensor, settled.
+    pub fn as_term(&mut self, alpha: f64) -> Result<Term, TensorError> {
+        if self.unfilled && self.tensor.dtype() == DType::F64 && !self.pending.is_empty() {
+            let inner: Option<Vec<(f64, Tensor)>> = self
+                .pending
+                .iter()
+                .map(|t| match t {
+                    Term::Scaled(b, y) => Some((*b, y.clone())),
+                    Term::ScaledSum(..) => None,
+                })
+                .collect();
+            if let Some(inner) = inner {
+                return Ok(Term::ScaledSum(alpha, inner));
+            }
+        }
+        self.settle()?;
+        Ok(Term::Scaled(alpha, self.tensor.clone()))
+    }
+
+    /// Defers self += term (checked now, so errors come from this call); applies the deferred
+    /// calls once they hold too many inputs.
+    pub fn defer(&mut self, term: Term) -> Result<(), TensorError> {
+        self.tensor.check_term(&term)?;
+        self.pending.push(term);
+        let bytes: usize = self.pending.iter().map(Term::byte_len).sum();
+        let count: usize = self
+            .pending
+            .iter()
+            .map(|t| match t {
+                Term::Scaled(..) => 1,
+                Term::ScaledSum(_, ys) => ys.len(),
+            })
+            .sum();
+        if count >= MAX_PENDING || bytes >= MAX_PENDING_BYTES {
             self.settle()?;
         }
         Ok(())
@@ -255,5 +303,61 @@ impl PluginState {
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mean_taken_from_a_deferred_sum_equals_the_mean_of_the_stored_sum() {
+        let n = 50_000usize;
+        let x = |k: usize| {
+            Tensor::from_f32(vec![n as u64], (0..n).map(|i| ((i * 13 + k * 101) % 89) as f32 * 0.7 - 30.0).collect())
+                .expect("x")
+        };
+        let weights = [3.0, 10.0, 7.0];
+        // As computed one call at a time.
+        let mut sum = Tensor::zeros(DType::F64, vec![n as u64]).expect("zeros");
+        for (k, w) in weights.iter().enumerate() {
+            sum.axpy(*w, &x(k)).expect("axpy");
+        }
+        let mut expected = Tensor::zeros(DType::F32, vec![n as u64]).expect("zeros");
+        expected.axpy(0.05, &sum).expect("axpy");
+
+        let deferred_sum = || {
+            let mut slot = TensorSlot::zeros(DType::F64, vec![n as u64]).expect("slot");
+            for (k, w) in weights.iter().enumerate() {
+                slot.defer(Term::Scaled(*w, x(k))).expect("defer");
+            }
+            slot
+        };
+        // The sum never written (dropped), or read afterwards: the same mean either way.
+        for read_the_sum_after in [false, true] {
+            let mut sum_slot = deferred_sum();
+            let mut mean = TensorSlot::zeros(DType::F32, vec![n as u64]).expect("slot");
+            let term = sum_slot.as_term(0.05).expect("term");
+            assert!(matches!(term, Term::ScaledSum(..)), "a deferred sum is taken as its terms");
+            mean.defer(term).expect("defer");
+            if read_the_sum_after {
+                sum_slot.settle().expect("settle");
+                assert_eq!(sum_slot.tensor, sum);
+            }
+            drop(sum_slot);
+            mean.settle().expect("settle");
+            assert_eq!(mean.tensor, expected);
+        }
+        // An f32 accumulator rounds at every step: it is settled and taken as it is.
+        let mut f32_sum = TensorSlot::zeros(DType::F32, vec![n as u64]).expect("slot");
+        f32_sum.defer(Term::Scaled(1.0, x(0))).expect("defer");
+        assert!(matches!(f32_sum.as_term(1.0).expect("term"), Term::Scaled(..)));
+        // A new slot read before anything is added to it is zeros, though its buffer may be a
+        // kept one full of NaN (large buffers are kept when dropped).
+        let big = (8 << 20) / 8;
+        drop(Tensor::from_f64(vec![big as u64], vec![f64::NAN; big]).expect("garbage"));
+        let mut fresh = TensorSlot::zeros(DType::F64, vec![big as u64]).expect("slot");
+        fresh.settle().expect("settle");
+        assert_eq!(fresh.tensor, Tensor::zeros(DType::F64, vec![big as u64]).expect("zeros"));
     }
 }

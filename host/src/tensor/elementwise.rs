@@ -89,87 +89,6 @@ impl Tensor {
     }
 }
 
-/// Elements of one block of a fused `axpy_many`: the accumulator's block stays in cache while
-/// the inputs stream through it.
-const BLOCK: usize = 4096;
-
-/// `fused` compiled for AVX2 where the CPU has it (the portable build targets SSE2, two f64
-/// lanes): the same operations, in the same order, so the same bits, on twice the lanes.
-fn fused_best<A: Element>(acc: &mut [A], offset: usize, terms: &[(f64, &Buffer)]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        fn fused_avx2<A: Element>(acc: &mut [A], offset: usize, terms: &[(f64, &Buffer)]) {
-            fused(acc, offset, terms)
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU was just found to support AVX2.
-            unsafe { fused_avx2(acc, offset, terms) };
-            return;
-        }
-    }
-    fused(acc, offset, terms)
-}
-
-/// acc += alpha_k * x_k for each term in order, block by block: element for element the same
-/// operations, in the same order, as one `axpy` per term, with one pass over `acc`.
-#[inline(always)]
-fn fused<A: Element>(acc: &mut [A], offset: usize, terms: &[(f64, &Buffer)]) {
-    for (b, block) in acc.chunks_mut(BLOCK).enumerate() {
-        let range = offset + b * BLOCK..offset + b * BLOCK + block.len();
-        for (alpha, x) in terms {
-            let alpha = *alpha;
-            match x {
-                Buffer::F32(v) => {
-                    for (a, x) in block.iter_mut().zip(&v[range.clone()]) {
-                        *a = A::from_f64(a.to_f64() + alpha * *x as f64);
-                    }
-                }
-                Buffer::F64(v) => {
-                    for (a, x) in block.iter_mut().zip(&v[range.clone()]) {
-                        *a = A::from_f64(a.to_f64() + alpha * *x);
-                    }
-                }
-                _ => unreachable!("check_axpy admitted float inputs only"),
-            }
-        }
-    }
-}
-
-/// Runs `fused` over `acc` split between the machine's cores.
-fn fused_parallel<A: Element>(acc: &mut [A], terms: &[(f64, &Buffer)]) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if threads < 2 || acc.len() < 16 * BLOCK {
-        fused_best(acc, 0, terms);
-        return;
-    }
-    let per = acc.len().div_ceil(threads).next_multiple_of(BLOCK);
-    std::thread::scope(|scope| {
-        for (k, part) in acc.chunks_mut(per).enumerate() {
-            scope.spawn(move || fused_best(part, k * per, terms));
-        }
-    });
-}
-
-impl Tensor {
-    /// self += alpha_k * x_k for every term, in order: the result of one `axpy` per term, bit
-    /// for bit, in one pass over self's memory and on every core.
-    pub fn axpy_many(&mut self, terms: &[(f64, Tensor)]) -> Result<(), TensorError> {
-        for (_, x) in terms {
-            self.check_axpy(x)?;
-        }
-        // Held here so that a term that is self reads the old values (copy-on-write).
-        let held: Vec<(f64, Arc<super::Stored>)> = terms.iter().map(|(a, x)| (*a, Arc::clone(&x.data))).collect();
-        let bufs: Vec<(f64, &Buffer)> = held.iter().map(|(a, s)| (*a, &s.buf)).collect();
-        match self.buf_mut() {
-            Buffer::F64(a) => fused_parallel(a, &bufs),
-            Buffer::F32(a) => fused_parallel(a, &bufs),
-            _ => unreachable!("check_axpy admitted a float accumulator only"),
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,35 +108,6 @@ mod tests {
         let mut x = t(&[0.1, 0.1]);
         x.axpy(0.1, &step).expect("axpy");
         assert_eq!(x.as_f32().expect("f32"), &[0.15, -0.1]);
-    }
-
-    #[test]
-    fn a_fused_axpy_is_bit_for_bit_the_sequence_of_axpys() {
-        let n = 100_003usize; // not a multiple of the block, and split between threads
-        let x = |k: usize| {
-            Tensor::from_f32(
-                vec![n as u64],
-                (0..n).map(|i| ((i * 7919 + k * 104729) % 1000) as f32 * 1e-3 - 0.5).collect(),
-            )
-            .expect("x")
-        };
-        let terms: Vec<(f64, Tensor)> = (0..5).map(|k| (0.1 + k as f64 * 0.37, x(k))).collect();
-        for dtype in [super::super::DType::F64, super::super::DType::F32] {
-            let mut one_by_one = x(9).cast(dtype);
-            for (a, t) in &terms {
-                one_by_one.axpy(*a, t).expect("axpy");
-            }
-            let mut fused = x(9).cast(dtype);
-            fused.axpy_many(&terms).expect("fused");
-            assert_eq!(fused, one_by_one, "{dtype}");
-        }
-        // With itself as a term: the old values, as axpy(alpha, self) reads them.
-        let mut a = x(1);
-        let mut b = x(1);
-        b.axpy(2.0, &x(1)).expect("axpy");
-        let itself = a.clone();
-        a.axpy_many(&[(2.0, itself)]).expect("fused");
-        assert_eq!(a, b);
     }
 
     #[test]

@@ -84,29 +84,47 @@ fn keep<T: Pooled>(v: Vec<T>) {
 /// `len` zeros: a kept buffer of about that size, zeroed on every core, or fresh memory in huge
 /// pages where the kernel grants them.
 pub(super) fn zeroed<T: Pooled>(len: usize) -> Vec<T> {
+    match kept(len) {
+        Some(mut v) => {
+            fill_zero(&mut v);
+            v
+        }
+        None => fresh(len),
+    }
+}
+
+/// `len` elements whose values are whatever a kept buffer last held (or zeros, when none fits):
+/// for a result every element of which is written before it is read, which then skips a pass
+/// over memory that zeroing would cost.
+pub(super) fn leftovers<T: Pooled>(len: usize) -> Vec<T> {
+    kept(len).unwrap_or_else(|| fresh(len))
+}
+
+/// The smallest kept buffer of at least `len` elements that wastes at most half of itself,
+/// cut to `len`; None for small sizes, which the allocator serves well.
+fn kept<T: Pooled>(len: usize) -> Option<Vec<T>> {
+    if len.saturating_mul(std::mem::size_of::<T>()) < MIN_BYTES {
+        return None;
+    }
+    let mut pool = POOL.lock().ok()?;
+    let shelf = T::shelf(&mut pool);
+    let k = (0..shelf.len())
+        .filter(|&k| shelf[k].len() >= len && shelf[k].len() <= 2 * len)
+        .min_by_key(|&k| shelf[k].len())?;
+    let mut v = shelf.swap_remove(k);
+    pool.bytes -= bytes_of(&v);
+    v.truncate(len);
+    Some(v)
+}
+
+/// Zeroed by the allocator (fresh pages, first touched by whoever fills the buffer), in huge
+/// pages where the kernel grants them.
+fn fresh<T: Pooled>(len: usize) -> Vec<T> {
+    let v: Vec<T> = vec![T::default(); len];
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
     if bytes < MIN_BYTES {
-        return vec![T::default(); len];
-    }
-    let reused = POOL.lock().ok().and_then(|mut pool| {
-        let shelf = T::shelf(&mut pool);
-        // The smallest kept buffer that fits without wasting more than half of it.
-        let k = (0..shelf.len())
-            .filter(|&k| shelf[k].capacity() >= len && shelf[k].capacity() <= 2 * len)
-            .min_by_key(|&k| shelf[k].capacity())?;
-        let v = shelf.swap_remove(k);
-        pool.bytes -= bytes_of(&v);
-        Some(v)
-    });
-    if let Some(mut v) = reused {
-        // SAFETY: capacity >= len, and every element is written below before the vector is
-        // read; f32 and f64 have no invalid bit patterns.
-        unsafe { v.set_len(len) };
-        fill_zero(&mut v);
         return v;
     }
-    // Zeroed by the allocator (fresh pages), first touched by whoever fills the buffer.
-    let v: Vec<T> = vec![T::default(); len];
     let start = v.as_ptr() as usize;
     let aligned = start.next_multiple_of(HUGE_PAGE);
     let end = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
@@ -140,5 +158,16 @@ mod tests {
         assert!(again.iter().all(|x| *x == 0.0));
         // Most likely the same allocation (another test may have taken it first).
         let _ = ptr;
+    }
+
+    #[test]
+    fn leftovers_are_a_kept_buffer_as_it_was_or_fresh_zeros() {
+        let n = (MIN_BYTES / 8) + 1000;
+        assert!(leftovers::<f64>(n).iter().all(|x| *x == 0.0), "nothing kept: zeros");
+        recycle(super::super::Buffer::F64(vec![3.0; n]));
+        let v: Vec<f64> = leftovers(n - 10);
+        assert_eq!(v.len(), n - 10);
+        // Another test may have taken the kept buffer: then these are fresh zeros.
+        assert!(v.iter().all(|x| *x == 3.0) || v.iter().all(|x| *x == 0.0));
     }
 }
