@@ -19,6 +19,9 @@ pub enum ClientError {
     /// The cloud answered with an error status (and the message of its error body).
     #[error("{what}: the cloud answered {status}: {message}")]
     Refused { what: String, status: StatusCode, message: String },
+    /// The TLS settings could not be used, or plain HTTP was refused.
+    #[error(transparent)]
+    Tls(#[from] nereid_net::tls::TlsError),
 }
 
 impl ClientError {
@@ -26,12 +29,30 @@ impl ClientError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Refused { status, .. } => Some(*status),
-            ClientError::Transport { .. } => None,
+            ClientError::Transport { .. } | ClientError::Tls(_) => None,
         }
     }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// An HTTP client builder for reaching `url` (a cloud's base URL): rustls with `tls`; plain HTTP
+/// only to loopback unless `allow_plaintext` (then with a warning).
+pub fn cloud_http(
+    url: &str,
+    tls: &nereid_net::tls::ClientTls,
+    allow_plaintext: bool,
+) -> std::result::Result<reqwest::ClientBuilder, nereid_net::tls::TlsError> {
+    if let Some(host) = nereid_net::tls::plain_http_host(url) {
+        nereid_net::tls::check_plaintext(
+            &format!("the connection to {url}"),
+            host,
+            allow_plaintext,
+            "allow_plaintext = true, or --allow-plaintext",
+        )?;
+    }
+    Ok(tls.http_client()?.tcp_nodelay(true))
+}
 
 /// A client of one cloud with one bearer token (an operator's or a node's).
 #[derive(Clone)]
@@ -42,9 +63,23 @@ pub struct CloudClient {
 }
 
 impl CloudClient {
-    /// A client whose requests time out after `timeout`.
+    /// A client whose requests time out after `timeout`, trusting the system's CA certificates.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<CloudClient> {
-        let http = reqwest::Client::builder()
+        CloudClient::connect(base, token, timeout, &nereid_net::tls::ClientTls::default(), false)
+    }
+
+    /// A client whose requests time out after `timeout`, with `tls` for `https://` (its CA, and
+    /// its certificate for mutual TLS). Plain `http://` is refused for a host that is not
+    /// loopback unless `allow_plaintext`. An empty `token` sends none (a node known by its
+    /// certificate).
+    pub fn connect(
+        base: &str,
+        token: &str,
+        timeout: Duration,
+        tls: &nereid_net::tls::ClientTls,
+        allow_plaintext: bool,
+    ) -> Result<CloudClient> {
+        let http = cloud_http(base, tls, allow_plaintext)?
             .timeout(timeout)
             .build()
             .map_err(|source| ClientError::Transport { what: "building the HTTP client".into(), source })?;
@@ -60,7 +95,8 @@ impl CloudClient {
     }
 
     async fn send(&self, what: String, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = match req.bearer_auth(&self.token).send().await {
+        let req = if self.token.is_empty() { req } else { req.bearer_auth(&self.token) };
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(source) => return Err(ClientError::Transport { what, source }),
         };

@@ -67,6 +67,9 @@ enum Command {
     /// The embedded OCI registry, and tag listing.
     #[command(subcommand)]
     Registry(cli::oci::RegistryCommand),
+    /// Certificates for a fleet: a CA, and a certificate per host (TLS, mutual TLS).
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommand),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Edge { config } => cli::serve::edge(config, cache_dir),
         Command::Job(cmd) => cli::serve::job(cmd, cache_dir),
         Command::Token(cmd) => cli::serve::token(cmd),
+        Command::Cert(cmd) => cli::cert::run(cmd),
         Command::Model(cmd) => cli::model::run(cmd, cache_dir),
         Command::Push(args) => cli::oci::push(args, cache_root.as_deref()),
         Command::Pull(args) => cli::oci::pull(args, cache_root.as_deref()),

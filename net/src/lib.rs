@@ -9,7 +9,12 @@
 //! - time limits on every request body: one without a byte arriving, one for the whole body.
 //!   They start when the handler first reads the body (time spent waiting for, say, an upload
 //!   slot does not count). A handler sees a stalled body as a read error carrying
-//!   [`BodyTimeout`] (see [`body_timeout`]).
+//!   [`BodyTimeout`] (see [`body_timeout`]);
+//! - TLS when given an acceptor ([`tls`]), its handshake bounded by the header time limit; a
+//!   client certificate the handshake verified reaches handlers as [`tls::PeerCertificate`].
+pub mod pki;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -230,10 +235,16 @@ impl Drop for Admitted {
 const REFUSED: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n";
 
-/// Serves `router` on `listener` with `limits` until the process ends (or the listener fails
-/// for good). Requests carry the peer's address as [`ConnectInfo<SocketAddr>`].
-pub async fn serve(listener: TcpListener, router: axum::Router, limits: ServerLimits) -> std::io::Result<()> {
-    serve_until(listener, router, limits, std::future::pending()).await
+/// Serves `router` on `listener` with `limits` (over TLS with `tls`) until the process ends (or
+/// the listener fails for good). Requests carry the peer's address as
+/// [`ConnectInfo<SocketAddr>`].
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
+    serve_until(listener, router, limits, tls, std::future::pending()).await
 }
 
 /// As [`serve`], until `stop` completes: then no connection is accepted any more (open ones
@@ -242,6 +253,7 @@ pub async fn serve_until(
     listener: TcpListener,
     router: axum::Router,
     limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let peers = Arc::new(Peers::default());
@@ -270,22 +282,62 @@ pub async fn serve_until(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY: {e}");
         }
-        let service = router.clone().into_service::<Body>().map_request(move |req: axum::http::Request<Incoming>| {
-            let mut req = req.map(|b| Body::new(TimeoutBody::new(b, idle, total)));
-            req.extensions_mut().insert(ConnectInfo(addr));
-            req
-        });
+        let router = router.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header)
-                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(peer = %addr, "connection ended: {e}");
-            }
+            let Some(acceptor) = tls else {
+                serve_connection(tcp, router, addr, None, (idle, total, header)).await;
+                return;
+            };
+            // The handshake counts as the request's headers: a peer that stalls it is dropped.
+            let stream = match tokio::time::timeout(header, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %addr, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "TLS handshake not finished in time");
+                    return;
+                }
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| tls::PeerCertificate::from_der(cert));
+            serve_connection(stream, router, addr, peer, (idle, total, header)).await;
         });
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection (plain or TLS).
+async fn serve_connection<IO>(
+    io: IO,
+    router: axum::Router,
+    addr: std::net::SocketAddr,
+    peer: Option<tls::PeerCertificate>,
+    (idle, total, header): (Duration, Duration, Duration),
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = router.into_service::<Body>().map_request(move |req: axum::http::Request<Incoming>| {
+        let mut req = req.map(|b| Body::new(TimeoutBody::new(b, idle, total)));
+        req.extensions_mut().insert(ConnectInfo(addr));
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        req
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(peer = %addr, "connection ended: {e}");
     }
 }
 
@@ -304,7 +356,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let router = axum::Router::new().route("/", post(echo_len));
-        tokio::spawn(serve(listener, router, limits));
+        tokio::spawn(serve(listener, router, limits, None));
         addr
     }
 
@@ -378,7 +430,9 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 503") && closed, "{text}");
         drop((a, b));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let resp = reqwest::Client::new().post(format!("http://{addr}/")).body("four").send().await.expect("send");
+        // (This crate's reqwest has rustls without a default provider: the client brings its own.)
+        let client = tls::ClientTls::default().http_client().expect("client").build().expect("client");
+        let resp = client.post(format!("http://{addr}/")).body("four").send().await.expect("send");
         assert_eq!(resp.text().await.expect("body"), "4");
     }
 

@@ -196,10 +196,27 @@ impl RegistryClient {
         let make = || {
             let protocol =
                 if self.settings.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
+            // A CA file that cannot be read leaves the system's trust: the TLS error then says
+            // which certificate was not trusted.
+            let extra_root_certificates = self
+                .settings
+                .ca(registry)
+                .and_then(|path| match std::fs::read(path) {
+                    Ok(data) => Some(vec![oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Pem,
+                        data,
+                    }]),
+                    Err(e) => {
+                        tracing::warn!("reading the CA file {} of registry {registry}: {e}", path.display());
+                        None
+                    }
+                })
+                .unwrap_or_default();
             oci_client::Client::new(ClientConfig {
                 protocol,
                 connect_timeout: Some(CONNECT_TIMEOUT),
                 read_timeout: Some(READ_TIMEOUT),
+                extra_root_certificates,
                 ..Default::default()
             })
         };

@@ -7,6 +7,8 @@ use crate::ReferenceError;
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
+    Tls(#[from] nereid_net::tls::TlsError),
+    #[error(transparent)]
     Reference(#[from] ReferenceError),
     #[error("{reference}: the registry refused the credentials or asked for some: {message}")]
     Unauthorized { reference: String, message: String },

@@ -37,6 +37,9 @@ pub struct HostSettings {
     /// A bearer token sent as is (e.g. a registry access token).
     pub token: Option<String>,
     pub token_env: Option<String>,
+    /// A PEM file of CA certificates to trust for this registry's HTTPS (besides the system's);
+    /// with it, a loopback registry is spoken to over HTTPS too.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -46,6 +49,9 @@ fn env(name: &str) -> Option<String> {
 impl HostSettings {
     fn merge(&mut self, other: &HostSettings) {
         self.insecure |= other.insecure;
+        if self.ca.is_none() {
+            self.ca = other.ca.clone();
+        }
         if !self.has_credentials() {
             self.username = other.username.clone();
             self.password = other.password.clone();
@@ -110,9 +116,16 @@ impl RegistrySettings {
         }
     }
 
-    /// Whether `registry` is spoken to in plain HTTP.
+    /// Whether `registry` is spoken to in plain HTTP: one marked `insecure`, or a loopback one
+    /// without a `ca`.
     pub fn is_insecure(&self, registry: &str) -> bool {
-        is_loopback(registry) || self.registries.get(registry).is_some_and(|s| s.insecure)
+        let host = self.registries.get(registry);
+        host.is_some_and(|s| s.insecure) || (is_loopback(registry) && host.is_none_or(|s| s.ca.is_none()))
+    }
+
+    /// The CA file to trust for `registry`, if one is set.
+    pub fn ca(&self, registry: &str) -> Option<&std::path::Path> {
+        self.registries.get(registry).and_then(|s| s.ca.as_deref())
     }
 
     /// The credentials for `registry`.

@@ -37,6 +37,8 @@ pub struct Cluster {
     pub nodes: Vec<(String, String)>,
     pub cloud: Option<Child>,
     pub edges: Vec<Option<Child>>,
+    /// The CA the cloud's certificate is signed by, once [`Cluster::use_tls`] made one.
+    pub ca: Option<PathBuf>,
 }
 
 impl Drop for Cluster {
@@ -78,7 +80,7 @@ impl Cluster {
             nodes.push((name, token));
         }
         std::fs::write(dir.path().join("cloud.toml"), cloud).expect("cloud.toml");
-        Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect() }
+        Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect(), ca: None }
     }
 
     /// A cluster with its cloud and every edge started.
@@ -94,14 +96,68 @@ impl Cluster {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        match self.ca {
+            Some(_) => format!("https://localhost:{}{path}", self.port),
+            None => format!("http://127.0.0.1:{}{path}", self.port),
+        }
+    }
+
+    /// The client TLS of the operator: the cluster's CA, once it has one.
+    pub fn client_tls(&self) -> nereid_net::tls::ClientTls {
+        nereid_net::tls::ClientTls { ca: self.ca.clone(), cert: None, key: None }
+    }
+
+    /// Serves the cloud over mutual TLS: makes a CA (`nereid cert`), a certificate for the cloud
+    /// (localhost) and one per edge, and points every config at them; the cloud knows nodes by
+    /// token and certificate together (client certificates optional in the handshake, so that
+    /// operators and probes need none). Call before starting anything.
+    pub fn use_tls(&mut self) {
+        let pki = self.path("pki");
+        let pki_str = pki.to_str().expect("utf-8").to_string();
+        let cert = |args: &[&str]| {
+            let out = self.nereid(args);
+            assert!(out.status.success(), "nereid {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        cert(&["cert", "ca", "--out", &pki_str]);
+        cert(&["cert", "issue", "localhost", "--ca", &pki_str, "--san", "127.0.0.1"]);
+        let cloud = self.path("cloud.toml");
+        let text = std::fs::read_to_string(&cloud).expect("cloud.toml");
+        let tls = format!(
+            "node_auth = \"token-and-certificate\"\n[tls]\ncert = \"{pki_str}/localhost.pem\"\nkey = \"{pki_str}/localhost.key\"\n\
+             client_ca = \"{pki_str}/ca.pem\"\n"
+        );
+        // Top-level keys and [tls] before the [nodes.*] tables.
+        let text = match text.find("[nodes.") {
+            Some(at) => format!("{}{tls}{}", &text[..at], &text[at..]),
+            None => format!("{text}{tls}"),
+        };
+        std::fs::write(&cloud, text).expect("cloud.toml");
+        for (name, _) in &self.nodes {
+            cert(&["cert", "issue", name, "--ca", &pki_str]);
+            let edge = self.path(&format!("{name}/edge.toml"));
+            let text = std::fs::read_to_string(&edge).expect("edge.toml").replace(
+                &format!("cloud = \"http://127.0.0.1:{}\"", self.port),
+                &format!("cloud = \"https://localhost:{}\"", self.port),
+            );
+            let text = format!(
+                "{text}\n[cloud_tls]\nca = \"{pki_str}/ca.pem\"\ncert = \"{pki_str}/{name}.pem\"\nkey = \"{pki_str}/{name}.key\"\n"
+            );
+            std::fs::write(&edge, text).expect("edge.toml");
+        }
+        self.ca = Some(pki.join("ca.pem"));
+    }
+
+    /// Whether the cloud answers its health check.
+    pub fn cloud_healthy(&self) -> bool {
+        let client = self.client_tls().http_client().expect("client").build().expect("client");
+        block(async { client.get(self.url("/v1/health")).send().await.is_ok_and(|r| r.status().is_success()) })
     }
 
     pub fn start_cloud(&mut self) {
         let log = self.path(&format!("cloud-{}.log", Instant::now().elapsed().as_nanos()));
         self.cloud = Some(spawn(&["cloud"], &self.path("cloud.toml"), &log, &self.path("cache")));
         let t = Instant::now();
-        while http("GET", &self.url("/v1/health"), None, Vec::new()).0 != 200 {
+        while !self.cloud_healthy() {
             assert!(t.elapsed() < Duration::from_secs(30), "the cloud did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -161,8 +217,11 @@ impl Cluster {
     }
 
     pub fn nereid(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_nereid"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nereid"));
+        if let Some(ca) = &self.ca {
+            cmd.env("NEREID_CA", ca);
+        }
+        cmd.args(args)
             .env("NEREID_CLOUD", self.url(""))
             .env("NEREID_TOKEN", &self.admin)
             .env("NEREID_EDGE_TOKEN", EDGE_TOKEN)
@@ -180,7 +239,8 @@ impl Cluster {
 
     /// The operator's client of the cloud.
     pub fn client(&self) -> CloudClient {
-        CloudClient::new(&self.url(""), &self.admin, Duration::from_secs(60)).expect("client")
+        CloudClient::connect(&self.url(""), &self.admin, Duration::from_secs(60), &self.client_tls(), false)
+            .expect("client")
     }
 
     pub fn status(&self, job: &str) -> JobStatus {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::cluster::*;
 use crate::common::*;
 
-fn job_toml(name: &str, strategy: &str, rounds: u32, min_clients: usize, deadline: f64) -> String {
+pub(crate) fn job_toml(name: &str, strategy: &str, rounds: u32, min_clients: usize, deadline: f64) -> String {
     let plugin = plugin(strategy).display().to_string();
     let objective =
         if strategy == "fedprox" { format!("\n[client_objective]\nplugin = {plugin:?}\n") } else { String::new() };

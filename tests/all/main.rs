@@ -24,3 +24,4 @@ mod sampler;
 mod sandbox;
 mod sdk;
 mod strategies;
+mod tls;

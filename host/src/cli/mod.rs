@@ -1,5 +1,6 @@
 //! The subcommands of the `nereid` binary.
 pub mod bench;
+pub mod cert;
 pub mod demo;
 pub mod model;
 pub mod oci;

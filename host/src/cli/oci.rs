@@ -100,6 +100,15 @@ pub enum RegistryCommand {
         upload_ttl_secs: u64,
         #[command(flatten)]
         http: super::HttpLimitArgs,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address that is not loopback (refused otherwise).
+        #[arg(long)]
+        allow_plaintext: bool,
     },
     /// A repository's tags.
     Tags {
@@ -238,7 +247,27 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<&Path>) -> anyhow::Result<()> 
 
 pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Result<()> {
     match cmd {
-        RegistryCommand::Serve { root, addr, users, anonymous_pull, max_blob_mib, upload_ttl_secs, http } => {
+        RegistryCommand::Serve {
+            root,
+            addr,
+            users,
+            anonymous_pull,
+            max_blob_mib,
+            upload_ttl_secs,
+            http,
+            tls_cert,
+            tls_key,
+            allow_plaintext,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(nereid_net::tls::ServerTls { cert, key, client_ca: None, client_auth: Default::default() })
+                }
+                _ => {
+                    nereid_net::tls::check_plaintext("the registry", &addr, allow_plaintext, "--allow-plaintext")?;
+                    None
+                }
+            };
             let users = users.as_deref().map(UsersFile::read).transpose()?.unwrap_or_default();
             anyhow::ensure!(max_blob_mib >= 1, "--max-blob-mib must be at least 1");
             anyhow::ensure!(upload_ttl_secs >= 1, "--upload-ttl-secs must be at least 1");
@@ -248,6 +277,7 @@ pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Resul
                 max_blob_bytes: max_blob_mib.saturating_mul(1 << 20),
                 upload_ttl: std::time::Duration::from_secs(upload_ttl_secs),
                 limits: http.limits()?,
+                tls,
                 ..ServerOptions::open(root.clone())
             };
             let rt = tokio()?;

@@ -35,6 +35,19 @@ pub struct CloudArgs {
     /// The operator (admin) token.
     #[arg(long, env = "NEREID_TOKEN", hide_env_values = true)]
     token: String,
+    /// PEM CA certificates to trust for an https:// cloud (else the system's).
+    #[arg(long, env = "NEREID_CA", value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Plain HTTP to a cloud that is not on loopback (refused otherwise).
+    #[arg(long, env = "NEREID_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
+}
+
+impl CloudArgs {
+    fn api(&self) -> anyhow::Result<Api> {
+        let tls = nereid_net::tls::ClientTls { ca: self.ca.clone(), cert: None, key: None };
+        Ok(Api::connect(&self.cloud, &self.token, std::time::Duration::from_secs(120), &tls, self.allow_plaintext)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -83,7 +96,7 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
                 println!("{}: valid", file.display());
                 return Ok(());
             }
-            let api = Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?;
+            let api = cloud.api()?;
             let s = rt.block_on(api.apply(loaded))?;
             println!("job `{}` applied: {} ({} rounds at most)", s.name, s.status, s.max_rounds);
             if let Some(note) = &s.note {
@@ -91,8 +104,7 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::List { cloud, json } => {
-            let jobs =
-                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.jobs())?;
+            let jobs = rt.block_on(cloud.api()?.jobs())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -103,8 +115,7 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::Status { name, cloud, json } => {
-            let status =
-                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.status(&name))?;
+            let status = rt.block_on(cloud.api()?.status(&name))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -112,8 +123,7 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         JobCommand::Stop { name, cloud } => {
-            let s =
-                rt.block_on(Api::new(&cloud.cloud, &cloud.token, std::time::Duration::from_secs(120))?.stop(&name))?;
+            let s = rt.block_on(cloud.api()?.stop(&name))?;
             println!("job `{}`: {}", s.name, s.status);
         }
     }

@@ -34,12 +34,15 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::components::Components;
+use crate::config::cloud::NodeAuth;
 use crate::config::job::JobSpec;
 use crate::config::CloudConfig;
 use crate::protocol::*;
 use crate::runtime::Runtime;
 use crate::store::{now_ms, CloudStore, JobRow};
+use anyhow::Context;
 use error::{err, ApiResult};
+use nereid_net::tls::PeerCertificate;
 use plugins::JobPlugins;
 
 #[derive(Default)]
@@ -78,6 +81,7 @@ pub struct Cloud {
     /// Nodes with an upload in progress (one each).
     uploading: uploads::Uploading,
     max_upload: usize,
+    node_auth: NodeAuth,
 }
 
 /// Upload bodies read at once.
@@ -112,7 +116,8 @@ async fn authenticate(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match cloud.caller(req.headers()) {
+    let peer = req.extensions().get::<PeerCertificate>().cloned();
+    match cloud.caller(req.headers(), peer.as_ref()) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
@@ -122,28 +127,54 @@ async fn authenticate(
 }
 
 impl Cloud {
-    fn caller(&self, headers: &HeaderMap) -> ApiResult<Caller> {
+    /// The caller of a request: the operator (admin token), or a node known by its token, by
+    /// the certificate it presented, or by both, as `node_auth` says.
+    fn caller(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> ApiResult<Caller> {
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let refuse = || {
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let refuse = |why: String| {
             self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
-            err(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")
+            err(StatusCode::UNAUTHORIZED, why)
         };
-        let Some(token) = token else { return Err(refuse()) };
-        let sha = token_sha256(token);
-        if sha == self.admin_sha {
+        let sha = token.map(token_sha256);
+        if sha.as_deref() == Some(self.admin_sha.as_str()) {
             return Ok(Caller::Admin);
         }
-        match self.store.node_for_token(&sha)? {
-            Some(node) => {
-                crate::lock(&self.last_seen).insert(node.clone(), now_ms());
-                Ok(Caller::Node(node))
+        let by_token = match &sha {
+            Some(sha) => match self.store.node_for_token(sha)? {
+                Some(node) => Some(node),
+                None => return Err(refuse("invalid bearer token".into())),
+            },
+            None => None,
+        };
+        let by_certificate = || -> ApiResult<String> {
+            let Some(name) = peer.and_then(PeerCertificate::name) else {
+                return Err(refuse("this cloud knows nodes by their client certificates: none was presented".into()));
+            };
+            crate::names::check(crate::names::Kind::Node, name)
+                .map_err(|e| refuse(format!("the client certificate's name is not a node name: {e}")))?;
+            Ok(name.to_string())
+        };
+        let node = match self.node_auth {
+            NodeAuth::Token => by_token.ok_or_else(|| refuse("missing or invalid bearer token".into()))?,
+            NodeAuth::Certificate => by_certificate()?,
+            NodeAuth::TokenAndCertificate => {
+                let named = by_certificate()?;
+                let Some(node) = by_token else { return Err(refuse("missing bearer token".into())) };
+                if node != named {
+                    return Err(refuse(format!(
+                        "the token is node `{node}`'s but the client certificate names `{named}`"
+                    )));
+                }
+                node
             }
-            None => Err(refuse()),
-        }
+        };
+        crate::lock(&self.last_seen).insert(node.clone(), now_ms());
+        Ok(Caller::Node(node))
     }
 
     /// Nodes that made a request since `since_ms`, sorted.
@@ -213,6 +244,7 @@ pub async fn serve(
         upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
         uploading: uploads::Uploading::default(),
         max_upload: config.max_upload_mib << 20,
+        node_auth: config.node_auth,
     });
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -223,9 +255,23 @@ pub async fn serve(
     }
     let app = router(cloud.clone(), cloud.max_upload);
     let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
+    let tls = match &config.tls {
+        Some(tls) => Some(tls.relative_to(base).acceptor().context("cloud.toml [tls]")?),
+        None => {
+            nereid_net::tls::check_plaintext(
+                "the cloud's API",
+                &config.listen,
+                config.allow_plaintext,
+                "allow_plaintext = true",
+            )
+            .context("cloud.toml")?;
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-    tracing::info!("cloud listening on {}", listener.local_addr()?);
-    nereid_net::serve(listener, app, config.http.clone()).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("cloud listening on {scheme}://{}", listener.local_addr()?);
+    nereid_net::serve(listener, app, config.http.clone(), tls).await?;
     Ok(())
 }
 

@@ -46,6 +46,27 @@ pub struct CloudConfig {
     /// Time limits and connection bounds of the API's server.
     #[serde(default)]
     pub http: nereid_net::ServerLimits,
+    /// TLS of the API: `cert`, `key` (PEM, relative to the config file); `client_ca` and
+    /// `client_auth` ("optional" or "required") for edges' certificates (mutual TLS).
+    pub tls: Option<nereid_net::tls::ServerTls>,
+    /// How a node proves who it is: "token" (default), "certificate" (the name in a client
+    /// certificate `tls.client_ca` signed) or "token-and-certificate" (both, for the same node).
+    #[serde(default)]
+    pub node_auth: NodeAuth,
+    /// Serve plain HTTP on an address that is not loopback (logged as a warning). Without
+    /// `[tls]`, only loopback addresses are served otherwise.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+/// `node_auth` of cloud.toml.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeAuth {
+    #[default]
+    Token,
+    Certificate,
+    TokenAndCertificate,
 }
 
 /// Largest `max_upload_mib`.
@@ -83,6 +104,12 @@ impl CheckConfig for CloudConfig {
             if let Some(c) = &cfg.compressor {
                 plugin_limits(&format!("services.{service}.compressor"), c)?;
             }
+        }
+        if self.node_auth != NodeAuth::Token && self.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
+            return Err(FieldError {
+                key: "node_auth".into(),
+                message: "knowing nodes by their certificates needs [tls] with `client_ca`".into(),
+            });
         }
         self.http.validate().map_err(|e| limits_error("http", e))
     }

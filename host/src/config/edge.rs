@@ -22,7 +22,9 @@ pub struct EdgeConfig {
     pub name: String,
     /// The cloud's base URL, e.g. "http://127.0.0.1:7000".
     pub cloud: String,
-    /// This node's bearer token.
+    /// This node's bearer token (may be left out when the cloud knows nodes by their
+    /// certificates, `cloud_tls.cert`).
+    #[serde(default)]
     pub token: String,
     /// Directory of the local data for federated learning (see docs/configuration.md for its layout;
     /// relative to the config file). Without it the edge takes no training tasks.
@@ -61,6 +63,16 @@ pub struct EdgeConfig {
     pub http: nereid_net::ServerLimits,
     /// The user's own trainer, for jobs whose `[model]` is `kind = "external"`.
     pub trainer: Option<TrainerConfig>,
+    /// TLS of the edge's own API (`listen`): `cert`, `key`; `client_ca`, `client_auth`.
+    pub tls: Option<nereid_net::tls::ServerTls>,
+    /// How the edge reaches an `https://` cloud: `ca` (the CA it trusts, else the system's),
+    /// `cert` and `key` (its client certificate, for mutual TLS).
+    #[serde(default)]
+    pub cloud_tls: nereid_net::tls::ClientTls,
+    /// Use plain HTTP with a cloud, or serve the API on an address, that is not loopback
+    /// (logged as a warning). Refused otherwise.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// `[trainer]` of edge.toml: the program that trains and evaluates the user's own model. The
@@ -206,6 +218,21 @@ impl CheckConfig for EdgeConfig {
             return Err(FieldError {
                 key: "incremental.learner".into(),
                 message: "\"trainer\" needs the program that trains: [trainer] command = [...] in edge.toml".into(),
+            });
+        }
+        if self.token.is_empty() && self.cloud_tls.cert.is_none() {
+            return Err(FieldError {
+                key: "token".into(),
+                message: "a node needs a token, or a client certificate (cloud_tls.cert and cloud_tls.key)".into(),
+            });
+        }
+        if !self.token.is_empty() && self.token.len() < 8 {
+            return Err(FieldError { key: "token".into(), message: "must be at least 8 characters".into() });
+        }
+        if self.cloud_tls.cert.is_some() != self.cloud_tls.key.is_some() {
+            return Err(FieldError {
+                key: "cloud_tls".into(),
+                message: "a client certificate needs both `cert` and `key`".into(),
             });
         }
         if self.listen.is_some() {

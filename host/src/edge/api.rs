@@ -259,13 +259,15 @@ pub async fn serve(
     node: Arc<Node>,
     auth: ApiAuth,
     limits: nereid_net::ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
-    tracing::info!("edge API listening on {}", listener.local_addr()?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("edge API listening on {scheme}://{}", listener.local_addr()?);
     if auth.open {
         tracing::warn!("the edge API is open: anyone who reaches {listen} may call it ([api] open = true)");
     }
     node.start();
-    nereid_net::serve(listener, router(node, Arc::new(auth)), limits).await?;
+    nereid_net::serve(listener, router(node, Arc::new(auth)), limits, tls).await?;
     Ok(())
 }

@@ -26,12 +26,20 @@ pub mod worker;
 /// Runs an edge node: its API and inference services if `listen` is set, its federated-learning
 /// worker if `data` or `[trainer]` is, until the process ends.
 pub async fn run(
-    config: EdgeConfig,
+    mut config: EdgeConfig,
     base: &Path,
     cache_dir: Option<PathBuf>,
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
+    config.cloud_tls = config.cloud_tls.relative_to(base);
+    let tls = match &config.tls {
+        Some(tls) => Some(tls.relative_to(base).acceptor().context("edge.toml [tls]")?),
+        None => None,
+    };
+    // Refused before anything starts, not at the first poll.
+    let _ = crate::client::cloud_http(&config.cloud, &config.cloud_tls, config.allow_plaintext)
+        .context("edge.toml `cloud`")?;
     let models = match &config.models {
         Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir), config.nn_backend).context("models")?,
         None => crate::runtime::nn::Models::new(config.nn_backend),
@@ -63,8 +71,17 @@ pub async fn run(
             let components = Components::new(registry_cache.clone(), &config.registries)?;
             let store = Arc::new(EdgeStore::open(&base.join(&config.state))?);
             let node = Arc::new(node::Node::load(&config, base, &runtime, &components, store, trainer.clone()).await?);
+            if tls.is_none() {
+                nereid_net::tls::check_plaintext(
+                    "the edge's API",
+                    listen,
+                    config.allow_plaintext,
+                    "allow_plaintext = true",
+                )
+                .context("edge.toml `listen`")?;
+            }
             let (listen, limits) = (listen.clone(), config.http.clone());
-            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits).await }))
+            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits, tls).await }))
         }
         None => None,
     };

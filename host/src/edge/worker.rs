@@ -118,7 +118,13 @@ impl Worker {
         };
         let state = base.join(&config.state);
         let store = EdgeStore::open(&state)?;
-        let cloud = CloudClient::new(&config.cloud, &config.token, Duration::from_secs(60))?;
+        let cloud = CloudClient::connect(
+            &config.cloud,
+            &config.token,
+            Duration::from_secs(60),
+            &config.cloud_tls,
+            config.allow_plaintext,
+        )?;
         let components = Components::new(registry_cache, &config.registries)?;
         Ok(Worker {
             config,

@@ -136,10 +136,12 @@ pub struct Auth {
     users: BTreeMap<String, User>,
     anonymous_pull: bool,
     tokens: Mutex<HashMap<String, Token>>,
+    /// "http" or "https": the scheme of the token realm clients are sent to.
+    scheme: &'static str,
 }
 
 impl Auth {
-    pub fn new(users: UsersFile, anonymous_pull: bool) -> Auth {
+    pub fn new(users: UsersFile, anonymous_pull: bool, scheme: &'static str) -> Auth {
         let users = users
             .users
             .into_iter()
@@ -153,7 +155,7 @@ impl Auth {
                 (n, user)
             })
             .collect();
-        Auth { users, anonymous_pull, tokens: Mutex::new(HashMap::new()) }
+        Auth { users, anonymous_pull, tokens: Mutex::new(HashMap::new()), scheme }
     }
 
     /// Whether anyone needs credentials.
@@ -256,14 +258,17 @@ impl Auth {
         }
     }
 
-    /// The 401 naming the token realm (with the scheme and host the client used).
+    /// The 401 naming the token realm (with the scheme the registry serves and the host the
+    /// client used).
     pub fn challenge(&self, headers: &HeaderMap, scope: &str) -> Response {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
             .unwrap_or("localhost");
-        let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"nereid-registry\",scope=\"{scope}\"");
+        let scheme = self.scheme;
+        let challenge =
+            format!("Bearer realm=\"{scheme}://{host}/token\",service=\"nereid-registry\",scope=\"{scope}\"");
         let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
         if let Ok(v) = HeaderValue::from_str(&challenge) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
@@ -281,7 +286,7 @@ mod tests {
     use super::*;
 
     fn auth(toml: &str) -> Auth {
-        Auth::new(toml::from_str(toml).expect("users"), false)
+        Auth::new(toml::from_str(toml).expect("users"), false, "http")
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {

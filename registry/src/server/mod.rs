@@ -52,6 +52,8 @@ pub struct ServerOptions {
     /// An upload session nobody touched for this long is dropped.
     pub upload_ttl: Duration,
     pub limits: nereid_net::ServerLimits,
+    /// Serve HTTPS with this certificate and key (the token realm is then https too).
+    pub tls: Option<nereid_net::tls::ServerTls>,
 }
 
 impl ServerOptions {
@@ -64,6 +66,7 @@ impl ServerOptions {
             max_blob_bytes: DEFAULT_MAX_BLOB,
             upload_ttl: DEFAULT_UPLOAD_TTL,
             limits: nereid_net::ServerLimits::default(),
+            tls: None,
         }
     }
 }
@@ -156,7 +159,12 @@ impl Registry {
         let dir = options.root.join("uploads");
         let uploads = uploads::Uploads::new(dir.clone(), options.upload_ttl, options.max_blob_bytes)
             .map_err(RegistryError::io(dir))?;
-        Ok(Registry { root: options.root, auth: auth::Auth::new(options.users, options.anonymous_pull), uploads })
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        Ok(Registry {
+            root: options.root,
+            auth: auth::Auth::new(options.users, options.anonymous_pull, scheme),
+            uploads,
+        })
     }
 
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
@@ -184,8 +192,9 @@ impl Registry {
 pub async fn serve(listener: tokio::net::TcpListener, options: ServerOptions) -> Result<(), RegistryError> {
     let root = options.root.clone();
     let limits = options.limits.clone();
+    let tls = options.tls.as_ref().map(nereid_net::tls::ServerTls::acceptor).transpose()?;
     let registry = Arc::new(Registry::new(options)?);
-    nereid_net::serve(listener, router(registry), limits).await.map_err(RegistryError::io(root))
+    nereid_net::serve(listener, router(registry), limits, tls).await.map_err(RegistryError::io(root))
 }
 
 pub fn router(registry: Arc<Registry>) -> Router {

@@ -284,14 +284,17 @@ impl Services {
                 }))
             }
         };
-        let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let cloud_base = cfg.cloud.clone().unwrap_or_else(|| edge.cloud.clone());
+        let http = crate::client::cloud_http(&cloud_base, &edge.cloud_tls, edge.allow_plaintext)
+            .with_context(|| format!("services.{name}.cloud"))?
+            .build()?;
         Ok(Service {
             name: name.to_string(),
             inputs,
             adapter,
             cloud: CloudLink {
                 http,
-                base: cfg.cloud.clone().unwrap_or_else(|| edge.cloud.clone()),
+                base: cloud_base,
                 service: cfg.cloud_service.clone().unwrap_or_else(|| name.to_string()),
                 token: edge.token.clone(),
                 timeout: Duration::from_millis(cfg.cloud_timeout_ms),
