@@ -397,13 +397,37 @@ fn a_bad_incremental_section_is_refused_naming_the_line_or_the_section() {
 struct Broker {
     child: std::process::Child,
     port: u16,
+    /// With TLS: the directory of `ca.pem` and the client's `publisher.pem`/`.key`.
+    pki: Option<std::path::PathBuf>,
 }
 
 impl Broker {
     fn start(dir: &std::path::Path) -> Broker {
+        Broker::start_with(dir, None)
+    }
+
+    /// mosquitto over TLS with client certificates required, its certificate and the CA in `pki`.
+    fn start_tls(dir: &std::path::Path, pki: &std::path::Path) -> Broker {
+        Broker::start_with(dir, Some(pki))
+    }
+
+    fn start_with(dir: &std::path::Path, pki: Option<&std::path::Path>) -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+        if let Some(p) = pki {
+            // mosquitto started as root reads its files as the `mosquitto` user.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p.join("localhost.key"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let tls = pki.map_or(String::new(), |p| {
+            format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                p.join("ca.pem").display(),
+                p.join("localhost.pem").display(),
+                p.join("localhost.key").display()
+            )
+        });
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{tls}allow_anonymous true\npersistence false\n"))
             .expect("mosquitto.conf");
         let child = std::process::Command::new("mosquitto")
             .arg("-c")
@@ -417,15 +441,26 @@ impl Broker {
             assert!(t.elapsed() < Duration::from_secs(20), "mosquitto did not start on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker { child, port }
+        Broker { child, port, pki: pki.map(std::path::Path::to_path_buf) }
     }
 
     /// Publishes `payload` with QoS 1 through mosquitto_pub (another MQTT client than the edge's).
     fn publish(&self, dir: &std::path::Path, topic: &str, payload: &[u8]) {
         let file = dir.join("message");
         std::fs::write(&file, payload).expect("message");
-        let out = std::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+        let mut cmd = std::process::Command::new("mosquitto_pub");
+        if let Some(pki) = &self.pki {
+            cmd.args(["-h", "localhost", "--cafile"])
+                .arg(pki.join("ca.pem"))
+                .arg("--cert")
+                .arg(pki.join("publisher.pem"))
+                .arg("--key")
+                .arg(pki.join("publisher.key"));
+        } else {
+            cmd.args(["-h", "127.0.0.1"]);
+        }
+        let out = cmd
+            .args(["-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
             .arg(&file)
             .output()
             .expect("mosquitto_pub (Debian's mosquitto-clients package)");
@@ -468,6 +503,38 @@ fn batches_published_over_mqtt_arrive_also_while_the_edge_is_down() {
     assert_eq!(v["versions"][1]["new_samples"], 100, "{}", v["versions"][1]);
     let s = status(&edge);
     assert_eq!(s["mqtt_taken"], 1, "the batch sent while the edge was down, taken in once: {s}");
+}
+
+#[test]
+fn batches_arrive_over_mqtts_with_client_certificates() {
+    let mut c = Cluster::new(1, "");
+    let d = setup(&c);
+    let pki = c.path("pki");
+    let pki_str = pki.to_str().expect("utf-8").to_string();
+    for args in [
+        vec!["cert", "ca", "--out", &pki_str],
+        vec!["cert", "issue", "localhost", "--ca", &pki_str, "--san", "127.0.0.1"],
+        vec!["cert", "issue", "edge-1", "--ca", &pki_str],
+        vec!["cert", "issue", "publisher", "--ca", &pki_str],
+    ] {
+        let out = c.nereid(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let broker = Broker::start_tls(&c.path(""), &pki);
+    let job = format!(
+        "[incremental.mqtt]\nbroker = \"mqtts://localhost:{}\"\ntopic = \"site/+/samples\"\n\
+         [incremental.mqtt.tls]\nca = \"{pki_str}/ca.pem\"\ncert = \"{pki_str}/edge-1.pem\"\nkey = \"{pki_str}/edge-1.key\"",
+        broker.port
+    );
+    let toml = edge_toml(&c, "", "min_new_samples = 100");
+    let edge = c.start_serving_edge(0, &format!("{toml}{job}\n"));
+    wait_for_status(&edge, "the edge subscribes over TLS", |s| {
+        s["mqtt"].as_str().unwrap_or("").starts_with("subscribed")
+    });
+    let old = d.train.of_classes(0..5);
+    broker.publish(&c.path(""), "site/a/samples", &batch(&rows(&old, 0..60)));
+    let s = wait_for_status(&edge, "60 samples arrive", |s| s["new_samples"] == 60);
+    assert_eq!(s["mqtt_taken"], 1, "{s}");
 }
 
 /// An edge whose incremental job fine-tunes the PyTorch example's CNN through `trainer` (a

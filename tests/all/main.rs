@@ -23,5 +23,6 @@ mod router;
 mod sampler;
 mod sandbox;
 mod sdk;
+mod secrets;
 mod strategies;
 mod tls;

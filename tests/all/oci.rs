@@ -111,6 +111,17 @@ fn distribution(user: Option<(&str, &str)>) -> Registry {
     }
 }
 
+/// The bcrypt hash Apache's `htpasswd -nbB` makes for `user` (what distribution reads too).
+pub(crate) fn htpasswd_bcrypt(user: &str, password: &str) -> String {
+    let out = Command::new("htpasswd")
+        .args(["-nbB", user, password])
+        .output()
+        .expect("htpasswd (apache2-utils; `cargo xtask setup` installs it)");
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).expect("utf-8");
+    line.trim().split_once(':').expect("user:hash").1.to_string()
+}
+
 /// `nereid <args>` with its own cache directory and extra environment.
 pub(crate) fn nereid(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nereid"));
@@ -305,7 +316,7 @@ fn auth_is_required_and_refused_without_credentials() {
     auth_checks(&distribution(Some(("ops", "s3cret"))), &good, &bad);
     // The token flow on the embedded registry: 401 names the realm, the client trades its
     // credentials there for a bearer token.
-    let users = format!("[users.ops]\npassword_sha256 = \"{}\"\n", hex::encode(sha2::Sha256::digest(b"s3cret")));
+    let users = format!("[users.ops]\npassword_bcrypt = \"{}\"\n", htpasswd_bcrypt("ops", "s3cret"));
     let reg = embedded(Some(&users), false);
     auth_checks(&reg, &good, &bad);
     // A bearer token given as such (a registry access token).

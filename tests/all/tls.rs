@@ -6,7 +6,6 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nereid_net::tls::ClientTls;
-use sha2::Digest;
 
 use crate::cluster::*;
 use crate::federated::job_toml;
@@ -178,8 +177,9 @@ fn the_embedded_registry_serves_https_and_its_token_realm_is_https() {
     };
     run(&["cert", "ca", "--out", pki_str]);
     run(&["cert", "issue", "localhost", "--ca", pki_str, "--san", "127.0.0.1"]);
-    let users = format!("[users.ops]\npassword_sha256 = \"{}\"\n", hex::encode(sha2::Sha256::digest(b"s3cret")));
-    std::fs::write(dir.path().join("users.toml"), users).expect("users.toml");
+    // Users from an htpasswd file as Apache's `htpasswd -B` writes it.
+    let line = format!("ops:{}\n", crate::oci::htpasswd_bcrypt("ops", "s3cret"));
+    std::fs::write(dir.path().join("htpasswd"), line).expect("htpasswd");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let host = format!("localhost:{port}");
     let log = dir.path().join("registry.log");
@@ -187,8 +187,8 @@ fn the_embedded_registry_serves_https_and_its_token_realm_is_https() {
         .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
         .arg("--root")
         .arg(dir.path().join("root"))
-        .arg("--users")
-        .arg(dir.path().join("users.toml"))
+        .arg("--htpasswd")
+        .arg(dir.path().join("htpasswd"))
         .arg("--tls-cert")
         .arg(pki.join("localhost.pem"))
         .arg("--tls-key")

@@ -84,11 +84,17 @@ pub enum RegistryCommand {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:5000")]
         addr: String,
-        /// Users and what they may do: TOML `[users.NAME] password_sha256 = "<hex>"`, with
-        /// optional `pull`, `push`, `delete` lists of repositories (names, or prefixes ending in
-        /// `*`; a user with no list may do everything). Without it, anyone may push and pull.
+        /// Users and what they may do: TOML `[users.NAME] password_bcrypt = "$2y$..."` (the hash
+        /// `htpasswd -nbB NAME PASSWORD` prints), with optional `pull`, `push`, `delete` lists of
+        /// repositories (names, or prefixes ending in `*`; a user with no list may do
+        /// everything). Without users, anyone may push and pull.
         #[arg(long, value_name = "FILE")]
         users: Option<PathBuf>,
+        /// An htpasswd file of bcrypt hashes (`htpasswd -B`, as distribution reads): users who may
+        /// do everything, or who take their lists from --users when it names them without a
+        /// password.
+        #[arg(long, value_name = "FILE")]
+        htpasswd: Option<PathBuf>,
         /// With --users: let anyone pull (pushing still needs a user).
         #[arg(long)]
         anonymous_pull: bool,
@@ -251,6 +257,7 @@ pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Resul
             root,
             addr,
             users,
+            htpasswd,
             anonymous_pull,
             max_blob_mib,
             upload_ttl_secs,
@@ -268,7 +275,12 @@ pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Resul
                     None
                 }
             };
-            let users = users.as_deref().map(UsersFile::read).transpose()?.unwrap_or_default();
+            let mut users = users.as_deref().map(UsersFile::read).transpose()?.unwrap_or_default();
+            if let Some(file) = &htpasswd {
+                users.add_htpasswd(file)?;
+            } else if let Some((name, _)) = users.users.iter().find(|(_, u)| u.password_bcrypt.is_none()) {
+                anyhow::bail!("user `{name}` of --users has no password_bcrypt (and no --htpasswd gives one)");
+            }
             anyhow::ensure!(max_blob_mib >= 1, "--max-blob-mib must be at least 1");
             anyhow::ensure!(upload_ttl_secs >= 1, "--upload-ttl-secs must be at least 1");
             let options = ServerOptions {

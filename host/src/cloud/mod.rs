@@ -220,8 +220,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
     let store = CloudStore::open(&base.join(&config.state))?;
-    for (node, entry) in &config.nodes {
-        store.set_node_token(node, &token_sha256(&entry.token))?;
+    for (node, entry) in config.nodes.iter().filter(|(_, e)| !e.token.is_empty()) {
+        store.set_node_token(node, &token_sha256(entry.token.expose()))?;
     }
     store.collect_update_files()?;
     let runtime = Runtime::new(cache_dir)?;
@@ -233,7 +233,7 @@ pub async fn serve(
         inference,
         store,
         plugins: JobPlugins::new(runtime, components),
-        admin_sha: token_sha256(&config.admin_token),
+        admin_sha: token_sha256(config.admin_token.expose()),
         online_ms: (config.online_secs * 1000.0) as i64,
         counters: Counters::default(),
         last_seen: Mutex::new(HashMap::new()),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::secret::{self, Secret};
 use super::{limits_error, name, plugin_limits, CheckConfig, FieldError, ServicePlugin};
 use crate::names::Kind;
 
@@ -23,8 +24,12 @@ pub struct CloudConfig {
     pub listen: String,
     /// SQLite database of the cloud's state (relative to the config file).
     pub state: PathBuf,
-    /// Bearer token of operators (`nereid job ...`).
-    pub admin_token: String,
+    /// Bearer token of operators (`nereid job ...`): `admin_token`, or `admin_token_file` (a
+    /// file holding it, relative to the config file), or `admin_token_env` (a variable).
+    #[serde(default)]
+    pub admin_token: Secret,
+    pub admin_token_file: Option<PathBuf>,
+    pub admin_token_env: Option<String>,
     /// Largest upload body, in MiB.
     #[serde(default = "default_upload_mib")]
     pub max_upload_mib: usize,
@@ -73,6 +78,26 @@ pub enum NodeAuth {
 pub const MAX_UPLOAD_MIB: usize = 1 << 16;
 
 impl CheckConfig for CloudConfig {
+    fn resolve(&mut self, base: &std::path::Path) -> Result<(), FieldError> {
+        secret::resolve(
+            "admin_token",
+            &mut self.admin_token,
+            self.admin_token_file.as_ref(),
+            self.admin_token_env.as_ref(),
+            base,
+        )?;
+        for (node, entry) in &mut self.nodes {
+            secret::resolve(
+                &format!("nodes.{node}.token"),
+                &mut entry.token,
+                entry.token_file.as_ref(),
+                entry.token_env.as_ref(),
+                base,
+            )?;
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), FieldError> {
         if !(1..=MAX_UPLOAD_MIB).contains(&self.max_upload_mib) {
             return Err(FieldError {
@@ -91,6 +116,9 @@ impl CheckConfig for CloudConfig {
         }
         for (node, entry) in &self.nodes {
             name(Kind::Node, format!("nodes.{node}"), node)?;
+            if entry.token.is_empty() && self.node_auth == NodeAuth::Certificate {
+                continue;
+            }
             if entry.token.len() < 8 {
                 return Err(FieldError {
                     key: format!("nodes.{node}.token"),
@@ -126,8 +154,13 @@ pub struct CloudServiceConfig {
     pub compressor: Option<ServicePlugin>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[nodes.<name>]`: the node's token, `token`, `token_file` or `token_env` (none when the cloud
+/// knows nodes by certificate only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeEntry {
-    pub token: String,
+    #[serde(default)]
+    pub token: Secret,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
 }

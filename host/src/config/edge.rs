@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::secret::{self, Secret};
 use super::trigger::{Condition, DailyWindow};
 use super::{limits_error, name, plugin_limits, CheckConfig, FieldError, ServicePlugin};
 use crate::names::Kind;
@@ -22,10 +23,13 @@ pub struct EdgeConfig {
     pub name: String,
     /// The cloud's base URL, e.g. "http://127.0.0.1:7000".
     pub cloud: String,
-    /// This node's bearer token (may be left out when the cloud knows nodes by their
-    /// certificates, `cloud_tls.cert`).
+    /// This node's bearer token: `token`, `token_file` (a file holding it, relative to the config
+    /// file) or `token_env` (a variable); none when the cloud knows nodes by their certificates
+    /// (`cloud_tls.cert`).
     #[serde(default)]
-    pub token: String,
+    pub token: Secret,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
     /// Directory of the local data for federated learning (see docs/configuration.md for its layout;
     /// relative to the config file). Without it the edge takes no training tasks.
     pub data: Option<PathBuf>,
@@ -188,6 +192,10 @@ impl ApiClient {
 }
 
 impl CheckConfig for EdgeConfig {
+    fn resolve(&mut self, base: &std::path::Path) -> Result<(), FieldError> {
+        secret::resolve("token", &mut self.token, self.token_file.as_ref(), self.token_env.as_ref(), base)
+    }
+
     fn check(&self) -> Result<(), FieldError> {
         name(Kind::Node, "name".into(), &self.name)?;
         for (service, cfg) in &self.services {
@@ -312,8 +320,12 @@ pub struct IncrementalConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSource {
-    /// The broker, `host:port`.
+    /// The broker: `host:port` or `mqtt://host:port` (plain, loopback only unless
+    /// `allow_plaintext`), or `mqtts://host:port` (TLS, with `tls`).
     pub broker: String,
+    /// For `mqtts://`: the CA to trust (else the system's), and a client certificate and key.
+    #[serde(default)]
+    pub tls: nereid_net::tls::ClientTls,
     /// The topic filter to subscribe to, e.g. "site/+/samples".
     pub topic: String,
     /// The session's client id [default: "nereid-<name>"].

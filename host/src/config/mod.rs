@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod project;
 pub mod reader;
 pub mod registries;
+pub mod secret;
 pub mod trigger;
 
 pub use cloud::CloudConfig;

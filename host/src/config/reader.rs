@@ -145,6 +145,12 @@ pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Conf
 /// the offending entry, which the reader turns into a line.
 pub trait CheckConfig {
     fn check(&self) -> Result<(), FieldError>;
+
+    /// Reads what the file points at before it is checked (secrets from their files or
+    /// variables; `base` is the file's directory).
+    fn resolve(&mut self, _base: &Path) -> Result<(), FieldError> {
+        Ok(())
+    }
 }
 
 /// As [`parse_file`], then the type's own [`CheckConfig`], its error pointing at the line of
@@ -152,7 +158,9 @@ pub trait CheckConfig {
 pub fn parse_checked_file<T: serde::de::DeserializeOwned + CheckConfig>(path: &Path) -> Result<T, ConfigError> {
     let text = read(path)?;
     let src = Source { path, text: &text };
-    let value: T = parse(&src)?;
+    let mut value: T = parse(&src)?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    value.resolve(base).map_err(|e| src.error_at_key(&e.key, e.message))?;
     value.check().map_err(|e| src.error_at_key(&e.key, e.message))?;
     Ok(value)
 }

@@ -106,12 +106,13 @@ struct Backoff {
 /// Longest wait after failed rounds before the next attempt.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// The broker of `[incremental.mqtt]` and the session's client id.
+/// The broker of `[incremental.mqtt]`, the session's client id, and the TLS of `mqtts://`.
 #[derive(Debug, Clone)]
 pub struct MqttTarget {
     pub host: String,
     pub port: u16,
     pub client_id: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// How often a batch is tried before it is refused for good.
@@ -167,8 +168,13 @@ impl IncrementalJob {
         let mqtt_target = match &cfg.mqtt {
             None => None,
             Some(m) => {
-                let (host, port) = m
-                    .broker
+                let (secure, address) = match m.broker.split_once("://") {
+                    Some(("mqtts", rest)) => (true, rest),
+                    Some(("mqtt", rest)) => (false, rest),
+                    Some((scheme, _)) => bail!("mqtt.broker: `{scheme}://` is neither mqtt:// nor mqtts://"),
+                    None => (false, m.broker.as_str()),
+                };
+                let (host, port) = address
                     .rsplit_once(':')
                     .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
                     .filter(|(h, _)| !h.is_empty())
@@ -180,7 +186,19 @@ impl IncrementalJob {
                     std::env::var(var).with_context(|| format!("mqtt.password_env: ${var} is not set"))?;
                 }
                 let client_id = m.client_id.clone().unwrap_or_else(|| format!("nereid-{}", edge.name));
-                Some(MqttTarget { host, port, client_id })
+                let tls = if secure {
+                    Some(Arc::new(m.tls.config().context("mqtt.tls")?))
+                } else {
+                    nereid_net::tls::check_plaintext(
+                        "the MQTT source",
+                        address,
+                        edge.allow_plaintext,
+                        "allow_plaintext = true, or mqtts://",
+                    )
+                    .context("mqtt.broker")?;
+                    None
+                };
+                Some(MqttTarget { host, port, client_id, tls })
             }
         };
         let t = &cfg.training;

@@ -33,6 +33,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
     config.cloud_tls = config.cloud_tls.relative_to(base);
+    if let Some(mqtt) = config.incremental.as_mut().and_then(|i| i.mqtt.as_mut()) {
+        mqtt.tls = mqtt.tls.relative_to(base);
+    }
     let tls = match &config.tls {
         Some(tls) => Some(tls.relative_to(base).acceptor().context("edge.toml [tls]")?),
         None => None,

@@ -31,6 +31,9 @@ pub async fn subscribe(job: Arc<IncrementalJob>, replay: Arc<ReplayBuffer>) {
         };
         options.set_credentials(user.clone(), password);
     }
+    if let Some(tls) = &target.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    }
     let broker = format!("{}:{}", target.host, target.port);
     let (client, mut events) = AsyncClient::new(options, 64);
     loop {

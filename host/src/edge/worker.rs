@@ -120,7 +120,7 @@ impl Worker {
         let store = EdgeStore::open(&state)?;
         let cloud = CloudClient::connect(
             &config.cloud,
-            &config.token,
+            config.token.expose(),
             Duration::from_secs(60),
             &config.cloud_tls,
             config.allow_plaintext,

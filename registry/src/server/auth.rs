@@ -22,14 +22,15 @@ const MAX_TOKENS: usize = 10_000;
 ///
 /// ```toml
 /// [users.ci]
-/// password_sha256 = "<hex of sha256(password)>"
+/// password_bcrypt = "$2y$..."  # the hash `htpasswd -nbB ci PASSWORD` prints after "ci:"
 /// pull = ["*"]             # repositories the user may pull: names, or prefixes ending in `*`
 /// push = ["team-a/*"]      # ... push to (blob uploads, manifests, tags)
 /// delete = []              # ... delete manifests, tags and blob links in
 /// ```
 ///
 /// A user with none of `pull`, `push`, `delete` may do everything (the registry's users before
-/// permissions existed); naming any of them limits the user to what is listed.
+/// permissions existed); naming any of them limits the user to what is listed. A user without
+/// `password_bcrypt` takes the password of the same user in the `--htpasswd` file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsersFile {
@@ -40,7 +41,9 @@ pub struct UsersFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
-    pub password_sha256: String,
+    pub password_bcrypt: Option<String>,
+    /// Refused with a message: unsalted hashes are no longer read.
+    pub password_sha256: Option<String>,
     pub pull: Option<Vec<String>>,
     pub push: Option<Vec<String>>,
     pub delete: Option<Vec<String>>,
@@ -84,8 +87,14 @@ impl UsersFile {
         let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
         let file: UsersFile = toml::from_str(&text).map_err(|e| settings(e.message().to_string()))?;
         for (name, u) in &file.users {
-            if u.password_sha256.len() != 64 || hex::decode(&u.password_sha256).is_err() {
-                return Err(settings(format!("users.{name}.password_sha256 must be 64 hex digits")));
+            if u.password_sha256.is_some() {
+                return Err(settings(format!(
+                    "users.{name}.password_sha256: unsalted hashes are no longer accepted; give password_bcrypt, the \
+                     hash `htpasswd -nbB {name} PASSWORD` prints after \"{name}:\""
+                )));
+            }
+            if let Some(hash) = &u.password_bcrypt {
+                check_bcrypt(hash).map_err(|m| settings(format!("users.{name}.password_bcrypt: {m}")))?;
             }
             for (key, list) in [("pull", &u.pull), ("push", &u.push), ("delete", &u.delete)] {
                 if let Some(bad) = list.iter().flatten().find(|p| !valid_pattern(p)) {
@@ -97,11 +106,62 @@ impl UsersFile {
         }
         Ok(file)
     }
+
+    /// Adds the users of an htpasswd file (`name:hash` lines, bcrypt hashes as `htpasswd -B`
+    /// writes them): each takes its entry's permissions if `users.toml` has one (without a
+    /// password), else may do everything.
+    pub fn add_htpasswd(&mut self, path: &Path) -> Result<(), RegistryError> {
+        let settings = |message: String| RegistryError::Settings { path: path.to_path_buf(), message };
+        let meta = std::fs::metadata(path).map_err(RegistryError::io(path))?;
+        if meta.len() > MAX_HTPASSWD_BYTES {
+            return Err(settings(format!("larger than {MAX_HTPASSWD_BYTES} bytes")));
+        }
+        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
+            let at = |m: String| settings(format!("line {}: {m}", n + 1));
+            let (name, hash) = line.trim().split_once(':').ok_or_else(|| at("not `name:hash`".into()))?;
+            if name.is_empty() || name.len() > 255 || name.contains(char::is_whitespace) {
+                return Err(at(format!("`{name}` is not a user name")));
+            }
+            check_bcrypt(hash).map_err(|m| at(format!("user `{name}`: {m}")))?;
+            let entry = self.users.entry(name.to_string()).or_insert_with(|| UserEntry {
+                password_bcrypt: None,
+                password_sha256: None,
+                pull: None,
+                push: None,
+                delete: None,
+            });
+            if entry.password_bcrypt.is_some() {
+                return Err(at(format!("user `{name}` already has a password_bcrypt in the users file")));
+            }
+            entry.password_bcrypt = Some(hash.to_string());
+        }
+        if let Some((name, _)) = self.users.iter().find(|(_, u)| u.password_bcrypt.is_none()) {
+            return Err(settings(format!("user `{name}` of the users file has no password here either")));
+        }
+        Ok(())
+    }
+}
+
+/// Largest htpasswd file read.
+const MAX_HTPASSWD_BYTES: u64 = 4 << 20;
+/// bcrypt costs accepted: below 4 is not bcrypt, above 14 one check would take seconds.
+const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=14;
+
+/// Checks that `hash` is a bcrypt hash ($2a$, $2b$, $2x$ or $2y$) of an accepted cost.
+fn check_bcrypt(hash: &str) -> Result<(), String> {
+    let parts = hash.parse::<bcrypt::HashParts>().map_err(|_| {
+        "not a bcrypt hash (`$2y$...`; other htpasswd formats such as MD5 and SHA-1 are not accepted)".to_string()
+    })?;
+    if !BCRYPT_COSTS.contains(&parts.get_cost()) {
+        return Err(format!("cost {} is outside {BCRYPT_COSTS:?}", parts.get_cost()));
+    }
+    Ok(())
 }
 
 /// A user as the registry keeps it.
 struct User {
-    password_sha256: String,
+    password_bcrypt: String,
     /// None: every repository (no list given).
     pull: Option<Vec<String>>,
     push: Option<Vec<String>>,
@@ -138,7 +198,16 @@ pub struct Auth {
     tokens: Mutex<HashMap<String, Token>>,
     /// "http" or "https": the scheme of the token realm clients are sent to.
     scheme: &'static str,
+    /// Per user, the SHA-256 of the password last verified against its bcrypt hash: a client
+    /// that logs in again costs no bcrypt check (memory only, never written).
+    verified: Mutex<HashMap<String, [u8; 32]>>,
+    /// bcrypt checks running now: past [`MAX_BCRYPT_CHECKS`] a login is refused (401) rather
+    /// than spend more cores on guesses.
+    checking: std::sync::atomic::AtomicUsize,
 }
+
+/// bcrypt checks at once (one takes milliseconds at cost 5, a quarter second at 12).
+const MAX_BCRYPT_CHECKS: usize = 2;
 
 impl Auth {
     pub fn new(users: UsersFile, anonymous_pull: bool, scheme: &'static str) -> Auth {
@@ -147,7 +216,7 @@ impl Auth {
             .into_iter()
             .map(|(n, u)| {
                 let user = User {
-                    password_sha256: u.password_sha256.to_lowercase(),
+                    password_bcrypt: u.password_bcrypt.unwrap_or_default(),
                     pull: u.pull,
                     push: u.push,
                     delete: u.delete,
@@ -155,7 +224,14 @@ impl Auth {
                 (n, user)
             })
             .collect();
-        Auth { users, anonymous_pull, tokens: Mutex::new(HashMap::new()), scheme }
+        Auth {
+            users,
+            anonymous_pull,
+            tokens: Mutex::new(HashMap::new()),
+            scheme,
+            verified: Mutex::new(HashMap::new()),
+            checking: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     /// Whether anyone needs credentials.
@@ -164,8 +240,23 @@ impl Auth {
     }
 
     fn check_password(&self, user: &str, password: &str) -> bool {
-        let sha = hex::encode(Sha256::digest(password.as_bytes()));
-        self.users.get(user).is_some_and(|u| u.password_sha256 == sha)
+        use std::sync::atomic::Ordering;
+        let Some(u) = self.users.get(user) else { return false };
+        let sha: [u8; 32] = Sha256::digest(password.as_bytes()).into();
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(user) == Some(&sha) {
+            return true;
+        }
+        if self.checking.fetch_add(1, Ordering::AcqRel) >= MAX_BCRYPT_CHECKS {
+            self.checking.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(user, "login refused: {MAX_BCRYPT_CHECKS} password checks already running");
+            return false;
+        }
+        let ok = bcrypt::verify(password, &u.password_bcrypt).unwrap_or(false);
+        self.checking.fetch_sub(1, Ordering::AcqRel);
+        if ok {
+            self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(user.to_string(), sha);
+        }
+        ok
     }
 
     /// The user of a `Basic` header: Some(Ok(name)), Some(Err(())) for wrong credentials, None
@@ -298,10 +389,10 @@ mod tests {
 
     #[test]
     fn permissions_are_per_repository_and_action() {
-        let sha = hex::encode(Sha256::digest(b"pw"));
+        let hash = bcrypt::hash("pw", 4).expect("bcrypt");
         let a = auth(&format!(
-            "[users.admin]\npassword_sha256 = \"{sha}\"\n\
-             [users.team]\npassword_sha256 = \"{sha}\"\npull = [\"*\"]\npush = [\"team/*\"]\n"
+            "[users.admin]\npassword_bcrypt = \"{hash}\"\n\
+             [users.team]\npassword_bcrypt = \"{hash}\"\npull = [\"*\"]\npush = [\"team/*\"]\n"
         ));
         let admin = basic("admin", "pw");
         let team = basic("team", "pw");
@@ -324,6 +415,37 @@ mod tests {
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
         assert!(a.authorize(&bearer, Action::Push, Some("team/y")).is_ok());
         assert_eq!(a.authorize(&bearer, Action::Push, Some("admin/y")).map(drop).expect_err("refused").status(), 403);
+    }
+
+    #[test]
+    fn passwords_are_bcrypt_from_the_users_file_or_an_htpasswd_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let old = write("old.toml", &format!("[users.ops]\npassword_sha256 = \"{}\"\n", "0".repeat(64)));
+        let e = UsersFile::read(&old).expect_err("unsalted").to_string();
+        assert!(e.contains("password_bcrypt") && e.contains("htpasswd -nbB ops"), "{e}");
+        let md5 = write("md5", "ops:$apr1$abc$defghijklmnopqrstuvwx\n");
+        let e = UsersFile::default().add_htpasswd(&md5).expect_err("md5").to_string();
+        assert!(e.contains("line 1") && e.contains("bcrypt"), "{e}");
+        // Permissions from the users file, the password from htpasswd; another user from
+        // htpasswd alone may do everything.
+        let hash = bcrypt::hash("s3cret", 4).expect("bcrypt");
+        let htpasswd = write("htpasswd", &format!("# fleet\nteam:{hash}\nadmin:{hash}\n"));
+        let mut users = UsersFile::read(&write("u.toml", "[users.team]\npull = [\"team/*\"]\n")).expect("users");
+        users.add_htpasswd(&htpasswd).expect("htpasswd");
+        let a = Auth::new(users, false, "http");
+        assert!(a.authorize(&basic("team", "s3cret"), Action::Pull, Some("team/x")).is_ok());
+        assert!(a.authorize(&basic("team", "s3cret"), Action::Pull, Some("other/x")).is_err());
+        assert!(a.authorize(&basic("admin", "s3cret"), Action::Delete, Some("other/x")).is_ok());
+        assert!(a.authorize(&basic("admin", "guess"), Action::Pull, Some("x")).is_err());
+        // A users-file user with no password anywhere is refused.
+        let mut lonely = UsersFile::read(&write("l.toml", "[users.nobody]\n")).expect("users");
+        let e = lonely.add_htpasswd(&htpasswd).expect_err("no password").to_string();
+        assert!(e.contains("nobody"), "{e}");
     }
 
     #[test]

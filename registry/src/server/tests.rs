@@ -10,12 +10,17 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
+/// The bcrypt hash of "pw" (cost 4: these tests check permissions, not hashing).
+fn pw() -> String {
+    bcrypt::hash("pw", 4).expect("bcrypt")
+}
+
 fn users() -> UsersFile {
-    let sha = hex::encode(Sha256::digest(b"pw"));
+    let h = pw();
     toml::from_str(&format!(
-        "[users.victim]\npassword_sha256 = \"{sha}\"\npull = [\"*\"]\npush = [\"victim/*\"]\n\
-         [users.attacker]\npassword_sha256 = \"{sha}\"\npull = [\"*\"]\npush = [\"attacker/*\"]\n\
-         [users.admin]\npassword_sha256 = \"{sha}\"\n"
+        "[users.victim]\npassword_bcrypt = \"{h}\"\npull = [\"*\"]\npush = [\"victim/*\"]\n\
+         [users.attacker]\npassword_bcrypt = \"{h}\"\npull = [\"*\"]\npush = [\"attacker/*\"]\n\
+         [users.admin]\npassword_bcrypt = \"{h}\"\n"
     ))
     .expect("users")
 }
@@ -177,10 +182,10 @@ async fn users_act_only_where_their_permissions_say() {
     let delete = reg.req("DELETE", &format!("/v2/attacker/app/blobs/{d}"), "admin").send().await.expect("DELETE");
     assert_eq!(delete.status(), 202, "a user without lists may do everything");
     // Mounting needs pull rights on the source repository.
-    let sha = hex::encode(Sha256::digest(b"pw"));
+    let h = pw();
     let narrow: UsersFile = toml::from_str(&format!(
-        "[users.a]\npassword_sha256 = \"{sha}\"\npull = [\"a/*\"]\npush = [\"a/*\"]\n\
-         [users.b]\npassword_sha256 = \"{sha}\"\npush = [\"b/*\"]\npull = [\"b/*\"]\n"
+        "[users.a]\npassword_bcrypt = \"{h}\"\npull = [\"a/*\"]\npush = [\"a/*\"]\n\
+         [users.b]\npassword_bcrypt = \"{h}\"\npush = [\"b/*\"]\npull = [\"b/*\"]\n"
     ))
     .expect("users");
     let reg = start(move |o| o.users = narrow).await;

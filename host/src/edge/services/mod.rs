@@ -296,7 +296,7 @@ impl Services {
                 http,
                 base: cloud_base,
                 service: cfg.cloud_service.clone().unwrap_or_else(|| name.to_string()),
-                token: edge.token.clone(),
+                token: edge.token.expose().to_string(),
                 timeout: Duration::from_millis(cfg.cloud_timeout_ms),
             },
             kind,
