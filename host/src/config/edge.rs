@@ -234,9 +234,6 @@ impl CheckConfig for EdgeConfig {
                 message: "a node needs a token, or a client certificate (cloud_tls.cert and cloud_tls.key)".into(),
             });
         }
-        if !self.token.is_empty() && self.token.len() < 8 {
-            return Err(FieldError { key: "token".into(), message: "must be at least 8 characters".into() });
-        }
         if self.cloud_tls.cert.is_some() != self.cloud_tls.key.is_some() {
             return Err(FieldError {
                 key: "cloud_tls".into(),
