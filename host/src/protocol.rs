@@ -321,6 +321,9 @@ pub struct VersionRow {
 /// path-safe).
 pub mod routes {
     pub const HEALTH: &str = "/v1/health";
+    /// Readiness (200 while the server takes new work, 503 once it drains), distinct from
+    /// liveness (HEALTH).
+    pub const READY: &str = "/v1/ready";
     pub const METRICS: &str = "/metrics";
 
     // The cloud's.

@@ -52,6 +52,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Connections open at once from one address.
     pub max_connections_per_peer: usize,
+    /// Seconds requests in flight may take to finish once the server begins to shut down
+    /// (SIGTERM); idle connections are closed at once.
+    pub shutdown_grace_secs: f64,
 }
 
 impl Default for ServerLimits {
@@ -62,6 +65,7 @@ impl Default for ServerLimits {
             body_timeout_secs: 600.0,
             max_connections: 16_384,
             max_connections_per_peer: 512,
+            shutdown_grace_secs: 10.0,
         }
     }
 }
@@ -83,6 +87,7 @@ impl ServerLimits {
             ("header_timeout_secs", self.header_timeout_secs),
             ("body_idle_secs", self.body_idle_secs),
             ("body_timeout_secs", self.body_timeout_secs),
+            ("shutdown_grace_secs", self.shutdown_grace_secs),
         ] {
             // A day at most: beyond that a value is a mistake, and Duration would overflow far later.
             if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
@@ -115,6 +120,46 @@ impl ServerLimits {
 
     pub fn body_total(&self) -> Duration {
         Self::secs(self.body_timeout_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Self::secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Whether a server takes new work: set when it starts accepting, cleared the moment it begins
+/// to shut down. A host answers its readiness probe from it (liveness is another matter: a
+/// server that drains is alive but not ready).
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<std::sync::atomic::AtomicBool>);
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, ready: bool) {
+        self.0.store(ready, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Completes when the process is asked to stop: SIGTERM (what Kubernetes and systemd send) or
+/// SIGINT (Ctrl-C).
+pub async fn terminated() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("SIGTERM cannot be caught ({e}): only Ctrl-C stops the server gracefully");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
 }
 
@@ -207,6 +252,10 @@ struct Admitted {
 }
 
 impl Peers {
+    fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ServerLimits) -> Option<Admitted> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let from_peer = open.1.get(&ip).copied().unwrap_or(0);
@@ -244,25 +293,29 @@ pub async fn serve(
     limits: ServerLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
-    serve_until(listener, router, limits, tls, std::future::pending()).await
+    serve_until(listener, router, limits, tls, &Readiness::default(), std::future::pending()).await
 }
 
-/// As [`serve`], until `stop` completes: then no connection is accepted any more (open ones
-/// finish on their own).
+/// As [`serve`], until `stop` completes: then `ready` is cleared, no connection is accepted any
+/// more, idle connections are closed, and requests in flight get `shutdown_grace_secs` to
+/// finish before this returns (the connections still open then are dropped).
 pub async fn serve_until(
     listener: TcpListener,
     router: axum::Router,
     limits: ServerLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    ready: &Readiness,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let peers = Arc::new(Peers::default());
     let (idle, total, header) = (limits.body_idle(), limits.body_total(), limits.header_timeout());
+    let (closing, _) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
+    ready.set(true);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = &mut stop => return Ok(()),
+            () = &mut stop => break,
         };
         let (tcp, addr) = match accepted {
             Ok(c) => c,
@@ -284,10 +337,12 @@ pub async fn serve_until(
         }
         let router = router.clone();
         let tls = tls.clone();
+        let closing = closing.subscribe();
         tokio::spawn(async move {
             let _admitted = admitted;
+            let timeouts = (idle, total, header);
             let Some(acceptor) = tls else {
-                serve_connection(tcp, router, addr, None, (idle, total, header)).await;
+                serve_connection(tcp, router, addr, None, timeouts, closing).await;
                 return;
             };
             // The handshake counts as the request's headers: a peer that stalls it is dropped.
@@ -308,9 +363,20 @@ pub async fn serve_until(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|cert| tls::PeerCertificate::from_der(cert));
-            serve_connection(stream, router, addr, peer, (idle, total, header)).await;
+            serve_connection(stream, router, addr, peer, timeouts, closing).await;
         });
     }
+    ready.set(false);
+    drop(listener);
+    let _ = closing.send(true);
+    let deadline = Instant::now() + limits.shutdown_grace();
+    while peers.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if peers.open() > 0 {
+        tracing::warn!("{} connections still open after {:?}: dropped", peers.open(), limits.shutdown_grace());
+    }
+    Ok(())
 }
 
 /// Serves HTTP/1.1 requests on one connection (plain or TLS).
@@ -320,6 +386,7 @@ async fn serve_connection<IO>(
     addr: std::net::SocketAddr,
     peer: Option<tls::PeerCertificate>,
     (idle, total, header): (Duration, Duration, Duration),
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -331,11 +398,27 @@ async fn serve_connection<IO>(
         }
         req
     });
-    let served = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-        .await;
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let closed = async move {
+        while !*closing.borrow_and_update() {
+            if closing.changed().await.is_err() {
+                // The server is gone without closing: nothing to wait for.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let served = tokio::select! {
+        r = conn.as_mut() => r,
+        () = closed => {
+            // Finishes the request in flight, if any, then closes; an idle connection closes now.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = served {
         tracing::debug!(peer = %addr, "connection ended: {e}");
     }
@@ -367,6 +450,7 @@ mod tests {
             body_timeout_secs: 1.0,
             max_connections: 4,
             max_connections_per_peer: 2,
+            shutdown_grace_secs: 1.0,
         }
     }
 
@@ -434,6 +518,42 @@ mod tests {
         let client = tls::ClientTls::default().http_client().expect("client").build().expect("client");
         let resp = client.post(format!("http://{addr}/")).body("four").send().await.expect("send");
         assert_eq!(resp.text().await.expect("body"), "4");
+    }
+
+    #[tokio::test]
+    async fn a_stop_lets_the_request_in_flight_finish_and_refuses_new_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            "done"
+        };
+        let router = axum::Router::new().route("/", axum::routing::get(slow));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ready = Readiness::default();
+        let server = {
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                serve_until(listener, router, quick(), None, &ready, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(ready.is_ready());
+        let client = tls::ClientTls::default().http_client().expect("client").build().expect("client");
+        let in_flight = tokio::spawn({
+            let client = client.clone();
+            async move { client.get(format!("http://{addr}/")).send().await?.text().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!ready.is_ready(), "not ready once stopping");
+        assert!(client.get(format!("http://{addr}/")).send().await.is_err(), "no new connection");
+        assert_eq!(in_flight.await.expect("join").expect("the request in flight finishes"), "done");
+        server.await.expect("join").expect("served");
     }
 
     #[test]

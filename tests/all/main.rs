@@ -15,6 +15,7 @@ mod inference;
 mod javascript_plugins;
 mod nn;
 mod oci;
+mod operate;
 mod plugin_projects;
 mod python_plugins;
 mod pytorch;

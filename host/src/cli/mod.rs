@@ -64,6 +64,9 @@ pub struct HttpLimitArgs {
     /// Connections open at once from one address.
     #[arg(long, default_value_t = nereid_net::ServerLimits::default().max_connections_per_peer)]
     max_connections_per_peer: usize,
+    /// Seconds requests in flight may take to finish after SIGTERM.
+    #[arg(long, default_value_t = nereid_net::ServerLimits::default().shutdown_grace_secs)]
+    shutdown_grace_secs: f64,
 }
 
 impl HttpLimitArgs {
@@ -74,6 +77,7 @@ impl HttpLimitArgs {
             body_timeout_secs: self.body_timeout_secs,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
+            shutdown_grace_secs: self.shutdown_grace_secs,
         };
         // The error names the key; as flags, keys are spelled with dashes.
         limits.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('`', "").replace('_', "-")))?;

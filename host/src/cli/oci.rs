@@ -296,7 +296,7 @@ pub fn registry(cmd: RegistryCommand, cache_dir: Option<&Path>) -> anyhow::Resul
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
                 tracing::info!(root = %root.display(), "registry listening on {}", listener.local_addr()?);
-                nereid_registry::server::serve(listener, options).await?;
+                nereid_registry::server::serve_until(listener, options, nereid_net::terminated()).await?;
                 Ok(())
             })
         }

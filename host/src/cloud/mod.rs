@@ -82,6 +82,7 @@ pub struct Cloud {
     uploading: uploads::Uploading,
     max_upload: usize,
     node_auth: NodeAuth,
+    ready: nereid_net::Readiness,
 }
 
 /// Upload bodies read at once.
@@ -245,6 +246,7 @@ pub async fn serve(
         uploading: uploads::Uploading::default(),
         max_upload: config.max_upload_mib << 20,
         node_auth: config.node_auth,
+        ready: nereid_net::Readiness::default(),
     });
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -271,8 +273,21 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("cloud listening on {scheme}://{}", listener.local_addr()?);
-    nereid_net::serve(listener, app, config.http.clone(), tls).await?;
+    // Stopped by SIGTERM: new connections refused, requests in flight finish. A round's state
+    // is committed transaction by transaction, so what is not finished is resumed at the next
+    // start as after a crash.
+    nereid_net::serve_until(listener, app, config.http.clone(), tls, &cloud.ready, nereid_net::terminated()).await?;
+    tracing::info!("cloud stopped");
     Ok(())
+}
+
+/// 200 while the cloud takes new work, 503 once it shuts down.
+async fn ready(State(cloud): State<Arc<Cloud>>) -> StatusCode {
+    if cloud.ready.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// Largest JSON body of the API (a job spec, a failure report).
@@ -282,8 +297,11 @@ const MAX_PING_BODY: usize = 16 << 20;
 
 fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {
     let limit = DefaultBodyLimit::max;
-    // Every route but these two authenticates first: no body is read for an unknown caller.
-    let open = Router::new().route(routes::HEALTH, get(api::health)).route(routes::METRICS, get(api::metrics));
+    // Every route but these three authenticates first: no body is read for an unknown caller.
+    let open = Router::new()
+        .route(routes::HEALTH, get(api::health))
+        .route(routes::READY, get(ready))
+        .route(routes::METRICS, get(api::metrics));
     let authenticated = Router::new()
         .route(routes::TASK, get(api::task))
         .route(routes::COMPONENTS, post(api::put_component).layer(limit(crate::files::MAX_COMPONENT_BYTES as usize)))

@@ -236,7 +236,7 @@ async fn authenticate(
     }
 }
 
-pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>) -> Router {
+pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>, ready: nereid_net::Readiness) -> Router {
     let body_limit = axum::extract::DefaultBodyLimit::max(super::replay::MAX_BATCH_BYTES as usize);
     let authenticated = Router::new()
         .route(routes::INFER, post(infer))
@@ -247,19 +247,31 @@ pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
     Router::new()
         .route(routes::HEALTH, get(|| async { "ok" }))
+        .route(
+            routes::READY,
+            get(move || async move {
+                if ready.is_ready() {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                }
+            }),
+        )
         .route(routes::METRICS, get(metrics))
         .merge(authenticated)
         .layer(body_limit)
         .with_state(node)
 }
 
-/// Starts `node` and serves its API on `listen` until the process ends.
+/// Starts `node` and serves its API on `listen` until `stop` completes (then as
+/// [`nereid_net::serve_until`]).
 pub async fn serve(
     listen: &str,
     node: Arc<Node>,
     auth: ApiAuth,
     limits: nereid_net::ServerLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -268,6 +280,7 @@ pub async fn serve(
         tracing::warn!("the edge API is open: anyone who reaches {listen} may call it ([api] open = true)");
     }
     node.start();
-    nereid_net::serve(listener, router(node, Arc::new(auth)), limits, tls).await?;
+    let ready = nereid_net::Readiness::default();
+    nereid_net::serve_until(listener, router(node, Arc::new(auth), ready.clone()), limits, tls, &ready, stop).await?;
     Ok(())
 }

@@ -32,6 +32,19 @@ pub async fn run(
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
+    // SIGTERM stops the API (requests in flight finish) and the worker; what the edge stores is
+    // crash-safe, so an unfinished task is taken up again at the next start.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        nereid_net::terminated().await;
+        let _ = stopping.send(true);
+    });
+    let stopped = move || {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
     config.cloud_tls = config.cloud_tls.relative_to(base);
     if let Some(mqtt) = config.incremental.as_mut().and_then(|i| i.mqtt.as_mut()) {
         mqtt.tls = mqtt.tls.relative_to(base);
@@ -84,19 +97,24 @@ pub async fn run(
                 .context("edge.toml `listen`")?;
             }
             let (listen, limits) = (listen.clone(), config.http.clone());
-            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits, tls).await }))
+            let stop = stopped();
+            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits, tls, stop).await }))
         }
         None => None,
     };
     if trains {
         let worker = worker::Worker::new(config, base, runtime, registry_cache, trainer)?;
         return match api {
-            // Whichever stops first (e.g. the API cannot bind) ends the node with its error.
+            // Whichever stops first (e.g. the API cannot bind) ends the node with its error; on
+            // SIGTERM the API drains and ends, which ends the worker with it.
             Some(task) => tokio::select! {
                 r = worker.run() => r,
                 r = task => r.context("edge API")?,
             },
-            None => worker.run().await,
+            None => tokio::select! {
+                r = worker.run() => r,
+                () = stopped() => Ok(()),
+            },
         };
     }
     match api {

@@ -190,11 +190,25 @@ impl Registry {
 
 /// Serves the registry on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, options: ServerOptions) -> Result<(), RegistryError> {
+    serve_until(listener, options, std::future::pending()).await
+}
+
+/// Serves the registry on `listener` until `stop` completes (then as [`nereid_net::serve_until`]:
+/// uploads in flight get the grace period; an upload cut short is resumed or restarted by its
+/// client, and a blob is only ever stored whole).
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    options: ServerOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RegistryError> {
     let root = options.root.clone();
     let limits = options.limits.clone();
     let tls = options.tls.as_ref().map(nereid_net::tls::ServerTls::acceptor).transpose()?;
     let registry = Arc::new(Registry::new(options)?);
-    nereid_net::serve(listener, router(registry), limits, tls).await.map_err(RegistryError::io(root))
+    let ready = nereid_net::Readiness::default();
+    nereid_net::serve_until(listener, router(registry), limits, tls, &ready, stop)
+        .await
+        .map_err(RegistryError::io(root))
 }
 
 pub fn router(registry: Arc<Registry>) -> Router {

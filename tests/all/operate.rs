@@ -1,0 +1,59 @@
+//! Operable processes: readiness distinct from liveness, a graceful stop on SIGTERM (exit 0,
+//! bounded), JSON logs.
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::cluster::*;
+
+/// Sends SIGTERM to `child` and waits for it to exit (20 s at most); its exit status code.
+fn terminate(child: &mut Child) -> Option<i32> {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success());
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still running 20 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_stops_the_cloud_and_the_edges_with_exit_0_and_readiness_is_its_own_probe() {
+    let mut c = Cluster::new(2, "");
+    // The cloud logs JSON (one object per line).
+    let log = c.path("cloud-json.log");
+    c.cloud = Some(spawn(&["cloud", "--log-format", "json"], &c.path("cloud.toml"), &log, &c.path("cache")));
+    let t = Instant::now();
+    while !c.cloud_healthy() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the cloud did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(http("GET", &c.url("/v1/ready"), None, Vec::new()).0, 200, "ready, without a token");
+    c.start_edge(0);
+    let edge = c.start_serving_edge(1, "");
+    assert_eq!(http("GET", &format!("{edge}/v1/ready"), None, Vec::new()).0, 200);
+
+    // The worker-only edge, the serving edge, then the cloud: each exits 0.
+    let edge_log = c.path("edge-1.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&edge_log).unwrap_or_default().contains("edge started") {
+        assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in [0, 1] {
+        let mut child = c.edges[i].take().expect("edge running");
+        assert_eq!(terminate(&mut child), Some(0), "edge-{}", i + 1);
+    }
+    assert_eq!(http("GET", &format!("{edge}/v1/health"), None, Vec::new()).0, 0, "the edge's API is gone");
+    let mut cloud = c.cloud.take().expect("cloud running");
+    assert_eq!(terminate(&mut cloud), Some(0), "the cloud");
+
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()), "{text}");
+    assert!(messages.iter().any(|m| m.contains("SIGTERM")), "{messages:?}");
+    assert!(messages.contains(&"cloud stopped"), "{messages:?}");
+}
