@@ -43,15 +43,21 @@ pub fn cloud_http(
     tls: &nereid_net::tls::ClientTls,
     allow_plaintext: bool,
 ) -> std::result::Result<reqwest::ClientBuilder, nereid_net::tls::TlsError> {
-    if let Some(host) = nereid_net::tls::plain_http_host(url) {
-        nereid_net::tls::check_plaintext(
+    check_cloud_plaintext(url, allow_plaintext)?;
+    Ok(tls.http_client()?.tcp_nodelay(true))
+}
+
+/// Refuses an `http://` `url` off loopback unless `allow_plaintext` (then warns).
+pub fn check_cloud_plaintext(url: &str, allow_plaintext: bool) -> std::result::Result<(), nereid_net::tls::TlsError> {
+    match nereid_net::tls::plain_http_host(url) {
+        Some(host) => nereid_net::tls::check_plaintext(
             &format!("the connection to {url}"),
             host,
             allow_plaintext,
             "allow_plaintext = true, or --allow-plaintext",
-        )?;
+        ),
+        None => Ok(()),
     }
-    Ok(tls.http_client()?.tcp_nodelay(true))
 }
 
 /// A client of one cloud with one bearer token (an operator's or a node's).

@@ -8,6 +8,7 @@ pub mod edge;
 pub mod files;
 pub mod inference;
 pub mod link;
+pub mod metrics;
 pub mod model_io;
 pub mod names;
 pub mod privacy;

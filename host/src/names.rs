@@ -61,22 +61,6 @@ pub fn check(kind: Kind, name: &str) -> Result<(), NameError> {
     }
 }
 
-/// A label value as the Prometheus text format needs it: backslash, quote and newline escaped.
-/// (Names are checked, but a label is escaped all the same: it is what keeps a bad one from
-/// forging lines in `/metrics`.)
-pub fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,11 +78,5 @@ mod tests {
             check(Kind::Node, "a b").expect_err("space").to_string(),
             "node name \"a b\": may hold only letters, digits, '-' and '_'"
         );
-    }
-
-    #[test]
-    fn labels_cannot_forge_lines() {
-        assert_eq!(escape_label("a\"b\nc\\d"), "a\\\"b\\nc\\\\d");
-        assert!(!escape_label("x\"} 1\nnereid_forged 9").contains('\n'));
     }
 }

@@ -138,6 +138,15 @@ impl Readiness {
         self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The readiness probe's answer: 200 while the server takes new work, 503 once it drains.
+    pub fn status(&self) -> axum::http::StatusCode {
+        if self.is_ready() {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+
     fn set(&self, ready: bool) {
         self.0.store(ready, std::sync::atomic::Ordering::Release);
     }

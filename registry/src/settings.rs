@@ -82,13 +82,7 @@ impl HostSettings {
 }
 
 /// Whether `registry` (`host[:port]`) is this machine.
-pub fn is_loopback(registry: &str) -> bool {
-    let host = match registry.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
-    };
-    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
-}
+pub use nereid_net::tls::is_loopback;
 
 impl RegistrySettings {
     /// `given` completed by `file` (the settings file's tables, which the caller read) and the

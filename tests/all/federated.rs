@@ -97,6 +97,11 @@ fn a_full_job_runs_across_processes_and_is_visible() {
     // Prometheus metrics and the CLI.
     assert_eq!(c.metric("nereid_updates_accepted_total"), 12.0);
     assert_eq!(c.metric("nereid_rounds_closed_total"), 4.0);
+    let uploads = c.metric(
+        "nereid_http_request_duration_seconds_count{route=\"/v1/jobs/{job}/rounds/{round}/update\",method=\"POST\",code=\"200\"}",
+    );
+    assert!(uploads >= 12.0, "every accepted upload is observed: {uploads}");
+    assert!(c.metric("process_cpu_seconds_total") > 0.0);
     let out = c.nereid(&["job", "status", "digits"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("rounds     4/4") && text.contains("edge-2"), "{text}");

@@ -362,8 +362,11 @@ fn the_edge_api_needs_a_token_with_the_right_to_do_what_is_asked() {
     let mut c = Cluster::new(1, "");
     c.start_cloud();
     let api = "[api.clients.camera]\ntoken = \"camera-token-1\"\nallow = [\"infer\"]\n\
-               [api.clients.feeder]\ntoken_env = \"NEREID_TEST_FEEDER_TOKEN\"\nallow = [\"samples\"]\n";
+               [api.clients.feeder]\ntoken_env = \"NEREID_TEST_FEEDER_TOKEN\"\nallow = [\"samples\"]\n\
+               [api.clients.reader]\ntoken_file = \"reader.token\"\nallow = [\"read\"]\n";
     std::env::set_var("NEREID_TEST_FEEDER_TOKEN", "feeder-token-1");
+    std::fs::create_dir_all(c.path("edge-1")).expect("dir");
+    std::fs::write(c.path("edge-1/reader.token"), "reader-token-1\n").expect("token file");
     let edge = c.start_serving_edge(0, &serving_edge_toml(&c, api));
     let x: Vec<f32> = (0..64).map(|i| i as f32 % 16.0).collect();
     let infer = serde_json::to_vec(&json!({"shape": [1, 64], "data": x})).expect("json");
@@ -393,6 +396,8 @@ fn the_edge_api_needs_a_token_with_the_right_to_do_what_is_asked() {
     assert_eq!(call("POST", "/v1/samples", Some("feeder-token-1"), &samples), 200);
     assert_eq!(call("POST", "/v1/infer/digits", Some("feeder-token-1"), &infer), 403);
     assert_eq!(call("GET", "/v1/samples", Some("feeder-token-1"), &[]), 403, "no `read`");
+    assert_eq!(call("GET", "/v1/samples", Some("reader-token-1"), &[]), 200, "a token from a file");
+    assert_eq!(call("POST", "/v1/samples", Some("reader-token-1"), &samples), 403);
     assert_eq!(call("GET", "/v1/health", None, &[]), 200);
     assert_eq!(call("GET", "/metrics", None, &[]), 200);
     // An edge that listens without saying who may call it does not start.

@@ -252,6 +252,17 @@ fn joint_inference_answers_through_a_cloud_outage_and_loses_no_hard_example() {
     assert_eq!(metric(&m, "nereid_outbox_delivered_total"), 4.0);
     assert_eq!(metric(&m, "nereid_inference_latency_seconds_count{service=\"digits\",route=\"cloud\"}"), 3.0);
     assert_eq!(metric(&m, "nereid_inference_latency_seconds_count{service=\"digits\",route=\"edge\"}"), 4.0);
+    // A histogram, not only a sum: every request is at or under the last bucket.
+    assert_eq!(
+        metric(&m, "nereid_inference_latency_seconds_bucket{service=\"digits\",route=\"edge\",le=\"+Inf\"}"),
+        4.0
+    );
+    let answered = metric(
+        &m,
+        "nereid_http_request_duration_seconds_count{route=\"/v1/infer/{service}\",method=\"POST\",code=\"200\"}",
+    );
+    assert!(answered >= 7.0, "{answered}");
+    assert!(metric(&m, "process_resident_memory_bytes") > 1e6);
 }
 
 /// The JSON answer of the edge to `body` at the cut `cut` (the `x-nereid-cut` header).

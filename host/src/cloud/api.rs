@@ -1,16 +1,18 @@
 //! The handlers of the cloud's API, but for uploads ([`super::uploads`]) and inference
 //! ([`super::inference`]): tasks, models, components, jobs, round state and metrics.
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::{Extension, Json};
 
 use super::error::{err, ApiResult};
 use super::{node_seed, plugins, rounds, spec_of, Caller, Cloud};
 use crate::config::job::JobSpec;
+use crate::metrics::Scrape;
 use crate::model_io;
 use crate::protocol::*;
 use crate::runtime::content_digest;
@@ -395,30 +397,31 @@ pub(super) async fn stop_job(
     Ok(Json(job_status(&cloud, &name)?))
 }
 
-pub(super) async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String> {
+pub(super) async fn metrics(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Response> {
     let c = &cloud.counters;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: &AtomicU64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
-    };
-    counter("nereid_updates_accepted_total", "Client updates persisted and acknowledged.", &c.updates_accepted);
-    counter("nereid_updates_duplicate_total", "Uploads of an update the cloud already had.", &c.updates_duplicate);
-    counter("nereid_updates_refused_total", "Uploads refused (malformed, late, not selected).", &c.updates_refused);
-    counter("nereid_unauthorized_requests_total", "Requests without a valid token.", &c.unauthorized);
-    counter("nereid_rounds_closed_total", "Rounds closed.", &c.rounds_closed);
-    counter("nereid_upload_bytes_total", "Bytes of accepted updates.", &c.bytes_up);
-    counter("nereid_download_bytes_total", "Bytes of global models sent.", &c.bytes_down);
-    counter("nereid_plugin_swaps_total", "Plugins swapped in running jobs.", &cloud.plugins.swaps);
-    out.push_str(&format!(
-        "# HELP nereid_plugin_instances Plugin instances alive in this process.\n# TYPE nereid_plugin_instances gauge\nnereid_plugin_instances {}\n",
-        crate::runtime::state::live_instances()
-    ));
-    out.push_str("# HELP nereid_job_round Rounds closed per job.\n# TYPE nereid_job_round gauge\n");
-    out.push_str("# HELP nereid_job_accuracy Accuracy of the newest evaluated global model per job.\n# TYPE nereid_job_accuracy gauge\n");
-    out.push_str("# HELP nereid_privacy_epsilon Differential privacy spent per job (epsilon at the job's delta).\n# TYPE nereid_privacy_epsilon gauge\n");
+    let mut scrape = Scrape::new();
+    let counters = [
+        ("nereid_updates_accepted", "Client updates persisted and acknowledged.", &c.updates_accepted),
+        ("nereid_updates_duplicate", "Uploads of an update the cloud already had.", &c.updates_duplicate),
+        ("nereid_updates_refused", "Uploads refused (malformed, late, not selected).", &c.updates_refused),
+        ("nereid_unauthorized_requests", "Requests without a valid token.", &c.unauthorized),
+        ("nereid_rounds_closed", "Rounds closed.", &c.rounds_closed),
+        ("nereid_upload_bytes", "Bytes of accepted updates.", &c.bytes_up),
+        ("nereid_download_bytes", "Bytes of global models sent.", &c.bytes_down),
+        ("nereid_plugin_swaps", "Plugins swapped in running jobs.", &cloud.plugins.swaps),
+    ];
+    for (name, help, v) in counters {
+        scrape.counter(name, help, [(vec![], v.load(Ordering::Relaxed))]);
+    }
+    scrape.gauge(
+        "nereid_plugin_instances",
+        "Plugin instances alive in this process.",
+        [(vec![], crate::runtime::state::live_instances() as f64)],
+    );
+    let (mut rounds, mut accuracy, mut epsilon) = (Vec::new(), Vec::new(), Vec::new());
     for row in cloud.store.jobs()? {
-        let job = crate::names::escape_label(&row.name);
-        out.push_str(&format!("nereid_job_round{{job=\"{job}\"}} {}\n", row.next_round - 1));
+        let job = || vec![("job", row.name.clone())];
+        rounds.push((job(), f64::from(row.next_round - 1)));
         let summaries: Vec<RoundSummary> = cloud
             .store
             .rounds(&row.name)?
@@ -426,11 +429,17 @@ pub(super) async fn metrics(State(cloud): State<Arc<Cloud>>) -> ApiResult<String
             .filter_map(|r| r.summary.and_then(|s| serde_json::from_str(&s).ok()))
             .collect();
         if let Some(acc) = summaries.last().and_then(|s| s.accuracy) {
-            out.push_str(&format!("nereid_job_accuracy{{job=\"{job}\"}} {acc}\n"));
+            accuracy.push((job(), acc));
         }
         if let Some(p) = summaries.iter().rev().find_map(|s| s.privacy.as_ref()) {
-            out.push_str(&format!("nereid_privacy_epsilon{{job=\"{job}\",delta=\"{}\"}} {}\n", p.delta, p.epsilon));
+            let mut labels = job();
+            labels.push(("delta", p.delta.to_string()));
+            epsilon.push((labels, p.epsilon));
         }
     }
-    Ok(out)
+    scrape.gauge("nereid_job_round", "Rounds closed per job.", rounds);
+    scrape.gauge("nereid_job_accuracy", "Accuracy of the newest evaluated global model per job.", accuracy);
+    scrape.gauge("nereid_privacy_epsilon", "Differential privacy spent per job (epsilon at the job's delta).", epsilon);
+    scrape.http(&cloud.http);
+    Ok(scrape.response(&headers))
 }

@@ -66,6 +66,7 @@ pub struct Cloud {
     admin_sha: String,
     online_ms: i64,
     counters: Counters,
+    http: crate::metrics::HttpMetrics,
     /// When each node last made a request. Soft state, kept in memory: it is refreshed by every
     /// poll, so writing it to disk (an fsync per request) would buy nothing.
     last_seen: Mutex<HashMap<String, i64>>,
@@ -247,6 +248,7 @@ pub async fn serve(
         max_upload: config.max_upload_mib << 20,
         node_auth: config.node_auth,
         ready: nereid_net::Readiness::default(),
+        http: crate::metrics::HttpMetrics::default(),
     });
     for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
@@ -281,13 +283,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// 200 while the cloud takes new work, 503 once it shuts down.
 async fn ready(State(cloud): State<Arc<Cloud>>) -> StatusCode {
-    if cloud.ready.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
+    cloud.ready.status()
 }
 
 /// Largest JSON body of the API (a job spec, a failure report).
@@ -320,5 +317,7 @@ fn router(cloud: Arc<Cloud>, max_upload: usize) -> Router {
         .route(routes::PROFILE, get(inference::profile))
         .route(routes::HARD_EXAMPLES, get(inference::hard_examples))
         .route_layer(axum::middleware::from_fn_with_state(cloud.clone(), authenticate));
-    open.merge(authenticated).with_state(cloud)
+    open.merge(authenticated)
+        .layer(axum::middleware::from_fn_with_state(cloud.http.clone(), crate::metrics::observe_request))
+        .with_state(cloud)
 }

@@ -137,8 +137,8 @@ pub struct EdgeApiConfig {
     /// samples and read the edge's state.
     #[serde(default)]
     pub open: bool,
-    /// `[api.clients.<name>]`: a caller's token (`token`, or `token_env` naming an environment
-    /// variable) and what it may do.
+    /// `[api.clients.<name>]`: a caller's token (`token`, `token_file` or `token_env`, as for the node's own token)
+    /// and what it may do.
     #[serde(default)]
     pub clients: BTreeMap<String, ApiClient>,
 }
@@ -146,7 +146,9 @@ pub struct EdgeApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiClient {
-    pub token: Option<String>,
+    #[serde(default)]
+    pub token: Secret,
+    pub token_file: Option<PathBuf>,
     pub token_env: Option<String>,
     /// What the client may do [default: all]: "infer" (`POST /v1/infer/...`), "samples"
     /// (`POST /v1/samples`), "read" (`GET` of samples, plans, the incremental job and models).
@@ -177,23 +179,14 @@ impl ApiRight {
     }
 }
 
-impl ApiClient {
-    /// The client's token: `token`, or the value of the variable `token_env` names.
-    pub fn resolve_token(&self) -> Result<String, String> {
-        match (&self.token, &self.token_env) {
-            (Some(t), None) => Ok(t.clone()),
-            (None, Some(var)) => std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("the environment variable `{var}` is not set")),
-            _ => Err("give exactly one of `token` and `token_env`".into()),
-        }
-    }
-}
-
 impl CheckConfig for EdgeConfig {
     fn resolve(&mut self, base: &std::path::Path) -> Result<(), FieldError> {
-        secret::resolve("token", &mut self.token, self.token_file.as_ref(), self.token_env.as_ref(), base)
+        secret::resolve("token", &mut self.token, self.token_file.as_ref(), self.token_env.as_ref(), base)?;
+        for (name, client) in self.api.iter_mut().flat_map(|api| api.clients.iter_mut()) {
+            let key = format!("api.clients.{name}.token");
+            secret::resolve(&key, &mut client.token, client.token_file.as_ref(), client.token_env.as_ref(), base)?;
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), FieldError> {
@@ -258,13 +251,10 @@ impl CheckConfig for EdgeConfig {
         if let Some(api) = &self.api {
             for (client, c) in &api.clients {
                 name(Kind::Node, format!("api.clients.{client}"), client)?;
-                let token = c
-                    .resolve_token()
-                    .map_err(|message| FieldError { key: format!("api.clients.{client}.token"), message })?;
-                if token.len() < 8 {
+                if c.token.len() < 8 {
                     return Err(FieldError {
                         key: format!("api.clients.{client}.token"),
-                        message: "must be at least 8 characters".into(),
+                        message: "give one of `token`, `token_file` and `token_env`, at least 8 characters".into(),
                     });
                 }
             }

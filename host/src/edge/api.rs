@@ -18,6 +18,7 @@ use super::incremental::IncrementalJob;
 use super::node::Node;
 use super::services::ServiceMetrics;
 use crate::config::edge::{ApiRight, EdgeApiConfig};
+use crate::metrics::{Labels, Scrape};
 use crate::protocol::{routes, token_sha256, CUT_HEADER};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -105,75 +106,45 @@ async fn plan(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiRes
     Ok(Json(report).into_response())
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     let services = &node.services;
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in rows {
-            out.push_str(&format!("{name}{labels} {value}\n"));
-        }
+    let per = |f: &dyn Fn(&ServiceMetrics) -> u64| -> Vec<(Labels, u64)> {
+        services.services.iter().map(|(n, s)| (vec![("service", n.clone())], f(&s.metrics))).collect()
     };
-    let per = |f: &dyn Fn(&ServiceMetrics) -> String| -> Vec<(String, String)> {
-        services
-            .services
-            .iter()
-            .map(|(n, s)| (format!("{{service=\"{}\"}}", crate::names::escape_label(n)), f(&s.metrics)))
-            .collect()
-    };
+    let mut scrape = Scrape::new();
     type Counter = fn(&ServiceMetrics) -> &AtomicU64;
     let counters: [(&str, &str, Counter); 4] = [
-        ("nereid_inferences_total", "Inference requests answered.", |m| &m.inferences),
-        ("nereid_hard_examples_total", "Examples the router sent to the cloud (joint inference).", |m| {
-            &m.hard_examples
-        }),
-        ("nereid_cloud_fallbacks_total", "Requests the edge answered alone because the cloud was unreachable.", |m| {
+        ("nereid_inferences", "Inference requests answered.", |m| &m.inferences),
+        ("nereid_hard_examples", "Examples the router sent to the cloud (joint inference).", |m| &m.hard_examples),
+        ("nereid_cloud_fallbacks", "Requests the edge answered alone because the cloud was unreachable.", |m| {
             &m.fallbacks
         }),
-        ("nereid_split_plans_total", "Split plans made (the first, and one per link change).", |m| &m.replans),
+        ("nereid_split_plans", "Split plans made (the first, and one per link change).", |m| &m.replans),
     ];
     for (name, help, counter) in counters {
-        family(name, "counter", help, per(&|m| counter(m).load(Ordering::Relaxed).to_string()));
+        scrape.counter(name, help, per(&|m| counter(m).load(Ordering::Relaxed)));
     }
-    family(
-        "nereid_upload_ratio",
-        "gauge",
-        "Hard examples per example (joint inference).",
-        per(&|m| {
-            let n = m.inferences.load(Ordering::Relaxed);
-            let h = m.hard_examples.load(Ordering::Relaxed);
-            if n == 0 {
-                "0".into()
-            } else {
-                (h as f64 / n as f64).to_string()
-            }
-        }),
-    );
-    let mut sums = Vec::new();
-    let mut counts = Vec::new();
+    let ratio = per(&|m| m.inferences.load(Ordering::Relaxed))
+        .into_iter()
+        .zip(per(&|m| m.hard_examples.load(Ordering::Relaxed)))
+        .map(|((labels, n), (_, h))| (labels, if n == 0 { 0.0 } else { h as f64 / n as f64 }));
+    scrape.gauge("nereid_upload_ratio", "Hard examples per example (joint inference).", ratio);
+    let mut latency = Vec::new();
     for (n, s) in &services.services {
-        for (route, (count, secs)) in crate::lock(&s.metrics.latency).iter() {
-            let labels = format!("{{service=\"{}\",route=\"{route}\"}}", crate::names::escape_label(n));
-            sums.push((labels.clone(), secs.to_string()));
-            counts.push((labels, count.to_string()));
+        for (route, histogram) in crate::lock(&s.metrics.latency).iter() {
+            latency.push((vec![("service", n.clone()), ("route", route.to_string())], histogram.clone()));
         }
     }
-    out.push_str("# HELP nereid_inference_latency_seconds End-to-end latency per service and route.\n# TYPE nereid_inference_latency_seconds summary\n");
-    for (l, v) in sums {
-        out.push_str(&format!("nereid_inference_latency_seconds_sum{l} {v}\n"));
-    }
-    for (l, v) in counts {
-        out.push_str(&format!("nereid_inference_latency_seconds_count{l} {v}\n"));
-    }
+    scrape.histogram("nereid_inference_latency_seconds", "End-to-end latency per service and route.", latency);
     let pending = node.store.outbox_len().unwrap_or(0);
-    out.push_str(&format!(
-        "# HELP nereid_outbox_pending Hard examples waiting for the cloud.\n# TYPE nereid_outbox_pending gauge\nnereid_outbox_pending {pending}\n"
-    ));
-    out.push_str(&format!(
-        "# HELP nereid_outbox_delivered_total Hard examples the outbox delivered late.\n# TYPE nereid_outbox_delivered_total counter\nnereid_outbox_delivered_total {}\n",
-        services.outbox_delivered.load(Ordering::Relaxed)
-    ));
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    scrape.gauge("nereid_outbox_pending", "Hard examples waiting for the cloud.", [(vec![], pending as f64)]);
+    scrape.counter(
+        "nereid_outbox_delivered",
+        "Hard examples the outbox delivered late.",
+        [(vec![], services.outbox_delivered.load(Ordering::Relaxed))],
+    );
+    scrape.http(&node.http);
+    scrape.response(&headers)
 }
 
 /// Who may call the edge's API, from `[api]` of edge.toml.
@@ -188,8 +159,10 @@ impl ApiAuth {
         let Some(config) = config else { return Ok(ApiAuth { open: false, tokens: HashMap::new() }) };
         let mut tokens = HashMap::new();
         for (name, client) in &config.clients {
-            let token = client.resolve_token().map_err(|e| anyhow::anyhow!("[api.clients.{name}]: {e}"))?;
-            tokens.insert(token_sha256(&token), (name.clone(), client.allow.clone()));
+            if client.token.is_empty() {
+                anyhow::bail!("[api.clients.{name}]: no token");
+            }
+            tokens.insert(token_sha256(client.token.expose()), (name.clone(), client.allow.clone()));
         }
         Ok(ApiAuth { open: config.open, tokens })
     }
@@ -247,19 +220,11 @@ pub fn router(node: Arc<Node>, auth: Arc<ApiAuth>, ready: nereid_net::Readiness)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
     Router::new()
         .route(routes::HEALTH, get(|| async { "ok" }))
-        .route(
-            routes::READY,
-            get(move || async move {
-                if ready.is_ready() {
-                    axum::http::StatusCode::OK
-                } else {
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE
-                }
-            }),
-        )
+        .route(routes::READY, get(move || async move { ready.status() }))
         .route(routes::METRICS, get(metrics))
         .merge(authenticated)
         .layer(body_limit)
+        .layer(axum::middleware::from_fn_with_state(node.http.clone(), crate::metrics::observe_request))
         .with_state(node)
 }
 

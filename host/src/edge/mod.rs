@@ -54,8 +54,8 @@ pub async fn run(
         None => None,
     };
     // Refused before anything starts, not at the first poll.
-    let _ = crate::client::cloud_http(&config.cloud, &config.cloud_tls, config.allow_plaintext)
-        .context("edge.toml `cloud`")?;
+    crate::client::check_cloud_plaintext(&config.cloud, config.allow_plaintext).context("edge.toml `cloud`")?;
+    config.cloud_tls.config().context("edge.toml [cloud_tls]")?;
     let models = match &config.models {
         Some(dir) => crate::runtime::nn::Models::load_dir(&base.join(dir), config.nn_backend).context("models")?,
         None => crate::runtime::nn::Models::new(config.nn_backend),

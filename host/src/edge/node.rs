@@ -22,6 +22,8 @@ pub struct Node {
     /// The incremental-learning job, if edge.toml has an `[incremental]` (it needs `[replay]`).
     pub incremental: Option<Arc<IncrementalJob>>,
     pub store: Arc<EdgeStore>,
+    /// Durations of the API's requests.
+    pub http: crate::metrics::HttpMetrics,
 }
 
 impl Node {
@@ -54,7 +56,13 @@ impl Node {
                 Some(Arc::new(job))
             }
         };
-        Ok(Node { services: Arc::new(services), replay: replay.map(Arc::new), incremental, store })
+        Ok(Node {
+            services: Arc::new(services),
+            replay: replay.map(Arc::new),
+            incremental,
+            store,
+            http: crate::metrics::HttpMetrics::default(),
+        })
     }
 
     /// Starts what runs on its own: the outbox, split planning, the incremental job's checks

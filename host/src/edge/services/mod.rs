@@ -51,16 +51,15 @@ pub struct ServiceMetrics {
     pub hard_examples: AtomicU64,
     pub fallbacks: AtomicU64,
     pub replans: AtomicU64,
-    /// Per route ("edge", "cloud", "split"): requests and their total seconds.
-    pub latency: Mutex<BTreeMap<&'static str, (u64, f64)>>,
+    /// Per route ("edge", "cloud", "split"): the latency of the requests answered.
+    pub latency: Mutex<BTreeMap<&'static str, prometheus_client::metrics::histogram::Histogram>>,
 }
 
 impl ServiceMetrics {
     fn observe(&self, route: &'static str, elapsed: Duration) {
-        let mut l = crate::lock(&self.latency);
-        let e = l.entry(route).or_default();
-        e.0 += 1;
-        e.1 += elapsed.as_secs_f64();
+        let histogram =
+            crate::lock(&self.latency).entry(route).or_insert_with(crate::metrics::latency_histogram).clone();
+        histogram.observe(elapsed.as_secs_f64());
     }
 }
 
