@@ -39,6 +39,11 @@ pub struct Cluster {
     pub edges: Vec<Option<Child>>,
     /// The CA the cloud's certificate is signed by, once [`Cluster::use_tls`] made one.
     pub ca: Option<PathBuf>,
+    /// The command that runs `nereid` for the cloud (None) or edge `i`: this package's binary,
+    /// or the binary inside a container image or a network namespace.
+    pub command: Box<dyn Fn(Option<usize>) -> Vec<String>>,
+    /// The cloud's address as the operator reaches it, when not loopback.
+    pub cloud_host: Option<String>,
 }
 
 impl Drop for Cluster {
@@ -51,13 +56,34 @@ impl Drop for Cluster {
 }
 
 pub fn spawn(args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
-    nereid_harness::spawn(Path::new(env!("CARGO_BIN_EXE_nereid")), args, config, log, cache).expect("spawn nereid")
+    spawn_with(&[env!("CARGO_BIN_EXE_nereid").to_string()], args, config, log, cache)
+}
+
+/// As [`spawn`], with `command` (a program and its first arguments) running `nereid`.
+pub fn spawn_with(command: &[String], args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
+    let (program, first) = command.split_first().expect("a command");
+    Command::new(program)
+        .args(first)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NEREID_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
 }
 
 impl Cluster {
     /// A cloud config and `edges` nodes with the digits split non-IID among them (fixed seeds).
     pub fn new(edges: usize, cloud_extra: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("tmp");
+        Cluster::new_in(&std::env::temp_dir(), edges, cloud_extra)
+    }
+
+    /// As [`Cluster::new`], its files in a new directory under `parent`.
+    pub fn new_in(parent: &Path, edges: usize, cloud_extra: &str) -> Cluster {
+        let dir = tempfile::tempdir_in(parent).expect("tmp");
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
         let admin = "admin-secret".to_string();
         let mut cloud = format!("listen = \"127.0.0.1:{port}\"\nstate = \"cloud.db\"\nadmin_token = \"{admin}\"\nonline_secs = 5\n{cloud_extra}\n");
@@ -80,7 +106,17 @@ impl Cluster {
             nodes.push((name, token));
         }
         std::fs::write(dir.path().join("cloud.toml"), cloud).expect("cloud.toml");
-        Cluster { dir, port, admin, nodes, cloud: None, edges: (0..edges).map(|_| None).collect(), ca: None }
+        Cluster {
+            dir,
+            port,
+            admin,
+            nodes,
+            cloud: None,
+            edges: (0..edges).map(|_| None).collect(),
+            ca: None,
+            command: Box::new(|_| vec![env!("CARGO_BIN_EXE_nereid").to_string()]),
+            cloud_host: None,
+        }
     }
 
     /// A cluster with its cloud and every edge started.
@@ -96,10 +132,9 @@ impl Cluster {
     }
 
     pub fn url(&self, path: &str) -> String {
-        match self.ca {
-            Some(_) => format!("https://localhost:{}{path}", self.port),
-            None => format!("http://127.0.0.1:{}{path}", self.port),
-        }
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let host = self.cloud_host.as_deref().unwrap_or(if self.ca.is_some() { "localhost" } else { "127.0.0.1" });
+        format!("{scheme}://{host}:{}{path}", self.port)
     }
 
     /// The client TLS of the operator: the cluster's CA, once it has one.
@@ -155,7 +190,8 @@ impl Cluster {
 
     pub fn start_cloud(&mut self) {
         let log = self.path(&format!("cloud-{}.log", Instant::now().elapsed().as_nanos()));
-        self.cloud = Some(spawn(&["cloud"], &self.path("cloud.toml"), &log, &self.path("cache")));
+        self.cloud =
+            Some(spawn_with(&(self.command)(None), &["cloud"], &self.path("cloud.toml"), &log, &self.path("cache")));
         let t = Instant::now();
         while !self.cloud_healthy() {
             assert!(t.elapsed() < Duration::from_secs(30), "the cloud did not start");
@@ -174,7 +210,8 @@ impl Cluster {
         let cfg = self.path(&format!("{name}/edge.toml"));
         let log = self.path(&format!("{name}.log"));
         // Each node has its own caches, as on separate machines.
-        self.edges[i] = Some(spawn(&["edge"], &cfg, &log, &self.path(&format!("{name}/cache"))));
+        let cache = self.path(&format!("{name}/cache"));
+        self.edges[i] = Some(spawn_with(&(self.command)(Some(i)), &["edge"], &cfg, &log, &cache));
     }
 
     pub fn kill_edge(&mut self, i: usize) {

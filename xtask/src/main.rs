@@ -15,11 +15,12 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
             (Rust ones with cargo, Python ones with componentize-py from PyPI in target/py-plugin,
             JavaScript ones with componentize-js from npm in target/js-plugin)
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
-  test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto and
-            mosquitto-clients, `cargo install wkg`, the `onnx` Python package, Python
-            environments with clients/python: target/py (numpy, safetensors) and target/py-torch
-            (PyTorch 2.15 with only the libraries it loads, onnx)), then run the whole test suite
-            (cargo test --release)
+  test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto,
+            mosquitto-clients, podman, skopeo and iproute2; kubectl: Debian's kubernetes-client
+            unless one is installed; `cargo install wkg`, the `onnx` Python package, Python
+            environments: target/py-k8s (kubernetes-validate), and with clients/python target/py
+            (numpy, safetensors) and target/py-torch (PyTorch 2.15 with only the libraries it
+            loads, onnx)), then run the whole test suite (cargo test --release)
   bench     plugins, then run `nereid bench aggregate` (extra arguments are passed on)
   deps      check that no import circle joins the host's modules (see `deps` below); `test`
             runs it first";
@@ -27,8 +28,10 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
 /// Debian packages the build needs (oci-client's TLS through OpenSSL, like wkg).
 const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
 /// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth, an MQTT
-/// broker and its command-line publisher.
-const TEST_PACKAGES: &[&str] = &["docker-registry", "apache2-utils", "mosquitto", "mosquitto-clients"];
+/// broker and its command-line publisher, podman and skopeo to build, push and pull the
+/// container image, and iproute2 for the network-namespace fleet.
+const TEST_PACKAGES: &[&str] =
+    &["docker-registry", "apache2-utils", "mosquitto", "mosquitto-clients", "podman", "skopeo", "iproute2"];
 /// The ONNX Runtime the `ort` crate (2.0.0-rc.10) is built for, from its PyPI wheel.
 const ONNXRUNTIME_VERSION: &str = "1.22.1";
 /// The OpenVINO whose runtime (`libopenvino_c.so` and its CPU plugin) comes from its PyPI wheel:
@@ -71,6 +74,9 @@ const TORCH_PACKAGES: &[&str] = &[
     "safetensors==0.8.0",
     "onnx==1.17.0",
 ];
+/// The validator the manifests under deploy/kubernetes are checked with (target/py-k8s), and the
+/// Kubernetes version they are checked against.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// The wkg the interop tests run against.
 const WKG_VERSION: &str = "0.16.1";
 
@@ -255,6 +261,7 @@ fn debian_packages(wanted: &[&str]) -> Result<(), String> {
 /// The tools the test suite drives: a real registry, htpasswd, and wkg for the interop tests.
 fn test_tools() -> Result<(), String> {
     debian_packages(TEST_PACKAGES)?;
+    kubernetes_tools()?;
     trainer_python()?;
     torch_python()?;
     let onnx = Command::new("python3").args(["-c", "import onnx; print(onnx.__version__)"]).output();
@@ -275,6 +282,23 @@ fn test_tools() -> Result<(), String> {
         return Ok(());
     }
     cargo(&["install", "wkg", "--locked", "--version", WKG_VERSION])
+}
+
+/// `kubectl` (its `kustomize` renders deploy/kubernetes; Debian's kubernetes-client unless one is
+/// on the PATH) and target/py-k8s with kubernetes-validate (the Kubernetes schemas).
+fn kubernetes_tools() -> Result<(), String> {
+    if !Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success()) {
+        debian_packages(&["kubernetes-client"])?;
+    }
+    let python = venv("target/py-k8s")?;
+    let found = Command::new(&python).args(["-m", "pip", "show", "kubernetes-validate"]).output();
+    let wanted = format!("Version: {KUBERNETES_VALIDATE_VERSION}");
+    if !found.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == wanted)) {
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))?;
+    }
+    Ok(())
 }
 
 /// target/py: a virtual environment with numpy, safetensors and clients/python (the trainer

@@ -19,8 +19,11 @@ fn default_poll_ms() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// This node's name (as the cloud knows it).
+    /// This node's name (as the cloud knows it): `name`, or `name_env`, a variable holding it
+    /// (one config for many nodes, e.g. a DaemonSet's `spec.nodeName`).
+    #[serde(default)]
     pub name: String,
+    pub name_env: Option<String>,
     /// The cloud's base URL, e.g. "http://127.0.0.1:7000".
     pub cloud: String,
     /// This node's bearer token: `token`, `token_file` (a file holding it, relative to the config
@@ -181,6 +184,16 @@ impl ApiRight {
 
 impl CheckConfig for EdgeConfig {
     fn resolve(&mut self, base: &std::path::Path) -> Result<(), FieldError> {
+        if let Some(var) = &self.name_env {
+            let fail = |message: String| Err(FieldError { key: "name_env".into(), message });
+            if !self.name.is_empty() {
+                return fail("give one of `name` and `name_env`".into());
+            }
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => self.name = v,
+                _ => return fail(format!("the environment variable `{var}` is not set")),
+            }
+        }
         secret::resolve("token", &mut self.token, self.token_file.as_ref(), self.token_env.as_ref(), base)?;
         for (name, client) in self.api.iter_mut().flat_map(|api| api.clients.iter_mut()) {
             let key = format!("api.clients.{name}.token");
@@ -434,4 +447,26 @@ fn default_replan_factor() -> f64 {
 
 fn default_probe_kib() -> u64 {
     64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_takes_its_name_from_a_variable_and_only_from_one_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("edge.toml");
+        let body = "cloud = \"http://127.0.0.1:7000\"\ntoken = \"t\"\nstate = \"e.db\"\nname_env = \"NEREID_TEST_NODE_NAME\"\n";
+        std::fs::write(&path, body).expect("write");
+        std::env::set_var("NEREID_TEST_NODE_NAME", "edge-from-env");
+        let (config, _) = super::super::read_config::<EdgeConfig>(&path).expect("valid");
+        assert_eq!(config.name, "edge-from-env");
+        std::fs::write(&path, format!("name = \"edge-1\"\n{body}")).expect("write");
+        let e = super::super::read_config::<EdgeConfig>(&path).expect_err("two names").to_string();
+        assert!(e.contains("name_env") && e.contains("give one of"), "{e}");
+        std::fs::write(&path, body.replace("NEREID_TEST_NODE_NAME", "NEREID_TEST_UNSET_NAME")).expect("write");
+        let e = super::super::read_config::<EdgeConfig>(&path).expect_err("unset").to_string();
+        assert!(e.contains("NEREID_TEST_UNSET_NAME"), "{e}");
+    }
 }
