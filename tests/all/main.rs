@@ -15,6 +15,7 @@ mod image;
 mod incremental;
 mod inference;
 mod javascript_plugins;
+mod netns;
 mod nn;
 mod oci;
 mod operate;

@@ -31,6 +31,11 @@ pub struct RoundBench {
     /// Uploads in flight at once from the simulated clients.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Serve the cloud over mutual TLS (a CA, the cloud's certificate and one per client made
+    /// for the run; nodes known by token and certificate, each with its own connection), to
+    /// compare with the default plain HTTP run.
+    #[arg(long)]
+    tls: bool,
     /// Directory of the built plugins [default: $NEREID_PLUGIN_DIR, else target/wasm32-wasip2/plugin].
     #[arg(long, value_name = "DIR")]
     plugins_dir: Option<PathBuf>,
@@ -41,6 +46,8 @@ pub struct RoundBench {
 #[derive(Serialize)]
 struct Report {
     clients: usize,
+    /// Mutual TLS (`--tls`) or plain HTTP.
+    tls: bool,
     parameters: u64,
     model_bytes: usize,
     round_ms: Vec<f64>,
@@ -56,6 +63,29 @@ struct Report {
     peak_rss_above_fixed_over_model_size: f64,
 }
 
+/// A CA, the cloud's certificate (localhost) and one per client under `<work>/pki`; the
+/// directory and each client's TLS settings.
+fn fleet_pki(work: &std::path::Path, names: &[String]) -> anyhow::Result<(PathBuf, Vec<nereid_net::tls::ClientTls>)> {
+    use nereid_net::pki;
+    let dir = work.join("pki");
+    std::fs::create_dir_all(&dir)?;
+    let ca = pki::authority("nereid bench", 1)?;
+    let write = |name: &str, issued: &pki::Issued| -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, &issued.cert_pem)?;
+        std::fs::write(&key, &issued.key_pem)?;
+        Ok((cert, key))
+    };
+    write("ca", &ca)?;
+    write("localhost", &pki::issue(&ca, "localhost", &["127.0.0.1".to_string()], 1)?)?;
+    let mut clients = Vec::new();
+    for name in names {
+        let (cert, key) = write(name, &pki::issue(&ca, name, &[], 1)?)?;
+        clients.push(nereid_net::tls::ClientTls { ca: Some(dir.join("ca.pem")), cert: Some(cert), key: Some(key) });
+    }
+    Ok((dir, clients))
+}
+
 pub fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     nereid_harness::rss_kib(pid, field).context("reading /proc (Linux only)")
 }
@@ -68,13 +98,22 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let plugins = args.plugins_dir.clone().unwrap_or_else(crate::cli::default_plugin_dir);
     let cache = cache_dir.unwrap_or_else(|| work.path().join("cache"));
     let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
+    let url = if args.tls { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
     let admin = new_token();
     let names: Vec<String> = (0..args.clients).map(|i| format!("client-{i:03}")).collect();
     let tokens: Vec<String> = names.iter().map(|_| new_token()).collect();
     let mut cloud_toml = format!(
         "listen = \"127.0.0.1:{port}\"\nstate = \"cloud.db\"\nadmin_token = \"{admin}\"\nmax_upload_mib = 256\n"
     );
+    let identities = if args.tls { Some(fleet_pki(work.path(), &names)?) } else { None };
+    if let Some((pki, _)) = &identities {
+        cloud_toml.push_str(&format!(
+            "node_auth = \"token-and-certificate\"\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            pki.join("localhost.pem"),
+            pki.join("localhost.key"),
+            pki.join("ca.pem")
+        ));
+    }
     for (n, t) in names.iter().zip(&tokens) {
         cloud_toml.push_str(&format!("[nodes.{n}]\ntoken = \"{t}\"\n"));
     }
@@ -91,7 +130,9 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::write(work.path().join("job.toml"), job)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let api = Api::new(&url, &admin, std::time::Duration::from_secs(120))?;
+    let operator_tls =
+        nereid_net::tls::ClientTls { ca: identities.as_ref().map(|(pki, _)| pki.join("ca.pem")), ..Default::default() };
+    let api = Api::connect(&url, &admin, Duration::from_secs(120), &operator_tls, false)?;
     let fleet = start_cloud(work.path(), &cache, &api, &rt)?;
     let pid = fleet.0[0].id();
 
@@ -124,9 +165,19 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let rss_before = rss_kib(pid, "VmRSS:")? * 1024;
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("resetting the cloud's peak RSS")?;
-    // One client per simulated node, sharing one connection pool.
-    let http = reqwest::Client::new();
-    let nodes: Vec<Api> = tokens.iter().map(|t| Api::with_http(&url, t, http.clone())).collect();
+    // Plain HTTP: one client per simulated node, sharing one connection pool. Mutual TLS: each
+    // node with its own certificate, so its own connections.
+    let nodes: Vec<Api> = match &identities {
+        None => {
+            let http = reqwest::Client::new();
+            tokens.iter().map(|t| Api::with_http(&url, t, http.clone())).collect()
+        }
+        Some((_, tls)) => tokens
+            .iter()
+            .zip(tls)
+            .map(|(t, tls)| Api::connect(&url, t, Duration::from_secs(120), tls, false))
+            .collect::<Result<_, _>>()?,
+    };
     let mut round_ms = Vec::new();
     let progress = indicatif::ProgressBar::new(args.rounds as u64);
     for round in 1..=args.rounds {
@@ -199,6 +250,7 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let median = sorted[sorted.len() / 2];
     let report = Report {
         clients: args.clients,
+        tls: args.tls,
         parameters,
         model_bytes,
         median_round_ms: median,
@@ -214,11 +266,12 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "round with {} clients x {} parameters ({:.1} MB per update), {} rounds",
+        "round with {} clients x {} parameters ({:.1} MB per update), {} rounds, {}",
         report.clients,
         report.parameters,
         model_bytes as f64 / 1e6,
-        args.rounds
+        args.rounds,
+        if args.tls { "mutual TLS" } else { "plain HTTP" }
     );
     println!(
         "  server-side round time (upload, persist, aggregate, commit): median {:.0} ms {:?}",
