@@ -24,11 +24,15 @@ pub struct Issued {
 }
 
 /// Valid from yesterday (clocks of a fleet differ) for `days` days.
-fn validity(params: &mut CertificateParams, days: i64) {
-    let ymd = |d: chrono::NaiveDate| rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8);
+fn validity(days: i64) -> (chrono::NaiveDate, chrono::NaiveDate) {
     let today = chrono::Utc::now().date_naive();
-    params.not_before = ymd(today - chrono::Duration::days(1));
-    params.not_after = ymd(today + chrono::Duration::days(days.max(1)));
+    (today - chrono::Duration::days(1), today + chrono::Duration::days(days.max(1)))
+}
+
+fn set_validity(params: &mut CertificateParams, (from, until): (chrono::NaiveDate, chrono::NaiveDate)) {
+    let ymd = |d: chrono::NaiveDate| rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8);
+    params.not_before = ymd(from);
+    params.not_after = ymd(until);
 }
 
 /// A new CA named `name`, valid for `days`.
@@ -38,7 +42,7 @@ pub fn authority(name: &str, days: i64) -> Result<Issued, PkiError> {
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, days);
+    set_validity(&mut params, validity(days));
     let cert = params.self_signed(&key)?;
     Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
@@ -46,6 +50,16 @@ pub fn authority(name: &str, days: i64) -> Result<Issued, PkiError> {
 /// A certificate for `name` (and the other DNS names or IP addresses in `also`), signed by the
 /// CA `ca`, valid for `days`, for servers and clients alike.
 pub fn issue(ca: &Issued, name: &str, also: &[String], days: i64) -> Result<Issued, PkiError> {
+    issue_between(ca, name, also, validity(days))
+}
+
+/// As [`issue`], valid between two dates.
+pub(crate) fn issue_between(
+    ca: &Issued,
+    name: &str,
+    also: &[String],
+    valid: (chrono::NaiveDate, chrono::NaiveDate),
+) -> Result<Issued, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
     let key = KeyPair::generate()?;
@@ -65,7 +79,7 @@ pub fn issue(ca: &Issued, name: &str, also: &[String], days: i64) -> Result<Issu
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    validity(&mut params, days);
+    set_validity(&mut params, valid);
     let cert = params.signed_by(&key, &issuer)?;
     Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }

@@ -271,6 +271,13 @@ mod tests {
             write("server", &pki::issue(&ca, "localhost", &["127.0.0.1".into()], 10).expect("server"));
             write("edge-1", &pki::issue(&ca, "edge-1", &[], 10).expect("edge"));
             write("intruder", &pki::issue(&other, "edge-1", &[], 10).expect("intruder"));
+            let today = chrono::Utc::now().date_naive();
+            let past = (today - chrono::Duration::days(30), today - chrono::Duration::days(1));
+            write("expired-edge", &pki::issue_between(&ca, "edge-1", &[], past).expect("expired"));
+            write(
+                "expired-server",
+                &pki::issue_between(&ca, "localhost", &["127.0.0.1".into()], past).expect("expired"),
+            );
             Fleet { dir }
         }
 
@@ -279,9 +286,14 @@ mod tests {
         }
 
         async fn serve(&self, client_auth: ClientAuth) -> SocketAddr {
+            self.serve_as("server", client_auth).await
+        }
+
+        /// A server with the certificate `name`.pem.
+        async fn serve_as(&self, name: &str, client_auth: ClientAuth) -> SocketAddr {
             let tls = ServerTls {
-                cert: self.path("server.pem"),
-                key: self.path("server.key"),
+                cert: self.path(&format!("{name}.pem")),
+                key: self.path(&format!("{name}.key")),
                 client_ca: Some(self.path("ca.pem")),
                 client_auth,
             };
@@ -332,6 +344,35 @@ mod tests {
         // A client that does not trust the server's CA refuses it.
         let stranger = ClientTls::default().http_client().expect("client").build().expect("client");
         assert!(stranger.get(&url).send().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn expired_certificates_and_a_server_of_another_name_are_refused() {
+        let fleet = Fleet::new();
+        // An expired client certificate, whether the server requires one or not.
+        for auth in [ClientAuth::Required, ClientAuth::Optional] {
+            let addr = fleet.serve(auth).await;
+            let url = format!("https://localhost:{}/", addr.port());
+            assert!(fleet.client(Some("expired-edge")).get(&url).send().await.is_err(), "{auth:?}");
+            let ok = fleet.client(Some("edge-1")).get(&url).send().await.expect("a valid one");
+            assert_eq!(ok.text().await.expect("body"), "edge-1");
+        }
+        // An expired server certificate.
+        let expired = fleet.serve_as("expired-server", ClientAuth::Optional).await;
+        let url = format!("https://localhost:{}/", expired.port());
+        assert!(fleet.client(None).get(&url).send().await.is_err(), "an expired server is refused");
+        // The server's certificate names localhost and 127.0.0.1, not the name the client dialled.
+        let addr = fleet.serve(ClientAuth::Optional).await;
+        let other_name = ClientTls { ca: Some(fleet.path("ca.pem")), cert: None, key: None }
+            .http_client()
+            .expect("client")
+            .resolve("cloud.example", addr)
+            .build()
+            .expect("client");
+        let url = format!("https://cloud.example:{}/", addr.port());
+        assert!(other_name.get(&url).send().await.is_err(), "a name the certificate does not hold");
+        let url = format!("https://localhost:{}/", addr.port());
+        assert!(fleet.client(None).get(&url).send().await.is_ok(), "the name it holds");
     }
 
     #[test]

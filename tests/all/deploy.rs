@@ -111,6 +111,7 @@ fn the_manifests_render_validate_and_agree_with_nereid_and_its_image() {
     assert!(!unmade.status.success(), "the fleet overlay needs its PKI made first");
     nereid(&["cert", "ca", "--out", "pki"]);
     nereid(&["cert", "issue", "nereid-cloud", "--ca", "pki", "--san", "nereid-cloud.nereid.svc"]);
+    nereid(&["cert", "issue", "nereid-inference", "--ca", "pki", "--san", "nereid-inference.nereid.svc"]);
     std::fs::write(fleet.join("admin-token"), "an-admin-token-for-the-test\n").expect("token");
     let objects = render(&fleet);
 
@@ -152,6 +153,29 @@ fn the_manifests_render_validate_and_agree_with_nereid_and_its_image() {
     let var = env.iter().find(|e| e["name"] == name_env.as_str()).expect("the variable is set");
     assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     assert!(config.cloud.starts_with("https://nereid-cloud.nereid.svc:"), "{}", config.cloud);
+
+    // The split-inference tier: a Deployment under an autoscaler, its state the pod's own.
+    let tier = find(&objects, "Deployment", "nereid-inference");
+    let (file, map) = check_pod(tier, "HTTPS");
+    let config: CloudConfig = toml::from_str(find(&objects, "ConfigMap", &map)["data"][&file].as_str().expect("toml"))
+        .expect("the tier's config is one nereid reads");
+    assert!(!config.services.is_empty() && config.models.is_some(), "it serves models");
+    let pod = &tier["spec"]["template"]["spec"];
+    let state_dir = config.state.parent().expect("a directory").to_str().expect("utf-8");
+    let state_volume = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"] == state_dir)
+        .expect("the state directory is mounted")["name"]
+        .clone();
+    let volume =
+        pod["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == state_volume).expect("volume");
+    assert!(volume["emptyDir"].is_object(), "nothing a tail does is kept: {volume}");
+    assert!(pod["containers"][0]["resources"]["requests"]["cpu"].is_string(), "the autoscaler's basis");
+    let hpa = find(&objects, "HorizontalPodAutoscaler", "nereid-inference");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "nereid-inference");
 
     // The demo: `nereid demo` as a Job, nothing to make first.
     let objects = render(&k8s.join("overlays/loopback-demo"));

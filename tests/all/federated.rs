@@ -24,7 +24,7 @@ pub(crate) fn job_toml(name: &str, strategy: &str, rounds: u32, min_clients: usi
 }
 
 /// A clean run of `rounds` rounds with 3 edges: the reference for the fault tests.
-fn reference_run(rounds: u32) -> model_io::NamedTensors {
+pub(crate) fn reference_run(rounds: u32) -> model_io::NamedTensors {
     reference_of(&job_toml("digits", "fedavg", rounds, 3, 60.0), rounds)
 }
 

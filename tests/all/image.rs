@@ -113,12 +113,7 @@ fn the_image_runs_a_job_and_a_service_from_its_root_filesystem_and_round_trips_t
     // A federated job: cloud and edges from the image, the job's plugin the image's own.
     let rounds = 2;
     let job = job_toml("digits", "fedavg", rounds, 3, 60.0);
-    let reference = {
-        let c = Cluster::running(3);
-        c.apply("job", &job);
-        c.wait_done("digits");
-        c.model("digits", rounds)
-    };
+    let reference = crate::federated::reference_run(rounds);
     // The image sees /tmp only: the cluster's files live there, writable by the image's user.
     let mut c = Cluster::new_in(Path::new("/tmp"), 3, "");
     let run_in_image = launcher(c.dir.path(), &rootfs, &env).display().to_string();

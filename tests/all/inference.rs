@@ -344,6 +344,9 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
     let cloud_only = infer_at_cut(&url, "image", &body);
     assert_eq!(cloud_only["computed"], "cloud", "{cloud_only}");
     check(&cloud_only);
+    // Tails keep nothing in the cloud (what lets them run on an autoscaled tier, docs/deploy.md).
+    let (code, kept) = http("GET", &cluster.url("/v1/infer/camera/hard-examples"), Some(&cluster.admin), Vec::new());
+    assert_eq!((code, String::from_utf8_lossy(&kept).trim()), (200, "[]"));
 
     // The cloud down: the edge runs the whole model and says so.
     cluster.kill_cloud();

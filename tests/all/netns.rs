@@ -84,12 +84,7 @@ impl Drop for Network {
 #[test]
 fn a_fleet_on_separate_hosts_over_mutual_tls_loses_nothing_when_a_link_is_cut_mid_round() {
     let rounds = 3;
-    let reference = {
-        let c = Cluster::running(3);
-        c.apply("job", &job_toml("digits", "fedavg", rounds, 3, 60.0));
-        c.wait_done("digits");
-        c.model("digits", rounds)
-    };
+    let reference = crate::federated::reference_run(rounds);
 
     let mut net = Network::new();
     let (cloud_ns, cloud_ip) = net.host("cloud", 1);

@@ -57,3 +57,31 @@ fn sigterm_stops_the_cloud_and_the_edges_with_exit_0_and_readiness_is_its_own_pr
     assert!(messages.iter().any(|m| m.contains("SIGTERM")), "{messages:?}");
     assert!(messages.contains(&"cloud stopped"), "{messages:?}");
 }
+
+#[test]
+fn sigterm_in_the_middle_of_rounds_loses_nothing() {
+    let rounds = 3;
+    let reference = crate::federated::reference_run(rounds);
+    let mut c = Cluster::new(3, "");
+    c.start_cloud();
+    (0..3).for_each(|i| c.start_edge(i));
+    // edge-3 is held (SIGSTOP) once online, so round 1 waits for its update.
+    c.hold_edge_once_online(2);
+    c.apply("job", &crate::federated::job_toml("digits", "fedavg", rounds, 3, 60.0));
+    c.wait_until("digits", "two updates of round 1", |s| s.current.as_ref().is_some_and(|r| r.received.len() == 2));
+    // The cloud is stopped in the middle of round 1 and started again; then edge-3 goes on.
+    let mut cloud = c.cloud.take().expect("cloud running");
+    assert_eq!(terminate(&mut cloud), Some(0), "the cloud");
+    c.start_cloud();
+    let open = c.status("digits").current.expect("round 1 is still open");
+    assert_eq!((open.round, open.received.len()), (1, 2), "the updates received before the stop are kept");
+    c.signal_edge(2, "-CONT");
+    // An edge, once round 3 is open: stopped (while it trains, uploads or waits), then started again.
+    c.wait_until("digits", "round 3", |s| s.current.as_ref().is_some_and(|r| r.round == 3));
+    let mut edge = c.edges[1].take().expect("edge-2 running");
+    assert_eq!(terminate(&mut edge), Some(0), "edge-2");
+    c.start_edge(1);
+    let s = c.wait_done("digits");
+    assert!(s.history.iter().all(|h| h.participants.len() == 3), "no update lost: {:?}", s.history);
+    assert_eq!(c.model("digits", rounds), reference, "the same model as a run without stops");
+}
