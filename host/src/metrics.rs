@@ -40,7 +40,12 @@ impl Default for HttpMetrics {
 /// Axum middleware observing every request into `metrics`.
 pub async fn observe_request(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
-    let method = request.method().to_string();
+    // A caller may send any method token: only the standard ones get series of their own.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "PATCH" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_string();
     let started = Instant::now();
     let response = next.run(request).await;
     let labels = vec![("route", route), ("method", method), ("code", response.status().as_u16().to_string())];
@@ -269,6 +274,32 @@ mod tests {
         assert!(rss > 1e6, "{body}");
         assert!(body.contains("process_cpu_seconds_total "), "{body}");
         assert!(!body.contains("# EOF"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn requests_are_observed_by_route_template_and_odd_methods_share_one_series() {
+        use tower::ServiceExt;
+        let http = HttpMetrics::default();
+        let router = axum::Router::new()
+            .route("/v1/jobs/{job}", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(http.clone(), observe_request));
+        for (method, path) in [("GET", "/v1/jobs/a"), ("GET", "/v1/jobs/b"), ("FOO", "/v1/jobs/a"), ("BAR", "/x")] {
+            let request = Request::builder().method(method).uri(path).body(axum::body::Body::empty()).expect("request");
+            router.clone().oneshot(request).await.expect("answer");
+        }
+        let mut scrape = Scrape::new();
+        scrape.http(&http);
+        let (_, body) = text(scrape, None).await;
+        let count = |labels: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("nereid_http_request_duration_seconds_count{{{labels}}} ")))
+                .unwrap_or_else(|| panic!("no {labels} in {body}"))
+                .to_string()
+        };
+        assert_eq!(count(r#"route="/v1/jobs/{job}",method="GET",code="200""#), "2");
+        assert_eq!(count(r#"route="/v1/jobs/{job}",method="other",code="405""#), "1");
+        assert_eq!(count(r#"route="unmatched",method="other",code="404""#), "1");
+        assert!(!body.contains("FOO") && !body.contains("/v1/jobs/a"), "{body}");
     }
 
     #[tokio::test]

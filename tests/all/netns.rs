@@ -114,17 +114,28 @@ fn a_fleet_on_separate_hosts_over_mutual_tls_loses_nothing_when_a_link_is_cut_mi
     let htpasswd = c.path("htpasswd");
     std::fs::write(&htpasswd, format!("ops:{}\n", crate::oci::htpasswd_bcrypt("ops", "s3cret"))).expect("htpasswd");
     let registry_log = c.path("registry.log");
-    let mut registry_process = Command::new("ip")
-        .args(["netns", "exec", &registry_ns, env!("CARGO_BIN_EXE_nereid"), "registry", "serve", "--addr", &registry])
-        .arg("--root")
-        .arg(c.path("registry"))
-        .arg("--htpasswd")
-        .arg(&htpasswd)
-        .args(["--tls-cert", &format!("{pki_str}/registry.pem"), "--tls-key", &format!("{pki_str}/registry.key")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&registry_log).expect("log"))
-        .spawn()
-        .expect("registry");
+    let _registry = Killed(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &registry_ns,
+                env!("CARGO_BIN_EXE_nereid"),
+                "registry",
+                "serve",
+                "--addr",
+                &registry,
+            ])
+            .arg("--root")
+            .arg(c.path("registry"))
+            .arg("--htpasswd")
+            .arg(&htpasswd)
+            .args(["--tls-cert", &format!("{pki_str}/registry.pem"), "--tls-key", &format!("{pki_str}/registry.key")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&registry_log).expect("log"))
+            .spawn()
+            .expect("registry"),
+    );
     let registries = format!(
         "\n[registries.\"{registry}\"]\nca = \"{pki_str}/ca.pem\"\nusername = \"ops\"\npassword = \"s3cret\"\n"
     );
@@ -224,6 +235,14 @@ fn a_fleet_on_separate_hosts_over_mutual_tls_loses_nothing_when_a_link_is_cut_mi
         key: Some(pki.join("edge-1.key")),
     };
     assert_eq!(get(own), Some(200), "edge-1 itself");
-    let _ = registry_process.kill();
-    let _ = registry_process.wait();
+}
+
+/// A process killed when dropped, also when the test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
