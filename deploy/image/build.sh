@@ -44,13 +44,13 @@ chmod 1777 "$fs/tmp"
 
 strip -o "$fs/usr/local/bin/nereid" "$binary"
 cp -P "$ort"/libonnxruntime.so* "$fs/usr/local/lib/nereid/"
-# The shipped plugins: every Rust-built component but the test fixtures (the Python and
-# JavaScript examples carry their interpreters, 12-18 MB each, and stay out).
-for p in "$plugins"/nereid_*.wasm; do
-    case $(basename "$p") in
-        nereid_test_*|*misbehave*|*_py.wasm|*_js.wasm) ;;
-        *) cp "$p" "$fs/usr/share/nereid/plugins/" ;;
-    esac
+# The shipped plugins: the Rust crates under plugins/ (not the test fixtures; the Python and
+# JavaScript examples there carry their interpreters, 12-18 MB each, and stay out).
+for dir in "$root"/plugins/*/; do
+    [ -f "$dir/Cargo.toml" ] || continue
+    component=$plugins/nereid_$(basename "$dir" | tr - _).wasm
+    [ -f "$component" ] || { echo "build.sh: $component is missing: run \`cargo xtask plugins\`" >&2; exit 1; }
+    cp "$component" "$fs/usr/share/nereid/plugins/"
 done
 
 # The C libraries the executable and ONNX Runtime load, at the paths the loader looks in.
