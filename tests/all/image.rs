@@ -37,12 +37,15 @@ impl Podman {
         self.storage.path().join(which).display().to_string()
     }
 
+    /// podman on this storage.
+    fn command(&self) -> Command {
+        let mut podman = Command::new("podman");
+        podman.args(["--root", &self.dir("root"), "--runroot", &self.dir("run"), "--storage-driver", "vfs"]);
+        podman
+    }
+
     fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("podman")
-            .args(["--root", &self.dir("root"), "--runroot", &self.dir("run"), "--storage-driver", "vfs"])
-            .args(args)
-            .output()
-            .expect("podman");
+        let out = self.command().args(args).output().expect("podman");
         assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
     }
@@ -55,10 +58,7 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        let _ = Command::new("podman")
-            .args(["--root", &self.dir("root"), "--runroot", &self.dir("run"), "--storage-driver", "vfs"])
-            .args(["image", "unmount", "--all"])
-            .output();
+        let _ = self.command().args(["image", "unmount", "--all"]).output();
     }
 }
 

@@ -38,10 +38,8 @@ impl Network {
         net.namespaces.push(switch.clone());
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
-        let (outer, port) = (format!("{}o", net.prefix), format!("{}p", net.prefix));
-        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &port]);
-        ip(&["link", "set", &port, "netns", &switch]);
-        ip(&["-n", &switch, "link", "set", &port, "name", "v-operator", "master", "br0", "up"]);
+        let outer = format!("{}o", net.prefix);
+        net.cable(&outer, "operator");
         ip(&["addr", "add", &format!("{}.100/24", net.subnet), "dev", &outer]);
         ip(&["link", "set", &outer, "up"]);
         net
@@ -53,17 +51,24 @@ impl Network {
         let ns = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
-        let (inner, port) = (format!("{}{last}i", self.prefix), format!("{}{last}p", self.prefix));
-        ip(&["link", "add", &inner, "type", "veth", "peer", "name", &port]);
+        let inner = format!("{}{last}i", self.prefix);
+        self.cable(&inner, name);
         ip(&["link", "set", &inner, "netns", &ns]);
-        ip(&["link", "set", &port, "netns", &self.switch]);
-        ip(&["-n", &self.switch, "link", "set", &port, "name", &format!("v-{name}"), "master", "br0", "up"]);
         ip(&["-n", &ns, "link", "set", &inner, "name", "eth0"]);
         let addr = format!("{}.{last}", self.subnet);
         ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         (ns, addr)
+    }
+
+    /// A veth pair: `end` stays in the test's namespace (for the caller to place), its peer is
+    /// the switch's port `v-<name>` on the bridge.
+    fn cable(&self, end: &str, name: &str) {
+        let port = format!("{end}p");
+        ip(&["link", "add", end, "type", "veth", "peer", "name", &port]);
+        ip(&["link", "set", &port, "netns", &self.switch]);
+        ip(&["-n", &self.switch, "link", "set", &port, "name", &format!("v-{name}"), "master", "br0", "up"]);
     }
 
     /// Cuts (or restores) host `name`'s link at the switch: its packets go nowhere.

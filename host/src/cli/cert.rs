@@ -73,7 +73,7 @@ pub fn run(cmd: CertCommand) -> anyhow::Result<()> {
 }
 
 /// Writes `<stem>.pem` and `<stem>.key` (readable by the owner only), refusing to overwrite.
-fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> anyhow::Result<()> {
+pub(crate) fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

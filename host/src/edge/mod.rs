@@ -34,17 +34,14 @@ pub async fn run(
     crate::return_large_buffers_to_the_os();
     // SIGTERM stops the API (requests in flight finish) and the worker; what the edge stores is
     // crash-safe, so an unfinished task is taken up again at the next start.
-    let (stopping, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        nereid_net::terminated().await;
-        let _ = stopping.send(true);
-    });
-    let stopped = move || {
-        let mut stop = stop.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
         async move {
-            let _ = stop.wait_for(|s| *s).await;
+            nereid_net::terminated().await;
+            stop.cancel();
         }
-    };
+    });
     config.cloud_tls = config.cloud_tls.relative_to(base);
     if let Some(mqtt) = config.incremental.as_mut().and_then(|i| i.mqtt.as_mut()) {
         mqtt.tls = mqtt.tls.relative_to(base);
@@ -97,8 +94,8 @@ pub async fn run(
                 .context("edge.toml `listen`")?;
             }
             let (listen, limits) = (listen.clone(), config.http.clone());
-            let stop = stopped();
-            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits, tls, stop).await }))
+            let stopped = stop.clone().cancelled_owned();
+            Some(tokio::spawn(async move { api::serve(&listen, node, auth, limits, tls, stopped).await }))
         }
         None => None,
     };
@@ -113,7 +110,7 @@ pub async fn run(
             },
             None => tokio::select! {
                 r = worker.run() => r,
-                () = stopped() => Ok(()),
+                () = stop.cancelled() => Ok(()),
             },
         };
     }

@@ -66,22 +66,20 @@ struct Report {
 /// A CA, the cloud's certificate (localhost) and one per client under `<work>/pki`; the
 /// directory and each client's TLS settings.
 fn fleet_pki(work: &std::path::Path, names: &[String]) -> anyhow::Result<(PathBuf, Vec<nereid_net::tls::ClientTls>)> {
+    use crate::cli::cert::write_pair;
     use nereid_net::pki;
     let dir = work.join("pki");
-    std::fs::create_dir_all(&dir)?;
     let ca = pki::authority("nereid bench", 1)?;
-    let write = |name: &str, issued: &pki::Issued| -> anyhow::Result<(PathBuf, PathBuf)> {
-        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        std::fs::write(&cert, &issued.cert_pem)?;
-        std::fs::write(&key, &issued.key_pem)?;
-        Ok((cert, key))
-    };
-    write("ca", &ca)?;
-    write("localhost", &pki::issue(&ca, "localhost", &["127.0.0.1".to_string()], 1)?)?;
+    write_pair(&dir, "ca", &ca)?;
+    write_pair(&dir, "localhost", &pki::issue(&ca, "localhost", &["127.0.0.1".to_string()], 1)?)?;
     let mut clients = Vec::new();
     for name in names {
-        let (cert, key) = write(name, &pki::issue(&ca, name, &[], 1)?)?;
-        clients.push(nereid_net::tls::ClientTls { ca: Some(dir.join("ca.pem")), cert: Some(cert), key: Some(key) });
+        write_pair(&dir, name, &pki::issue(&ca, name, &[], 1)?)?;
+        clients.push(nereid_net::tls::ClientTls {
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join(format!("{name}.pem"))),
+            key: Some(dir.join(format!("{name}.key"))),
+        });
     }
     Ok((dir, clients))
 }
