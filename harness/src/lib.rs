@@ -50,9 +50,36 @@ pub fn rss_kib(pid: u32, field: &str) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no `{field}` in /proc/{pid}/status")))
 }
 
+/// CPU time process `pid` has used so far (user + system), in seconds, from `/proc/<pid>/stat`.
+/// Linux only.
+pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields are counted after it.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15, the 12th and 13th after the name; in USER_HZ (100).
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / 100.0),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("no CPU times in /proc/{pid}/stat"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_uses_cpu_time() {
+        let t0 = cpu_seconds(std::process::id()).expect("stat");
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(150) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds(std::process::id()).expect("stat") > t0);
+    }
 
     #[test]
     fn this_process_has_a_resident_size() {

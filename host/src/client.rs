@@ -142,7 +142,17 @@ impl CloudClient {
 
     /// What this node should do now.
     pub async fn task(&self) -> Result<Option<Task>> {
-        Ok(self.get::<TaskResponse>(routes::TASK).await?.task)
+        self.task_within(0).await
+    }
+
+    /// What this node should do, waiting up to `wait_secs` for a task (a long poll; a cloud
+    /// that does not hold requests answers at once).
+    pub async fn task_within(&self, wait_secs: u32) -> Result<Option<Task>> {
+        let path = match wait_secs {
+            0 => routes::TASK.to_string(),
+            w => format!("{}?wait={w}", routes::TASK),
+        };
+        Ok(self.get::<TaskResponse>(&path).await?.task)
     }
 
     /// A job's global model version `version` (safetensors).
@@ -159,6 +169,11 @@ impl CloudClient {
 
     /// Uploads an update (safetensors with its metadata).
     pub async fn upload(&self, job: &str, round: u32, update: Vec<u8>) -> Result<UploadResponse> {
+        self.upload_body(job, round, update.into()).await
+    }
+
+    /// Uploads an update from any body, e.g. a file streamed from disk.
+    pub async fn upload_body(&self, job: &str, round: u32, update: reqwest::Body) -> Result<UploadResponse> {
         let path = routes::update(job, round);
         self.json(format!("uploading to {path}"), self.http.post(self.url(&path)).body(update)).await
     }
@@ -170,7 +185,17 @@ impl CloudClient {
 
     /// Whether a round still waits for the caller.
     pub async fn round_state(&self, job: &str, round: u32) -> Result<RoundState> {
-        self.get(&routes::round(job, round)).await
+        self.round_state_within(job, round, 0).await
+    }
+
+    /// Whether a round still waits for the caller, held by the cloud up to `wait_secs` while it
+    /// does (a long poll).
+    pub async fn round_state_within(&self, job: &str, round: u32, wait_secs: u32) -> Result<RoundState> {
+        let path = match wait_secs {
+            0 => routes::round(job, round),
+            w => format!("{}?wait={w}", routes::round(job, round)),
+        };
+        self.get(&path).await
     }
 
     // ---- operators -------------------------------------------------------------------------

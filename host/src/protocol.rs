@@ -147,6 +147,19 @@ impl FailureReport {
     }
 }
 
+/// The query of a long poll (`GET /v1/task?wait=25`, `GET /v1/jobs/<job>/rounds/<round>?wait=25`):
+/// the cloud holds the request up to `wait` seconds until it has something new to say (a task
+/// for the caller; a round that stopped waiting for it), instead of answering at once.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    #[serde(default)]
+    pub wait: u32,
+}
+
+/// The longest long poll the cloud holds, in seconds (below the edge's 60 s request timeout).
+pub const MAX_WAIT_SECS: u32 = 55;
+
 /// `GET /v1/jobs/<job>/rounds/<round>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoundState {

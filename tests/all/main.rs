@@ -10,6 +10,7 @@ mod external;
 mod fedavg;
 mod federated;
 mod fedprox;
+mod fleet;
 mod hostile;
 mod image;
 mod incremental;

@@ -193,6 +193,7 @@ fn a_fleet_on_separate_hosts_over_mutual_tls_loses_nothing_when_a_link_is_cut_mi
     });
     c.start_cloud();
     (0..3).for_each(|i| c.start_edge(i));
+    c.hold_edge_once_online(1);
     let job = job_toml("digits", "fedavg", rounds, 3, 60.0).replace(&plugin("fedavg").display().to_string(), &fedavg);
     let path = c.path("job.toml");
     std::fs::write(&path, job).expect("job.toml");
@@ -203,15 +204,18 @@ fn a_fleet_on_separate_hosts_over_mutual_tls_loses_nothing_when_a_link_is_cut_mi
         &[creds[0], ("NEREID_CA", &ca), ("NEREID_CLOUD", &url), ("NEREID_TOKEN", &c.admin)],
     );
 
-    // Round 2 opens: edge-2's link is cut before it sends its update, then restored.
-    c.wait_until("digits", "round 2", |s| {
-        s.current.as_ref().is_some_and(|r| r.round == 2 && !r.received.iter().any(|n| n == "edge-2"))
+    // Rounds take milliseconds here (a held poll hands out each task the moment its round
+    // opens): edge-2 is held (SIGSTOP) once online, so round 1 selects it and sends its task
+    // while it cannot act; then its link is cut, it resumes, and the link is restored 4 s later.
+    c.wait_until("digits", "round 1 with the other two updates", |s| {
+        s.current.as_ref().is_some_and(|r| r.round == 1 && r.received == ["edge-1", "edge-3"])
     });
     net.link("edge2", false);
+    c.signal_edge(1, "-CONT");
     std::thread::sleep(Duration::from_secs(4));
     let during = c.status("digits");
-    let open = during.current.as_ref().expect("round 2 is still open without edge-2");
-    assert_eq!(open.round, 2);
+    let open = during.current.as_ref().expect("round 1 is still open without edge-2");
+    assert_eq!(open.round, 1);
     assert!(!open.received.iter().any(|n| n == "edge-2"), "nothing crossed the cut link: {open:?}");
     net.link("edge2", true);
     let s = c.wait_done("digits");

@@ -571,7 +571,7 @@ pub(crate) fn swap_job(name: &str, aggregator: &str, follow_tag: bool, objective
         .map(|(r, mu)| format!("\n[client_objective]\nplugin = \"{r}\"\n[client_objective.config]\nmu = {mu}\n"))
         .unwrap_or_default();
     format!(
-        "[job]\nname = \"{name}\"\nseed = 3\n\n[rounds]\nmin_clients = 2\ndeadline_secs = 30\n\n[stop]\nrounds = 1000\n\n\
+        "[job]\nname = \"{name}\"\nseed = 3\n\n[rounds]\nmin_clients = 2\ndeadline_secs = 30\n\n[stop]\nrounds = 1000000\n\n\
          [model]\nkind = \"mlp\"\ninputs = 64\nhidden = [8]\nclasses = 10\n\n[training]\nepochs = 1\nbatch_size = 64\n\n\
          [aggregator]\nplugin = \"{aggregator}\"\nfollow_tag = {follow_tag}\n{objective}"
     )

@@ -194,24 +194,72 @@ pub fn print_status(s: &JobStatus) {
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
-    /// Issue a bearer token for node NODE (stored hashed in the cloud's state; printed once).
+    /// Issue bearer tokens for nodes (stored hashed in the cloud's state; printed once). One node:
+    /// its token. Several (names, or `--count`): one `<node> <token>` line each, all made in one
+    /// transaction, which is how a fleet is enrolled.
     Create {
-        node: String,
+        /// The nodes' names.
+        nodes: Vec<String>,
+        /// Also nodes PREFIX0001 .. PREFIX<COUNT> (numbered from 1, zero-padded to COUNT's width).
+        #[arg(long, requires = "prefix")]
+        count: Option<usize>,
+        #[arg(long, requires = "count")]
+        prefix: Option<String>,
         /// The cloud's configuration (for its state database).
         #[arg(long)]
         config: PathBuf,
+        /// Print `[{"node": ..., "token": ...}]`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
+/// Most nodes enrolled by one `nereid token create`.
+const MAX_ENROLMENT: usize = 1_000_000;
+
 pub fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { node, config } => {
-            nereid::names::check(nereid::names::Kind::Node, &node)?;
+        TokenCommand::Create { mut nodes, count, prefix, config, json } => {
+            if let (Some(count), Some(prefix)) = (count, &prefix) {
+                if count == 0 || count > MAX_ENROLMENT {
+                    anyhow::bail!("--count must be 1 to {MAX_ENROLMENT}");
+                }
+                let width = count.to_string().len();
+                nodes.extend((1..=count).map(|i| format!("{prefix}{i:0width$}")));
+            }
+            if nodes.is_empty() {
+                anyhow::bail!("name the nodes, or give --prefix and --count");
+            }
+            if nodes.len() > MAX_ENROLMENT {
+                anyhow::bail!("{} nodes: at most {MAX_ENROLMENT} at once", nodes.len());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for node in &nodes {
+                nereid::names::check(nereid::names::Kind::Node, node)?;
+                if !seen.insert(node.as_str()) {
+                    anyhow::bail!("node `{node}` is named twice");
+                }
+            }
             let (cfg, base): (CloudConfig, _) = read_config(&config)?;
             let store = CloudStore::open(&base.join(&cfg.state)).context("opening the cloud's state")?;
-            let token = new_token();
-            store.set_node_token(&node, &token_sha256(&token))?;
-            println!("{token}");
+            let tokens: Vec<String> = nodes.iter().map(|_| new_token()).collect();
+            let hashed: Vec<(String, String)> =
+                nodes.iter().zip(&tokens).map(|(n, t)| (n.clone(), token_sha256(t))).collect();
+            store.set_node_tokens(&hashed)?;
+            if json {
+                let out: Vec<_> =
+                    nodes.iter().zip(&tokens).map(|(n, t)| serde_json::json!({ "node": n, "token": t })).collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if nodes.len() == 1 {
+                println!("{}", tokens[0]);
+            } else {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                for (n, t) in nodes.iter().zip(&tokens) {
+                    writeln!(out, "{n} {t}")?;
+                }
+                out.flush()?;
+            }
         }
     }
     Ok(())

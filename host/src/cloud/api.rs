@@ -1,14 +1,18 @@
 //! The handlers of the cloud's API, but for uploads ([`super::uploads`]) and inference
 //! ([`super::inference`]): tasks, models, components, jobs, round state and metrics.
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
 
+use super::board::Standing;
 use super::error::{err, ApiResult};
 use super::{node_seed, plugins, rounds, spec_of, Caller, Cloud};
 use crate::config::job::JobSpec;
@@ -24,42 +28,75 @@ pub(super) async fn health() -> &'static str {
     "ok"
 }
 
+/// `GET /v1/task[?wait=N]`: the first running job whose open round awaits the caller. With
+/// `wait`, a long poll: held until such a task appears, the wait ends, or the cloud stops.
 pub(super) async fn task(
     State(cloud): State<Arc<Cloud>>,
     Extension(caller): Extension<Caller>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> ApiResult<Json<TaskResponse>> {
     let node = caller.node()?;
-    for row in cloud.store.jobs()?.into_iter().filter(|j| j.status == "running") {
-        let Some(round) = cloud.store.round(&row.name, row.next_round)? else { continue };
-        if round.closed_ms.is_some() || !round.selected.contains(&node) {
-            continue;
+    let wait = wait_of(query)?;
+    let offer = long_poll(&cloud, Some(&node), wait, |board| board.offer(&node)).await;
+    let task = offer.map(|o| {
+        let spec = &o.spec;
+        Task {
+            job: spec.name.clone(),
+            round: o.round,
+            model_version: o.round - 1,
+            seed: node_seed(spec.seed, o.round, &node),
+            model: spec.model.clone(),
+            training: spec.training.for_node(&node),
+            client_objective: spec.client_objective.clone(),
+            compressor: spec.compressor.clone(),
+            server_config: cloud.plugins.published(&spec.name),
+            deadline_ms: o.deadline_ms,
         }
-        if cloud.store.update_nodes(&row.name, round.round)?.contains(&node) {
-            continue;
-        }
-        // A node that could not make its update this round is not asked again: it takes the
-        // next job's task instead.
-        if cloud.store.failures(&row.name, round.round)?.iter().any(|(n, _)| *n == node) {
-            continue;
-        }
-        let spec = spec_of(&row)?;
-        let server_config = cloud.plugins.published(&spec.name);
-        return Ok(Json(TaskResponse {
-            task: Some(Task {
-                job: spec.name.clone(),
-                round: round.round,
-                model_version: round.round - 1,
-                seed: node_seed(spec.seed, round.round, &node),
-                model: spec.model.clone(),
-                training: spec.training.for_node(&node),
-                client_objective: spec.client_objective.clone(),
-                compressor: spec.compressor.clone(),
-                server_config,
-                deadline_ms: round.deadline_ms,
-            }),
-        }));
+    });
+    Ok(Json(TaskResponse { task }))
+}
+
+/// The wait a long poll asked for, refused past [`MAX_WAIT_SECS`].
+fn wait_of(query: Result<Query<WaitQuery>, QueryRejection>) -> ApiResult<Duration> {
+    let Query(q) = query.map_err(|e| err(StatusCode::BAD_REQUEST, format!("the query: {}", e.body_text())))?;
+    if q.wait > MAX_WAIT_SECS {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("`wait` is {} seconds; the cloud holds a request at most {MAX_WAIT_SECS}", q.wait),
+        ));
     }
-    Ok(Json(TaskResponse { task: None }))
+    Ok(Duration::from_secs(q.wait.into()))
+}
+
+/// Asks `check` of the board now and after each change of it, until it answers, `wait` has
+/// passed or the cloud stops. A node counts as online while it waits.
+async fn long_poll<T>(
+    cloud: &Cloud,
+    node: Option<&str>,
+    wait: Duration,
+    mut check: impl FnMut(&super::board::Board) -> Option<T>,
+) -> Option<T> {
+    let mut changes = cloud.board.changes();
+    changes.borrow_and_update();
+    if let Some(found) = check(&cloud.board) {
+        return Some(found);
+    }
+    if wait.is_zero() {
+        return None;
+    }
+    let _waiting = node.map(|n| cloud.presence.waiting(n));
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return None },
+            () = tokio::time::sleep_until(until) => return None,
+            () = cloud.stopping.cancelled() => return None,
+        }
+        changes.borrow_and_update();
+        if let Some(found) = check(&cloud.board) {
+            return Some(found);
+        }
+    }
 }
 
 pub(super) async fn model(
@@ -69,12 +106,11 @@ pub(super) async fn model(
 ) -> ApiResult<Bytes> {
     if let Caller::Node(node) = &caller {
         // A node gets v(r-1) only to train round r, and only if it was selected for it.
-        let selected = version
-            .checked_add(1)
-            .map(|r| cloud.store.round(&job, r))
-            .transpose()?
-            .flatten()
-            .is_some_and(|r| r.selected.contains(node));
+        let selected = match version.checked_add(1) {
+            None => false,
+            Some(r) if cloud.board.selected(&job, r, node) => true,
+            Some(r) => cloud.store.round(&job, r)?.is_some_and(|r| r.selected.contains(node)),
+        };
         if !selected {
             return Err(err(
                 StatusCode::FORBIDDEN,
@@ -167,26 +203,34 @@ fn initial_model(cloud: &Cloud, spec: &JobSpec) -> ApiResult<Vec<u8>> {
     model_io::encode(&weights, None).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-/// `GET /v1/jobs/<job>/rounds/<round>`: whether the round still waits for the calling node
-/// (an edge stops training when it does not).
+/// `GET /v1/jobs/<job>/rounds/<round>[?wait=N]`: whether the round still waits for the calling
+/// node (an edge stops training when it does not). With `wait`, a long poll: held while the
+/// round waits for the caller, up to the wait.
 pub(super) async fn round_state(
     State(cloud): State<Arc<Cloud>>,
     Extension(caller): Extension<Caller>,
     UrlPath((job, round)): UrlPath<(String, u32)>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> ApiResult<Json<RoundState>> {
-    let running = cloud.store.job(&job)?.is_some_and(|j| j.status == "running");
-    let r = cloud.store.round(&job, round)?;
-    let open = running && r.as_ref().is_some_and(|r| r.closed_ms.is_none());
-    let waits = match (&caller, &r) {
-        (Caller::Node(node), Some(r)) if open => {
-            r.selected.contains(node)
-                && !cloud.store.update_nodes(&job, round)?.contains(node)
-                && !cloud.store.failures(&job, round)?.iter().any(|(n, _)| n == node)
-        }
-        (Caller::Admin, _) => open,
-        _ => false,
+    let wait = wait_of(query)?;
+    let state = |board: &super::board::Board| {
+        let open = board.is_open(&job, round);
+        let waits = match &caller {
+            Caller::Node(node) => matches!(board.standing(&job, round, node), Standing::Awaited(_)),
+            Caller::Admin => open,
+        };
+        RoundState { open, waits_for_caller: waits }
     };
-    Ok(Json(RoundState { open, waits_for_caller: waits }))
+    let who = match &caller {
+        Caller::Node(node) => Some(node.as_str()),
+        Caller::Admin => None,
+    };
+    let first = state(&cloud.board);
+    if !first.waits_for_caller || wait.is_zero() {
+        return Ok(Json(first));
+    }
+    let changed = long_poll(&cloud, who, wait, |board| Some(state(board)).filter(|s| !s.waits_for_caller)).await;
+    Ok(Json(changed.unwrap_or(first)))
 }
 
 /// Applies a job: creates it, or — for a running job whose plugins changed — checks the new
@@ -341,7 +385,11 @@ pub(super) fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         _ => None,
     };
     let online_since = now_ms() - cloud.online_ms;
-    let last_seen = crate::lock(&cloud.last_seen).clone();
+    let last_seen = cloud.presence.last_seen();
+    // A fleet's round lists thousands of nodes: looked up by hash, not by scanning.
+    let as_set = |names: Option<&Vec<String>>| -> HashSet<String> { names.into_iter().flatten().cloned().collect() };
+    let received = as_set(current.as_ref().map(|c| &c.received));
+    let selected = as_set(current.as_ref().map(|c| &c.selected));
     let nodes = cloud
         .store
         .nodes()?
@@ -349,9 +397,9 @@ pub(super) fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         .map(|n| {
             let seen = last_seen.get(&n).copied();
             let state = match &current {
-                Some(c) if c.received.contains(&n) => "uploaded",
+                Some(_) if received.contains(&n) => "uploaded",
                 Some(c) if c.failed.contains_key(&n) => "failed",
-                Some(c) if c.selected.contains(&n) => "training",
+                Some(_) if selected.contains(&n) => "training",
                 _ if seen.is_none_or(|s| s < online_since) => "offline",
                 _ => "idle",
             };
@@ -392,7 +440,7 @@ pub(super) async fn stop_job(
 ) -> ApiResult<Json<JobStatus>> {
     caller.admin()?;
     cloud.store.job(&name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
-    cloud.store.finish_job(&name, "stopped", "stopped by an operator")?;
+    cloud.finish_job(&name, "stopped", "stopped by an operator")?;
     cloud.wake.notify_waiters();
     Ok(Json(job_status(&cloud, &name)?))
 }

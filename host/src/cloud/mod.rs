@@ -13,8 +13,10 @@
 //! examples, split tails), [`rounds`] (the round engine and the job loop), [`plugins`] (each
 //! job's plugin instances and hot swap), [`error`].
 mod api;
+mod board;
 mod error;
 mod inference;
+mod nodes;
 mod plugins;
 mod rounds;
 mod selection;
@@ -39,7 +41,7 @@ use crate::config::job::JobSpec;
 use crate::config::CloudConfig;
 use crate::protocol::*;
 use crate::runtime::Runtime;
-use crate::store::{now_ms, CloudStore, JobRow};
+use crate::store::{CloudStore, JobRow};
 use anyhow::Context;
 use error::{err, ApiResult};
 use nereid_net::tls::PeerCertificate;
@@ -67,9 +69,12 @@ pub struct Cloud {
     online_ms: i64,
     counters: Counters,
     http: crate::metrics::HttpMetrics,
-    /// When each node last made a request. Soft state, kept in memory: it is refreshed by every
-    /// poll, so writing it to disk (an fsync per request) would buy nothing.
-    last_seen: Mutex<HashMap<String, i64>>,
+    /// Running jobs and their open rounds as polls need them (see [`board`]).
+    board: board::Board,
+    tokens: nodes::Tokens,
+    presence: nodes::Presence,
+    /// Cancelled when the cloud begins to shut down: long polls answer at once.
+    stopping: tokio_util::sync::CancellationToken,
     traffic: Mutex<Traffic>,
     /// The newest model each job served, shared by every download of it.
     served: Mutex<HashMap<String, (u32, Bytes)>>,
@@ -147,7 +152,7 @@ impl Cloud {
             return Ok(Caller::Admin);
         }
         let by_token = match &sha {
-            Some(sha) => match self.store.node_for_token(sha)? {
+            Some(sha) => match self.tokens.node(&self.store, sha)? {
                 Some(node) => Some(node),
                 None => return Err(refuse("invalid bearer token".into())),
             },
@@ -175,16 +180,20 @@ impl Cloud {
                 node
             }
         };
-        crate::lock(&self.last_seen).insert(node.clone(), now_ms());
+        self.presence.seen(&node);
         Ok(Caller::Node(node))
     }
 
-    /// Nodes that made a request since `since_ms`, sorted.
+    /// Nodes that made a request since `since_ms` or wait in a long poll, sorted.
     fn online_since(&self, since_ms: i64) -> Vec<String> {
-        let mut online: Vec<String> =
-            crate::lock(&self.last_seen).iter().filter(|(_, t)| **t >= since_ms).map(|(n, _)| n.clone()).collect();
-        online.sort();
-        online
+        self.presence.online_since(since_ms)
+    }
+
+    /// Ends a job in the store and takes it off the board at once.
+    fn finish_job(&self, name: &str, status: &str, reason: &str) -> crate::store::Result<()> {
+        self.store.finish_job(name, status, reason)?;
+        self.board.remove(name);
+        Ok(())
     }
 
     fn traffic(&self, job: &str, round: u32, up: u64, down: u64) {
@@ -221,6 +230,14 @@ pub async fn serve(
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
+    match crate::raise_open_files_limit() {
+        Ok(n) if (n as usize) < config.http.max_connections + 64 => tracing::warn!(
+            "this process may open {n} files: fewer than [http] max_connections ({}) allows connections",
+            config.http.max_connections
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("raising the limit on open files: {e}"),
+    }
     let store = CloudStore::open(&base.join(&config.state))?;
     for (node, entry) in config.nodes.iter().filter(|(_, e)| !e.token.is_empty()) {
         store.set_node_token(node, &token_sha256(entry.token.expose()))?;
@@ -231,14 +248,18 @@ pub async fn serve(
     let models = config.models.as_ref().map(|m| base.join(m));
     let inference =
         inference::CloudInference::load(models.as_deref(), &config.services, base, &runtime, &components).await?;
+    let tokens = nodes::Tokens::load(&store)?;
     let cloud = Arc::new(Cloud {
         inference,
+        board: board::Board::default(),
+        tokens,
+        presence: nodes::Presence::default(),
+        stopping: tokio_util::sync::CancellationToken::new(),
         store,
         plugins: JobPlugins::new(runtime, components),
         admin_sha: token_sha256(config.admin_token.expose()),
         online_ms: (config.online_secs * 1000.0) as i64,
         counters: Counters::default(),
-        last_seen: Mutex::new(HashMap::new()),
         traffic: Mutex::new(HashMap::new()),
         rounds: rounds::Rounds::default(),
         served: Mutex::new(HashMap::new()),
@@ -257,6 +278,7 @@ pub async fn serve(
         tracing::info!(job = %row.name, round = row.next_round, "resuming job");
         tokio::spawn(rounds::run_job(cloud.clone(), row.name.clone()));
     }
+    tokio::spawn(refresh_tokens(cloud.clone()));
     let app = router(cloud.clone(), cloud.max_upload);
     let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
     let tls = match &config.tls {
@@ -278,9 +300,27 @@ pub async fn serve(
     // Stopped by SIGTERM: new connections refused, requests in flight finish. A round's state
     // is committed transaction by transaction, so what is not finished is resumed at the next
     // start as after a crash.
-    nereid_net::serve_until(listener, app, config.http.clone(), tls, &cloud.ready, nereid_net::terminated()).await?;
+    let stopping = cloud.stopping.clone();
+    tokio::spawn(async move {
+        nereid_net::terminated().await;
+        stopping.cancel();
+    });
+    nereid_net::serve_until(listener, app, config.http.clone(), tls, &cloud.ready, cloud.stopping.cancelled()).await?;
     tracing::info!("cloud stopped");
     Ok(())
+}
+
+/// Reads the node tokens again now and then (see [`nodes::Tokens`]), off the async threads.
+async fn refresh_tokens(cloud: Arc<Cloud>) {
+    loop {
+        tokio::time::sleep(nodes::TOKEN_REFRESH).await;
+        let c = cloud.clone();
+        match tokio::task::spawn_blocking(move || c.tokens.refresh(&c.store)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("reading the node tokens: {e}"),
+            Err(e) => tracing::warn!("reading the node tokens: {e}"),
+        }
+    }
 }
 
 async fn ready(State(cloud): State<Arc<Cloud>>) -> StatusCode {

@@ -267,7 +267,7 @@ impl Rounds {
         let active = folds.get_mut(&spec.name).expect("inserted above");
         let instance = active.aggregator.plugin.clone();
         let mut plugin = crate::lock(&instance);
-        let received = store.update_nodes(&spec.name, round)?;
+        let received: HashSet<String> = store.update_nodes(&spec.name, round)?.into_iter().collect();
         let order = active.order.clone();
         let load = |j: usize| load_update(store, &spec.name, round, &order[j]);
         let global = || {
@@ -427,7 +427,7 @@ impl Rounds {
 pub(super) async fn run_job(cloud: Arc<Cloud>, name: String) {
     if let Err(e) = job_loop(&cloud, &name).await {
         tracing::error!(job = %name, "job failed: {e:#}");
-        let _ = cloud.store.finish_job(&name, "failed", &format!("{e:#}"));
+        let _ = cloud.finish_job(&name, "failed", &format!("{e:#}"));
     }
 }
 
@@ -440,6 +440,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
     loop {
         let Some(row) = cloud.store.job(name)? else { return Ok(()) };
         if row.status != "running" {
+            cloud.board.remove(name);
             progress.finish_and_clear();
             cloud.rounds.forget(name);
             lock(&cloud.served).remove(name);
@@ -449,16 +450,17 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
         let r = row.next_round;
         if r > spec.stop.rounds {
-            cloud.store.finish_job(name, "done", &format!("ran {} rounds", spec.stop.rounds))?;
+            cloud.finish_job(name, "done", &format!("ran {} rounds", spec.stop.rounds))?;
             continue;
         }
         if spec.stop.wall_secs.is_some_and(|w| (now_ms() - row.created_ms) as f64 > w * 1000.0) {
-            cloud.store.finish_job(name, "done", "wall time limit reached")?;
+            cloud.finish_job(name, "done", "wall time limit reached")?;
             continue;
         }
         let round = match cloud.store.round(name, r)? {
             Some(round) => round,
             None => {
+                cloud.board.sync(name, row.created_ms, Arc::new(spec.clone()), None, []);
                 if cloud.plugins.at_round_boundary(&cloud.store, &spec, row.pending_spec.is_some(), r).await? {
                     continue;
                 }
@@ -475,11 +477,13 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 };
                 let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
                 if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {
-                    cloud.store.finish_job(name, "done", &reason)?;
+                    cloud.finish_job(name, "done", &reason)?;
                     continue;
                 }
                 cloud.store.open_round(name, r, &chosen, deadline, online.len())?;
-                tracing::info!(job = name, round = r, selected = ?chosen, "round opened");
+                // A fleet's round selects thousands: the log names a few.
+                let named: Vec<&str> = chosen.iter().take(8).map(String::as_str).collect();
+                tracing::info!(job = name, round = r, selected = chosen.len(), first = ?named, "round opened");
                 continue;
             }
         };
@@ -491,11 +495,13 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
             })
             .await??;
         }
-        let received = cloud.store.update_nodes(name, r)?;
+        let received: HashSet<String> = cloud.store.update_nodes(name, r)?.into_iter().collect();
         progress.set_prefix(format!("{name} round {r}"));
         progress.set_length(round.selected.len() as u64);
         progress.set_position(received.len() as u64);
         let failed: HashSet<String> = cloud.store.failures(name, r)?.into_iter().map(|(n, _)| n).collect();
+        let open = round.closed_ms.is_none().then_some(&round);
+        cloud.board.sync(name, row.created_ms, Arc::new(spec.clone()), open, received.iter().chain(&failed).cloned());
         // Every selected node sent its update or said it cannot.
         let answered = round.selected.iter().all(|n| received.contains(n) || failed.contains(n));
         let late = now_ms() >= round.deadline_ms;
@@ -513,6 +519,8 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
             wait(cloud).await;
             continue;
         };
+        // From here the round takes no more updates: the fold below sees every one acknowledged.
+        cloud.board.begin_close(name, r);
         let (c, spec2, selected) = (cloud.clone(), spec.clone(), round.selected.clone());
         let traffic = lock(&cloud.traffic).get(&(name.to_string(), r)).copied().unwrap_or_default();
         let opened = round.opened_ms;
@@ -524,6 +532,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         let summary_json = serde_json::to_string(&summary)?;
         let state = state.as_ref().map(|(by, bytes)| (by.as_str(), bytes.as_slice()));
         cloud.store.close_round(name, r, &model, &summary_json, state)?;
+        cloud.board.close(name, r);
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
         let c = cloud.clone();
         tokio::task::spawn_blocking(move || c.store.collect_update_files()).await??;
@@ -538,7 +547,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         );
         if let (Some(target), Some(acc)) = (spec.stop.target_accuracy, summary.accuracy) {
             if acc >= target {
-                cloud.store.finish_job(name, "done", &format!("accuracy {acc:.4} reached the target {target}"))?;
+                cloud.finish_job(name, "done", &format!("accuracy {acc:.4} reached the target {target}"))?;
             }
         }
     }

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
+use super::board::Standing;
 use super::error::{err, retry_later, ApiError, ApiResult};
 use super::{node_seed, spec_of, Caller, Cloud};
 use crate::config::job::JobSpec;
@@ -57,35 +58,20 @@ pub(super) async fn upload(
         cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
         err(status, message).into_response()
     };
-    let internal = |e: StoreError| ApiError::from(e).into_response();
-    // Everything that needs no body is checked before the upload takes a slot.
-    let row = cloud
-        .store
-        .job(&job)
-        .map_err(internal)?
-        .ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
-    let r = cloud
-        .store
-        .round(&job, round)
-        .map_err(internal)?
-        .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
-    if cloud.store.update(&job, round, &node).map_err(internal)?.is_some() {
-        cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
-        return Ok(Json(UploadResponse { status: "duplicate".into() }));
-    }
-    if r.closed_ms.is_some() {
-        return Err(refused(
-            StatusCode::CONFLICT,
-            format!("round {round} of job `{job}` is closed; the job is at round {}", row.next_round),
-        ));
-    }
-    if !r.selected.contains(&node) {
-        return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
-    }
-    if cloud.store.failures(&job, round).map_err(internal)?.iter().any(|(n, _)| *n == node) {
-        return Err(refused(StatusCode::CONFLICT, format!("node `{node}` reported that it failed round {round}")));
-    }
-    let spec = spec_of(&row).map_err(IntoResponse::into_response)?;
+    // Everything that needs no body is checked before the upload takes a slot: from the board
+    // when the round awaits the node (no SQLite lock), from the store otherwise, for the reason.
+    let spec = match cloud.board.standing(&job, round, &node) {
+        Standing::Awaited(spec) => spec,
+        Standing::Other => {
+            match admission_from_store(&cloud, &job, round, &node).map_err(IntoResponse::into_response)? {
+                Some(spec) => Arc::new(spec),
+                None => {
+                    cloud.counters.updates_duplicate.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Json(UploadResponse { status: "duplicate".into() }));
+                }
+            }
+        }
+    };
     let Some(_claim) = cloud.uploading.claim(&node) else {
         return Err(refused(StatusCode::TOO_MANY_REQUESTS, format!("an upload from node `{node}` is in progress")));
     };
@@ -97,6 +83,36 @@ pub(super) async fn upload(
         cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
         e.into_response()
     })
+}
+
+/// Whether the store takes an upload from `node` for `round` of `job`: the job's spec, `None`
+/// for an update it has already, or the refusal.
+fn admission_from_store(cloud: &Cloud, job: &str, round: u32, node: &str) -> ApiResult<Option<JobSpec>> {
+    let refused = |status: StatusCode, message: String| {
+        cloud.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+        err(status, message)
+    };
+    let row = cloud.store.job(job)?.ok_or_else(|| refused(StatusCode::NOT_FOUND, format!("no job `{job}`")))?;
+    let r = cloud
+        .store
+        .round(job, round)?
+        .ok_or_else(|| refused(StatusCode::CONFLICT, format!("job `{job}` has not opened round {round}")))?;
+    if cloud.store.update(job, round, node)?.is_some() {
+        return Ok(None);
+    }
+    if r.closed_ms.is_some() {
+        return Err(refused(
+            StatusCode::CONFLICT,
+            format!("round {round} of job `{job}` is closed; the job is at round {}", row.next_round),
+        ));
+    }
+    if !r.selected.iter().any(|n| n == node) {
+        return Err(refused(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+    }
+    if cloud.store.failures(job, round)?.iter().any(|(n, _)| n == node) {
+        return Err(refused(StatusCode::CONFLICT, format!("node `{node}` reported that it failed round {round}")));
+    }
+    spec_of(&row).map(Some)
 }
 
 /// Receives, checks and records one update (the caller holds an upload slot).
@@ -170,11 +186,23 @@ async fn accept_upload(
     }
     // The file is durable; committing its row makes the update accepted.
     let settled = cloud.store.settle_update_file(&path).map_err(|e| fail(e.into()))?;
-    let inserted = cloud.store.insert_update(job, round, node, num_examples, &metrics, &settled)?;
+    // The round's bytes are counted with the commit, under the same lock: a round that closes
+    // right after counts them.
+    let commit = || {
+        let inserted = cloud.store.insert_update(job, round, node, num_examples, &metrics, &settled)?;
+        if inserted == Inserted::New {
+            cloud.traffic(job, round, len, 0);
+        }
+        Ok::<_, StoreError>(inserted)
+    };
+    let inserted = cloud.board.record(job, round, commit).ok_or_else(|| {
+        let _ = std::fs::remove_file(&settled);
+        err(StatusCode::CONFLICT, format!("round {round} of job `{job}` closed while the update arrived"))
+    })??;
     let status = match inserted {
         Inserted::New => {
             cloud.counters.updates_accepted.fetch_add(1, Ordering::Relaxed);
-            cloud.traffic(job, round, len, 0);
+            cloud.board.answered(job, round, node);
             cloud.wake.notify_waiters();
             "accepted"
         }
@@ -196,18 +224,26 @@ pub(super) async fn report_failure(
     Json(report): Json<FailureReport>,
 ) -> ApiResult<Json<UploadResponse>> {
     let node = caller.node()?;
-    let r = cloud
-        .store
-        .round(&job, round)?
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no round {round}")))?;
-    if !r.selected.contains(&node) {
-        return Err(err(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
-    }
-    if r.closed_ms.is_some() {
-        return Err(err(StatusCode::CONFLICT, format!("round {round} of job `{job}` is closed")));
+    if !cloud.board.selected(&job, round, &node) {
+        // Not an open round the node takes part in: the store says why.
+        let r = cloud
+            .store
+            .round(&job, round)?
+            .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("job `{job}` has no round {round}")))?;
+        if !r.selected.contains(&node) {
+            return Err(err(StatusCode::FORBIDDEN, format!("node `{node}` was not selected for round {round}")));
+        }
+        if r.closed_ms.is_some() {
+            return Err(err(StatusCode::CONFLICT, format!("round {round} of job `{job}` is closed")));
+        }
     }
     let reason = report.sanitized_reason();
-    let status = if cloud.store.record_failure(&job, round, &node, &reason)? {
+    let recorded = cloud
+        .board
+        .record(&job, round, || cloud.store.record_failure(&job, round, &node, &reason))
+        .ok_or_else(|| err(StatusCode::CONFLICT, format!("round {round} of job `{job}` is closed")))??;
+    let status = if recorded {
+        cloud.board.answered(&job, round, &node);
         tracing::warn!(job = %job, round, node = %node, "the node failed the round: {reason}");
         cloud.wake.notify_waiters();
         "recorded"

@@ -15,6 +15,13 @@ fn default_poll_ms() -> u64 {
     200
 }
 
+fn default_long_poll_secs() -> u32 {
+    25
+}
+
+/// Below the edge's 60 s request timeout and the cloud's 55 s hold.
+pub const MAX_LONG_POLL_SECS: u32 = 50;
+
 /// `edge.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,9 +45,13 @@ pub struct EdgeConfig {
     pub data: Option<PathBuf>,
     /// SQLite database of the edge's state (relative to the config file).
     pub state: PathBuf,
-    /// How often to ask the cloud for work, in milliseconds.
+    /// How often to ask the cloud for work, in milliseconds (the least time between two asks).
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// Seconds the cloud may hold a request for work until it has some (a long poll: an idle
+    /// edge then costs the cloud about nothing); 0 asks every `poll_ms` instead. At most 50.
+    #[serde(default = "default_long_poll_secs")]
+    pub long_poll_secs: u32,
     /// Registries of `oci://` plugins, as in `cloud.toml`.
     #[serde(default)]
     pub registries: BTreeMap<String, nereid_registry::HostSettings>,
@@ -232,6 +243,12 @@ impl CheckConfig for EdgeConfig {
             return Err(FieldError {
                 key: "incremental.learner".into(),
                 message: "\"trainer\" needs the program that trains: [trainer] command = [...] in edge.toml".into(),
+            });
+        }
+        if self.long_poll_secs > MAX_LONG_POLL_SECS {
+            return Err(FieldError {
+                key: "long_poll_secs".into(),
+                message: format!("{} is more than {MAX_LONG_POLL_SECS} seconds", self.long_poll_secs),
             });
         }
         if self.token.is_empty() && self.cloud_tls.cert.is_none() {

@@ -147,9 +147,12 @@ impl Worker {
         let trainer = self.config.trainer.as_ref().map(|t| t.command.join(" "));
         tracing::info!(node = %self.config.name, train, test, trainer, "edge started");
         loop {
+            let asked = tokio::time::Instant::now();
             match self.step().await {
                 Ok(true) => {}
-                Ok(false) => tokio::time::sleep(poll).await,
+                // A cloud that held the request answered when it had something to say: ask
+                // again at once, but never more often than every `poll_ms`.
+                Ok(false) => tokio::time::sleep_until(asked + poll).await,
                 Err(e) => {
                     tracing::warn!(node = %self.config.name, "{e:#}");
                     tokio::time::sleep(poll).await;
@@ -160,7 +163,7 @@ impl Worker {
 
     /// One poll; true if it did work.
     async fn step(&mut self) -> anyhow::Result<bool> {
-        let Some(task) = self.cloud.task().await? else { return Ok(false) };
+        let Some(task) = self.cloud.task_within(self.config.long_poll_secs).await? else { return Ok(false) };
         let done = match self.store.trained(&task.job, task.round)? {
             Some(row) if row.uploaded => return Ok(false),
             Some(row) => self.upload(&task, row.bytes).await,
@@ -301,16 +304,19 @@ impl Worker {
         let watcher = {
             let (cancel, cloud, job, round) = (cancel.clone(), self.cloud.clone(), task.job.clone(), task.round);
             let every = Duration::from_millis(self.config.poll_ms.max(200));
+            let wait = self.config.long_poll_secs;
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(every).await;
+                    let asked = tokio::time::Instant::now();
                     // Not waited for any more once the round closed, the job stopped, or this
-                    // node's update or failure is in.
-                    let state = cloud.round_state(&job, round).await;
+                    // node's update or failure is in. The cloud holds the question (a long
+                    // poll) while the round waits; one that does not is asked every `every`.
+                    let state = cloud.round_state_within(&job, round, wait).await;
                     if state.is_ok_and(|s| !s.waits_for_caller) {
                         cancel.store(true, Ordering::Relaxed);
                         return;
                     }
+                    tokio::time::sleep_until(asked + every).await;
                 }
             })
         };

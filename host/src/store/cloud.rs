@@ -129,6 +129,31 @@ impl CloudStore {
         Ok(())
     }
 
+    /// Tokens for many nodes in one transaction (bulk enrolment): all or none.
+    pub fn set_node_tokens(&self, tokens: &[(String, String)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO nodes (name, token_sha256) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
+            )?;
+            for (node, sha) in tokens {
+                stmt.execute(params![node, sha])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every (token hash, node).
+    pub fn node_tokens(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT token_sha256, name FROM nodes")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn node_for_token(&self, token_sha256: &str) -> Result<Option<String>> {
         Ok(self
             .conn()

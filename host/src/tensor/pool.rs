@@ -7,8 +7,8 @@ use std::sync::Mutex;
 /// Buffers smaller than this are left to the allocator.
 const MIN_BYTES: usize = 4 << 20;
 /// Most bytes and buffers the pool keeps; past them the oldest kept buffers are freed.
-const MAX_BYTES: usize = 512 << 20;
-const MAX_BUFFERS: usize = 8;
+const MAX_BYTES: usize = 256 << 20;
+const MAX_BUFFERS: usize = 4;
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Kept buffers, oldest first in each shelf.

@@ -1,6 +1,7 @@
 //! `nereid bench aggregate`: FedAvg through the plugin against a native loop doing the same math
 //! (f64 accumulation, one f32 result), and optionally Flower's `aggregate` (numpy), in one run.
 pub mod compress;
+pub mod fleet;
 pub mod forgetting;
 pub mod infer;
 pub mod round;
@@ -28,6 +29,9 @@ pub enum BenchCommand {
     Aggregate(AggregateBench),
     /// The cloud's cost of a round with many simulated clients (no training), and its peak RSS.
     Round(round::RoundBench),
+    /// The control plane with N simulated edges (each its own token, address and connection):
+    /// plain and long polling, idle and with a round open; the cloud's CPU, RSS and latency.
+    Fleet(fleet::FleetBench),
     /// Every shipped aggregation strategy's round time and added peak RSS for n updates.
     Strategies(strategies::StrategiesBench),
     /// A plugin swap with the component cached and compiled, against a cold pull and first
@@ -177,6 +181,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
     match cmd {
         BenchCommand::Aggregate(args) => aggregate(args, cache_dir),
         BenchCommand::Round(args) => round::run(args, cache_dir),
+        BenchCommand::Fleet(args) => fleet::run(args, cache_dir),
         BenchCommand::Strategies(args) => strategies::run(args, cache_dir),
         BenchCommand::Swap(args) => swap::run(args),
         BenchCommand::Split(args) => split::run(args),
