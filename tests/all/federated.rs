@@ -232,6 +232,10 @@ fn duplicates_replays_unauthorized_oversized_and_malformed_uploads() {
     let s = c.wait_done("digits");
     assert_eq!(s.history[0].participants, vec!["edge-1", "edge-2", "edge-3"]);
     assert_eq!(s.history[0].examples, 45, "10 + 30 + 5: the duplicate counted once");
+    // Every accepted body's bytes, the last one's too (the round closes right after its commit),
+    // and not the duplicate's.
+    let bytes = |n: u64| update(n).len() as u64;
+    assert_eq!(s.history[0].bytes_up, bytes(10) + bytes(30) + bytes(5));
     // A replay after the round closed is still only acknowledged.
     let (code, body) = http("POST", &up, Some(&a), update(10));
     assert_eq!((code, String::from_utf8_lossy(&body).contains("duplicate")), (200, true));
