@@ -11,7 +11,8 @@
 //! Here: the [`Cloud`] (its state, authentication, serving); [`api`] (the handlers of jobs,
 //! tasks, models and metrics), [`uploads`] (updates and failures), [`inference`] (hard
 //! examples, split tails), [`rounds`] (the round engine and the job loop), [`plugins`] (each
-//! job's plugin instances and hot swap), [`error`].
+//! job's plugin instances and hot swap), [`board`] (running jobs and open rounds in memory, for
+//! polls), [`nodes`] (token hashes and presence in memory), [`error`].
 mod api;
 mod board;
 mod error;
