@@ -29,5 +29,6 @@ mod sampler;
 mod sandbox;
 mod sdk;
 mod secrets;
+mod serving;
 mod strategies;
 mod tls;

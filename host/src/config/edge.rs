@@ -448,6 +448,46 @@ pub struct ServiceConfig {
     /// cloud was unreachable), measure the link again every this many seconds; 0 never.
     #[serde(default = "default_relink_secs")]
     pub relink_secs: u64,
+    /// Requests served at once, each by its own plugin instance and model session [default:
+    /// the number of cores].
+    pub instances: Option<u32>,
+    /// Threads one model run uses (ONNX Runtime's intra-op threads per session).
+    #[serde(default = "default_threads")]
+    pub threads: u32,
+    /// Requests that may wait for a free instance; past that the edge answers 503 with
+    /// Retry-After at once.
+    #[serde(default = "default_queue")]
+    pub queue: u32,
+    /// `kind = "joint"`: the most waiting requests run as one model call (stacked along the
+    /// model's first, open, dimension); 1 runs each request alone.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: u32,
+}
+
+/// Most instances, threads, waiting requests and batch size a service may ask for.
+pub const MAX_INSTANCES: u32 = 64;
+pub const MAX_THREADS: u32 = 64;
+pub const MAX_QUEUE: u32 = 4096;
+pub const MAX_BATCH: u32 = 256;
+
+impl ServiceConfig {
+    /// The instances a service runs (its `instances`, else the cores).
+    pub fn instances(&self) -> u32 {
+        self.instances
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(MAX_INSTANCES))
+    }
+}
+
+fn default_threads() -> u32 {
+    1
+}
+
+fn default_queue() -> u32 {
+    64
+}
+
+fn default_batch_max() -> u32 {
+    1
 }
 
 fn default_relink_secs() -> u64 {

@@ -113,13 +113,14 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
     };
     let mut scrape = Scrape::new();
     type Counter = fn(&ServiceMetrics) -> &AtomicU64;
-    let counters: [(&str, &str, Counter); 4] = [
+    let counters: [(&str, &str, Counter); 5] = [
         ("nereid_inferences", "Inference requests answered.", |m| &m.inferences),
         ("nereid_hard_examples", "Examples the router sent to the cloud (joint inference).", |m| &m.hard_examples),
         ("nereid_cloud_fallbacks", "Requests the edge answered alone because the cloud was unreachable.", |m| {
             &m.fallbacks
         }),
         ("nereid_split_plans", "Split plans made (the first, and one per link change).", |m| &m.replans),
+        ("nereid_inference_refused", "Requests refused with 503: the service's queue was full.", |m| &m.refused),
     ];
     for (name, help, counter) in counters {
         scrape.counter(name, help, per(&|m| counter(m).load(Ordering::Relaxed)));
@@ -129,6 +130,14 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
         .zip(per(&|m| m.hard_examples.load(Ordering::Relaxed)))
         .map(|((labels, n), (_, h))| (labels, if n == 0 { 0.0 } else { h as f64 / n as f64 }));
     scrape.gauge("nereid_upload_ratio", "Hard examples per example (joint inference).", ratio);
+    let waiting = services.services.iter().map(|(n, s)| (vec![("service", n.clone())], s.waiting() as f64));
+    scrape.gauge("nereid_inference_waiting", "Requests waiting for a free instance of the service.", waiting);
+    let batches = services.services.iter().map(|(n, s)| (vec![("service", n.clone())], s.batches()));
+    scrape.counter(
+        "nereid_inference_batches",
+        "Batches the service ran on the edge (requests stacked into one call).",
+        batches,
+    );
     let mut latency = Vec::new();
     for (n, s) in &services.services {
         for (route, histogram) in crate::lock(&s.metrics.latency).iter() {

@@ -28,6 +28,15 @@ pub fn is_bad_request(e: &anyhow::Error) -> bool {
 #[error("{0}")]
 pub struct UnsupportedBody(pub String);
 
+/// A service whose instances are all busy and whose queue is full: the API answers 503 with
+/// Retry-After, at once.
+#[derive(Debug, thiserror::Error)]
+#[error("service `{service}` is busy: {queue} requests wait already (its `queue`); retry later")]
+pub struct Overloaded {
+    pub service: String,
+    pub queue: usize,
+}
+
 /// An error as the API answers it.
 pub struct ApiError(pub StatusCode, pub String);
 
@@ -38,9 +47,11 @@ impl ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
-    /// 415 for a body nothing can read, 400 for what the caller got wrong, else 500.
+    /// 503 for a busy service, 415 for a body nothing can read, 400 for what the caller got wrong, else 500.
     fn from(e: anyhow::Error) -> ApiError {
-        let status = if e.chain().any(|c| c.is::<UnsupportedBody>()) {
+        let status = if e.chain().any(|c| c.is::<Overloaded>()) {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if e.chain().any(|c| c.is::<UnsupportedBody>()) {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         } else if is_bad_request(&e) {
             StatusCode::BAD_REQUEST
@@ -53,6 +64,11 @@ impl From<anyhow::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        let mut response = (self.0, Json(ErrorBody { error: self.1 })).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // A busy service frees up within a request's time; a second is the header's unit.
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }

@@ -22,15 +22,125 @@ pub enum WireError {
 #[serde(deny_unknown_fields)]
 pub struct TensorValue {
     pub shape: Vec<u64>,
-    pub data: Vec<f32>,
+    #[serde(deserialize_with = "le_f32_bytes::deserialize", serialize_with = "le_f32_bytes::serialize")]
+    pub data: Vec<u8>,
 }
 
-/// A JSON inference request: named inputs, or one unnamed tensor for a model with one input.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// A JSON number array read straight into little-endian float32 bytes: serde_json checks the
+/// array's syntax and hands over its text, which is then parsed number by number (correctly
+/// rounded to f32, ~4x faster than serde's per-element path, which made JSON bodies cost a fifth
+/// of the throughput of safetensors ones).
+mod le_f32_bytes {
+    use serde::de::Error;
+    use serde::ser::SerializeSeq;
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let raw = <&'de serde_json::value::RawValue>::deserialize(d)?;
+        parse(raw.get()).map_err(|e| D::Error::custom(format!("data: {e}")))
+    }
+
+    /// The numbers of a JSON array whose syntax serde_json has checked already, in one pass.
+    fn parse(text: &str) -> Result<Vec<u8>, String> {
+        let not_numbers = || {
+            let shown: String = text.chars().take(40).collect();
+            format!("expected an array of numbers, got `{shown}`")
+        };
+        let b = text.as_bytes();
+        if b.first() != Some(&b'[') {
+            return Err(not_numbers());
+        }
+        let skip_space = |mut i: usize| {
+            while i < b.len() && b[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            i
+        };
+        let mut bytes = Vec::with_capacity(b.len() / 2);
+        let mut i = skip_space(1);
+        if b.get(i) == Some(&b']') {
+            return Ok(bytes);
+        }
+        loop {
+            // A JSON number starts with a digit or '-' (fast_float would also take "nan", "inf").
+            if !b.get(i).is_some_and(|c| c.is_ascii_digit() || *c == b'-') {
+                return Err(not_numbers());
+            }
+            let (v, used): (f32, usize) = fast_float2::parse_partial(&b[i..]).map_err(|_| not_numbers())?;
+            bytes.extend_from_slice(&v.to_le_bytes());
+            i = skip_space(i + used);
+            match b.get(i) {
+                Some(b',') => i = skip_space(i + 1),
+                Some(b']') => return Ok(bytes),
+                _ => return Err(not_numbers()),
+            }
+        }
+    }
+
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(bytes.len() / 4))?;
+        for v in super::le_f32s(bytes) {
+            seq.serialize_element(&v)?;
+        }
+        seq.end()
+    }
+}
+
+/// A JSON inference request: named inputs (`{"inputs": {"x": {"shape", "data"}}}`), or one
+/// unnamed tensor (`{"shape", "data"}`) for a model with one input.
+#[derive(Debug, Clone)]
 pub enum InferRequest {
     Named { inputs: BTreeMap<String, TensorValue> },
     Single(TensorValue),
+}
+
+// By hand rather than `#[serde(untagged)]`, which buffers the whole document as generic values
+// before it tries each form (a third of the request's cost on a 64x64 image).
+impl<'de> Deserialize<'de> for InferRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<InferRequest, D::Error> {
+        use serde::de::{Error, MapAccess, Visitor};
+        struct Request;
+        impl<'de> Visitor<'de> for Request {
+            type Value = InferRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"{"inputs": {name: {"shape", "data"}}} or {"shape", "data"}"#)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<InferRequest, A::Error> {
+                let (mut inputs, mut shape, mut data) = (None, None, None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "inputs" if inputs.is_none() => inputs = Some(map.next_value()?),
+                        "shape" if shape.is_none() => shape = Some(map.next_value()?),
+                        "data" if data.is_none() => {
+                            data = Some(map.next_value::<DataField>()?.0);
+                        }
+                        "inputs" | "shape" | "data" => return Err(A::Error::custom(format!("`{key}` given twice"))),
+                        other => {
+                            return Err(A::Error::unknown_field(other, &["inputs", "shape", "data"]));
+                        }
+                    }
+                }
+                match (inputs, shape, data) {
+                    (Some(inputs), None, None) => Ok(InferRequest::Named { inputs }),
+                    (None, Some(shape), Some(data)) => Ok(InferRequest::Single(TensorValue { shape, data })),
+                    (Some(_), _, _) => {
+                        Err(A::Error::custom("`inputs` names every tensor: no `shape` or `data` beside it"))
+                    }
+                    (None, None, _) => Err(A::Error::missing_field("shape")),
+                    (None, Some(_), None) => Err(A::Error::missing_field("data")),
+                }
+            }
+        }
+        d.deserialize_map(Request)
+    }
+}
+
+struct DataField(Vec<u8>);
+
+impl<'de> Deserialize<'de> for DataField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<DataField, D::Error> {
+        le_f32_bytes::deserialize(d).map(DataField)
+    }
 }
 
 pub fn element_size(dtype: Dtype) -> usize {
@@ -148,7 +258,7 @@ impl InferRequest {
         named
             .into_iter()
             .map(|(name, v)| {
-                let t = f32_tensor(&name, v.shape, &v.data);
+                let t = TensorData { name, dtype: Dtype::F32, shape: v.shape, data: v.data };
                 check(&t)?;
                 Ok(t)
             })
@@ -237,6 +347,42 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!((&back[0].name, &back[0].shape, &back[0].data), (&t[0].name, &t[0].shape, &t[0].data));
         assert_eq!(f32_values(&rows(&t[0], 1, 2)).expect("f32"), [3.0, 4.5]);
+    }
+
+    #[test]
+    fn json_requests_decode_straight_to_f32_and_refuse_what_they_do_not_know() {
+        let named: InferRequest = serde_json::from_str(
+            r#"{"inputs": {"b": {"shape": [1], "data": [-0.5]}, "a": {"data": [1e3, 2], "shape": [2]}}}"#,
+        )
+        .expect("named form, keys in any order");
+        let t = named.into_tensors(&["a".into(), "b".into()]).expect("two inputs");
+        assert_eq!((t[0].name.as_str(), f32_values(&t[0]).expect("f32")), ("a", vec![1000.0, 2.0]));
+        assert_eq!((t[1].name.as_str(), f32_values(&t[1]).expect("f32")), ("b", vec![-0.5]));
+        let single: InferRequest =
+            serde_json::from_str(r#"{"data": [ 0.1 ,3,-2.5e-3, 1E2 ], "shape": [4]}"#).expect("data first");
+        assert_eq!(
+            f32_values(&single.into_tensors(&["x".into()]).expect("one")[0]).expect("f32"),
+            [0.1f32, 3.0, -2.5e-3, 100.0]
+        );
+        let empty: InferRequest = serde_json::from_str(r#"{"data": [ ], "shape": [0]}"#).expect("no values");
+        assert!(empty.into_tensors(&["x".into()]).expect("one")[0].data.is_empty());
+        for (body, says) in [
+            (r#"{"shape": [1], "data": [1], "extra": 1}"#, "unknown field `extra`"),
+            (r#"{"shape": [1], "data": [1], "data": [2]}"#, "`data` given twice"),
+            (r#"{"shape": [1]}"#, "missing field `data`"),
+            (r#"{"data": [1]}"#, "missing field `shape`"),
+            (r#"{"shape": [1], "data": ["1"]}"#, "data: expected an array of numbers, got `[\"1\"]`"),
+            (r#"{"shape": [1], "data": [[1]]}"#, "data: expected an array of numbers"),
+            (r#"{"shape": [1], "data": 1}"#, "data: expected an array of numbers, got `1`"),
+            (r#"{"shape": [1], "data": [1,]}"#, "expected value"),
+            (r#"{"shape": [1], "data": [1, nan]}"#, "expected ident"),
+            (r#"{"inputs": {}, "shape": [1]}"#, "no `shape` or `data` beside it"),
+            (r#"{"inputs": {"x": {"shape": [1], "data": [1], "dims": 2}}}"#, "unknown field `dims`"),
+            (r#"[1, 2]"#, "invalid type: sequence"),
+        ] {
+            let err = serde_json::from_str::<InferRequest>(body).expect_err(body).to_string();
+            assert!(err.contains(says), "{body}: {err}");
+        }
     }
 
     #[test]

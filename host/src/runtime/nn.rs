@@ -4,13 +4,15 @@
 //! for `load-by-name`. Both read the same ONNX files.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use wasmtime_wasi_nn::backend::onnx::OnnxBackend;
 use wasmtime_wasi_nn::backend::openvino::OpenvinoBackend;
-use wasmtime_wasi_nn::backend::BackendInner;
-use wasmtime_wasi_nn::wit::{ExecutionTarget, WasiNnCtx};
+use wasmtime_wasi_nn::wit::WasiNnCtx;
 use wasmtime_wasi_nn::{Backend, Graph, GraphRegistry};
+
+pub use super::onnxruntime::SessionOptions;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NnError {
@@ -107,10 +109,10 @@ impl NnBackend {
         }
     }
 
-    fn load(self, onnx: &[u8]) -> Result<Graph, String> {
+    fn load(self, onnx: &[u8], options: SessionOptions) -> Result<Graph, String> {
         self.ready().map_err(|e| e.to_string())?;
         let graph = match self {
-            NnBackend::Onnxruntime => OnnxBackend::default().load(&[onnx], ExecutionTarget::Cpu),
+            NnBackend::Onnxruntime => super::onnxruntime::load_onnx(onnx, options),
             NnBackend::Openvino => super::openvino::load_onnx(onnx),
         };
         graph.map_err(|e| e.to_string())
@@ -129,6 +131,8 @@ impl NnBackend {
 #[derive(Clone, Default)]
 pub struct Models {
     graphs: Arc<RwLock<HashMap<String, Graph>>>,
+    /// Counts registrations: an instance started before the last one may not see every model.
+    generation: Arc<AtomicU64>,
     backend: NnBackend,
     /// Whether plugins may load models of their own (wasi-nn `load` of ONNX bytes).
     guest_load: bool,
@@ -149,14 +153,14 @@ impl GraphRegistry for InstanceModels {
 impl Models {
     /// No models yet; those registered later run on `backend`.
     pub fn new(backend: NnBackend) -> Models {
-        Models { graphs: Arc::default(), backend, guest_load: false }
+        Models { graphs: Arc::default(), generation: Arc::default(), backend, guest_load: false }
     }
 
     /// No registered models, but plugins may load ONNX models they build (wasi-nn `load`), e.g.
     /// a quantization pass running a calibration model; they run on `backend`.
     pub fn for_guest_models(backend: NnBackend) -> Result<Models, NnError> {
         backend.ready()?;
-        Ok(Models { graphs: Arc::default(), backend, guest_load: true })
+        Ok(Models { graphs: Arc::default(), generation: Arc::default(), backend, guest_load: true })
     }
 
     /// Every `<dir>/<name>/model.onnx`, registered as `<name>`, on `backend`.
@@ -183,7 +187,7 @@ impl Models {
             let onnx = crate::files::read_limited(&file, crate::files::MAX_MODEL_BYTES).map_err(|e| {
                 NnError::Model { name: name.clone(), path: file.display().to_string(), message: e.to_string() }
             })?;
-            let graph = backend.load(&onnx).map_err(|message| NnError::Model {
+            let graph = backend.load(&onnx, SessionOptions::default()).map_err(|message| NnError::Model {
                 name: name.clone(),
                 path: file.display().to_string(),
                 message,
@@ -215,13 +219,26 @@ impl Models {
 
     /// Registers an ONNX model under `name` (replacing one of that name).
     pub fn insert(&self, name: &str, onnx: &[u8]) -> Result<(), NnError> {
-        let graph = self.backend.load(onnx).map_err(|message| NnError::Model {
+        self.insert_with(name, onnx, SessionOptions::default())
+    }
+
+    /// Registers an ONNX model under `name` (replacing one of that name) whose sessions run with
+    /// `options` (ONNX Runtime; OpenVINO's CPU plugin sizes its own threads).
+    pub fn insert_with(&self, name: &str, onnx: &[u8], options: SessionOptions) -> Result<(), NnError> {
+        let graph = self.backend.load(onnx, options).map_err(|message| NnError::Model {
             name: name.to_string(),
             path: "(registered by the host)".into(),
             message,
         })?;
         self.graphs.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), graph);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Changes with every registration: an instance whose wasi-nn context was made at an older
+    /// generation may miss a model registered since.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Forgets the model `name` (plugin instances started with it keep their own handle).

@@ -5,6 +5,7 @@ pub mod fleet;
 pub mod forgetting;
 pub mod infer;
 pub mod round;
+pub mod serve;
 pub mod split;
 pub mod strategies;
 pub mod swap;
@@ -39,6 +40,9 @@ pub enum BenchCommand {
     Swap(swap::SwapBench),
     /// A model run through a plugin and wasi-nn against ONNX Runtime called directly.
     Infer(infer::InferBench),
+    /// A joint inference service under concurrent HTTP clients (one instance, a pool, JSON,
+    /// batching) against ONNX Runtime called natively from as many threads, in one run.
+    Serve(serve::ServeBench),
     /// Split inference through a shaped link: edge-only, cloud-only and the chosen cut at each
     /// bandwidth, against the best cut found by measuring every cut.
     Split(split::SplitBench),
@@ -186,6 +190,7 @@ pub fn run(cmd: BenchCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
         BenchCommand::Swap(args) => swap::run(args),
         BenchCommand::Split(args) => split::run(args),
         BenchCommand::Infer(args) => infer::run(args, cache_dir),
+        BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Compress(args) => compress::run(args, cache_dir),
         BenchCommand::Forgetting(args) => forgetting::run(args, cache_dir),
         BenchCommand::Trainer(args) => trainer::run(args),

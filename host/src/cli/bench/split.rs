@@ -87,7 +87,7 @@ struct SplitReport {
 }
 
 /// A child process killed when dropped.
-struct Process(Child);
+pub(super) struct Process(pub(super) Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -109,8 +109,14 @@ fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs this binary's `role` (cloud or edge) on `cpu`, its log in `log`.
-fn spawn_pinned(role: &str, config: &Path, cache: &Path, log: &Path, cpu: usize) -> anyhow::Result<Process> {
+/// Runs this binary's `role` (cloud or edge), on `cpu` if given, its log in `log`.
+pub(super) fn spawn(
+    role: &str,
+    config: &Path,
+    cache: &Path,
+    log: &Path,
+    cpu: Option<usize>,
+) -> anyhow::Result<Process> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg(role)
@@ -119,18 +125,20 @@ fn spawn_pinned(role: &str, config: &Path, cache: &Path, log: &Path, cpu: usize)
         .env("NEREID_CACHE_DIR", cache)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?);
-    // SAFETY: the closure only makes the affinity syscall (see pin_current_thread).
-    unsafe {
-        cmd.pre_exec(move || pin_current_thread(cpu));
+    if let Some(cpu) = cpu {
+        // SAFETY: the closure only makes the affinity syscall (see pin_current_thread).
+        unsafe {
+            cmd.pre_exec(move || pin_current_thread(cpu));
+        }
     }
     Ok(Process(cmd.spawn().with_context(|| format!("starting the {role}"))?))
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn wait_healthy(http: &reqwest::Client, url: &str, log: &Path) -> anyhow::Result<()> {
+pub(super) async fn wait_healthy(http: &reqwest::Client, url: &str, log: &Path) -> anyhow::Result<()> {
     let t = Instant::now();
     loop {
         if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
@@ -250,7 +258,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let cloud_log = dir.path().join("cloud.log");
-    let _cloud = spawn_pinned("cloud", &dir.path().join("cloud.toml"), &cache, &cloud_log, 1)?;
+    let _cloud = spawn("cloud", &dir.path().join("cloud.toml"), &cache, &cloud_log, Some(1))?;
     rt.block_on(wait_healthy(&http, &format!("http://127.0.0.1:{cloud_port}{}", routes::HEALTH), &cloud_log))?;
     let link = |mbit_s: f64| LinkProfile { mbit_s, one_way_delay_ms: args.rtt_ms / 2.0 };
     let shaper = rt.block_on(LinkShaper::start(([127, 0, 0, 1], cloud_port).into(), link(args.bandwidths[0])))?;
@@ -281,7 +289,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
             ),
         )?;
         let edge_log = dir.path().join(format!("edge-{i}.log"));
-        let edge = spawn_pinned("edge", &edge_toml, &cache, &edge_log, 0)?;
+        let edge = spawn("edge", &edge_toml, &cache, &edge_log, Some(0))?;
         let base = format!("http://127.0.0.1:{edge_port}");
         let at = rt.block_on(async {
             wait_healthy(&http, &format!("{base}{}", routes::HEALTH), &edge_log).await?;

@@ -5,38 +5,153 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 
 use super::cloud_link::CloudCall;
-use super::{blocking, named_values, replace_row, Claim, InferResponse, Kind, RowResult, Service, Services};
+use super::dispatch::Instances;
+use super::{named_values, replace_row, Claim, InferResponse, Kind, RowResult, Service, Services};
 use crate::inference::wire::{self};
 use crate::lock;
 use crate::protocol::{EXAMPLE_HEADER, QUEUED_HEADER};
 use crate::runtime::config::ConfigTable;
-use crate::runtime::{Limits, LoadedComponent, Route, RouterPlugin, TensorData};
+use crate::runtime::nn::SessionOptions;
+use crate::runtime::{Decision, Limits, LoadedComponent, Route, RouterPlugin, Runtime, TensorData};
 use crate::store::now_ms;
 
 pub(super) struct Joint {
-    /// The model in the runtime's models the service answers with, and the router instance
-    /// that runs it (an incremental-learning job replaces both at once).
-    pub(super) serving: Mutex<ServingModel>,
+    /// The model in the runtime's models the service answers with, and the router instances
+    /// that run it (an incremental-learning job replaces both at once).
+    pub(super) serving: Mutex<Arc<ServingModel>>,
     /// The model of edge.toml (stays registered when another one serves).
     pub(super) configured: String,
     pub(super) component: LoadedComponent,
     pub(super) limits: Limits,
     pub(super) config: ConfigTable,
+    /// Router instances per served model (the service's `instances`).
+    pub(super) instances: usize,
+    /// How a served model's sessions run (the service's `threads`).
+    pub(super) session: SessionOptions,
 }
 
+#[derive(Default)]
 pub(super) struct ServingModel {
     pub(super) model: String,
-    pub(super) router: RouterPlugin,
+    pub(super) routers: Instances<RouterPlugin>,
 }
 
-/// A model version ready to serve (registered, with its own router instance), not serving yet.
+/// What the edge model and the router made of one request.
+pub(super) struct Routed {
+    pub(super) inputs: Vec<TensorData>,
+    pub(super) outputs: Vec<TensorData>,
+    pub(super) decisions: Vec<Decision>,
+}
+
+/// A model version ready to serve (registered, with its own router instances), not serving yet.
 pub struct PreparedSwitch {
     service: String,
     joint: Arc<Joint>,
     serving: ServingModel,
+}
+
+impl Joint {
+    /// `model` (registered already) with its router instances.
+    pub(super) fn serving_model(&self, runtime: &Runtime, model: &str) -> anyhow::Result<ServingModel> {
+        let routers = Instances::default();
+        for _ in 0..self.instances {
+            routers.put(0, self.router(runtime)?);
+        }
+        Ok(ServingModel { model: model.to_string(), routers })
+    }
+
+    fn router(&self, runtime: &Runtime) -> anyhow::Result<RouterPlugin> {
+        Ok(RouterPlugin::new(runtime, self.component.clone(), self.limits, &self.config)?)
+    }
+
+    /// Answers a batch of requests with one router instance: stacked into one model call when
+    /// there are several (each alone if that fails, so one bad request fails alone).
+    pub(super) fn run_batch(&self, runtime: &Runtime, batch: Vec<Vec<TensorData>>) -> Vec<anyhow::Result<Routed>> {
+        let serving = lock(&self.serving).clone();
+        let (generation, mut router) = match serving.routers.take(0, 0, || self.router(runtime)) {
+            Ok(r) => r,
+            Err(e) => return batch.iter().map(|_| Err(anyhow!("a router instance: {e:#}"))).collect(),
+        };
+        let answers = if batch.len() > 1 {
+            match run_stacked(&mut router, &serving.model, &batch) {
+                Ok(answers) => answers,
+                Err(e) => {
+                    tracing::debug!(model = %serving.model, "a batch of {} failed, running each alone: {e:#}", batch.len());
+                    batch.into_iter().map(|inputs| route(&mut router, &serving.model, inputs)).collect()
+                }
+            }
+        } else {
+            batch.into_iter().map(|inputs| route(&mut router, &serving.model, inputs)).collect()
+        };
+        serving.routers.put(generation, router);
+        answers
+    }
+}
+
+/// The router's decision for each row of the edge model's first output.
+fn decide(router: &mut RouterPlugin, outputs: &[TensorData]) -> anyhow::Result<Vec<Decision>> {
+    let first = outputs.first().context("the edge model has no output")?;
+    let rows = first.shape.first().copied().unwrap_or(1).max(1);
+    let mut decisions = Vec::with_capacity(rows as usize);
+    for r in 0..rows {
+        let row = wire::rows(first, r, r + 1);
+        let tensor = crate::tensor::Tensor::from_f32(row.shape.clone(), wire::f32_values(&row)?)
+            .context("the edge model's output does not fit its shape")?;
+        decisions.push(router.decide(&tensor)?);
+    }
+    Ok(decisions)
+}
+
+fn route(router: &mut RouterPlugin, model: &str, inputs: Vec<TensorData>) -> anyhow::Result<Routed> {
+    let outputs = router.run(model, &inputs)?;
+    let decisions = decide(router, &outputs)?;
+    Ok(Routed { inputs, outputs, decisions })
+}
+
+/// Runs requests whose inputs stack (same names, types and trailing shapes) as one call.
+fn run_stacked(
+    router: &mut RouterPlugin,
+    model: &str,
+    batch: &[Vec<TensorData>],
+) -> anyhow::Result<Vec<anyhow::Result<Routed>>> {
+    let rows: Vec<u64> = batch
+        .iter()
+        .map(|inputs| inputs.first().and_then(|t| t.shape.first()).copied())
+        .collect::<Option<_>>()
+        .context("an input without a first dimension")?;
+    let total: u64 = rows.iter().sum();
+    let stacked: Vec<TensorData> = batch[0]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut shape = t.shape.clone();
+            shape[0] = total;
+            let data = batch.iter().flat_map(|inputs| inputs[i].data.iter().copied()).collect();
+            TensorData { name: t.name.clone(), dtype: t.dtype, shape, data }
+        })
+        .collect();
+    let outputs = router.run(model, &stacked)?;
+    if let Some(o) = outputs.iter().find(|o| o.shape.first() != Some(&total)) {
+        bail!("output `{}` has shape {:?} for {total} stacked rows", o.name, o.shape);
+    }
+    let decisions = decide(router, &outputs)?;
+    let mut start = 0;
+    Ok(batch
+        .iter()
+        .zip(rows)
+        .map(|(inputs, n)| {
+            let answer = Routed {
+                inputs: inputs.clone(),
+                outputs: outputs.iter().map(|o| wire::rows(o, start, start + n)).collect(),
+                decisions: decisions[start as usize..(start + n) as usize].to_vec(),
+            };
+            start += n;
+            Ok(answer)
+        })
+        .collect())
 }
 
 impl Services {
@@ -44,15 +159,15 @@ impl Services {
     /// the models there were when its instance started), without touching what serves.
     pub fn prepare_switch(&self, service: &str, model: &str, onnx: &[u8]) -> anyhow::Result<PreparedSwitch> {
         let svc = self.services.get(service).with_context(|| format!("no service `{service}`"))?;
-        let Kind::Joint(joint) = &svc.kind else { bail!("service `{service}` is not a joint service") };
-        self.runtime.models().insert(model, onnx).with_context(|| format!("registering `{model}`"))?;
-        let router = RouterPlugin::new(&self.runtime, joint.component.clone(), joint.limits, &joint.config)
-            .with_context(|| format!("service `{service}`: a router instance for `{model}`"))?;
-        Ok(PreparedSwitch {
-            service: service.to_string(),
-            joint: joint.clone(),
-            serving: ServingModel { model: model.to_string(), router },
-        })
+        let Kind::Joint(joint, _) = &svc.kind else { bail!("service `{service}` is not a joint service") };
+        self.runtime
+            .models()
+            .insert_with(model, onnx, joint.session)
+            .with_context(|| format!("registering `{model}`"))?;
+        let serving = joint
+            .serving_model(&self.runtime, model)
+            .with_context(|| format!("service `{service}`: router instances for `{model}`"))?;
+        Ok(PreparedSwitch { service: service.to_string(), joint: joint.clone(), serving })
     }
 
     /// Makes a prepared version serve. Requests running on the old one finish on it; the next
@@ -61,7 +176,7 @@ impl Services {
     pub fn switch(&self, prepared: PreparedSwitch) {
         let PreparedSwitch { service, joint, serving } = prepared;
         let to = serving.model.clone();
-        let old = std::mem::replace(&mut *lock(&joint.serving), serving);
+        let old = std::mem::replace(&mut *lock(&joint.serving), Arc::new(serving));
         if old.model != joint.configured {
             self.runtime.models().remove(&old.model);
         }
@@ -71,26 +186,11 @@ impl Services {
     pub(super) async fn joint(
         &self,
         service: &Service,
-        joint: Arc<Joint>,
+        dispatch: &super::JointDispatch,
         inputs: Vec<TensorData>,
     ) -> anyhow::Result<InferResponse> {
         let t0 = Instant::now();
-        let (inputs, mut outputs, decisions) = blocking(move || {
-            let mut serving = lock(&joint.serving);
-            let ServingModel { model, router } = &mut *serving;
-            let outputs = router.run(model, &inputs)?;
-            let first = outputs.first().context("the edge model has no output")?;
-            let rows = first.shape.first().copied().unwrap_or(1).max(1);
-            let mut decisions = Vec::with_capacity(rows as usize);
-            for r in 0..rows {
-                let row = wire::rows(first, r, r + 1);
-                let tensor = crate::tensor::Tensor::from_f32(row.shape.clone(), wire::f32_values(&row)?)
-                    .context("the edge model's output does not fit its shape")?;
-                decisions.push(router.decide(&tensor)?);
-            }
-            Ok((inputs, outputs, decisions))
-        })
-        .await?;
+        let Routed { inputs, mut outputs, decisions } = dispatch.submit(inputs).await?;
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut results = Vec::with_capacity(decisions.len());
         for (i, d) in decisions.iter().enumerate() {

@@ -14,6 +14,7 @@
 //! inference, switching a service's model, the outbox), [`split`] (split inference and
 //! planning), [`cloud_link`] (calls to the cloud's side of a service).
 mod cloud_link;
+mod dispatch;
 mod joint;
 mod split;
 
@@ -26,23 +27,29 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 
-use super::error::{BadRequest, UnsupportedBody};
+use super::error::{BadRequest, Overloaded, UnsupportedBody};
 use crate::components::Components;
-use crate::config::edge::{EdgeConfig, ServiceConfig, ServiceKind};
+use crate::config::edge::{self as edge_config, EdgeConfig, ServiceConfig, ServiceKind};
 use crate::inference::codec::ActivationCodec;
 use crate::inference::profile;
 use crate::inference::wire::{self, InferRequest};
 use crate::lock;
 use crate::runtime::config::ConfigTable;
+use crate::runtime::nn::SessionOptions;
 use crate::runtime::{
-    content_digest, AdapterPlugin, CompressorPlugin, InputSpec, Route, RouterPlugin, Runtime, SplitterPlugin,
-    TensorData,
+    content_digest, AdapterPlugin, CompressorPlugin, InputSpec, Route, Runtime, SplitterPlugin, TensorData,
 };
 use crate::store::EdgeStore;
 use cloud_link::CloudLink;
+use dispatch::{Dispatcher, Instances};
 pub use joint::PreparedSwitch;
-use joint::{Joint, ServingModel};
-use split::{Split, SplitState};
+use joint::{Joint, Routed};
+use split::{HeadRan, HeadRun, Split, SplitState};
+
+/// A joint service's requests: inputs in, the edge model's outputs and the router's decisions out.
+type JointDispatch = Dispatcher<Vec<TensorData>, Routed>;
+/// A split service's model runs on the edge (heads, and the whole model when the cloud is away).
+type SplitDispatch = Dispatcher<HeadRun, HeadRan>;
 
 /// Counters of one service, for `/metrics`.
 #[derive(Default)]
@@ -51,6 +58,8 @@ pub struct ServiceMetrics {
     pub hard_examples: AtomicU64,
     pub fallbacks: AtomicU64,
     pub replans: AtomicU64,
+    /// Requests refused with 503 because the service's queue was full.
+    pub refused: AtomicU64,
     /// Per route ("edge", "cloud", "split"): the latency of the requests answered.
     pub latency: Mutex<BTreeMap<&'static str, prometheus_client::metrics::histogram::Histogram>>,
 }
@@ -109,8 +118,8 @@ pub struct InferResponse {
 
 // Arcs, so a blocking task can hold its service's half without the whole service.
 enum Kind {
-    Joint(Arc<Joint>),
-    Split(Arc<Split>),
+    Joint(Arc<Joint>, JointDispatch),
+    Split(Arc<Split>, SplitDispatch),
 }
 
 pub struct Service {
@@ -127,6 +136,22 @@ impl Service {
     /// The model's input names.
     pub fn inputs(&self) -> &[String] {
         &self.inputs
+    }
+
+    /// Requests waiting for a free instance.
+    pub fn waiting(&self) -> usize {
+        match &self.kind {
+            Kind::Joint(_, d) => d.waiting(),
+            Kind::Split(_, d) => d.waiting(),
+        }
+    }
+
+    /// Batches run on the edge so far (one per request without batching).
+    pub fn batches(&self) -> u64 {
+        match &self.kind {
+            Kind::Joint(_, d) => d.batches(),
+            Kind::Split(_, d) => d.batches(),
+        }
     }
 }
 
@@ -171,6 +196,18 @@ impl Services {
         components: &Components,
         store: Arc<EdgeStore>,
     ) -> anyhow::Result<Services> {
+        let mut threads_of: HashMap<&str, (&str, u32)> = HashMap::new();
+        for (name, cfg) in &edge.services {
+            if let Some((other, threads)) = threads_of.insert(&cfg.model, (name, cfg.threads)) {
+                if threads != cfg.threads {
+                    bail!(
+                        "[services.{name}] threads: model `{}` is served by `{other}` with threads = {threads}, here with {} (a model's sessions run one way)",
+                        cfg.model,
+                        cfg.threads
+                    );
+                }
+            }
+        }
         let mut services = BTreeMap::new();
         for (name, cfg) in &edge.services {
             let service = Self::load_one(name, cfg, edge, base, runtime, components)
@@ -243,23 +280,35 @@ impl Services {
         if cfg.replan_factor.is_nan() || cfg.replan_factor <= 1.0 {
             bail!("replan_factor: must be > 1 (got {})", cfg.replan_factor);
         }
+        let sizes = concurrency(cfg, &decoded)?;
+        let session = SessionOptions { intra_threads: Some(cfg.threads as usize) };
+        runtime
+            .models()
+            .insert_with(&cfg.model, &onnx, session)
+            .with_context(|| format!("model: {}", path.display()))?;
         let p = components.load_plugin(plugin_cfg, base, runtime).await.with_context(|| format!("{field}.plugin"))?;
         let (loaded, limits) = (p.loaded, p.limits);
         let config: ConfigTable = plugin_cfg.config.clone();
         let kind = match cfg.kind {
-            ServiceKind::Joint => Kind::Joint(Arc::new(Joint {
-                serving: Mutex::new(ServingModel {
-                    model: cfg.model.clone(),
-                    router: RouterPlugin::new(runtime, loaded.clone(), limits, &config).context("router")?,
-                }),
-                configured: cfg.model.clone(),
-                component: loaded,
-                limits,
-                config,
-            })),
+            ServiceKind::Joint => {
+                let mut joint = Joint {
+                    serving: Mutex::default(),
+                    configured: cfg.model.clone(),
+                    component: loaded,
+                    limits,
+                    config,
+                    instances: sizes.0,
+                    session,
+                };
+                joint.serving = Mutex::new(Arc::new(joint.serving_model(runtime, &cfg.model).context("router")?));
+                let joint = Arc::new(joint);
+                let (j, rt) = (joint.clone(), runtime.clone());
+                let work = Arc::new(move |batch: Vec<Vec<TensorData>>| j.run_batch(&rt, batch));
+                Kind::Joint(joint, Dispatcher::new(name, sizes, dispatch::stackable, work)?)
+            }
             ServiceKind::Split => {
                 let plugin = SplitterPlugin::new(runtime, loaded.clone(), limits, &config).context("splitter")?;
-                Kind::Split(Arc::new(Split {
+                let split = Arc::new(Split {
                     model: cfg.model.clone(),
                     digest: content_digest(&onnx),
                     onnx,
@@ -271,6 +320,8 @@ impl Services {
                     limits,
                     config,
                     codec,
+                    session,
+                    runners: Instances::default(),
                     state: Mutex::new(SplitState {
                         plugin,
                         planning: None,
@@ -280,7 +331,10 @@ impl Services {
                         compression_ratio: None,
                     }),
                     planner: tokio::sync::Mutex::new(()),
-                }))
+                });
+                let (sp, rt) = (split.clone(), runtime.clone());
+                let work = Arc::new(move |batch: Vec<HeadRun>| batch.into_iter().map(|run| sp.run(&rt, run)).collect());
+                Kind::Split(split, Dispatcher::new(name, sizes, |_, _| false, work)?)
             }
         };
         let cloud_base = cfg.cloud.clone().unwrap_or_else(|| edge.cloud.clone());
@@ -322,10 +376,14 @@ impl Services {
             return Err(BadRequest(format!("the model has no input `{}` (its inputs: {expected})", extra.name)).into());
         }
         service.metrics.inferences.fetch_add(1, Ordering::Relaxed);
-        match &service.kind {
-            Kind::Joint(joint) => self.joint(&service, joint.clone(), inputs).await,
-            Kind::Split(split) => self.split(&service, split.clone(), inputs, forced_cut).await,
+        let answer = match &service.kind {
+            Kind::Joint(_, dispatch) => self.joint(&service, dispatch, inputs).await,
+            Kind::Split(split, dispatch) => self.split(&service, split.clone(), dispatch, inputs, forced_cut).await,
+        };
+        if answer.as_ref().is_err_and(|e| e.is::<Overloaded>()) {
+            service.metrics.refused.fetch_add(1, Ordering::Relaxed);
         }
+        answer
     }
 
     /// Runs a blocking closure on the edge store (SQLite commits wait for the disk).
@@ -336,6 +394,37 @@ impl Services {
         let store = self.store.clone();
         blocking(move || Ok(f(&store)?)).await
     }
+}
+
+/// A service's (instances, queue, batch_max), checked against the limits and the model.
+fn concurrency(cfg: &ServiceConfig, model: &nereid_onnx::Model) -> anyhow::Result<(usize, usize, usize)> {
+    let instances = cfg.instances();
+    if !(1..=edge_config::MAX_INSTANCES).contains(&instances) {
+        bail!("instances: must be 1..={} (got {instances})", edge_config::MAX_INSTANCES);
+    }
+    if !(1..=edge_config::MAX_THREADS).contains(&cfg.threads) {
+        bail!("threads: must be 1..={} (got {})", edge_config::MAX_THREADS, cfg.threads);
+    }
+    if !(1..=edge_config::MAX_QUEUE).contains(&cfg.queue) {
+        bail!("queue: must be 1..={} (got {})", edge_config::MAX_QUEUE, cfg.queue);
+    }
+    if !(1..=edge_config::MAX_BATCH).contains(&cfg.batch_max) {
+        bail!("batch_max: must be 1..={} (got {})", edge_config::MAX_BATCH, cfg.batch_max);
+    }
+    if cfg.batch_max > 1 {
+        if cfg.kind != ServiceKind::Joint {
+            bail!("batch_max: only for kind = \"joint\" (a split request's cut tensors travel alone)");
+        }
+        let specs = profile::input_specs(model).context("batch_max: the model's inputs")?;
+        if let Some(fixed) = specs.iter().find(|s| !matches!(s.shape.first(), Some(None))) {
+            bail!(
+                "batch_max: the model's input `{}` has a fixed first dimension ({:?}): requests cannot be stacked",
+                fixed.name,
+                fixed.shape
+            );
+        }
+    }
+    Ok((instances as usize, cfg.queue as usize, cfg.batch_max as usize))
 }
 
 fn replace_row(out: &mut TensorData, row: u64, with: &TensorData) -> anyhow::Result<()> {

@@ -9,13 +9,15 @@ use anyhow::Context;
 
 use super::super::error::BadRequest;
 use super::cloud_link::CloudCall;
-use super::{blocking, named_values, InferResponse, Kind, Service, Services};
+use super::dispatch::Instances;
+use super::{blocking, named_values, InferResponse, Kind, Service, Services, SplitDispatch};
 use crate::inference::codec::ActivationCodec;
 use crate::inference::profile;
 use crate::inference::wire::{self};
 use crate::lock;
 use crate::protocol::{COMPRESSOR_HEADER, CUT_HEADER, DIGEST_HEADER};
 use crate::runtime::config::ConfigTable;
+use crate::runtime::nn::SessionOptions;
 use crate::runtime::{content_digest, CutPoint, Limits, LoadedComponent, Runtime, SplitterPlugin, TensorData};
 
 /// The halves of one cut, ready to run. Cut tensors that are model inputs are sent as they came.
@@ -44,7 +46,19 @@ pub(super) struct Planning {
     pub(super) cloud_measured: bool,
 }
 
+/// A model run on the edge: a head (or the whole model), its inputs, and the generation of the
+/// node's models it was registered by (an instance must be at least as new to see it).
+pub(super) struct HeadRun {
+    pub(super) model: String,
+    pub(super) inputs: Vec<TensorData>,
+    pub(super) generation: u64,
+}
+
+/// The inputs back, and the model's outputs.
+pub(super) type HeadRan = (Vec<TensorData>, Vec<TensorData>);
+
 pub(super) struct SplitState {
+    /// Plans and partitions (model runs take instances of their own).
     pub(super) plugin: SplitterPlugin,
     pub(super) planning: Option<Planning>,
     pub(super) plan: Option<Plan>,
@@ -70,6 +84,10 @@ pub(super) struct Split {
     pub(super) config: ConfigTable,
     /// Encodes the cut tensors before they travel.
     pub(super) codec: Option<ActivationCodec>,
+    /// How the model's and the heads' sessions run (the service's `threads`).
+    pub(super) session: SessionOptions,
+    /// Instances that run heads, one per running request.
+    pub(super) runners: Instances<SplitterPlugin>,
     pub(super) state: Mutex<SplitState>,
     /// Held while planning, so a request arriving during the start-up plan waits for it.
     pub(super) planner: tokio::sync::Mutex<()>,
@@ -80,6 +98,7 @@ impl Services {
         self: &Arc<Self>,
         service: &Arc<Service>,
         split: Arc<Split>,
+        dispatch: &SplitDispatch,
         inputs: Vec<TensorData>,
         forced_cut: Option<Vec<String>>,
     ) -> anyhow::Result<InferResponse> {
@@ -89,20 +108,23 @@ impl Services {
             Some(cut) => cut,
             None => lock(&split.state).plan.as_ref().map(|p| p.cut.clone()).context("no plan")?,
         };
-        let (runtime, name, head_split, head_cut) =
-            (self.runtime.clone(), service.name.clone(), split.clone(), cut.clone());
-        let (inputs, halves, activations) = blocking(move || {
-            let mut state = lock(&head_split.state);
-            let halves = head_split.halves(&mut state, &runtime, &name, &head_cut)?;
-            let mut activations = match &halves.head {
-                Some(head) => state.plugin.run(head, &inputs)?,
-                None => Vec::new(),
-            };
-            // Cut tensors that are model inputs travel as they came.
-            activations.extend(inputs.iter().filter(|t| head_cut.contains(&t.name)).cloned());
-            Ok((inputs, halves, activations))
-        })
-        .await?;
+        let known = lock(&split.state).halves.get(&cut).cloned();
+        let halves = match known {
+            Some(h) => h,
+            None => {
+                let (runtime, name, s, c) = (self.runtime.clone(), service.name.clone(), split.clone(), cut.clone());
+                blocking(move || s.halves(&mut lock(&s.state), &runtime, &name, &c)).await?
+            }
+        };
+        let (inputs, mut activations) = match &halves.head {
+            Some(head) => {
+                let generation = self.runtime.models().generation();
+                dispatch.submit(HeadRun { model: head.clone(), inputs, generation }).await?
+            }
+            None => (inputs, Vec::new()),
+        };
+        // Cut tensors that are model inputs travel as they came.
+        activations.extend(inputs.iter().filter(|t| cut.contains(&t.name)).cloned());
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
         let answer = |outputs: &[TensorData],
                       computed: &'static str,
@@ -149,8 +171,8 @@ impl Services {
             CloudCall::Unreachable(why) => {
                 tracing::warn!(service = %service.name, "cloud unreachable, running the whole model on the edge: {why}");
                 service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let whole = split.clone();
-                let outputs = blocking(move || Ok(lock(&whole.state).plugin.run(&whole.model, &inputs)?)).await?;
+                let generation = self.runtime.models().generation();
+                let (_, outputs) = dispatch.submit(HeadRun { model: split.model.clone(), inputs, generation }).await?;
                 answer(&outputs, "edge", true, None)
             }
         }
@@ -199,7 +221,7 @@ impl Services {
             }
         }
         for service in self.services.values() {
-            let Kind::Split(split) = &service.kind else { continue };
+            let Kind::Split(split, _) = &service.kind else { continue };
             let Some(every) = split.relink else { continue };
             let (services, service, split) = (self.clone(), service.clone(), split.clone());
             tokio::spawn(async move {
@@ -221,7 +243,7 @@ impl Services {
 
     /// Plans a split service unless it has a plan (or one is being made: then waits for it).
     pub async fn plan_if_missing(self: &Arc<Self>, service: &Arc<Service>) -> anyhow::Result<()> {
-        let Kind::Split(split) = &service.kind else { return Ok(()) };
+        let Kind::Split(split, _) = &service.kind else { return Ok(()) };
         let _planning = split.planner.lock().await;
         if lock(&split.state).plan.is_some() {
             return Ok(());
@@ -231,7 +253,7 @@ impl Services {
 
     /// Plans a split service again: at `bandwidth` (Mbit/s) or at a new measure of the link.
     pub async fn plan(self: &Arc<Self>, service: &Arc<Service>, bandwidth: Option<f64>) -> anyhow::Result<()> {
-        let Kind::Split(split) = &service.kind else {
+        let Kind::Split(split, _) = &service.kind else {
             return Err(BadRequest(format!("`{}` is not a split service", service.name)).into());
         };
         let _planning = split.planner.lock().await;
@@ -312,7 +334,7 @@ impl Services {
 
     /// The plan of a split service, for `GET /v1/infer/<service>/plan`.
     pub fn plan_report(&self, service: &Service) -> Option<serde_json::Value> {
-        let Kind::Split(split) = &service.kind else { return None };
+        let Kind::Split(split, _) = &service.kind else { return None };
         let state = lock(&split.state);
         let plan = state.plan.as_ref()?;
         Some(serde_json::json!({
@@ -327,6 +349,15 @@ impl Services {
 }
 
 impl Split {
+    /// Runs a head (or the whole model) with an instance made after it was registered.
+    pub(super) fn run(&self, runtime: &Runtime, run: HeadRun) -> anyhow::Result<HeadRan> {
+        let make = || Ok(SplitterPlugin::new(runtime, self.component.clone(), self.limits, &self.config)?);
+        let (generation, mut runner) = self.runners.take(run.generation, runtime.models().generation(), make)?;
+        let outputs = runner.run(&run.model, &run.inputs);
+        self.runners.put(generation, runner);
+        Ok((run.inputs, outputs?))
+    }
+
     /// The halves of `cut`, partitioned by the plugin and the head registered with the
     /// runtime's models (once per cut). Registering a model takes a new plugin instance to see
     /// it, so the instance is replaced then.
@@ -345,7 +376,7 @@ impl Split {
         let head = match head {
             Some(bytes) => {
                 let name = format!("{service}.head.{}", &content_digest(cut.join(",").as_bytes())[7..19]);
-                runtime.models().insert(&name, &bytes)?;
+                runtime.models().insert_with(&name, &bytes, self.session)?;
                 state.plugin = SplitterPlugin::new(runtime, self.component.clone(), self.limits, &self.config)?;
                 Some(name)
             }

@@ -1,0 +1,479 @@
+//! `nereid bench serve`: a joint inference service under concurrent clients, against ONNX
+//! Runtime called natively from as many threads on the same model, in one run.
+//!
+//! Native configurations (each client a thread calling `Session::run` in a loop): a session per
+//! client with one intra-op thread; one session per core shared by the clients, one thread
+//! each; one session with a thread per core shared by all. The best is the baseline.
+//! nereid: a cloud and an edge of this binary on loopback, the edge serving the model through
+//! the hard-example-mining router (edge-only, so the cloud is never asked) as three services:
+//! `one` (1 instance), `pool` (an instance per core) and `batch` (an instance per core,
+//! batches of up to 8, only for a model whose first dimension is open); every instance's
+//! session uses one thread. Clients are HTTP/1.1 keep-alive connections in this process.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use serde::Serialize;
+
+use super::fleet::Latency;
+use nereid::inference::{profile, wire};
+use nereid::protocol::routes;
+use nereid::runtime::TensorData;
+
+#[derive(Args)]
+pub struct ServeBench {
+    /// The ONNX model, e.g. the test CNN: `python3 tests/fixtures/models/cnn.py cnn.onnx`.
+    model: PathBuf,
+    /// Concurrent clients of each measured phase (the first is the one compared with native).
+    #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
+    clients: Vec<usize>,
+    /// Seconds each phase runs.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// The router component [default: hard-example-mining from the plugin directory].
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+    /// Keep the benchmark's directory (configs, logs, state) and print where it is.
+    #[arg(long)]
+    keep: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Phase {
+    name: String,
+    clients: usize,
+    requests: u64,
+    errors: u64,
+    requests_per_sec: f64,
+    latency: Latency,
+    /// The edge process after the phase (nereid phases only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edge_threads: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edge_rss_bytes: Option<u64>,
+    /// CPU the edge used during the phase, in cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edge_cpu_cores: Option<f64>,
+    /// CPU this process (the clients, or native ONNX Runtime) used during the phase, in cores.
+    client_cpu_cores: f64,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    /// pool (safetensors) / the best native configuration, at the first client count.
+    throughput_vs_native: f64,
+    /// pool's p99 / that native configuration's p99.
+    p99_vs_native: f64,
+    /// pool / one (one intra-op thread per session).
+    pool_vs_one: f64,
+    /// pool with JSON bodies / pool with safetensors bodies.
+    json_vs_safetensors: f64,
+    /// batch / pool (None without a batch service).
+    batch_vs_pool: Option<f64>,
+    /// Edge threads and RSS at the last client count over the first (pool).
+    threads_growth: f64,
+    rss_growth: f64,
+}
+
+#[derive(Serialize)]
+struct ServeReport {
+    model: String,
+    cores: usize,
+    secs: f64,
+    /// Largest difference between the edge's answer and native ONNX Runtime's.
+    max_abs_diff: f64,
+    native_best: String,
+    phases: Vec<Phase>,
+    ratios: Ratios,
+}
+
+/// Runs `clients` threads calling `call` for `secs`: requests and latencies.
+fn native_phase(
+    name: &str,
+    clients: usize,
+    secs: f64,
+    call: impl Fn(usize) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<Phase> {
+    let stop = AtomicBool::new(false);
+    let micros = Mutex::new(Vec::new());
+    let errors = AtomicU64::new(0);
+    let started = Instant::now();
+    let cpu = nereid_harness::cpu_seconds(std::process::id())?;
+    std::thread::scope(|s| {
+        for c in 0..clients {
+            let (stop, micros, errors, call) = (&stop, &micros, &errors, &call);
+            s.spawn(move || {
+                let mut mine = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match call(c) {
+                        Ok(()) => mine.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                super::fleet::lock(micros).extend(mine);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let client_cpu_cores = (nereid_harness::cpu_seconds(std::process::id())? - cpu) / elapsed;
+    let micros = std::mem::take(&mut *super::fleet::lock(&micros));
+    Ok(Phase {
+        name: name.to_string(),
+        clients,
+        requests: micros.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        requests_per_sec: micros.len() as f64 / elapsed,
+        latency: Latency::of(micros),
+        edge_threads: None,
+        edge_rss_bytes: None,
+        edge_cpu_cores: None,
+        client_cpu_cores,
+    })
+}
+
+fn session(onnx: &[u8], threads: usize) -> anyhow::Result<ort::session::Session> {
+    use ort::session::builder::GraphOptimizationLevel;
+    Ok(ort::session::Session::builder()?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(threads)?
+        .with_intra_op_spinning(threads > 1)?
+        .with_inter_threads(1)?
+        .commit_from_memory(onnx)?)
+}
+
+fn run_session(session: &mut ort::session::Session, inputs: &[TensorData]) -> anyhow::Result<()> {
+    let values = inputs
+        .iter()
+        .map(|t| {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            Ok((t.name.clone(), ort::value::Tensor::from_array((shape, wire::le_f32s(&t.data)))?.into_dyn()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outputs = session.run(values)?;
+    for (_, v) in outputs.iter() {
+        std::hint::black_box(v.try_extract_tensor::<f32>()?);
+    }
+    Ok(())
+}
+
+/// The native configurations at `clients`, best first is up to the caller.
+fn native(onnx: &[u8], inputs: &[TensorData], clients: usize, secs: f64, cores: usize) -> anyhow::Result<Vec<Phase>> {
+    nereid::runtime::nn::init_onnxruntime()?;
+    let own: Vec<Mutex<ort::session::Session>> =
+        (0..clients).map(|_| session(onnx, 1).map(Mutex::new)).collect::<anyhow::Result<_>>()?;
+    let per_client = native_phase("native: a session per client, 1 thread", clients, secs, |c| {
+        run_session(&mut super::fleet::lock(&own[c]), inputs)
+    })?;
+    drop(own);
+    let shared: Vec<Mutex<ort::session::Session>> =
+        (0..cores).map(|_| session(onnx, 1).map(Mutex::new)).collect::<anyhow::Result<_>>()?;
+    let per_core = native_phase(&format!("native: {cores} sessions shared, 1 thread each"), clients, secs, |c| {
+        run_session(&mut super::fleet::lock(&shared[c % cores]), inputs)
+    })?;
+    drop(shared);
+    let one = Mutex::new(session(onnx, cores)?);
+    let single = native_phase(&format!("native: 1 session shared, {cores} threads"), clients, secs, |_| {
+        run_session(&mut super::fleet::lock(&one), inputs)
+    })?;
+    Ok(vec![per_client, per_core, single])
+}
+
+type Conn = SendRequest<Full<Bytes>>;
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Conn> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+async fn post(conn: &mut Conn, path: &str, media: &str, body: Bytes) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+    conn.ready().await?;
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, "127.0.0.1")
+        .header(hyper::header::CONTENT_TYPE, media)
+        .body(Full::new(body))?;
+    let resp = conn.send_request(req).await?;
+    let status = resp.status();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+/// `clients` connections posting `body` to `path` for `secs`.
+async fn http_phase(
+    name: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    (media, body): (&str, &Bytes),
+    clients: usize,
+    secs: f64,
+    edge_pid: u32,
+) -> anyhow::Result<Phase> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let cpu = (nereid_harness::cpu_seconds(edge_pid)?, nereid_harness::cpu_seconds(std::process::id())?);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut conn = connect(addr).await?;
+        let (path, media, body) = (path.to_string(), media.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut micros, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match post(&mut conn, &path, &media, body.clone()).await {
+                    Ok((s, _)) if s.is_success() => {
+                        micros.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
+                    }
+                    Ok(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        match connect(addr).await {
+                            Ok(c) => conn = c,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                }
+            }
+            (micros, errors)
+        }));
+    }
+    let (mut micros, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (m, e) = t.await?;
+        micros.extend(m);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let edge_cpu_cores = (nereid_harness::cpu_seconds(edge_pid)? - cpu.0) / elapsed;
+    let client_cpu_cores = (nereid_harness::cpu_seconds(std::process::id())? - cpu.1) / elapsed;
+    let threads = super::round::rss_kib(edge_pid, "Threads:")?;
+    Ok(Phase {
+        name: name.to_string(),
+        clients,
+        requests: micros.len() as u64,
+        errors,
+        requests_per_sec: micros.len() as f64 / elapsed,
+        latency: Latency::of(micros),
+        edge_threads: Some(threads),
+        edge_rss_bytes: Some(super::round::rss_kib(edge_pid, "VmRSS:")? * 1024),
+        edge_cpu_cores: Some(edge_cpu_cores),
+        client_cpu_cores,
+    })
+}
+
+pub fn run(args: ServeBench) -> anyhow::Result<()> {
+    if args.clients.is_empty() || args.clients.contains(&0) || !args.secs.is_finite() || args.secs <= 0.0 {
+        bail!("--clients must name positive counts and --secs must be positive");
+    }
+    let dir = tempfile::tempdir()?;
+    let report = measure_in(&args, dir.path())?;
+    if args.keep {
+        let kept = dir.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} cores, {} s per phase; answers within {:.1e} of native",
+        report.model, report.cores, report.secs, report.max_abs_diff
+    );
+    println!(
+        "{:<48} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>8}",
+        "phase", "clients", "req/s", "p50 ms", "p99 ms", "edge CPU", "this CPU", "threads", "RSS MB"
+    );
+    for p in &report.phases {
+        println!(
+            "{:<48} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>9} {:>9.2} {:>7} {:>8}{}",
+            p.name,
+            p.clients,
+            p.requests_per_sec,
+            p.latency.p50_ms,
+            p.latency.p99_ms,
+            p.edge_cpu_cores.map_or("-".into(), |c| format!("{c:.2}")),
+            p.client_cpu_cores,
+            p.edge_threads.map_or("-".into(), |t| t.to_string()),
+            p.edge_rss_bytes.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1e6)),
+            if p.errors > 0 { format!("  ({} errors)", p.errors) } else { String::new() }
+        );
+    }
+    let r = &report.ratios;
+    println!(
+        "pool vs best native ({}): throughput {:.2}x, p99 {:.2}x; pool vs one: {:.2}x; JSON vs safetensors: {:.2}x{}; edge threads {:.2}x and RSS {:.2}x from {} to {} clients",
+        report.native_best,
+        r.throughput_vs_native,
+        r.p99_vs_native,
+        r.pool_vs_one,
+        r.json_vs_safetensors,
+        r.batch_vs_pool.map_or(String::new(), |b| format!("; batch vs pool: {b:.2}x")),
+        r.threads_growth,
+        r.rss_growth,
+        args.clients[0],
+        args.clients[args.clients.len() - 1],
+    );
+    Ok(())
+}
+
+fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let router = args
+        .plugin
+        .clone()
+        .unwrap_or_else(|| crate::cli::plugin_path(&crate::cli::default_plugin_dir(), "hard-example-mining"));
+    if !router.is_file() {
+        bail!("router plugin {} not found (build the plugins: cargo xtask plugins)", router.display());
+    }
+    let onnx = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let model = nereid_onnx::Model::decode(onnx.as_slice()).with_context(|| format!("{}", args.model.display()))?;
+    let inputs = profile::patterned_inputs(&model, 1)?;
+    let open_batch = profile::input_specs(&model)?.iter().all(|s| matches!(s.shape.first(), Some(None)));
+    let safetensors = Bytes::from(wire::to_safetensors(&inputs)?);
+    let json = Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "inputs": inputs.iter().map(|t| (t.name.clone(), serde_json::json!({"shape": t.shape, "data": wire::le_f32s(&t.data)}))).collect::<serde_json::Map<_, _>>()
+    }))?);
+
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.set_message("native ONNX Runtime");
+    let first = args.clients[0];
+    let mut phases = native(&onnx, &inputs, first, args.secs, cores)?;
+    let (best_index, _) = phases
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.requests_per_sec.total_cmp(&b.1.requests_per_sec))
+        .context("no native phase")?;
+    let native_best = phases[best_index].name.clone();
+    let (native_rps, native_p99) = (phases[best_index].requests_per_sec, phases[best_index].latency.p99_ms);
+
+    let models = dir.join("models");
+    std::fs::create_dir_all(models.join("bench"))?;
+    std::fs::write(models.join("bench/model.onnx"), &onnx)?;
+    let cache = dir.join("cache");
+    let (cloud_port, edge_port) = (super::split::free_port()?, super::split::free_port()?);
+    let token = "bench-edge-token";
+    std::fs::write(
+        dir.join("cloud.toml"),
+        format!(
+            "listen = \"127.0.0.1:{cloud_port}\"\nstate = \"cloud.db\"\nadmin_token = \"bench-admin\"\n\
+             [nodes.bench-edge]\ntoken = \"{token}\"\n"
+        ),
+    )?;
+    let service = |name: &str, instances: usize, batch: usize| {
+        format!(
+            "[services.{name}]\nkind = \"joint\"\nmodel = \"bench\"\ninstances = {instances}\nthreads = 1\nqueue = 1024\n\
+             batch_max = {batch}\nrouter = {{ plugin = {:?}, config = {{ policy = \"edge-only\" }} }}\n",
+            router.display().to_string()
+        )
+    };
+    let batch_service = if open_batch { service("batch", cores, 8) } else { String::new() };
+    std::fs::write(
+        dir.join("edge.toml"),
+        format!(
+            "name = \"bench-edge\"\ncloud = \"http://127.0.0.1:{cloud_port}\"\ntoken = \"{token}\"\n\
+             state = \"edge.db\"\nlisten = \"127.0.0.1:{edge_port}\"\nmodels = \"models\"\n{}{}{batch_service}\
+             # The benchmark's own edge on loopback: its API needs no tokens.\n[api]\nopen = true\n",
+            service("one", 1, 1),
+            service("pool", cores, 1),
+        ),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build()?;
+    let http = reqwest::Client::new();
+    let cloud_log = dir.join("cloud.log");
+    let _cloud = super::split::spawn("cloud", &dir.join("cloud.toml"), &cache, &cloud_log, None)?;
+    let edge_log = dir.join("edge.log");
+    let edge = super::split::spawn("edge", &dir.join("edge.toml"), &cache, &edge_log, None)?;
+    let edge_pid = edge.0.id();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], edge_port).into();
+    let max_abs_diff = rt.block_on(async {
+        super::split::wait_healthy(&http, &format!("http://127.0.0.1:{cloud_port}{}", routes::HEALTH), &cloud_log)
+            .await?;
+        super::split::wait_healthy(&http, &format!("http://{addr}{}", routes::HEALTH), &edge_log).await?;
+        let mut conn = connect(addr).await?;
+        let (status, body) =
+            post(&mut conn, &routes::infer("pool"), "application/safetensors", safetensors.clone()).await?;
+        if !status.is_success() {
+            bail!("the edge refused the request: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body)?;
+        let got: Vec<f32> = answer["outputs"]
+            .as_array()
+            .context("outputs")?
+            .iter()
+            .flat_map(|o| o["data"].as_array().cloned().unwrap_or_default())
+            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect();
+        let want: Vec<f32> = nereid::inference::NativeModel::new(&onnx)?
+            .run(&inputs)?
+            .iter()
+            .map(wire::f32_values)
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        if got.len() != want.len() {
+            bail!("the edge answered {} values, native ONNX Runtime {}", got.len(), want.len());
+        }
+        anyhow::Ok(got.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max))
+    })?;
+
+    let st = ("application/safetensors", &safetensors);
+    // The pool at every client count before any other phase, so its threads and memory are
+    // compared with nothing else having run in between (the batch service's sessions hold
+    // bigger buffers).
+    let mut plan: Vec<(String, &str, (&str, &Bytes), usize)> =
+        vec![("nereid one: 1 instance, safetensors".to_string(), "one", st, first)];
+    for &c in &args.clients {
+        plan.push((format!("nereid pool: {cores} instances, safetensors"), "pool", st, c));
+    }
+    plan.push((format!("nereid pool: {cores} instances, JSON"), "pool", ("application/json", &json), first));
+    if open_batch {
+        plan.push((format!("nereid batch: {cores} instances, up to 8, safetensors"), "batch", st, first));
+    }
+    for (name, service, body, clients) in plan {
+        progress.set_message(format!("{name}, {clients} clients"));
+        let path = routes::infer(service);
+        phases.push(rt.block_on(http_phase(&name, addr, &path, body, clients, args.secs, edge_pid))?);
+    }
+    progress.finish_and_clear();
+    let find = |service: &str, body: &str, clients: usize| {
+        phases.iter().find(|p| p.name.contains(service) && p.name.contains(body) && p.clients == clients)
+    };
+    let (one, pool, pool_json) = (
+        find("nereid one", "safetensors", first).context("one")?,
+        find("nereid pool", "safetensors", first).context("pool")?,
+        find("nereid pool", "JSON", first).context("pool JSON")?,
+    );
+    let last_clients = args.clients[args.clients.len() - 1];
+    let last_pool = find("nereid pool", "safetensors", last_clients).context("pool at the last client count")?;
+    let ratios = Ratios {
+        throughput_vs_native: pool.requests_per_sec / native_rps,
+        p99_vs_native: pool.latency.p99_ms / native_p99,
+        pool_vs_one: pool.requests_per_sec / one.requests_per_sec,
+        json_vs_safetensors: pool_json.requests_per_sec / pool.requests_per_sec,
+        batch_vs_pool: find("nereid batch", "safetensors", first).map(|b| b.requests_per_sec / pool.requests_per_sec),
+        threads_growth: last_pool.edge_threads.unwrap_or(0) as f64 / pool.edge_threads.unwrap_or(1).max(1) as f64,
+        rss_growth: last_pool.edge_rss_bytes.unwrap_or(0) as f64 / pool.edge_rss_bytes.unwrap_or(1).max(1) as f64,
+    };
+    drop(edge);
+    Ok(ServeReport {
+        model: args.model.display().to_string(),
+        cores,
+        secs: args.secs,
+        max_abs_diff,
+        native_best,
+        phases,
+        ratios,
+    })
+}
