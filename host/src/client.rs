@@ -148,11 +148,7 @@ impl CloudClient {
     /// What this node should do, waiting up to `wait_secs` for a task (a long poll; a cloud
     /// that does not hold requests answers at once).
     pub async fn task_within(&self, wait_secs: u32) -> Result<Option<Task>> {
-        let path = match wait_secs {
-            0 => routes::TASK.to_string(),
-            w => format!("{}?wait={w}", routes::TASK),
-        };
-        Ok(self.get::<TaskResponse>(&path).await?.task)
+        Ok(self.get::<TaskResponse>(&routes::waiting(routes::TASK, wait_secs)).await?.task)
     }
 
     /// A job's global model version `version` (safetensors).
@@ -191,11 +187,7 @@ impl CloudClient {
     /// Whether a round still waits for the caller, held by the cloud up to `wait_secs` while it
     /// does (a long poll).
     pub async fn round_state_within(&self, job: &str, round: u32, wait_secs: u32) -> Result<RoundState> {
-        let path = match wait_secs {
-            0 => routes::round(job, round),
-            w => format!("{}?wait={w}", routes::round(job, round)),
-        };
-        self.get(&path).await
+        self.get(&routes::waiting(&routes::round(job, round), wait_secs)).await
     }
 
     // ---- operators -------------------------------------------------------------------------

@@ -45,6 +45,10 @@ pub struct Task {
     /// What the aggregator publishes to clients (FedProx's `mu`).
     pub server_config: ConfigTable,
     pub deadline_ms: i64,
+    /// For a node the cloud knows as a regional aggregator (`region = true`): the job's spec,
+    /// from which the region runs the same round with its own nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Box<JobSpec>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -382,6 +386,14 @@ pub mod routes {
 
     pub fn round(job: &str, round: u32) -> String {
         format!("/v1/jobs/{job}/rounds/{round}")
+    }
+
+    /// `path` as a long poll held up to `wait_secs` (`path` itself for 0: answered at once).
+    pub fn waiting(path: &str, wait_secs: u32) -> String {
+        match wait_secs {
+            0 => path.to_string(),
+            w => format!("{path}?wait={w}"),
+        }
     }
 
     pub fn update(job: &str, round: u32) -> String {

@@ -11,6 +11,7 @@ mod fedavg;
 mod federated;
 mod fedprox;
 mod fleet;
+mod hierarchy;
 mod hostile;
 mod image;
 mod incremental;

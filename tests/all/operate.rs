@@ -75,12 +75,19 @@ fn sigterm_in_the_middle_of_rounds_loses_nothing() {
     c.start_cloud();
     let open = c.status("digits").current.expect("round 1 is still open");
     assert_eq!((open.round, open.received.len()), (1, 2), "the updates received before the stop are kept");
+    // Rounds take milliseconds once every update is in, so edge-1 is held to keep round 2 open
+    // while edge-2, having sent its update, is stopped and started again.
+    // Held once the restarted cloud has seen it, so that it counts as online and round 2 selects it.
+    c.wait_until("digits", "edge-1 seen", |s| s.nodes.iter().any(|n| n.name == "edge-1" && n.last_seen_ms.is_some()));
+    c.signal_edge(0, "-STOP");
     c.signal_edge(2, "-CONT");
-    // An edge, once round 3 is open: stopped (while it trains, uploads or waits), then started again.
-    c.wait_until("digits", "round 3", |s| s.current.as_ref().is_some_and(|r| r.round == 3));
+    c.wait_until("digits", "two updates of round 2", |s| {
+        s.current.as_ref().is_some_and(|r| r.round == 2 && r.received.len() == 2)
+    });
     let mut edge = c.edges[1].take().expect("edge-2 running");
     assert_eq!(terminate(&mut edge), Some(0), "edge-2");
     c.start_edge(1);
+    c.signal_edge(0, "-CONT");
     let s = c.wait_done("digits");
     assert!(s.history.iter().all(|h| h.participants.len() == 3), "no update lost: {:?}", s.history);
     assert_eq!(c.model("digits", rounds), reference, "the same model as a run without stops");

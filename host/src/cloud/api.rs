@@ -51,6 +51,7 @@ pub(super) async fn task(
             compressor: spec.compressor.clone(),
             server_config: cloud.plugins.published(&spec.name),
             deadline_ms: o.deadline_ms,
+            region: cloud.regions.contains(&node).then(|| Box::new(JobSpec::clone(spec))),
         }
     });
     Ok(Json(TaskResponse { task }))
@@ -225,12 +226,8 @@ pub(super) async fn round_state(
         Caller::Node(node) => Some(node.as_str()),
         Caller::Admin => None,
     };
-    let first = state(&cloud.board);
-    if !first.waits_for_caller || wait.is_zero() {
-        return Ok(Json(first));
-    }
     let changed = long_poll(&cloud, who, wait, |board| Some(state(board)).filter(|s| !s.waits_for_caller)).await;
-    Ok(Json(changed.unwrap_or(first)))
+    Ok(Json(changed.unwrap_or_else(|| state(&cloud.board))))
 }
 
 /// Applies a job: creates it, or — for a running job whose plugins changed — checks the new

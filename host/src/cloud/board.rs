@@ -50,7 +50,7 @@ pub(super) struct Board {
     /// Rounds whose fold has begun. An update or failure is recorded only while holding this
     /// lock for reading and only if its round is not here; a round enters it under the write
     /// lock, so the fold sees every update that was acknowledged (see [`Board::record`]).
-    closing: RwLock<HashSet<(String, u32)>>,
+    closing: RwLock<Vec<(String, u32)>>,
     /// Bumped at every change that can give a node a task or end its wait.
     version: tokio::sync::watch::Sender<u64>,
 }
@@ -60,7 +60,7 @@ impl Default for Board {
         Board {
             jobs: RwLock::new(Vec::new()),
             ended: RwLock::new(HashSet::new()),
-            closing: RwLock::new(HashSet::new()),
+            closing: RwLock::new(Vec::new()),
             version: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -146,7 +146,7 @@ impl Board {
 
     /// The fold of `round` begins: from now on nothing more is recorded for it.
     pub fn begin_close(&self, name: &str, round: u32) {
-        crate::write(&self.closing).insert((name.to_string(), round));
+        crate::write(&self.closing).push((name.to_string(), round));
     }
 
     /// A round that closed (before the job loop opens the next one).

@@ -12,18 +12,20 @@
 //! tasks, models and metrics), [`uploads`] (updates and failures), [`inference`] (hard
 //! examples, split tails), [`rounds`] (the round engine and the job loop), [`plugins`] (each
 //! job's plugin instances and hot swap), [`board`] (running jobs and open rounds in memory, for
-//! polls), [`nodes`] (token hashes and presence in memory), [`error`].
+//! polls), [`nodes`] (token hashes and presence in memory), [`relay`] (a regional aggregator's
+//! rounds taken from an upper cloud and results sent up), [`error`].
 mod api;
 mod board;
 mod error;
 mod inference;
 mod nodes;
 mod plugins;
+mod relay;
 mod rounds;
 mod selection;
 mod uploads;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +84,10 @@ pub struct Cloud {
     /// Each job's open round: its fold as far as it got, the global model it starts from.
     rounds: rounds::Rounds,
     wake: tokio::sync::Notify,
+    /// Wakes a regional aggregator's relay: a round closed, its result can go up.
+    relay_wake: tokio::sync::Notify,
+    /// Nodes that are regional aggregators (`region = true`): their tasks carry the job's spec.
+    regions: HashSet<String>,
     /// Upload bodies held in memory at once; further uploads wait (TCP backpressure), which
     /// bounds the cloud's memory whatever the number of clients.
     upload_slots: tokio::sync::Semaphore,
@@ -240,9 +246,13 @@ pub async fn serve(
         Err(e) => tracing::warn!("raising the limit on open files: {e}"),
     }
     let store = CloudStore::open(&base.join(&config.state))?;
-    for (node, entry) in config.nodes.iter().filter(|(_, e)| !e.token.is_empty()) {
-        store.set_node_token(node, &token_sha256(entry.token.expose()))?;
-    }
+    let configured: Vec<(String, String)> = config
+        .nodes
+        .iter()
+        .filter(|(_, e)| !e.token.is_empty())
+        .map(|(node, e)| (node.clone(), token_sha256(e.token.expose())))
+        .collect();
+    store.set_node_tokens(&configured)?;
     store.collect_update_files()?;
     let runtime = Runtime::new(cache_dir)?;
     let components = Components::new(registry_cache, &config.registries)?;
@@ -265,6 +275,8 @@ pub async fn serve(
         rounds: rounds::Rounds::default(),
         served: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
+        relay_wake: tokio::sync::Notify::new(),
+        regions: config.nodes.iter().filter(|(_, e)| e.region).map(|(n, _)| n.clone()).collect(),
         upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
         uploading: uploads::Uploading::default(),
         max_upload: config.max_upload_mib << 20,
@@ -280,6 +292,9 @@ pub async fn serve(
         tokio::spawn(rounds::run_job(cloud.clone(), row.name.clone()));
     }
     tokio::spawn(refresh_tokens(cloud.clone()));
+    if let Some(upstream) = config.upstream.clone() {
+        tokio::spawn(relay::Relay::connect(upstream)?.run(cloud.clone()));
+    }
     let app = router(cloud.clone(), cloud.max_upload);
     let addr: SocketAddr = config.listen.parse().map_err(|e| anyhow::anyhow!("listen = {:?}: {e}", config.listen))?;
     let tls = match &config.tls {

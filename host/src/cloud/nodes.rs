@@ -65,22 +65,27 @@ pub(super) struct Waiting<'a> {
 
 impl Presence {
     pub fn seen(&self, node: &str) {
-        let now = now_ms();
-        let mut map = crate::lock(&self.0);
-        match map.get_mut(node) {
-            Some(seen) => seen.at_ms = now,
-            None => {
-                map.insert(node.to_string(), Seen { at_ms: now, waiting: 0 });
-            }
-        }
+        self.touch(node, 0);
     }
 
     pub fn waiting(&self, node: &str) -> Waiting<'_> {
-        self.seen(node);
-        if let Some(seen) = crate::lock(&self.0).get_mut(node) {
-            seen.waiting += 1;
-        }
+        self.touch(node, 1);
         Waiting { presence: self, node: node.to_string() }
+    }
+
+    /// Seen now, with `waits` more long polls in progress.
+    fn touch(&self, node: &str, waits: u32) {
+        let now = now_ms();
+        let mut map = crate::lock(&self.0);
+        match map.get_mut(node) {
+            Some(seen) => {
+                seen.at_ms = now;
+                seen.waiting += waits;
+            }
+            None => {
+                map.insert(node.to_string(), Seen { at_ms: now, waiting: waits });
+            }
+        }
     }
 
     /// Nodes that made a request since `since_ms` or are waiting now, sorted.

@@ -437,6 +437,8 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} updates {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // A region's copy of an upper job opens a round only when the upper cloud gave it one.
+    let relayed = cloud.store.is_relayed_job(name)?;
     loop {
         let Some(row) = cloud.store.job(name)? else { return Ok(()) };
         if row.status != "running" {
@@ -464,6 +466,15 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 if cloud.plugins.at_round_boundary(&cloud.store, &spec, row.pending_spec.is_some(), r).await? {
                     continue;
                 }
+                let relayed_deadline = if relayed {
+                    let Some(deadline) = cloud.store.relayed_deadline(name, r)? else {
+                        wait(cloud).await;
+                        continue;
+                    };
+                    Some(deadline)
+                } else {
+                    None
+                };
                 let online = cloud.online_since(now_ms() - cloud.online_ms);
                 if online.len() < spec.rounds.min_clients {
                     wait(cloud).await;
@@ -475,7 +486,8 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                     let (c, spec2, online) = (cloud.clone(), spec.clone(), online.clone());
                     tokio::task::spawn_blocking(move || super::selection::select(&c, &spec2, r, &online, count)).await?
                 };
-                let deadline = now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64;
+                let deadline =
+                    relayed_deadline.unwrap_or_else(|| now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64);
                 if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {
                     cloud.finish_job(name, "done", &reason)?;
                     continue;
@@ -512,6 +524,9 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
             ("failures", Closing::TooFew)
         } else if late && enough {
             ("deadline", Closing::Aggregate)
+        } else if late && relayed {
+            // The upper round ends soon after: waiting on would only make the region's answer late.
+            ("deadline", Closing::TooFew)
         } else {
             if late {
                 progress.set_message(format!("past the deadline, waiting for {} updates", spec.rounds.min_clients));
@@ -534,6 +549,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         cloud.store.close_round(name, r, &model, &summary_json, state)?;
         cloud.board.close(name, r);
         cloud.counters.rounds_closed.fetch_add(1, Ordering::Relaxed);
+        cloud.relay_wake.notify_one();
         let c = cloud.clone();
         tokio::task::spawn_blocking(move || c.store.collect_update_files()).await??;
         lock(&cloud.traffic).remove(&(name.to_string(), r));

@@ -157,13 +157,16 @@ async fn accept_upload(
         .get(META_NUM_EXAMPLES)
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| fail(err(StatusCode::BAD_REQUEST, format!("the update has no `{META_NUM_EXAMPLES}`"))))?;
-    let max = spec.rounds.max_examples;
+    // A region's update stands for all its nodes' examples, each of which its own cloud bounded.
+    let region = cloud.regions.contains(node);
+    let max = if region { crate::config::job::caps::MAX_EXAMPLES } else { spec.rounds.max_examples };
     if !(1..=max).contains(&num_examples) {
+        let bound = if region { "for a region" } else { "([rounds] max_examples)" };
         return Err(fail(err(
             StatusCode::BAD_REQUEST,
             format!(
                 "update from `{node}`: `{META_NUM_EXAMPLES}` is {num_examples}; job `{job}` takes 1 to {max} \
-                 examples per update ([rounds] max_examples)"
+                 examples per update {bound}"
             ),
         )));
     }

@@ -62,6 +62,52 @@ pub struct CloudConfig {
     /// `[tls]`, only loopback addresses are served otherwise.
     #[serde(default)]
     pub allow_plaintext: bool,
+    /// Makes this cloud a regional aggregator of an upper cloud (see
+    /// docs/federated-learning.md#hierarchical-aggregation).
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// `[upstream]` of cloud.toml: the upper cloud whose rounds this cloud runs with its own nodes,
+/// sending each round's result up as one update.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The upper cloud's URL, e.g. "https://cloud.example:7000".
+    pub url: String,
+    /// This cloud's node token at the upper cloud: `token`, `token_file` or `token_env`.
+    #[serde(default)]
+    pub token: Secret,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
+    /// How this cloud reaches an `https://` upper cloud: `ca`, and `cert` and `key` for mutual TLS.
+    #[serde(default)]
+    pub tls: nereid_net::tls::ClientTls,
+    /// Plain HTTP to an upper cloud that is not on loopback (logged as a warning).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Updates of this region's nodes a round needs: with fewer at its deadline, the region
+    /// reports the round failed upstream instead of sending a result.
+    #[serde(default = "one")]
+    pub min_clients: usize,
+    /// The region's round closes this many seconds before the upper round's deadline, so that
+    /// its result arrives in time.
+    #[serde(default = "default_margin_secs")]
+    pub deadline_margin_secs: f64,
+    /// How long the upper cloud holds this cloud's request for a task (a long poll).
+    #[serde(default = "default_long_poll_secs")]
+    pub long_poll_secs: u32,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_margin_secs() -> f64 {
+    5.0
+}
+
+fn default_long_poll_secs() -> u32 {
+    25
 }
 
 /// `node_auth` of cloud.toml.
@@ -94,6 +140,10 @@ impl CheckConfig for CloudConfig {
                 entry.token_env.as_ref(),
                 base,
             )?;
+        }
+        if let Some(up) = &mut self.upstream {
+            secret::resolve("upstream.token", &mut up.token, up.token_file.as_ref(), up.token_env.as_ref(), base)?;
+            up.tls = up.tls.relative_to(base);
         }
         Ok(())
     }
@@ -139,7 +189,44 @@ impl CheckConfig for CloudConfig {
                 message: "knowing nodes by their certificates needs [tls] with `client_ca`".into(),
             });
         }
+        if let Some(up) = &self.upstream {
+            up.check()?;
+        }
         self.http.validate().map_err(|e| limits_error("http", e))
+    }
+}
+
+impl UpstreamConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        let bad = |key: &str, message: String| FieldError { key: format!("upstream.{key}"), message };
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(bad("url", format!("{:?} is not an http:// or https:// URL", self.url)));
+        }
+        if self.token.is_empty() && self.tls.cert.is_none() {
+            return Err(bad(
+                "token",
+                "the upper cloud needs this region's node token (or `tls.cert` and `tls.key`)".into(),
+            ));
+        }
+        if !self.token.is_empty() && self.token.len() < 8 {
+            return Err(bad("token", "must be at least 8 characters".into()));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(bad("tls", "`cert` and `key` go together".into()));
+        }
+        if !(1..=super::job::caps::MIN_CLIENTS).contains(&self.min_clients) {
+            return Err(bad("min_clients", format!("must be between 1 and {}", super::job::caps::MIN_CLIENTS)));
+        }
+        if !(self.deadline_margin_secs.is_finite() && (0.0..=3600.0).contains(&self.deadline_margin_secs)) {
+            return Err(bad("deadline_margin_secs", "must be between 0 and 3600 seconds".into()));
+        }
+        if self.long_poll_secs == 0 || self.long_poll_secs > super::edge::MAX_LONG_POLL_SECS {
+            return Err(bad(
+                "long_poll_secs",
+                format!("must be between 1 and {} seconds", super::edge::MAX_LONG_POLL_SECS),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -163,4 +250,8 @@ pub struct NodeEntry {
     pub token: Secret,
     pub token_file: Option<PathBuf>,
     pub token_env: Option<String>,
+    /// The node is a regional aggregator (a cloud with `[upstream]`): its tasks carry the job's
+    /// spec, and its updates may stand for more examples than `[rounds] max_examples`.
+    #[serde(default)]
+    pub region: bool,
 }

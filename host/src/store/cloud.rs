@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS failures (
     job TEXT NOT NULL, round INTEGER NOT NULL, node TEXT NOT NULL, reason TEXT NOT NULL,
     at_ms INTEGER NOT NULL, PRIMARY KEY (job, round, node));
+CREATE TABLE IF NOT EXISTS relayed (
+    job TEXT NOT NULL, round INTEGER NOT NULL, deadline_ms INTEGER NOT NULL, outcome TEXT,
+    PRIMARY KEY (job, round));
 CREATE TABLE IF NOT EXISTS hard_examples (
     node TEXT NOT NULL, id INTEGER NOT NULL, service TEXT NOT NULL, input BLOB NOT NULL,
     queued_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (node, id));
@@ -115,18 +118,13 @@ impl CloudStore {
         Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back).
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn set_node_token(&self, node: &str, token_sha256: &str) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO nodes (name, token_sha256) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
-            params![node, token_sha256],
-        )?;
-        Ok(())
+        self.set_node_tokens(&[(node.to_string(), token_sha256.to_string())])
     }
 
     /// Tokens for many nodes in one transaction (bulk enrolment): all or none.

@@ -1,6 +1,6 @@
 //! State that must survive a crash, in SQLite (WAL, synchronous commits): the cloud's
 //! ([`cloud::CloudStore`]: jobs, rounds, accepted updates and their files, model versions, node
-//! tokens, components, hard examples) and an edge's ([`edge::EdgeStore`]: trained updates, the
+//! tokens, components, hard examples; a regional aggregator's relayed rounds, [`relay`]) and an edge's ([`edge::EdgeStore`]: trained updates, the
 //! outbox, the replay buffer, the incremental job's samples and model versions). Everything is
 //! written before it is acknowledged.
 use std::path::{Path, PathBuf};
@@ -9,9 +9,11 @@ use rusqlite::Connection;
 
 mod cloud;
 mod edge;
+mod relay;
 
 pub use cloud::{CloudStore, Inserted, JobRow, RoundRow, UpdateRow};
 pub use edge::{EdgeStore, OfferBatch, OutboxRow, ReplayOffer, ReplayState, TrainedRow};
+pub use relay::Relayed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

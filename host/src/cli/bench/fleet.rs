@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::cli::demo::fleet::{free_port, start_cloud};
 use nereid::client::CloudClient as Api;
-use nereid::protocol::{new_token, RoundState, TaskResponse};
+use nereid::protocol::{new_token, routes, RoundState, TaskResponse};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Modes {
@@ -97,7 +97,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut micros: Vec<u32>) -> Latency {
+    pub(super) fn of(mut micros: Vec<u32>) -> Latency {
         if micros.is_empty() {
             return Latency::default();
         }
@@ -136,12 +136,12 @@ impl Recorder {
 
     fn sample(&self, took: Duration) {
         let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
-        nereid_lock(&self.micros).push(micros);
+        lock(&self.micros).push(micros);
     }
 
     fn take(&self) -> (Vec<u32>, u64, u64, usize) {
         (
-            std::mem::take(&mut *nereid_lock(&self.micros)),
+            std::mem::take(&mut *lock(&self.micros)),
             self.requests.swap(0, Ordering::Relaxed),
             self.errors.swap(0, Ordering::Relaxed),
             self.answered.swap(0, Ordering::Relaxed),
@@ -149,7 +149,8 @@ impl Recorder {
     }
 }
 
-fn nereid_lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A lock a panicked edge task left poisoned still holds consistent figures.
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -205,9 +206,6 @@ async fn edge(shared: Arc<Shared>, index: usize, token: String) {
     let mut next = tokio::time::Instant::now() + offset;
     loop {
         let mode = *modes.borrow_and_update();
-        if mode == Mode::Done {
-            return;
-        }
         if conn.as_ref().is_none_or(SendRequest::is_closed) {
             match connect(shared.cloud, local).await {
                 Ok(c) => conn = Some(c),
@@ -228,11 +226,11 @@ async fn edge(shared: Arc<Shared>, index: usize, token: String) {
                 }
                 next += shared.poll;
                 let t0 = Instant::now();
-                let ok = matches!(get(live, "/v1/task", &auth).await, Ok((s, _)) if s.is_success());
+                let ok = matches!(get(live, routes::TASK, &auth).await, Ok((s, _)) if s.is_success());
                 shared.record.request(t0.elapsed(), ok);
             }
             Mode::LongPoll => {
-                let path = format!("/v1/task?wait={}", shared.long_poll_secs);
+                let path = routes::waiting(routes::TASK, shared.long_poll_secs);
                 let answer = get(live, &path, &auth).await;
                 let task = match answer {
                     Ok((s, body)) if s.is_success() => {
@@ -246,10 +244,10 @@ async fn edge(shared: Arc<Shared>, index: usize, token: String) {
                 };
                 shared.record.requests.fetch_add(1, Ordering::Relaxed);
                 let Some(task) = task else { continue };
-                shared.record.sample(nereid_lock(&shared.since).elapsed());
+                shared.record.sample(lock(&shared.since).elapsed());
                 shared.record.answered.fetch_add(1, Ordering::Relaxed);
                 // "Training": held on the round's state until the round stops waiting for it.
-                let path = format!("/v1/jobs/{}/rounds/{}?wait={}", task.job, task.round, shared.long_poll_secs);
+                let path = routes::waiting(&routes::round(&task.job, task.round), shared.long_poll_secs);
                 while let Some(live) = conn.as_mut().filter(|c| !c.is_closed()) {
                     match get(live, &path, &auth).await {
                         Ok((s, body)) if s.is_success() => {
@@ -257,7 +255,7 @@ async fn edge(shared: Arc<Shared>, index: usize, token: String) {
                             let waits =
                                 serde_json::from_slice::<RoundState>(&body).map_or(true, |s| s.waits_for_caller);
                             if !waits {
-                                shared.record.sample(nereid_lock(&shared.since).elapsed());
+                                shared.record.sample(lock(&shared.since).elapsed());
                                 shared.record.answered.fetch_add(1, Ordering::Relaxed);
                                 break;
                             }
@@ -486,7 +484,7 @@ fn measure_in(args: &FleetBench, cache_dir: Option<PathBuf>, work: &std::path::P
 
         progress.set_message("long polling: a round's tasks");
         let m = Measure::start(pid, &shared)?;
-        *nereid_lock(&shared.since) = Instant::now();
+        *lock(&shared.since) = Instant::now();
         apply("held")?;
         wait_for("every edge's task", &|| Ok(shared.record.answered.load(Ordering::Relaxed) >= n))?;
         phases.push(m.finish("long poll, task to all", pid, &shared, base_rss, n, None)?);
@@ -498,7 +496,7 @@ fn measure_in(args: &FleetBench, cache_dir: Option<PathBuf>, work: &std::path::P
 
         progress.set_message("long polling: the job stopped");
         let m = Measure::start(pid, &shared)?;
-        *nereid_lock(&shared.since) = Instant::now();
+        *lock(&shared.since) = Instant::now();
         rt.block_on(api.stop("held"))?;
         wait_for("every edge told the round ended", &|| Ok(shared.record.answered.load(Ordering::Relaxed) >= n))?;
         phases.push(m.finish("long poll, stop to all", pid, &shared, base_rss, n, None)?);

@@ -235,7 +235,7 @@ pub fn run(args: RoundBench, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let client_peak = rss_kib(std::process::id(), "VmHWM:")? * 1024;
     drop(fleet);
 
-    // Floor: the same fold from memory in this process.
+    // Floor: the same fold in this process, the updates read from their files.
     let mut plugin = AggregatorPlugin::load(
         &runtime,
         &fedavg,
