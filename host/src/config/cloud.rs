@@ -255,3 +255,34 @@ pub struct NodeEntry {
     #[serde(default)]
     pub region: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_is_checked_and_its_token_resolved_from_a_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cloud.toml");
+        let head = "listen = \"127.0.0.1:7100\"\nstate = \"c.db\"\nadmin_token = \"admin-token-1\"\n[upstream]\n";
+        std::fs::write(dir.path().join("up.token"), "token-of-region-a\n").expect("write");
+        let good = format!("{head}url = \"http://127.0.0.1:7000\"\ntoken_file = \"up.token\"\n");
+        std::fs::write(&path, &good).expect("write");
+        let (config, _) = super::super::read_config::<CloudConfig>(&path).expect("valid");
+        let up = config.upstream.expect("upstream");
+        assert_eq!(up.token.expose(), "token-of-region-a");
+        assert_eq!((up.min_clients, up.long_poll_secs), (1, 25));
+        for (body, says) in [
+            (format!("{head}url = \"ftp://x\"\ntoken = \"token-of-a\"\n"), "upstream.url"),
+            (format!("{head}url = \"http://127.0.0.1:7000\"\n"), "upstream.token"),
+            (format!("{good}min_clients = 0\n"), "upstream.min_clients"),
+            (format!("{good}deadline_margin_secs = -1.0\n"), "upstream.deadline_margin_secs"),
+            (format!("{good}long_poll_secs = 0\n"), "upstream.long_poll_secs"),
+            (format!("{good}mystery = 1\n"), "mystery"),
+        ] {
+            std::fs::write(&path, &body).expect("write");
+            let e = super::super::read_config::<CloudConfig>(&path).expect_err(says).to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+    }
+}
