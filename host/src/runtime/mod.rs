@@ -6,7 +6,7 @@ pub mod config;
 mod error;
 mod host_impl;
 pub mod nn;
-mod onnxruntime;
+pub mod onnxruntime;
 mod openvino;
 pub mod round_updates;
 mod sandbox;

@@ -53,20 +53,20 @@ fn tensor_type(ty: &ValueType) -> Option<TensorType> {
     }
 }
 
+/// An ONNX Runtime session as the node's graphs run one (`nereid bench serve` builds its native
+/// baseline with it too, so both compare the same settings).
+pub fn build_session(onnx: &[u8], options: SessionOptions) -> Result<Session, ort::Error> {
+    let mut builder = Session::builder()?.with_optimization_level(GraphOptimizationLevel::Level3)?;
+    if let Some(n) = options.intra_threads {
+        // A session computing on one thread must not spin another core waiting for work.
+        builder = builder.with_intra_threads(n)?.with_intra_op_spinning(n > 1)?.with_inter_threads(1)?;
+    }
+    builder.commit_from_memory(onnx)
+}
+
 impl GraphState {
     fn session(&self) -> Result<Session, BackendError> {
-        let mut builder = Session::builder()
-            .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::Level3))
-            .map_err(ort_failed)?;
-        if let Some(n) = self.options.intra_threads {
-            // A session computing on one thread must not spin another core waiting for work.
-            builder = builder
-                .with_intra_threads(n)
-                .and_then(|b| b.with_intra_op_spinning(n > 1))
-                .and_then(|b| b.with_inter_threads(1))
-                .map_err(ort_failed)?;
-        }
-        builder.commit_from_memory(&self.onnx).map_err(ort_failed)
+        build_session(&self.onnx, self.options).map_err(ort_failed)
     }
 
     fn take(&self) -> Result<Session, BackendError> {

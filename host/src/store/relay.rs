@@ -16,6 +16,10 @@ pub enum Relayed {
     Conflict(String),
 }
 
+fn relayed_exists(conn: &rusqlite::Connection, job: &str) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT EXISTS(SELECT 1 FROM relayed WHERE job = ?1)", [job], |r| r.get(0))
+}
+
 impl CloudStore {
     /// Records upper round `round` of `job` for this region, in one transaction: the job's spec
     /// (creating the job, or as its pending spec when it changed), the upper global model as
@@ -35,7 +39,7 @@ impl CloudStore {
         let row: Option<(String, String)> = tx
             .query_row("SELECT status, spec FROM jobs WHERE name = ?1", [job], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let relayed: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM relayed WHERE job = ?1)", [job], |r| r.get(0))?;
+        let relayed = relayed_exists(&tx, job)?;
         let started = match row {
             None => {
                 tx.execute(
@@ -77,7 +81,7 @@ impl CloudStore {
 
     /// Whether `job` is a region's copy of an upper job.
     pub fn is_relayed_job(&self, job: &str) -> Result<bool> {
-        Ok(self.conn().query_row("SELECT EXISTS(SELECT 1 FROM relayed WHERE job = ?1)", [job], |r| r.get(0))?)
+        Ok(relayed_exists(&self.conn(), job)?)
     }
 
     /// The deadline of relayed round `round` of `job`, if the upper cloud gave it to this region.

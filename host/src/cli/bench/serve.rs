@@ -146,13 +146,8 @@ fn native_phase(
 }
 
 fn session(onnx: &[u8], threads: usize) -> anyhow::Result<ort::session::Session> {
-    use ort::session::builder::GraphOptimizationLevel;
-    Ok(ort::session::Session::builder()?
-        .with_optimization_level(GraphOptimizationLevel::Level3)?
-        .with_intra_threads(threads)?
-        .with_intra_op_spinning(threads > 1)?
-        .with_inter_threads(1)?
-        .commit_from_memory(onnx)?)
+    let options = nereid::runtime::onnxruntime::SessionOptions { intra_threads: Some(threads) };
+    Ok(nereid::runtime::onnxruntime::build_session(onnx, options)?)
 }
 
 fn run_session(session: &mut ort::session::Session, inputs: &[TensorData]) -> anyhow::Result<()> {
