@@ -4,6 +4,7 @@ pub mod client;
 pub mod cloud;
 pub mod components;
 pub mod config;
+pub mod cpu_quota;
 pub mod edge;
 pub mod files;
 pub mod inference;

@@ -16,16 +16,22 @@ use crate::common::*;
 
 /// The test CNN (tests/fixtures/models/cnn.py: 21 nodes, 7 convolutions, a residual block).
 pub fn write_cnn(path: &Path) {
+    write_cnn_with(path, &[]);
+}
+
+/// The test CNN built with cnn.py's options `args` (`--size`, `--width`, `--stem`).
+pub fn write_cnn_with(path: &Path, args: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/cnn.py");
     let out = Command::new("python3")
         .arg(&script)
         .arg(path)
+        .args(args)
         .output()
         .expect("python3 (the `onnx` package: `cargo xtask test` installs it)");
     assert!(out.status.success(), "building the test CNN: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn image(seed: u32) -> TensorData {
+pub fn image(seed: u32) -> TensorData {
     let values: Vec<f32> =
         (0..3 * 64 * 64).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
     f32_tensor("image", vec![1, 3, 64, 64], &values)
@@ -281,7 +287,7 @@ fn infer_at_cut(url: &str, cut: &str, body: &[u8]) -> serde_json::Value {
 }
 
 /// The first output of an edge's JSON answer equals `want` within 1e-5.
-fn assert_answers(answer: &serde_json::Value, want: &[f32]) {
+pub fn assert_answers(answer: &serde_json::Value, want: &[f32]) {
     let got: Vec<f32> = answer["outputs"][0]["data"]
         .as_array()
         .expect("data")
@@ -364,13 +370,7 @@ fn split_inference_serves_the_whole_models_answer_at_the_planned_and_at_a_forced
 fn the_planned_cut_is_the_measured_best_at_100_10_and_1_mbit() {
     let dir = tempfile::tempdir().expect("tmp");
     let model = dir.path().join("cnn32.onnx");
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/cnn.py"))
-        .arg(&model)
-        .args(["--size", "32"])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    write_cnn_with(&model, &["--size", "32"]);
     let model = model.display().to_string();
     let out =
         nereid(&["bench", "split", &model, "--bandwidths", "100,10,1", "--rtt-ms", "4", "--repeat", "3", "--json"]);

@@ -20,6 +20,7 @@ mod javascript_plugins;
 mod netns;
 mod nn;
 mod oci;
+mod offload;
 mod operate;
 mod plugin_projects;
 mod python_plugins;

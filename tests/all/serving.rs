@@ -224,7 +224,7 @@ fn refused_edge(dir: &std::path::Path, rest: &str) -> String {
 }
 
 #[test]
-fn a_service_refuses_concurrency_settings_it_cannot_honour() {
+fn a_service_refuses_settings_it_cannot_honour() {
     let dir = tempfile::tempdir().expect("tmp");
     let models = dir.path().join("models");
     std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
@@ -237,6 +237,10 @@ fn a_service_refuses_concurrency_settings_it_cannot_honour() {
         (format!("kind = \"joint\"\nqueue = 0\n{router}"), "queue: must be 1..=4096 (got 0)"),
         (format!("kind = \"split\"\nbatch_max = 4\n{splitter}"), "batch_max: only for kind = \"joint\""),
         (format!("kind = \"joint\"\nbatch_max = 300\n{router}"), "batch_max: must be 1..=256 (got 300)"),
+        (
+            format!("kind = \"split\"\noffload_when_faster = true\n{splitter}"),
+            "offload_when_faster: only for kind = \"joint\"",
+        ),
     ] {
         let toml = format!("models = \"{}\"\n[services.s]\nmodel = \"cnn\"\n{service}\n", models.display());
         let out = refused_edge(dir.path(), &toml);

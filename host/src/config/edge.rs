@@ -446,8 +446,14 @@ pub struct ServiceConfig {
     pub probe_kib: u64,
     /// `kind = "split"`: while the plan sends nothing to the cloud (edge-only, or made while the
     /// cloud was unreachable), measure the link again every this many seconds; 0 never.
+    /// `kind = "joint"` with `offload_when_faster`: measure the path not taken this often.
     #[serde(default = "default_relink_secs")]
     pub relink_secs: u64,
+    /// `kind = "joint"`: send a whole request to the cloud's service, without running the edge
+    /// model, while the cloud's answers come back sooner than the edge model's (each path's
+    /// latency measured as requests take it).
+    #[serde(default)]
+    pub offload_when_faster: bool,
     /// Requests served at once, each by its own plugin instance and model session [default:
     /// the number of cores].
     pub instances: Option<u32>,

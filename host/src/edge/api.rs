@@ -95,14 +95,17 @@ async fn model_versions(State(node): State<Arc<Node>>) -> ApiResult<Response> {
     from_job(node, |job| job.versions()).await
 }
 
-/// `GET /v1/infer/<service>/plan`: a split service's plan (made now if it has none).
+/// `GET /v1/infer/<service>/plan`: a split service's plan (made now if it has none), or where a
+/// joint service with `offload_when_faster` sends requests and why.
 async fn plan(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult<Response> {
     let services = &node.services;
     let service = services.get(&name).ok_or_else(|| no_service(&name))?;
     services.plan_if_missing(&service).await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let report = services
-        .plan_report(&service)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("`{name}` is not a split service")))?;
+    let report = services.plan_report(&service).ok_or_else(|| {
+        let why =
+            format!("`{name}` has no plan: it is neither a split service nor a joint one with offload_when_faster");
+        ApiError::new(StatusCode::BAD_REQUEST, why)
+    })?;
     Ok(Json(report).into_response())
 }
 
@@ -113,13 +116,14 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
     };
     let mut scrape = Scrape::new();
     type Counter = fn(&ServiceMetrics) -> &AtomicU64;
-    let counters: [(&str, &str, Counter); 5] = [
+    let counters: [(&str, &str, Counter); 6] = [
         ("nereid_inferences", "Inference requests answered.", |m| &m.inferences),
         ("nereid_hard_examples", "Examples the router sent to the cloud (joint inference).", |m| &m.hard_examples),
         ("nereid_cloud_fallbacks", "Requests the edge answered alone because the cloud was unreachable.", |m| {
             &m.fallbacks
         }),
         ("nereid_split_plans", "Split plans made (the first, and one per link change).", |m| &m.replans),
+        ("nereid_offloads", "Requests sent whole to the cloud because its answers came back sooner.", |m| &m.offloads),
         ("nereid_inference_refused", "Requests refused with 503: the service's queue was full.", |m| &m.refused),
     ];
     for (name, help, counter) in counters {

@@ -388,9 +388,9 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build()?;
     let http = reqwest::Client::new();
     let cloud_log = dir.join("cloud.log");
-    let _cloud = super::split::spawn("cloud", &dir.join("cloud.toml"), &cache, &cloud_log, None)?;
+    let _cloud = super::split::spawn("cloud", &dir.join("cloud.toml"), &cache, &cloud_log, None, None)?;
     let edge_log = dir.join("edge.log");
-    let edge = super::split::spawn("edge", &dir.join("edge.toml"), &cache, &edge_log, None)?;
+    let edge = super::split::spawn("edge", &dir.join("edge.toml"), &cache, &edge_log, None, None)?;
     let edge_pid = edge.0.id();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], edge_port).into();
     let max_abs_diff = rt.block_on(async {

@@ -16,6 +16,7 @@ use clap::Args;
 use nereid::protocol::routes;
 use serde::Serialize;
 
+use nereid::cpu_quota::CpuQuota;
 use nereid::inference::profile;
 use nereid::inference::wire;
 use nereid::link::{LinkProfile, LinkShaper};
@@ -34,6 +35,11 @@ pub struct SplitBench {
     /// Timed requests per cut, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// Slow the edge down to this share of one core (0.01..=1): the edge process runs in a
+    /// cgroup of its own with a CPU quota (needs root or a delegated cgroup), so offloading to
+    /// the cloud can pay on one machine.
+    #[arg(long)]
+    edge_cpu: Option<f64>,
     /// The splitter component [default: split-infer from the plugin directory].
     #[arg(long)]
     plugin: Option<PathBuf>,
@@ -80,6 +86,8 @@ struct AtBandwidth {
 struct SplitReport {
     model: String,
     rtt_ms: f64,
+    /// The share of one core the edge had (None: the whole core).
+    edge_cpu_share: Option<f64>,
     repeat: usize,
     /// Largest difference between any answer and the edge-only answer.
     max_abs_diff: f64,
@@ -109,13 +117,15 @@ fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs this binary's `role` (cloud or edge), on `cpu` if given, its log in `log`.
+/// Runs this binary's `role` (cloud or edge), on `cpu` if given, in `quota`'s cgroup if given,
+/// its log in `log`.
 pub(super) fn spawn(
     role: &str,
     config: &Path,
     cache: &Path,
     log: &Path,
     cpu: Option<usize>,
+    quota: Option<&CpuQuota>,
 ) -> anyhow::Result<Process> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
@@ -125,10 +135,27 @@ pub(super) fn spawn(
         .env("NEREID_CACHE_DIR", cache)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?);
+    // SAFETY: prctl takes plain integers. A benchmark interrupted (Ctrl-C, kill) must not leave
+    // its cloud and edge running, nor a CPU quota group that cannot be removed while they live.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     if let Some(cpu) = cpu {
         // SAFETY: the closure only makes the affinity syscall (see pin_current_thread).
         unsafe {
             cmd.pre_exec(move || pin_current_thread(cpu));
+        }
+    }
+    if let Some(quota) = quota {
+        let enter = quota.entry();
+        // SAFETY: `entry` makes only open/write/close syscalls on a path prepared before fork.
+        unsafe {
+            cmd.pre_exec(enter);
         }
     }
     Ok(Process(cmd.spawn().with_context(|| format!("starting the {role}"))?))
@@ -225,6 +252,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         bail!("this benchmark needs 2 CPUs: the edge runs on one, the cloud on the other");
     }
+    let quota = args.edge_cpu.map(CpuQuota::new).transpose().context("--edge-cpu")?;
     let plugin = args
         .plugin
         .clone()
@@ -258,7 +286,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let cloud_log = dir.path().join("cloud.log");
-    let _cloud = spawn("cloud", &dir.path().join("cloud.toml"), &cache, &cloud_log, Some(1))?;
+    let _cloud = spawn("cloud", &dir.path().join("cloud.toml"), &cache, &cloud_log, Some(1), None)?;
     rt.block_on(wait_healthy(&http, &format!("http://127.0.0.1:{cloud_port}{}", routes::HEALTH), &cloud_log))?;
     let link = |mbit_s: f64| LinkProfile { mbit_s, one_way_delay_ms: args.rtt_ms / 2.0 };
     let shaper = rt.block_on(LinkShaper::start(([127, 0, 0, 1], cloud_port).into(), link(args.bandwidths[0])))?;
@@ -289,7 +317,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
             ),
         )?;
         let edge_log = dir.path().join(format!("edge-{i}.log"));
-        let edge = spawn("edge", &edge_toml, &cache, &edge_log, Some(0))?;
+        let edge = spawn("edge", &edge_toml, &cache, &edge_log, Some(0), quota.as_ref())?;
         let base = format!("http://127.0.0.1:{edge_port}");
         let at = rt.block_on(async {
             wait_healthy(&http, &format!("{base}{}", routes::HEALTH), &edge_log).await?;
@@ -384,6 +412,7 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
     let report = SplitReport {
         model: args.model.display().to_string(),
         rtt_ms: args.rtt_ms,
+        edge_cpu_share: quota.as_ref().map(|q| q.share),
         repeat: args.repeat,
         max_abs_diff,
         bandwidths: results,
@@ -392,8 +421,9 @@ pub fn run(args: SplitBench) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    let edge = report.edge_cpu_share.map_or(String::new(), |s| format!(", the edge at {:.0}% of a core", s * 100.0));
     println!(
-        "{}: RTT {} ms, median of {} per cut; every answer within {:.1e} of edge-only",
+        "{}: RTT {} ms{edge}, median of {} per cut; every answer within {:.1e} of edge-only",
         report.model, report.rtt_ms, report.repeat, report.max_abs_diff
     );
     println!(

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context};
 
 use super::cloud_link::CloudCall;
 use super::dispatch::Instances;
+use super::offload::{Offload, Path};
 use super::{named_values, replace_row, Claim, InferResponse, Kind, RowResult, Service, Services};
 use crate::inference::wire::{self};
 use crate::lock;
@@ -31,6 +32,8 @@ pub(super) struct Joint {
     pub(super) instances: usize,
     /// How a served model's sessions run (the service's `threads`).
     pub(super) session: SessionOptions,
+    /// `offload_when_faster`: the latency of each path, which picks the next request's.
+    pub(super) offload: Option<Offload>,
 }
 
 #[derive(Default)]
@@ -186,16 +189,28 @@ impl Services {
     pub(super) async fn joint(
         &self,
         service: &Service,
+        joint: &Joint,
         dispatch: &super::JointDispatch,
         inputs: Vec<TensorData>,
     ) -> anyhow::Result<InferResponse> {
+        let start = Instant::now();
+        if let Some(offload) = &joint.offload {
+            if offload.choose(start) == Path::Cloud {
+                if let Some(answer) = self.offload(service, offload, &inputs).await? {
+                    return Ok(answer);
+                }
+            }
+        }
         let t0 = Instant::now();
         let Routed { inputs, mut outputs, decisions } = dispatch.submit(inputs).await?;
         let edge_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if let Some(offload) = &joint.offload {
+            offload.measured(Path::Edge, edge_ms);
+        }
         let mut results = Vec::with_capacity(decisions.len());
         for (i, d) in decisions.iter().enumerate() {
             let mut row =
-                RowResult { index: i as u64, computed: "edge", route: d.route, score: d.score, queued: false };
+                RowResult { index: i as u64, computed: "edge", route: d.route, score: Some(d.score), queued: false };
             if d.route == Route::Cloud {
                 service.metrics.hard_examples.fetch_add(1, Ordering::Relaxed);
                 let rows: Vec<TensorData> = inputs.iter().map(|t| wire::rows(t, i as u64, i as u64 + 1)).collect();
@@ -241,7 +256,7 @@ impl Services {
         } else {
             "mixed"
         };
-        let elapsed = t0.elapsed();
+        let elapsed = start.elapsed();
         service.metrics.observe(if computed == "edge" { "edge" } else { "cloud" }, elapsed);
         Ok(InferResponse {
             service: service.name.clone(),
@@ -250,10 +265,58 @@ impl Services {
             results,
             cut: None,
             fallback: false,
+            offloaded: false,
             upload_bytes: None,
             edge_ms,
             total_ms: elapsed.as_secs_f64() * 1e3,
         })
+    }
+
+    /// Sends the whole request to the cloud's service and answers with its outputs, timing the
+    /// round trip for `offload`. None when the cloud does not answer or refuses: the caller then
+    /// runs the edge model, and the cloud is left alone until it is due to be measured again.
+    /// Nothing is kept in the outbox: the request is no hard example (the router never saw it).
+    async fn offload(
+        &self,
+        service: &Service,
+        offload: &Offload,
+        inputs: &[TensorData],
+    ) -> anyhow::Result<Option<InferResponse>> {
+        let t0 = Instant::now();
+        let body = wire::to_safetensors(inputs)?;
+        let outputs = match service.cloud.post("", body, &[]).await {
+            Ok(CloudCall::Answered { outputs, .. }) => outputs,
+            Ok(CloudCall::Unreachable(why)) => {
+                tracing::warn!(service = %service.name, "offloading: the cloud did not answer, running on the edge: {why}");
+                offload.cloud_failed();
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(service = %service.name, "offloading: {e:#}; running on the edge");
+                offload.cloud_failed();
+                return Ok(None);
+            }
+        };
+        let elapsed = t0.elapsed();
+        offload.measured(Path::Cloud, elapsed.as_secs_f64() * 1e3);
+        service.metrics.offloads.fetch_add(1, Ordering::Relaxed);
+        service.metrics.observe("cloud", elapsed);
+        let rows = outputs.first().and_then(|o| o.shape.first()).copied().unwrap_or(1);
+        let results = (0..rows)
+            .map(|index| RowResult { index, computed: "cloud", route: Route::Cloud, score: None, queued: false })
+            .collect();
+        Ok(Some(InferResponse {
+            service: service.name.clone(),
+            outputs: named_values(&outputs)?,
+            computed: "cloud",
+            results,
+            cut: None,
+            fallback: false,
+            offloaded: true,
+            upload_bytes: None,
+            edge_ms: 0.0,
+            total_ms: elapsed.as_secs_f64() * 1e3,
+        }))
     }
 
     /// Delivers queued hard examples until the process ends: at once when one is queued, then

@@ -16,6 +16,7 @@
 mod cloud_link;
 mod dispatch;
 mod joint;
+mod offload;
 mod split;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -44,6 +45,7 @@ use cloud_link::CloudLink;
 use dispatch::{Dispatcher, Instances};
 pub use joint::PreparedSwitch;
 use joint::{Joint, Routed};
+use offload::Offload;
 use split::{HeadRan, HeadRun, Split, SplitState};
 
 /// A joint service's requests: inputs in, the edge model's outputs and the router's decisions out.
@@ -57,6 +59,8 @@ pub struct ServiceMetrics {
     pub inferences: AtomicU64,
     pub hard_examples: AtomicU64,
     pub fallbacks: AtomicU64,
+    /// Joint with `offload_when_faster`: requests sent whole to the cloud.
+    pub offloads: AtomicU64,
     pub replans: AtomicU64,
     /// Requests refused with 503 because the service's queue was full.
     pub refused: AtomicU64,
@@ -78,9 +82,9 @@ pub struct RowResult {
     pub index: u64,
     /// Where this row's outputs were computed: "edge" or "cloud".
     pub computed: &'static str,
-    /// The router's decision and score.
+    /// The router's decision and score (None: the request was offloaded, the router did not run).
     pub route: Route,
-    pub score: f64,
+    pub score: Option<f64>,
     /// The cloud could not be reached: the edge answered and the example waits in the outbox.
     pub queued: bool,
 }
@@ -109,6 +113,10 @@ pub struct InferResponse {
     /// Split: the cloud was unreachable and the edge ran the whole model.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fallback: bool,
+    /// Joint with `offload_when_faster`: the whole request went to the cloud, the edge model did
+    /// not run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub offloaded: bool,
     /// Split: bytes of cut tensors sent to the cloud (after the service's compressor, if any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_bytes: Option<usize>,
@@ -266,6 +274,9 @@ impl Services {
         if cfg.kind == ServiceKind::Split && cfg.router.is_some() {
             bail!("router: only for kind = \"joint\"");
         }
+        if cfg.kind == ServiceKind::Split && cfg.offload_when_faster {
+            bail!("offload_when_faster: only for kind = \"joint\" (a split service's plan already weighs sending the input against computing here)");
+        }
         if cfg.kind == ServiceKind::Joint && cfg.compressor.is_some() {
             bail!("compressor: only for kind = \"split\" (it encodes the cut tensors)");
         }
@@ -281,6 +292,7 @@ impl Services {
             bail!("replan_factor: must be > 1 (got {})", cfg.replan_factor);
         }
         let sizes = concurrency(cfg, &decoded)?;
+        let relink = (cfg.relink_secs > 0).then(|| Duration::from_secs(cfg.relink_secs));
         let session = SessionOptions { intra_threads: Some(cfg.threads as usize) };
         runtime
             .models()
@@ -299,6 +311,7 @@ impl Services {
                     config,
                     instances: sizes.0,
                     session,
+                    offload: cfg.offload_when_faster.then(|| Offload::new(relink)),
                 };
                 joint.serving = Mutex::new(Arc::new(joint.serving_model(runtime, &cfg.model).context("router")?));
                 let joint = Arc::new(joint);
@@ -315,7 +328,7 @@ impl Services {
                     outputs,
                     replan_factor: cfg.replan_factor,
                     probe_bytes: (cfg.probe_kib.max(1) << 10) as usize,
-                    relink: (cfg.relink_secs > 0).then(|| Duration::from_secs(cfg.relink_secs)),
+                    relink,
                     component: loaded,
                     limits,
                     config,
@@ -377,7 +390,7 @@ impl Services {
         }
         service.metrics.inferences.fetch_add(1, Ordering::Relaxed);
         let answer = match &service.kind {
-            Kind::Joint(_, dispatch) => self.joint(&service, dispatch, inputs).await,
+            Kind::Joint(joint, dispatch) => self.joint(&service, joint, dispatch, inputs).await,
             Kind::Split(split, dispatch) => self.split(&service, split.clone(), dispatch, inputs, forced_cut).await,
         };
         if answer.as_ref().is_err_and(|e| e.is::<Overloaded>()) {

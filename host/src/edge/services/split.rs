@@ -139,6 +139,7 @@ impl Services {
                 results: Vec::new(),
                 cut: Some(cut.clone()),
                 fallback,
+                offloaded: false,
                 upload_bytes,
                 edge_ms,
                 total_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -334,7 +335,10 @@ impl Services {
 
     /// The plan of a split service, for `GET /v1/infer/<service>/plan`.
     pub fn plan_report(&self, service: &Service) -> Option<serde_json::Value> {
-        let Kind::Split(split, _) = &service.kind else { return None };
+        let split = match &service.kind {
+            Kind::Split(split, _) => split,
+            Kind::Joint(joint, _) => return joint.offload.as_ref().map(|o| o.report()),
+        };
         let state = lock(&split.state);
         let plan = state.plan.as_ref()?;
         Some(serde_json::json!({
