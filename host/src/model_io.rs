@@ -41,12 +41,33 @@ fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
     })
 }
 
+/// Most tensors a safetensors file (a model, an update) may hold.
+pub const MAX_FILE_TENSORS: usize = 65_536;
+/// Most dimensions of a tensor anywhere nereid reads one (files and request bodies; ONNX
+/// Runtime itself allows fewer).
+pub const MAX_RANK: usize = 32;
+
+fn check_counts(count: usize, ranks: impl Iterator<Item = (String, usize)>, origin: &Path) -> Result<(), ModelIoError> {
+    let bad = |message: String| ModelIoError::Format { path: origin.to_path_buf(), message };
+    if count > MAX_FILE_TENSORS {
+        return Err(bad(format!("{count} tensors; a file holds at most {MAX_FILE_TENSORS}")));
+    }
+    for (name, rank) in ranks {
+        if rank > MAX_RANK {
+            return Err(bad(format!("tensor `{name}`: {rank} dimensions; at most {MAX_RANK}")));
+        }
+    }
+    Ok(())
+}
+
 /// Parses safetensors bytes; tensors come in the order of their data in the file. `origin` names
 /// the source in errors.
 pub fn decode(bytes: &[u8], origin: &Path) -> Result<NamedTensors, ModelIoError> {
     let format =
         |e: safetensors::SafeTensorError| ModelIoError::Format { path: origin.to_path_buf(), message: e.to_string() };
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(format)?;
+    let infos = metadata.tensors();
+    check_counts(infos.len(), infos.iter().map(|(name, info)| (name.clone(), info.shape.len())), origin)?;
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(format)?;
     metadata
         .offset_keys()
@@ -114,6 +135,9 @@ pub fn read_header(file: &mut impl std::io::Read, len: u64, origin: &Path) -> Re
     file.read_exact(&mut json).map_err(io)?;
     let raw: HashMap<String, serde_json::Value> =
         serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
+    let ranks =
+        raw.iter().map(|(name, v)| (name.clone(), v.get("shape").and_then(|s| s.as_array()).map_or(0, Vec::len)));
+    check_counts(raw.len().saturating_sub(usize::from(raw.contains_key("__metadata__"))), ranks, origin)?;
     let mut metadata = HashMap::new();
     let mut tensors = Vec::new();
     for (name, value) in raw {
@@ -247,6 +271,27 @@ mod tests {
         let mut sorted = model.clone();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(sorted_back, sorted);
+    }
+
+    #[test]
+    fn files_past_the_tensor_and_rank_caps_are_refused_naming_the_cap() {
+        let one = || Tensor::from_f32(vec![1], vec![1.0]).expect("shape");
+        let many: NamedTensors = (0..=MAX_FILE_TENSORS).map(|i| (format!("t{i}"), one())).collect();
+        let bytes = encode(&many, None).expect("encode");
+        let origin = Path::new("many.safetensors");
+        let e = decode(&bytes, origin).expect_err("too many").to_string();
+        assert!(e.contains("many.safetensors") && e.contains("65537 tensors; a file holds at most 65536"), "{e}");
+        let e = read_header(&mut std::io::Cursor::new(&bytes), bytes.len() as u64, origin).err().expect("too many");
+        assert!(e.to_string().contains("65537 tensors"), "{e}");
+
+        let deep = vec![("deep".to_string(), Tensor::from_f32(vec![1; 33], vec![1.0]).expect("shape"))];
+        let bytes = encode(&deep, None).expect("encode");
+        let e = decode(&bytes, origin).expect_err("rank").to_string();
+        assert!(e.contains("tensor `deep`: 33 dimensions; at most 32"), "{e}");
+        let e = read_header(&mut std::io::Cursor::new(&bytes), bytes.len() as u64, origin).err().expect("rank");
+        assert!(e.to_string().contains("tensor `deep`: 33 dimensions"), "{e}");
+        let at_cap = vec![("ok".to_string(), Tensor::from_f32(vec![1; 32], vec![1.0]).expect("shape"))];
+        decode(&encode(&at_cap, None).expect("encode"), origin).expect("rank 32 is read");
     }
 
     #[test]

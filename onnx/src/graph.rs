@@ -7,6 +7,10 @@ use prost::Message;
 use crate::proto::{GraphProto, ModelProto, ValueInfoProto};
 use crate::OnnxError;
 
+/// Most nodes a model's graph may have: planning a split walks every cut along the node order,
+/// which costs up to nodes x live tensors (large transformer graphs have some 10,000 nodes).
+pub const MAX_NODES: usize = 100_000;
+
 /// A model read for cutting: its nodes in a topological order, each named.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -37,6 +41,12 @@ impl Model {
 
     pub fn new(mut proto: ModelProto) -> Result<Model, OnnxError> {
         let graph = proto.graph.as_mut().ok_or(OnnxError::NoGraph)?;
+        if graph.node.len() > MAX_NODES {
+            return Err(OnnxError::Invalid(format!(
+                "{} nodes; a model may have at most {MAX_NODES}",
+                graph.node.len()
+            )));
+        }
         sort_topologically(graph)?;
         let mut seen = HashSet::new();
         for (index, node) in graph.node.iter_mut().enumerate() {
@@ -364,6 +374,18 @@ fn sort_topologically(graph: &mut GraphProto) -> Result<(), OnnxError> {
 mod tests {
     use super::*;
     use crate::proto::{data_type, Dim, NodeProto, OperatorSetIdProto, TensorProto};
+
+    #[test]
+    fn a_graph_past_the_node_cap_is_refused_naming_it() {
+        let chain = |n: usize| GraphProto {
+            node: (0..n).map(|i| NodeProto::new("Relu", "", &[&format!("t{i}")], &[&format!("t{}", i + 1)])).collect(),
+            ..Default::default()
+        };
+        let model = |n| ModelProto { graph: Some(chain(n)), ..Default::default() };
+        assert!(Model::new(model(MAX_NODES)).is_ok());
+        let e = Model::new(model(MAX_NODES + 1)).expect_err("past the cap").to_string();
+        assert_eq!(e, "invalid graph: 100001 nodes; a model may have at most 100000");
+    }
 
     /// x -> a = Relu(x) -> b = Neg(a); c = Add(a, b) (a residual block); y = Mul(c, w).
     fn residual() -> Model {

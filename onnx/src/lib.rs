@@ -7,7 +7,7 @@ mod graph;
 mod profile;
 pub mod proto;
 
-pub use graph::{Model, Partition};
+pub use graph::{Model, Partition, MAX_NODES};
 pub use profile::{Link, Prediction, Profile};
 pub use prost::Message;
 

@@ -32,5 +32,6 @@ mod sandbox;
 mod sdk;
 mod secrets;
 mod serving;
+mod storage;
 mod strategies;
 mod tls;

@@ -424,10 +424,31 @@ impl Rounds {
     }
 }
 
+/// How long a job whose state directory is full or read-only waits before it tries again.
+const STORAGE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) async fn run_job(cloud: Arc<Cloud>, name: String) {
-    if let Err(e) = job_loop(&cloud, &name).await {
-        tracing::error!(job = %name, "job failed: {e:#}");
-        let _ = cloud.finish_job(&name, "failed", &format!("{e:#}"));
+    loop {
+        match job_loop(&cloud, &name).await {
+            Ok(()) => return,
+            // A full or read-only state directory fails a write as a whole (the transaction rolls
+            // back): the job goes on from its durable state once space returns, as it does after
+            // a restart, with the folds and plugin instances it held in memory dropped as a
+            // restart drops them. The board stays: nodes keep their tasks, and a round whose fold
+            // had begun takes no more updates.
+            Err(e) if crate::store::is_storage_error(&e) => {
+                tracing::error!(job = %name, "the state directory is full or read-only; the job waits for space: {e:#}");
+                cloud.rounds.forget(&name);
+                lock(&cloud.served).remove(&name);
+                cloud.plugins.forget(&name);
+                tokio::time::sleep(STORAGE_RETRY).await;
+            }
+            Err(e) => {
+                tracing::error!(job = %name, "job failed: {e:#}");
+                let _ = cloud.finish_job(&name, "failed", &format!("{e:#}"));
+                return;
+            }
+        }
     }
 }
 

@@ -292,7 +292,7 @@ pub(super) fn decode_update(
 pub(super) async fn receive(body: axum::body::Body, path: &Path, max: usize) -> Result<u64, ApiError> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let internal = |e: std::io::Error| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let internal = super::error::io_error;
     let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
     // tokio buffers up to 2 MiB per file before handing a write to its blocking pool; with
     // UPLOAD_SLOTS uploads at once that would add up.

@@ -138,7 +138,12 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(src: &Source) -> Result<T, C
 /// file, the line and the key.
 pub fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = read(path)?;
-    parse(&Source { path, text: &text })
+    parse_str(path, &text)
+}
+
+/// As [`parse_file`], on text already read (`path` names it in errors).
+pub fn parse_str<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    parse(&Source { path, text })
 }
 
 /// A file's own checks beyond its types (ranges, names): the error's key is the dotted path of

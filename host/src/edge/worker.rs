@@ -519,6 +519,10 @@ impl Worker {
             Some(StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) => {
                 Err(RetryLater(format!("the cloud is busy; the update is sent again: {refused}")).into())
             }
+            // The cloud's disk is full: it wrote nothing, and takes the update once it has space.
+            Some(StatusCode::INSUFFICIENT_STORAGE) => {
+                Err(RetryLater(format!("the cloud has no space; the update is sent again: {refused}")).into())
+            }
             Some(_) => Err(refused.into()),
         }
     }

@@ -184,6 +184,10 @@ pub fn dtype_name(dtype: Dtype) -> &'static str {
 
 /// Checks that the bytes match the shape and dtype.
 pub fn check(t: &TensorData) -> Result<(), WireError> {
+    if t.shape.len() > MAX_RANK {
+        let message = format!("{} dimensions; at most {MAX_RANK}", t.shape.len());
+        return Err(WireError::Tensor { name: t.name.clone(), message });
+    }
     let numel = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let expected = numel.and_then(|n| n.checked_mul(element_size(t.dtype) as u64));
     if expected != Some(t.data.len() as u64) {
@@ -266,11 +270,37 @@ impl InferRequest {
     }
 }
 
+/// Largest safetensors header of a request body (inference inputs, a batch of samples, a cut's
+/// tensors): a request names a few tensors, and the header is parsed whole before its data.
+pub const MAX_REQUEST_HEADER: u64 = 1 << 20;
+/// Most tensors one request body may hold.
+pub const MAX_REQUEST_TENSORS: usize = 1024;
+pub use crate::model_io::MAX_RANK;
+
 /// Reads a safetensors body.
 pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<TensorData>, WireError> {
+    let header_len = bytes.get(..8).map(|n| u64::from_le_bytes(n.try_into().unwrap_or([0; 8])));
+    if header_len.is_some_and(|n| n > MAX_REQUEST_HEADER) {
+        return Err(WireError::Body(format!(
+            "safetensors: a header of {} bytes; a request's is at most {MAX_REQUEST_HEADER}",
+            header_len.unwrap_or(0)
+        )));
+    }
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| WireError::Body(format!("safetensors: {e}")))?;
+    if st.len() > MAX_REQUEST_TENSORS {
+        return Err(WireError::Body(format!(
+            "safetensors: {} tensors; a request holds at most {MAX_REQUEST_TENSORS}",
+            st.len()
+        )));
+    }
     let mut out = Vec::new();
     for (name, view) in st.iter() {
+        if view.shape().len() > MAX_RANK {
+            return Err(WireError::Tensor {
+                name: name.to_string(),
+                message: format!("{} dimensions; at most {MAX_RANK}", view.shape().len()),
+            });
+        }
         let dtype = match view.dtype() {
             StDtype::F32 => Dtype::F32,
             StDtype::F64 => Dtype::F64,
@@ -336,6 +366,34 @@ pub fn rows(t: &TensorData, start: u64, end: u64) -> TensorData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors body of `n` scalar f32 tensors, and one of a tensor of `rank` dimensions of 1.
+    fn bodies(n: usize, rank: usize) -> (Vec<u8>, Vec<u8>) {
+        let many: Vec<TensorData> = (0..n).map(|i| f32_tensor(&format!("t{i}"), vec![], &[1.0])).collect();
+        let deep = f32_tensor("deep", vec![1; rank], &[1.0]);
+        (to_safetensors(&many).expect("encode"), to_safetensors(&[deep]).expect("encode"))
+    }
+
+    #[test]
+    fn request_bodies_past_the_header_tensor_and_rank_caps_are_refused_naming_the_cap() {
+        let (at_cap, rank_at_cap) = bodies(MAX_REQUEST_TENSORS, MAX_RANK);
+        assert_eq!(from_safetensors(&at_cap).expect("at the cap").len(), MAX_REQUEST_TENSORS);
+        check(&from_safetensors(&rank_at_cap).expect("rank at the cap")[0]).expect("checks");
+        let (past, rank_past) = bodies(MAX_REQUEST_TENSORS + 1, MAX_RANK + 1);
+        let e = from_safetensors(&past).expect_err("too many tensors").to_string();
+        assert!(e.contains("1025 tensors") && e.contains("at most 1024"), "{e}");
+        let e = from_safetensors(&rank_past).expect_err("rank").to_string();
+        assert!(e.contains("`deep`") && e.contains("33 dimensions; at most 32"), "{e}");
+        let json: InferRequest = serde_json::from_str(&format!(r#"{{"shape": {:?}, "data": [2]}}"#, vec![1; 33]))
+            .expect("the JSON form parses");
+        let e = json.into_tensors(&["x".into()]).expect_err("rank").to_string();
+        assert!(e.contains("33 dimensions; at most 32"), "{e}");
+        // The header's length is checked before the header is read.
+        let mut huge = (MAX_REQUEST_HEADER + 1).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let e = from_safetensors(&huge).expect_err("header").to_string();
+        assert!(e.contains("a header of 1048577 bytes") && e.contains("at most 1048576"), "{e}");
+    }
 
     #[test]
     fn json_and_safetensors_carry_the_same_tensor() {

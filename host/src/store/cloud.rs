@@ -94,7 +94,7 @@ impl CloudStore {
         let incoming = updates_dir.join("incoming");
         // Uploads that were arriving when the process ended were never accepted.
         let _ = std::fs::remove_dir_all(&incoming);
-        std::fs::create_dir_all(&incoming).map_err(|e| StoreError::Files { path: incoming.clone(), source: e })?;
+        std::fs::create_dir_all(&incoming).map_err(|e| StoreError::Files { path: incoming.clone(), error: e })?;
         let conn = open(path, CLOUD_SCHEMA)?;
         // A state written before hot swap existed has no `pending_spec` column yet.
         let has_pending: bool = conn
@@ -376,7 +376,7 @@ impl CloudStore {
     /// Moves an arrived update's file (written and fsynced) out of `incoming/`, durably; returns
     /// where it is now, what [`CloudStore::insert_update`] records.
     pub fn settle_update_file(&self, incoming: &Path) -> Result<PathBuf> {
-        let files = |source| StoreError::Files { path: self.updates_dir.clone(), source };
+        let files = |error| StoreError::Files { path: self.updates_dir.clone(), error };
         let name = incoming.file_name().ok_or_else(|| files(std::io::Error::other("no file name")))?;
         let settled = self.updates_dir.join(name);
         std::fs::rename(incoming, &settled).map_err(files)?;
@@ -422,7 +422,7 @@ impl CloudStore {
         };
         let mut removed = 0;
         let entries = std::fs::read_dir(&self.updates_dir)
-            .map_err(|e| StoreError::Files { path: self.updates_dir.clone(), source: e })?;
+            .map_err(|e| StoreError::Files { path: self.updates_dir.clone(), error: e })?;
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_file())
                 && !keep.contains(&entry.file_name().to_string_lossy().to_string())

@@ -23,11 +23,44 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("state database: a job named `{0}` exists already")]
     JobExists(String),
-    #[error("update files {path}: {source}")]
-    Files { path: PathBuf, source: std::io::Error },
+    #[error("update files {path}: {error}")]
+    Files { path: PathBuf, error: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    /// The state directory is full or read-only: the write failed as a whole (SQLite rolls the
+    /// transaction back, a half-written file is removed) and succeeds again once space returns.
+    pub fn is_storage(&self) -> bool {
+        match self {
+            StoreError::Open { source, .. } | StoreError::Sql(source) => sql_is_storage(source),
+            StoreError::Files { error, .. } => io_is_storage(error),
+            StoreError::JobExists(_) => false,
+        }
+    }
+}
+
+/// A write failed because the file system is full, out of quota or read-only.
+pub fn io_is_storage(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS))
+        || matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::ReadOnlyFilesystem)
+}
+
+fn sql_is_storage(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::{DiskFull, ReadOnly};
+    matches!(e.sqlite_error_code(), Some(DiskFull | ReadOnly))
+}
+
+/// Whether anywhere in `e`'s chain is a [`StoreError`], an I/O or an SQLite error that says the
+/// state directory is full or read-only.
+pub fn is_storage_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreError>().is_some_and(StoreError::is_storage)
+            || c.downcast_ref::<std::io::Error>().is_some_and(io_is_storage)
+            || c.downcast_ref::<rusqlite::Error>().is_some_and(sql_is_storage)
+    })
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
