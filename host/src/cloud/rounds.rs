@@ -424,6 +424,14 @@ impl Rounds {
     }
 }
 
+/// Drops what a job holds in memory beside the board (folds, served models, plugin instances):
+/// when it ends, and before its loop starts again from the durable state.
+fn forget_in_memory(cloud: &Cloud, name: &str) {
+    cloud.rounds.forget(name);
+    lock(&cloud.served).remove(name);
+    cloud.plugins.forget(name);
+}
+
 /// How long a job whose state directory is full or read-only waits before it tries again.
 const STORAGE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -438,9 +446,7 @@ pub(super) async fn run_job(cloud: Arc<Cloud>, name: String) {
             // had begun takes no more updates.
             Err(e) if crate::store::is_storage_error(&e) => {
                 tracing::error!(job = %name, "the state directory is full or read-only; the job waits for space: {e:#}");
-                cloud.rounds.forget(&name);
-                lock(&cloud.served).remove(&name);
-                cloud.plugins.forget(&name);
+                forget_in_memory(&cloud, &name);
                 tokio::time::sleep(STORAGE_RETRY).await;
             }
             Err(e) => {
@@ -465,9 +471,7 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
         if row.status != "running" {
             cloud.board.remove(name);
             progress.finish_and_clear();
-            cloud.rounds.forget(name);
-            lock(&cloud.served).remove(name);
-            cloud.plugins.forget(name);
+            forget_in_memory(cloud, name);
             return Ok(());
         }
         let spec: JobSpec = serde_json::from_str(&row.spec)?;

@@ -279,11 +279,10 @@ pub use crate::model_io::MAX_RANK;
 
 /// Reads a safetensors body.
 pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<TensorData>, WireError> {
-    let header_len = bytes.get(..8).map(|n| u64::from_le_bytes(n.try_into().unwrap_or([0; 8])));
-    if header_len.is_some_and(|n| n > MAX_REQUEST_HEADER) {
+    let header_len = bytes.first_chunk::<8>().map(|n| u64::from_le_bytes(*n));
+    if let Some(n) = header_len.filter(|&n| n > MAX_REQUEST_HEADER) {
         return Err(WireError::Body(format!(
-            "safetensors: a header of {} bytes; a request's is at most {MAX_REQUEST_HEADER}",
-            header_len.unwrap_or(0)
+            "safetensors: a header of {n} bytes; a request's is at most {MAX_REQUEST_HEADER}"
         )));
     }
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| WireError::Body(format!("safetensors: {e}")))?;
