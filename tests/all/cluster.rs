@@ -315,6 +315,11 @@ impl Cluster {
     /// `rest`, and unless `rest` has an `[api]` of its own, an API client with [`EDGE_TOKEN`]),
     /// starts it and waits until it serves; returns its base URL.
     pub fn start_serving_edge(&mut self, i: usize, rest: &str) -> String {
+        self.start_serving_edge_on(i, Path::new("edge.db"), rest)
+    }
+
+    /// [`Cluster::start_serving_edge`] with its state database at `state`.
+    pub fn start_serving_edge_on(&mut self, i: usize, state: &Path, rest: &str) -> String {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
         let (name, token) = self.nodes[i].clone();
         let api = if rest.contains("[api") {
@@ -325,9 +330,10 @@ impl Cluster {
         std::fs::write(
             self.path(&format!("{name}/edge.toml")),
             format!(
-                "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = \"edge.db\"\n\
+                "name = \"{name}\"\ncloud = \"http://127.0.0.1:{}\"\ntoken = \"{token}\"\nstate = {:?}\n\
                  listen = \"127.0.0.1:{port}\"\n{rest}{api}",
-                self.port
+                self.port,
+                state.display().to_string()
             ),
         )
         .expect("edge.toml");

@@ -179,14 +179,14 @@ fn the_exported_mlp_computes_what_the_trainer_computes() {
     }
 }
 
-fn write_model(dir: &Path, name: &str, seed: u64) {
+pub fn write_model(dir: &Path, name: &str, seed: u64) {
     let spec = ModelSpec::Mlp { inputs: 64, hidden: vec![16], classes: 10 };
     let onnx = to_onnx(&spec, &spec.init(seed)).expect("exports").encode_to_vec();
     std::fs::create_dir_all(dir.join(name)).expect("mkdir");
     std::fs::write(dir.join(name).join("model.onnx"), onnx).expect("write");
 }
 
-fn infer(url: &str, row: usize) -> serde_json::Value {
+pub fn infer(url: &str, row: usize) -> serde_json::Value {
     let data: Vec<f32> = (0..64).map(|i| ((i + row) % 16) as f32).collect();
     let body = serde_json::to_vec(&serde_json::json!({"shape": [1, 64], "data": data})).expect("json");
     let (code, body) = http("POST", url, Some(EDGE_TOKEN), body);

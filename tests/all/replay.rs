@@ -17,7 +17,7 @@ fn replay_section(policy: &str, capacity: u64) -> String {
 
 /// A batch of `n` samples of `size` bytes (their first bytes number them) with labels cycling
 /// through `classes`.
-fn batch(first: u64, n: u64, size: usize, classes: i64) -> Vec<u8> {
+pub fn batch(first: u64, n: u64, size: usize, classes: i64) -> Vec<u8> {
     let mut x = vec![0u8; n as usize * size];
     for (i, sample) in x.chunks_mut(size).enumerate() {
         sample[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
@@ -31,13 +31,13 @@ fn batch(first: u64, n: u64, size: usize, classes: i64) -> Vec<u8> {
     wire::to_safetensors(&tensors).expect("safetensors")
 }
 
-fn post(edge: &str, body: Vec<u8>) -> serde_json::Value {
+pub fn post(edge: &str, body: Vec<u8>) -> serde_json::Value {
     let (code, out) = http("POST", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), body);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     serde_json::from_slice(&out).expect("json")
 }
 
-fn stats(edge: &str) -> serde_json::Value {
+pub fn stats(edge: &str) -> serde_json::Value {
     let (code, out) = http("GET", &format!("{edge}/v1/samples"), Some(EDGE_TOKEN), Vec::new());
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
     serde_json::from_slice(&out).expect("json")

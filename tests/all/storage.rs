@@ -1,11 +1,12 @@
-//! A cloud whose state directory fills up or turns read-only: it refuses what it cannot write
-//! (507 with Retry-After, nothing half-written), keeps serving reads, and goes on when space
-//! returns, ending with the model a run without the fault makes.
+//! A cloud or an edge whose state directory fills up or turns read-only: it refuses what it
+//! cannot write (507 with Retry-After, nothing half-written), keeps serving what needs no
+//! write, and goes on when space returns, ending with the model a run without the fault makes.
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cluster::*;
+use crate::common::plugin;
 use crate::federated::job_toml;
 
 /// A small tmpfs mounted for the test's lifetime.
@@ -29,13 +30,16 @@ impl SmallDisk {
         assert!(out.status.success(), "remount ro: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Writes a file until the disk is full.
+    /// Writes a file until the disk is full, to its last byte (SQLite fits a small row in
+    /// whatever is left).
     fn fill(&self) -> PathBuf {
         use std::io::Write;
         let path = self.0.join("filler");
         let mut f = std::fs::File::create(&path).expect("filler");
-        let chunk = vec![0u8; 64 << 10];
-        while f.write_all(&chunk).is_ok() {}
+        for size in [64 << 10, 4 << 10, 1] {
+            let chunk = vec![0u8; size];
+            while f.write_all(&chunk).is_ok() {}
+        }
         path
     }
 }
@@ -58,14 +62,22 @@ fn cloud_log(c: &Cluster) -> String {
     text
 }
 
+#[derive(PartialEq)]
+enum Fault {
+    None,
+    CloudFull,
+    EdgeFull,
+}
+
 /// Three edges and a 3-round FedAvg job whose rounds close by their deadline (4 s) with two
-/// updates when one is missing: edge-3 is held through round 1. With `fault`, the cloud's state
-/// is on a small tmpfs that is filled once round 1 has its two updates: an upload gets 507 and
-/// nothing of it is written; round 1's deadline passes while the cloud cannot commit its close,
-/// and the job waits; then the disk has space again.
-fn run(fault: bool) -> nereid::model_io::NamedTensors {
+/// updates when one is missing: edge-3 is held through round 1. With `CloudFull`, the cloud's
+/// state is on a small tmpfs that is filled once round 1 has its two updates: an upload gets 507
+/// and nothing of it is written; round 1's deadline passes while the cloud cannot commit its
+/// close, and the job waits; then the disk has space again. With `EdgeFull`, edge-1's state is
+/// on a small tmpfs, full from before the job to its end: it sends each update without keeping it.
+fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     let mut c = Cluster::new(3, "");
-    let disk = fault.then(|| SmallDisk::mount(c.path("state"), 16));
+    let disk = (fault == Fault::CloudFull).then(|| SmallDisk::mount(c.path("state"), 16));
     let toml = std::fs::read_to_string(c.path("cloud.toml")).expect("cloud.toml");
     // Edge-3 stays "online" while held, so that round 2 selects all three in both runs.
     let mut toml = toml.replace("online_secs = 5", "online_secs = 600");
@@ -73,8 +85,26 @@ fn run(fault: bool) -> nereid::model_io::NamedTensors {
         toml = toml.replace("state = \"cloud.db\"", &format!("state = \"{}\"", d.0.join("cloud.db").display()));
     }
     std::fs::write(c.path("cloud.toml"), toml).expect("cloud.toml");
+    let edge_disk = (fault == Fault::EdgeFull).then(|| {
+        let disk = SmallDisk::mount(c.path("edge-1/state"), 4);
+        let path = c.path("edge-1/edge.toml");
+        let toml = std::fs::read_to_string(&path).expect("edge.toml");
+        let db = disk.0.join("edge.db");
+        std::fs::write(&path, toml.replace("state = \"edge.db\"", &format!("state = {:?}", db.display().to_string())))
+            .expect("edge.toml");
+        disk
+    });
     c.start_cloud();
     (0..3).for_each(|i| c.start_edge(i));
+    let edge_filler = edge_disk.as_ref().map(|d| {
+        // Filled once the edge has opened its store.
+        let t = Instant::now();
+        while !std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default().contains("edge started") {
+            assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d.fill()
+    });
     c.hold_edge_once_online(2);
     c.apply("job", &job_toml("digits", "fedavg", 3, 2, 4.0));
     c.wait_until("digits", "round 1's two updates", |s| s.current.as_ref().is_some_and(|r| r.received.len() == 2));
@@ -128,13 +158,132 @@ fn run(fault: bool) -> nereid::model_io::NamedTensors {
     let s = c.wait_done("digits");
     let participants: Vec<usize> = s.history.iter().map(|h| h.participants.len()).collect();
     assert_eq!(participants, [2, 3, 3], "round 1 closed by its deadline, then every edge took part: {s:?}");
+    if let Some(filler) = edge_filler {
+        let log = std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default();
+        assert_eq!(log.matches("the update is sent without being kept").count(), 3, "one per round: {log}");
+        assert!(filler.exists(), "full to the end");
+    }
     c.model("digits", 3)
 }
 
 #[test]
 fn a_full_cloud_state_refuses_writes_keeps_serving_and_goes_on_with_space() {
-    let reference = run(false);
-    assert_eq!(run(true), reference, "the same model as a run without the fault");
+    let reference = run(Fault::None);
+    assert_eq!(run(Fault::CloudFull), reference, "the same model as a run without the fault");
+}
+
+/// An edge whose state directory is full sends its updates without keeping them: every round
+/// counts it, and the job ends with the model of a run without the fault.
+#[test]
+fn a_full_edge_state_sends_its_updates_from_memory_and_the_job_ends_the_same() {
+    let reference = run(Fault::None);
+    assert_eq!(run(Fault::EdgeFull), reference, "the same model as a run without the fault");
+}
+
+/// A serving edge whose state directory fills up: samples are refused with 507 and Retry-After
+/// (the buffer as it was), requests are answered, a hard example goes to the cloud unkept or,
+/// with the cloud down too, is dropped and counted; with space again, both are kept as before.
+#[test]
+fn a_full_edge_state_refuses_samples_answers_requests_and_recovers() {
+    use crate::inference::{infer, write_model};
+    use crate::replay::{batch, post, stats};
+    let mut c = Cluster::new(1, "models = \"models\"\n[services.digits]\nmodel = \"big\"\n");
+    let models = c.path("models");
+    write_model(&models, "small", 1);
+    write_model(&models, "big", 2);
+    c.start_cloud();
+    let disk = SmallDisk::mount(c.path("edge-1/state"), 4);
+    let edge = c.start_serving_edge_on(
+        0,
+        &disk.0.join("edge.db"),
+        &format!(
+            "models = {:?}\noutbox_retry_ms = 100\n\
+             [services.digits]\nkind = \"joint\"\nmodel = \"small\"\ncloud_timeout_ms = 1000\n\
+             router = {{ plugin = {:?}, config = {{ policy = \"cloud-only\" }} }}\n\
+             [replay]\nplugin = {:?}\nconfig = {{ policy = \"reservoir\", capacity = 100, seed = 1 }}\n",
+            models.display().to_string(),
+            plugin("hard-example-mining").display().to_string(),
+            plugin("replay-buffer").display().to_string()
+        ),
+    );
+    let url = format!("{edge}/v1/infer/digits");
+    assert_eq!(post(&edge, batch(0, 10, 16, 10))["offered"], 10);
+    let before = stats(&edge);
+
+    let filler = disk.fill();
+    let (code, body, retry) = block(async {
+        let r = reqwest::Client::new()
+            .post(format!("{edge}/v1/samples"))
+            .bearer_auth(EDGE_TOKEN)
+            .body(batch(10, 10, 16, 10))
+            .send()
+            .await
+            .expect("samples");
+        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string());
+        (r.status().as_u16(), r.text().await.unwrap_or_default(), retry)
+    });
+    assert_eq!(code, 507, "{body}");
+    assert!(body.contains("state directory is full or read-only"), "{body}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert_eq!(stats(&edge), before, "nothing of the refused batch is kept");
+    let a = infer(&url, 0);
+    assert_eq!((a["computed"].clone(), a["results"][0]["queued"].clone()), ("cloud".into(), false.into()), "{a}");
+    c.kill_cloud();
+    let a = infer(&url, 1);
+    assert_eq!(a["computed"], "edge", "{a}");
+    assert_eq!((a["results"][0]["queued"].clone(), a["results"][0]["dropped"].clone()), (false.into(), true.into()));
+    let m = format!("{edge}/metrics");
+    assert_eq!(metric(&m, "nereid_hard_examples_dropped_total{service=\"digits\"}"), 1.0);
+
+    // Space again: the refused batch is taken in, and a hard example waits in the outbox for
+    // the cloud, which then holds every example that reached it once.
+    std::fs::remove_file(filler).expect("space again");
+    let report = post(&edge, batch(10, 10, 16, 10));
+    assert_eq!(report["offered"], 20, "{report}");
+    let a = infer(&url, 2);
+    assert_eq!(a["results"][0]["queued"], true, "{a}");
+    c.start_cloud();
+    let t = Instant::now();
+    while metric(&m, "nereid_outbox_pending") > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the outbox did not drain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = http("GET", &c.url("/v1/infer/digits/hard-examples"), Some(&c.admin), Vec::new());
+    assert_eq!(code, 200);
+    let kept: Vec<(String, i64)> = serde_json::from_slice(&body).expect("json");
+    let ids: Vec<i64> = kept.iter().map(|(_, id)| *id).collect();
+    assert_eq!(kept.len(), 2, "the unkept one sent at once and the queued one: {kept:?}");
+    assert!(ids.iter().any(|id| *id < 0) && ids.iter().any(|id| *id > 0), "{kept:?}");
+    assert_eq!(metric(&m, "nereid_hard_examples_dropped_total{service=\"digits\"}"), 1.0);
+}
+
+/// An edge whose state directory is read-only does not start, naming the path.
+#[test]
+fn an_edge_on_a_read_only_state_directory_refuses_to_start_naming_it() {
+    let c = Cluster::new(1, "");
+    let disk = SmallDisk::mount(c.path("edge-1/state"), 1);
+    disk.read_only();
+    let path = c.path("edge-1/edge.toml");
+    let toml = std::fs::read_to_string(&path).expect("edge.toml");
+    let db = disk.0.join("edge.db");
+    std::fs::write(&path, toml.replace("state = \"edge.db\"", &format!("state = {:?}", db.display().to_string())))
+        .expect("edge.toml");
+    let log = c.path("edge-1.log");
+    let mut edge = spawn(&["edge"], &path, &log, &c.path("cache"));
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = edge.try_wait().expect("wait") {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = edge.kill();
+            panic!("the edge started on a read-only state directory");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains(&disk.0.display().to_string()) && text.contains("Read-only file system"), "{text}");
 }
 
 /// A cloud whose state directory is read-only does not start: it says which path of the state

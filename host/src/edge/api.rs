@@ -116,7 +116,7 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
     };
     let mut scrape = Scrape::new();
     type Counter = fn(&ServiceMetrics) -> &AtomicU64;
-    let counters: [(&str, &str, Counter); 6] = [
+    let counters: [(&str, &str, Counter); 7] = [
         ("nereid_inferences", "Inference requests answered.", |m| &m.inferences),
         ("nereid_hard_examples", "Examples the router sent to the cloud (joint inference).", |m| &m.hard_examples),
         ("nereid_cloud_fallbacks", "Requests the edge answered alone because the cloud was unreachable.", |m| {
@@ -125,6 +125,11 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
         ("nereid_split_plans", "Split plans made (the first, and one per link change).", |m| &m.replans),
         ("nereid_offloads", "Requests sent whole to the cloud because its answers came back sooner.", |m| &m.offloads),
         ("nereid_inference_refused", "Requests refused with 503: the service's queue was full.", |m| &m.refused),
+        (
+            "nereid_hard_examples_dropped",
+            "Hard examples neither delivered nor kept: the cloud was unreachable and the state directory full.",
+            |m| &m.dropped,
+        ),
     ];
     for (name, help, counter) in counters {
         scrape.counter(name, help, per(&|m| counter(m).load(Ordering::Relaxed)));

@@ -47,7 +47,8 @@ impl ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
-    /// 503 for a busy service, 415 for a body nothing can read, 400 for what the caller got wrong, else 500.
+    /// 503 for a busy service, 415 for a body nothing can read, 400 for what the caller got
+    /// wrong, 507 when the state directory is full or read-only (nothing was kept), else 500.
     fn from(e: anyhow::Error) -> ApiError {
         let status = if e.chain().any(|c| c.is::<Overloaded>()) {
             StatusCode::SERVICE_UNAVAILABLE
@@ -55,6 +56,11 @@ impl From<anyhow::Error> for ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         } else if is_bad_request(&e) {
             StatusCode::BAD_REQUEST
+        } else if crate::store::is_storage_error(&e) {
+            return ApiError(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the edge's state directory is full or read-only, nothing was kept; send again later: {e:#}"),
+            );
         } else {
             StatusCode::INTERNAL_SERVER_ERROR
         };
@@ -65,9 +71,15 @@ impl From<anyhow::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.0, Json(ErrorBody { error: self.1 })).into_response();
-        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
-            // A busy service frees up within a request's time; a second is the header's unit.
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        // A busy service frees up within a request's time (a second is the header's unit); a
+        // full disk takes an operator, so ask for a few seconds, as the cloud does.
+        let retry_after = match self.0 {
+            StatusCode::SERVICE_UNAVAILABLE => Some("1"),
+            StatusCode::INSUFFICIENT_STORAGE => Some("5"),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(secs));
         }
         response
     }

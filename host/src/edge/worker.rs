@@ -363,8 +363,15 @@ impl Worker {
             }
         };
         let bytes = model_io::encode(&upload, Some(meta))?;
-        // Stored before it is sent: a restart re-sends this very update.
-        self.store.save_trained(&task.job, task.round, examples, &metrics_json, &bytes)?;
+        // Stored before it is sent: a restart re-sends this very update. A full or read-only
+        // state directory does not hold the round up: the update is sent from memory (after a
+        // restart before the cloud has it, the round is trained again).
+        if let Err(e) = self.store.save_trained(&task.job, task.round, examples, &metrics_json, &bytes) {
+            if !e.is_storage() {
+                return Err(e.into());
+            }
+            tracing::warn!(node = %self.config.name, job = %task.job, round = task.round, "the update is sent without being kept: {e}");
+        }
         tracing::info!(node = %self.config.name, job = %task.job, round = task.round, eval_accuracy = metrics.eval_accuracy, train_loss = metrics.train_loss, "trained");
         Ok(Some(bytes))
     }
@@ -494,12 +501,24 @@ impl Worker {
         Ok(Some((objective, Trained { model: outcome.model, examples: outcome.examples, metrics })))
     }
 
+    /// Marks the task's update sent. A full or read-only state directory leaves it unmarked: the
+    /// cloud answers a second upload of it as a duplicate.
+    fn mark_uploaded(&self, task: &Task) -> anyhow::Result<()> {
+        match self.store.mark_uploaded(&task.job, task.round) {
+            Err(e) if e.is_storage() => {
+                tracing::warn!(node = %self.config.name, job = %task.job, round = task.round, "the update was sent; marking it so: {e}");
+                Ok(())
+            }
+            done => Ok(done?),
+        }
+    }
+
     /// Sends a stored update. A refusal for good marks it done (and is a [`TaskFailed`], which
     /// the caller reports); the link or a busy cloud failing it leaves it for the next poll
     /// ([`RetryLater`], not counted against the task), a server error is counted.
     async fn upload(&self, task: &Task, bytes: Vec<u8>) -> anyhow::Result<()> {
         let refused = match self.cloud.upload(&task.job, task.round, bytes).await {
-            Ok(_) => return Ok(self.store.mark_uploaded(&task.job, task.round)?),
+            Ok(_) => return self.mark_uploaded(task),
             Err(e) => e,
         };
         match refused.status() {
@@ -508,12 +527,12 @@ impl Worker {
             // Too late: the round closed without this update (or the node gave it up).
             Some(StatusCode::CONFLICT) => {
                 tracing::warn!(node = %self.config.name, round = task.round, "the cloud takes the update no more: {refused}");
-                Ok(self.store.mark_uploaded(&task.job, task.round)?)
+                self.mark_uploaded(task)
             }
             Some(
                 StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::NOT_FOUND,
             ) => {
-                self.store.mark_uploaded(&task.job, task.round)?;
+                self.mark_uploaded(task)?;
                 Err(task_failed(refused))
             }
             Some(StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) => {

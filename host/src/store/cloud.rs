@@ -101,19 +101,19 @@ impl CloudStore {
             .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'pending_spec'", [], |r| {
                 r.get(0)
             })
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+            .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
         if !has_pending {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN pending_spec TEXT")
-                .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+                .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
         }
         let has_population: bool = conn
             .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('rounds') WHERE name = 'population'", [], |r| {
                 r.get(0)
             })
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+            .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
         if !has_population {
             conn.execute_batch("ALTER TABLE rounds ADD COLUMN population INTEGER")
-                .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+                .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
         }
         Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
     }

@@ -17,8 +17,10 @@ pub use relay::Relayed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    #[error("state database {path}: {error}")]
+    Open { path: String, error: rusqlite::Error },
+    #[error("state database {path}: {error}")]
+    Create { path: String, error: std::io::Error },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("state database: a job named `{0}` exists already")]
@@ -34,8 +36,8 @@ impl StoreError {
     /// transaction back, a half-written file is removed) and succeeds again once space returns.
     pub fn is_storage(&self) -> bool {
         match self {
-            StoreError::Open { source, .. } | StoreError::Sql(source) => sql_is_storage(source),
-            StoreError::Files { error, .. } => io_is_storage(error),
+            StoreError::Open { error, .. } | StoreError::Sql(error) => sql_is_storage(error),
+            StoreError::Files { error, .. } | StoreError::Create { error, .. } => io_is_storage(error),
             StoreError::JobExists(_) => false,
         }
     }
@@ -68,7 +70,14 @@ pub fn now_ms() -> i64 {
 }
 
 pub(crate) fn open(path: &Path, schema: &str) -> Result<Connection> {
-    let fail = |source| StoreError::Open { path: path.display().to_string(), source };
+    let fail = |error| StoreError::Open { path: path.display().to_string(), error };
+    // SQLite says only "unable to open database file"; creating the file first says why (a
+    // read-only file system, a missing directory, permissions).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| StoreError::Create { path: path.display().to_string(), error })?;
     let conn = Connection::open(path).map_err(fail)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;

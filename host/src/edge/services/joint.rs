@@ -19,6 +19,27 @@ use crate::runtime::nn::SessionOptions;
 use crate::runtime::{Decision, Limits, LoadedComponent, Route, RouterPlugin, Runtime, TensorData};
 use crate::store::now_ms;
 
+/// The id of a hard example sent without an outbox entry (the state directory is full or
+/// read-only): negative, so it never meets an outbox id, and from the clock, so it differs
+/// from every earlier one of this node, across restarts too (the cloud keeps an example once
+/// per node and id).
+fn unkept_example_id() -> i64 {
+    use std::sync::atomic::AtomicI64;
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = -std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    // Strictly decreasing within this process, however close two calls are.
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let id = now.min(last - 1);
+        match LAST.compare_exchange_weak(last, id, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return id,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 pub(super) struct Joint {
     /// The model in the runtime's models the service answers with, and the router instances
     /// that run it (an incremental-learning job replaces both at once).
@@ -209,30 +230,53 @@ impl Services {
         }
         let mut results = Vec::with_capacity(decisions.len());
         for (i, d) in decisions.iter().enumerate() {
-            let mut row =
-                RowResult { index: i as u64, computed: "edge", route: d.route, score: Some(d.score), queued: false };
+            let mut row = RowResult {
+                index: i as u64,
+                computed: "edge",
+                route: d.route,
+                score: Some(d.score),
+                queued: false,
+                dropped: false,
+            };
             if d.route == Route::Cloud {
                 service.metrics.hard_examples.fetch_add(1, Ordering::Relaxed);
                 let rows: Vec<TensorData> = inputs.iter().map(|t| wire::rows(t, i as u64, i as u64 + 1)).collect();
                 let body = wire::to_safetensors(&rows)?;
                 let queued_ms = now_ms();
-                // In the outbox before it leaves: a crash or an outage loses nothing.
-                let (svc_name, in_flight) = (service.name.clone(), self.in_flight.clone());
-                let (claim, body) = self
+                // In the outbox before it leaves: a crash or an outage loses nothing. With the
+                // state directory full or read-only it leaves unkept, under an id of its own.
+                let (svc_name, in_flight, stored) = (service.name.clone(), self.in_flight.clone(), body.clone());
+                let kept = self
                     .with_store(move |s| {
                         // Claimed before the entry is visible, so the outbox never sends it too.
                         let mut claimed = lock(&in_flight);
-                        let id = s.enqueue(&svc_name, &body, queued_ms)?;
+                        let id = s.enqueue(&svc_name, &stored, queued_ms)?;
                         claimed.insert(id);
                         drop(claimed);
-                        Ok((Claim { ids: in_flight, id }, body))
+                        Ok(Claim { ids: in_flight, id })
                     })
-                    .await?;
-                let id = claim.id;
+                    .await;
+                let (claim, id) = match kept {
+                    Ok(claim) => {
+                        let id = claim.id;
+                        (Some(claim), id)
+                    }
+                    Err(e) if crate::store::is_storage_error(&e) => {
+                        tracing::warn!(service = %service.name, "hard example not kept (the state directory is full or read-only), sent as it is: {e:#}");
+                        (None, unkept_example_id())
+                    }
+                    Err(e) => return Err(e),
+                };
                 let headers = [(EXAMPLE_HEADER, id.to_string()), (QUEUED_HEADER, queued_ms.to_string())];
                 match service.cloud.post("", body, &headers).await? {
                     CloudCall::Answered { outputs: cloud_out, .. } => {
-                        self.with_store(move |s| s.delivered(id)).await?;
+                        if claim.is_some() {
+                            if let Err(e) = self.with_store(move |s| s.delivered(id)).await {
+                                // The cloud keeps it once however often it comes: the outbox
+                                // sending it again (once it can mark it) is harmless.
+                                tracing::warn!(service = %service.name, id, "marking a hard example delivered: {e:#}");
+                            }
+                        }
                         for (out, c) in outputs.iter_mut().zip(cloud_out) {
                             replace_row(out, i as u64, &c)?;
                         }
@@ -241,9 +285,18 @@ impl Services {
                     CloudCall::Unreachable(why) => {
                         tracing::warn!(service = %service.name, id, "cloud unreachable, answering on the edge: {why}");
                         service.metrics.fallbacks.fetch_add(1, Ordering::Relaxed);
-                        row.queued = true;
-                        drop(claim);
-                        self.outbox_wake.notify_one();
+                        match claim {
+                            Some(claim) => {
+                                row.queued = true;
+                                drop(claim);
+                                self.outbox_wake.notify_one();
+                            }
+                            None => {
+                                tracing::warn!(service = %service.name, "hard example dropped: the cloud is unreachable and the state directory is full or read-only");
+                                service.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                                row.dropped = true;
+                            }
+                        }
                     }
                 }
             }
@@ -303,7 +356,14 @@ impl Services {
         service.metrics.observe("cloud", elapsed);
         let rows = outputs.first().and_then(|o| o.shape.first()).copied().unwrap_or(1);
         let results = (0..rows)
-            .map(|index| RowResult { index, computed: "cloud", route: Route::Cloud, score: None, queued: false })
+            .map(|index| RowResult {
+                index,
+                computed: "cloud",
+                route: Route::Cloud,
+                score: None,
+                queued: false,
+                dropped: false,
+            })
             .collect();
         Ok(Some(InferResponse {
             service: service.name.clone(),

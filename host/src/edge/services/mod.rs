@@ -64,6 +64,8 @@ pub struct ServiceMetrics {
     pub replans: AtomicU64,
     /// Requests refused with 503 because the service's queue was full.
     pub refused: AtomicU64,
+    /// Hard examples neither delivered nor kept (cloud unreachable, state directory full).
+    pub dropped: AtomicU64,
     /// Per route ("edge", "cloud", "split"): the latency of the requests answered.
     pub latency: Mutex<BTreeMap<&'static str, prometheus_client::metrics::histogram::Histogram>>,
 }
@@ -87,6 +89,10 @@ pub struct RowResult {
     pub score: Option<f64>,
     /// The cloud could not be reached: the edge answered and the example waits in the outbox.
     pub queued: bool,
+    /// The cloud could not be reached and the state directory is full or read-only: the edge
+    /// answered and the example was not kept.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dropped: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
