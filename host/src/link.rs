@@ -49,6 +49,8 @@ struct Direction {
 
 struct Shared {
     profile: Mutex<LinkProfile>,
+    /// True while the link is cut: open connections are dropped and new ones closed at once.
+    cut: tokio::sync::watch::Sender<bool>,
     up: Direction,
     down: Direction,
 }
@@ -81,6 +83,7 @@ impl LinkShaper {
     pub async fn start(upstream: SocketAddr, profile: LinkProfile) -> Result<LinkShaper, LinkError> {
         let shared = Arc::new(Shared {
             profile: Mutex::new(check(profile)?),
+            cut: tokio::sync::watch::channel(false).0,
             up: Direction { free_at: Mutex::new(Instant::now()) },
             down: Direction { free_at: Mutex::new(Instant::now()) },
         });
@@ -90,6 +93,9 @@ impl LinkShaper {
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
+                if *link.cut.borrow() {
+                    continue;
+                }
                 let link = link.clone();
                 tokio::spawn(async move {
                     match TcpStream::connect(upstream).await {
@@ -107,6 +113,12 @@ impl LinkShaper {
         self.addr
     }
 
+    /// Cuts the link (every open connection through it is dropped, new ones are closed as
+    /// they come) or restores it: an outage, for fault tests.
+    pub fn cut(&self, cut: bool) {
+        self.shared.cut.send_replace(cut);
+    }
+
     /// Changes the link for traffic from now on.
     pub fn set(&self, profile: LinkProfile) -> Result<(), LinkError> {
         *self.shared.profile.lock().unwrap_or_else(|e| e.into_inner()) = check(profile)?;
@@ -119,9 +131,14 @@ async fn relay(client: TcpStream, server: TcpStream, link: Arc<Shared>) {
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
+    let mut cut = link.cut.subscribe();
     let up = pump(client_read, server_write, link.clone(), true);
     let down = pump(server_read, client_write, link, false);
-    let _ = tokio::join!(up, down);
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        // Dropping the pumps drops both connections.
+        _ = cut.wait_for(|cut| *cut) => {}
+    }
 }
 
 /// Moves one direction's bytes: a reader takes chunks in as they come, a writer lets each out
@@ -228,5 +245,25 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
         let e = LinkShaper::start(addr, LinkProfile { mbit_s: 0.0, one_way_delay_ms: 1.0 }).await.err();
         assert!(matches!(e, Some(LinkError::Bandwidth(_))), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_link_drops_its_connections_and_a_restored_one_carries_again() {
+        let link =
+            LinkShaper::start(echo().await, LinkProfile { mbit_s: 1000.0, one_way_delay_ms: 0.0 }).await.expect("link");
+        let mut open = TcpStream::connect(link.addr()).await.expect("connect");
+        open.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        open.read_exact(&mut got).await.expect("echo");
+        link.cut(true);
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the open connection ends: {read:?}");
+        let mut new = TcpStream::connect(link.addr()).await.expect("accepted, then closed");
+        let _ = new.write_all(b"ping").await;
+        let read = tokio::time::timeout(Duration::from_secs(5), new.read(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a new one is closed: {read:?}");
+        link.cut(false);
+        assert!(round_trip(link.addr(), 1000).await < Duration::from_secs(5), "carries again");
     }
 }

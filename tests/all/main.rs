@@ -32,6 +32,7 @@ mod sandbox;
 mod sdk;
 mod secrets;
 mod serving;
+mod soak;
 mod storage;
 mod strategies;
 mod tls;

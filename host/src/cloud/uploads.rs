@@ -313,6 +313,10 @@ pub(super) async fn receive(body: axum::body::Body, path: &Path, max: usize) -> 
         }
         file.write_all(&chunk).await.map_err(internal)?;
     }
+    // tokio's file reports a failed background write at the next write or flush, and
+    // `sync_all` does neither: without this flush an upload whose last write hit a full disk
+    // was kept cut short, and then refused as malformed (found by the soak test).
+    file.flush().await.map_err(internal)?;
     file.sync_all().await.map_err(internal)?;
     Ok(total as u64)
 }
