@@ -87,11 +87,7 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     std::fs::write(c.path("cloud.toml"), toml).expect("cloud.toml");
     let edge_disk = (fault == Fault::EdgeFull).then(|| {
         let disk = SmallDisk::mount(c.path("edge-1/state"), 4);
-        let path = c.path("edge-1/edge.toml");
-        let toml = std::fs::read_to_string(&path).expect("edge.toml");
-        let db = disk.0.join("edge.db");
-        std::fs::write(&path, toml.replace("state = \"edge.db\"", &format!("state = {:?}", db.display().to_string())))
-            .expect("edge.toml");
+        put_edge_state_on(&c, &disk);
         disk
     });
     c.start_cloud();
@@ -261,33 +257,45 @@ fn a_full_edge_state_refuses_samples_answers_requests_and_recovers() {
     assert_eq!(metric(&m, "nereid_hard_examples_dropped_total{service=\"digits\"}"), 1.0);
 }
 
-/// An edge whose state directory is read-only does not start, naming the path.
-#[test]
-fn an_edge_on_a_read_only_state_directory_refuses_to_start_naming_it() {
-    let c = Cluster::new(1, "");
-    let disk = SmallDisk::mount(c.path("edge-1/state"), 1);
-    disk.read_only();
+/// Points edge-1's edge.toml at a state database on `disk`.
+fn put_edge_state_on(c: &Cluster, disk: &SmallDisk) {
     let path = c.path("edge-1/edge.toml");
     let toml = std::fs::read_to_string(&path).expect("edge.toml");
     let db = disk.0.join("edge.db");
     std::fs::write(&path, toml.replace("state = \"edge.db\"", &format!("state = {:?}", db.display().to_string())))
         .expect("edge.toml");
-    let log = c.path("edge-1.log");
-    let mut edge = spawn(&["edge"], &path, &log, &c.path("cache"));
+}
+
+/// Starts `nereid <kind>` with `config` and expects it to exit non-zero within 30 s, saying
+/// that the file system at `disk` is read-only: returns its log.
+fn refused_to_start(kind: &str, config: &std::path::Path, c: &Cluster, disk: &SmallDisk) -> String {
+    let log = c.path(&format!("{kind}.log"));
+    let mut child = spawn(&[kind], config, &log, &c.path("cache"));
     let t = Instant::now();
     let status = loop {
-        if let Some(status) = edge.try_wait().expect("wait") {
+        if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
         if t.elapsed() > Duration::from_secs(30) {
-            let _ = edge.kill();
-            panic!("the edge started on a read-only state directory");
+            let _ = child.kill();
+            panic!("the {kind} started on a read-only state directory");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!status.success(), "{text}");
     assert!(text.contains(&disk.0.display().to_string()) && text.contains("Read-only file system"), "{text}");
+    text
+}
+
+/// An edge whose state directory is read-only does not start, naming the path.
+#[test]
+fn an_edge_on_a_read_only_state_directory_refuses_to_start_naming_it() {
+    let c = Cluster::new(1, "");
+    let disk = SmallDisk::mount(c.path("edge-1/state"), 1);
+    disk.read_only();
+    put_edge_state_on(&c, &disk);
+    refused_to_start("edge", &c.path("edge-1/edge.toml"), &c, &disk);
 }
 
 /// A cloud whose state directory is read-only does not start: it says which path of the state
@@ -301,22 +309,6 @@ fn a_cloud_on_a_read_only_state_directory_refuses_to_start_naming_it() {
     let toml = std::fs::read_to_string(c.path("cloud.toml")).expect("cloud.toml");
     let toml = toml.replace("state = \"cloud.db\"", &format!("state = \"{}\"", db.display()));
     std::fs::write(c.path("cloud.toml"), toml).expect("cloud.toml");
-    let log = c.path("cloud.log");
-    let mut cloud = spawn(&["cloud"], &c.path("cloud.toml"), &log, &c.path("cache"));
-    let t = Instant::now();
-    let status = loop {
-        if let Some(status) = cloud.try_wait().expect("wait") {
-            break status;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = cloud.kill();
-            panic!("the cloud started on a read-only state directory");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(!status.success(), "{text}");
-    let dir = disk.0.display().to_string();
-    assert!(text.contains(&dir) && text.contains("Read-only file system"), "{text}");
+    let text = refused_to_start("cloud", &c.path("cloud.toml"), &c, &disk);
     assert_eq!(text.matches("Read-only file system").count(), 1, "said once: {text}");
 }
