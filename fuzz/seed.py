@@ -1,13 +1,16 @@
 """Writes the seed corpora of the fuzz targets (fuzz/corpus/<target>/) from the repository's own
 inputs: the TOML blocks of the docs and the deploy configs, the test CNN (tests/fixtures/models/
 cnn.py, made small), safetensors bodies and sample batches as the tests send them, OCI manifests
-as the registry stores them, and job specs from a demo's cloud.db when one is given.
+as the registry stores them, compressed updates as the quantize plugin encodes them, small PNG and
+JPEG images (with Pillow), and job specs from a demo's cloud.db when one is given.
 
-usage: python3 fuzz/seed.py [--demo-workdir DIR]   (DIR: `nereid demo --rounds 1 --workdir DIR`)
+usage: python3 fuzz/seed.py [--demo-workdir DIR]   (DIR: `nereid demo --rounds 1 --workdir DIR`;
+       Python needs Pillow: `python3 -m venv target/py-seed && target/py-seed/bin/pip install pillow`)
 """
 import argparse
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -69,6 +72,31 @@ def main():
     put("infer_request", b"\x00" + b'{"shape": [1, 3], "data": [1.0, -2.5e-3, 3]}')
     put("infer_request", b"\x00" + b'{"inputs": {"image": {"shape": [1, 2], "data": [0.5, 1e300]}}}')
     put("infer_request", b"\x02" + image)
+
+    # Compressed updates of an 8-feature, 2-class MLP as the quantize plugin encodes them: int8
+    # values with a scale, or top-k indices, values and the dense shape. The first byte is the round.
+    i8 = lambda *v: struct.pack(f"<{len(v)}b", *v)
+    int8 = safetensors([("dense.0.weight#int8", "I8", [2, 8], i8(*range(-8, 8))),
+                        ("dense.0.weight#scale", "F32", [], f32(0.01)),
+                        ("dense.0.bias#int8", "I8", [2], i8(127, -127)),
+                        ("dense.0.bias#scale", "F32", [], f32(0.5))], {"nereid": "update"})
+    top_k = safetensors([("dense.0.weight#indices", "I32", [3], struct.pack("<3i", 0, 7, 15)),
+                         ("dense.0.weight#values", "F32", [3], f32(0.5, -0.25, 1)),
+                         ("dense.0.weight#shape", "I64", [2], struct.pack("<2q", 2, 8)),
+                         ("dense.0.bias", "F32", [2], f32(0.1, -0.1))])
+    put("update_decode", b"\x00" + int8)
+    put("update_decode", b"\x03" + top_k)
+
+    # Images: the first byte picks the content type (0 PNG, 1 JPEG), the input shape and layout.
+    from PIL import Image
+    for size, mode in [((8, 8), "RGB"), ((16, 16), "L"), ((5, 3), "RGB")]:
+        picture = Image.new(mode, size)
+        picture.putdata([(x * 37 + y * 11) % 256 if mode == "L" else ((x * 37) % 256, (y * 53) % 256, 90)
+                         for y in range(size[1]) for x in range(size[0])])
+        for pick, fmt in [(0, "PNG"), (1, "JPEG"), (0x84, "PNG")]:
+            out = io.BytesIO()
+            picture.save(out, fmt)
+            put("image_adapter", bytes([pick]) + out.getvalue())
 
     # ONNX: the test CNN, small, with and without the stem.
     with tempfile.TemporaryDirectory() as tmp:

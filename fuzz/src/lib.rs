@@ -21,3 +21,21 @@ pub fn registry(max_blob_bytes: u64) -> &'static Registry {
         Registry { rt, router, _dir: dir }
     })
 }
+
+/// A plugin component as `cargo xtask plugins` builds it (`fuzz/run` does), or from
+/// `NEREID_PLUGIN_DIR`.
+pub fn plugin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("NEREID_PLUGIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin"));
+    let path = dir.join(format!("nereid_{}.wasm", name.replace('-', "_")));
+    assert!(path.is_file(), "{} is missing: build the plugins with `cargo xtask plugins`", path.display());
+    path
+}
+
+/// A runtime for the process's plugins, with its compile cache in a temporary directory (kept
+/// for the process's life).
+pub fn runtime() -> nereid::runtime::Runtime {
+    let dir = tempfile::tempdir().expect("a temporary directory").keep();
+    nereid::runtime::Runtime::new(Some(dir)).expect("the plugin runtime")
+}

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nereid::client::CloudClient;
 use nereid::model_io;
-use nereid::protocol::JobStatus;
+use nereid::protocol::{JobStatus, JobSummary};
 use nereid::train::Dataset;
 
 pub fn block<F: std::future::Future>(f: F) -> F::Output {
@@ -285,21 +285,58 @@ impl Cluster {
     }
 
     pub fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
+        self.wait_within(Duration::from_secs(120), job, what, done)
+    }
+
+    /// [`Cluster::wait_until`], failing after `limit`.
+    pub fn wait_within(&self, limit: Duration, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
         let t = Instant::now();
         loop {
             let s = self.status(job);
             if done(&s) {
                 return s;
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "timed out waiting for {what}: {s:?}");
+            assert!(t.elapsed() < limit, "timed out waiting for {what}: {s:?}");
             std::thread::sleep(Duration::from_millis(25));
         }
     }
 
     pub fn wait_done(&self, job: &str) -> JobStatus {
-        let s = self.wait_until(job, "the job to end", |s| s.status != "running");
+        self.wait_done_within(Duration::from_secs(120), job)
+    }
+
+    /// [`Cluster::wait_done`], failing after `limit`.
+    pub fn wait_done_within(&self, limit: Duration, job: &str) -> JobStatus {
+        self.wait_listed_within(limit, job, "the job to end", |s| s.status != "running");
+        let s = self.status(job);
         assert_eq!(s.status, "done", "{s:?}");
         s
+    }
+
+    /// The job as the job list shows it: unlike [`Cluster::status`], without every round's
+    /// summary, so that polling a job of thousands of rounds stays cheap.
+    pub fn listed(&self, job: &str) -> JobSummary {
+        let jobs = block(self.client().jobs()).unwrap_or_else(|e| panic!("{e}"));
+        jobs.into_iter().find(|j| j.name == job).unwrap_or_else(|| panic!("no job `{job}` in the list"))
+    }
+
+    /// [`Cluster::wait_within`], polling [`Cluster::listed`].
+    pub fn wait_listed_within(
+        &self,
+        limit: Duration,
+        job: &str,
+        what: &str,
+        done: impl Fn(&JobSummary) -> bool,
+    ) -> JobSummary {
+        let t = Instant::now();
+        loop {
+            let s = self.listed(job);
+            if done(&s) {
+                return s;
+            }
+            assert!(t.elapsed() < limit, "timed out waiting for {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     pub fn model(&self, job: &str, version: u32) -> model_io::NamedTensors {

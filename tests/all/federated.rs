@@ -31,7 +31,8 @@ pub(crate) fn reference_run(rounds: u32) -> model_io::NamedTensors {
 fn reference_of(job: &str, rounds: u32) -> model_io::NamedTensors {
     let c = Cluster::running(3);
     c.apply("ref", job);
-    c.wait_done("digits");
+    // Long soaks compare thousands of rounds: the wait grows with them.
+    c.wait_done_within(Duration::from_secs(120 + u64::from(rounds) / 10), "digits");
     c.model("digits", rounds)
 }
 

@@ -15,7 +15,7 @@ use nereid::link::{LinkProfile, LinkShaper};
 
 use crate::cluster::*;
 use crate::common::plugin;
-use crate::federated::job_toml;
+use crate::federated::{job_toml, reference_run};
 use crate::inference::write_model;
 use crate::replay::{batch, stats};
 use crate::storage::SmallDisk;
@@ -62,9 +62,10 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     write_model(&models, "small", 1);
     write_model(&models, "big", 2);
 
-    // The cloud's state on a disk of its own (filled as a fault); nodes stay "online" through
-    // every outage, so each round selects all three.
-    let disk = SmallDisk::mount(c.path("state"), 256);
+    // The cloud's state on a disk of its own (filled as a fault), sized for the rounds of the
+    // run (about 18 a second here, each keeping its model); nodes stay "online" through every
+    // outage, so each round selects all three.
+    let disk = SmallDisk::mount(c.path("state"), 256.max(secs as u32 / 4));
     let toml = std::fs::read_to_string(c.path("cloud.toml")).expect("cloud.toml");
     let toml = toml
         .replace("online_secs = 5", "online_secs = 600")
@@ -193,8 +194,9 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     samples.join().expect("samples");
 
     // Settled: one more round completes, then round `rounds` is compared with a clean run.
-    let after = c.status("digits").rounds_done;
-    let s = c.wait_until("digits", "a round after the faults", |s| s.rounds_done > after);
+    let after = c.listed("digits").rounds_done;
+    c.wait_listed_within(Duration::from_secs(120), "digits", "a round after the faults", |s| s.rounds_done > after);
+    let s = c.status("digits");
     let rounds = s.rounds_done;
     let lost_rounds = s.history.iter().filter(|h| h.participants.len() != 3).count();
     let t = Instant::now();
@@ -227,6 +229,7 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
         "sample_batches_refused": traffic.batches_refused.load(Ordering::Relaxed),
         "samples_accepted": traffic.samples.load(Ordering::Relaxed),
         "samples_offered_in_the_buffer": held["offered"],
+        "cloud_state_bytes": std::fs::metadata(disk.0.join("cloud.db")).map_or(0, |m| m.len()),
     });
     eprintln!("soak: {report}");
     assert_eq!(lost_rounds, 0, "every round took all three updates: {report}");
@@ -236,20 +239,5 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     assert_eq!(held["offered"], traffic.samples.load(Ordering::Relaxed), "every accepted sample once: {report}");
     assert!(faults.len() == 4 || secs < 60, "every kind of fault injected: {report}");
     drop(c);
-    assert_eq!(model, clean_run(rounds), "round {rounds}'s model equals a run without faults: {report}");
-}
-
-/// The job's model after `rounds` rounds without faults (as `federated::reference_run`, with a
-/// wait as long as that many rounds take: a long soak runs thousands).
-fn clean_run(rounds: u32) -> nereid::model_io::NamedTensors {
-    let c = Cluster::running(3);
-    c.apply("ref", &job_toml("digits", "fedavg", rounds, 3, 600.0));
-    let t = Instant::now();
-    let limit = Duration::from_secs(120 + u64::from(rounds) / 10);
-    while c.status("digits").status == "running" {
-        assert!(t.elapsed() < limit, "the clean run did not end: {:?}", c.status("digits").rounds_done);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(c.status("digits").status, "done");
-    c.model("digits", rounds)
+    assert_eq!(model, reference_run(rounds), "round {rounds}'s model equals a run without faults: {report}");
 }

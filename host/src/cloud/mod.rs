@@ -25,6 +25,8 @@ mod rounds;
 mod selection;
 mod uploads;
 
+pub use uploads::decompress_update;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

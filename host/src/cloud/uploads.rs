@@ -18,8 +18,10 @@ use super::{node_seed, spec_of, Caller, Cloud};
 use crate::config::job::JobSpec;
 use crate::model_io;
 use crate::protocol::*;
-use crate::runtime::RoundContext;
+use crate::runtime::{CompressorPlugin, RoundContext};
 use crate::store::{Inserted, StoreError};
+use crate::tensor::Tensor;
+use crate::train::ModelSpec;
 
 /// The nodes uploading now: one upload per node at a time, so one node cannot take every slot.
 #[derive(Default)]
@@ -274,18 +276,32 @@ pub(super) fn decode_update(
         .map_err(|e| format!("the job's compressor: {e:#}"))?
         .ok_or_else(|| "the job has no compressor".to_string())?;
     let ctx = RoundContext { job: spec.name.clone(), round, seed: node_seed(spec.seed, round, node) };
-    let delta = crate::lock(&plugin).decode(&ctx, &payload, &origin).map_err(|e| e.to_string())?;
-    let layout: Vec<_> = delta.iter().map(|(n, t)| (n.clone(), t.dtype(), t.shape().to_vec())).collect();
-    spec.model.check_layout(&layout).map_err(|e| format!("{origin}, decoded: {e}"))?;
     // Decoded once per round, for every upload of it.
     let global = cloud.rounds.global(&cloud.store, spec, round).map_err(|e| e.to_string())?;
-    let mut weights = global.as_ref().clone();
+    let weights = decompress_update(&mut crate::lock(&plugin), &ctx, &payload, &origin, &spec.model, &global)?;
+    model_io::write(path, &weights, Some(metadata)).map_err(|e| e.to_string())
+}
+
+/// The weights a compressed update encodes: `global` plus the difference `plugin` decodes from
+/// `payload`, which must have every parameter of `model`; `origin` names the update in errors.
+pub fn decompress_update(
+    plugin: &mut CompressorPlugin,
+    ctx: &RoundContext,
+    payload: &[(String, Tensor)],
+    origin: &str,
+    model: &ModelSpec,
+    global: &[(String, Tensor)],
+) -> Result<model_io::NamedTensors, String> {
+    let delta = plugin.decode(ctx, payload, origin).map_err(|e| e.to_string())?;
+    let layout: Vec<_> = delta.iter().map(|(n, t)| (n.clone(), t.dtype(), t.shape().to_vec())).collect();
+    model.check_layout(&layout).map_err(|e| format!("{origin}, decoded: {e}"))?;
+    let mut weights = global.to_vec();
     for (name, w) in &mut weights {
         let d =
             delta.iter().find(|(n, _)| n == name).map(|(_, d)| d).ok_or_else(|| format!("{origin}: no `{name}`"))?;
         w.axpy(1.0, d).map_err(|e| format!("{origin}: `{name}`: {e}"))?;
     }
-    model_io::write(path, &weights, Some(metadata)).map_err(|e| e.to_string())
+    Ok(weights)
 }
 
 /// Streams a request body into `path` (at most `max` bytes) and fsyncs it; returns its length.

@@ -488,14 +488,25 @@ impl Services {
                 let (svc, other) = (service.clone(), other.to_string());
                 blocking(move || {
                     let (adapter, specs) = svc.adapter.as_ref().context("checked above")?;
-                    let tensors = lock(adapter).decode(&other, &body, specs)?;
-                    tensors.iter().try_for_each(wire::check)?;
-                    Ok(tensors)
+                    adapt(&mut lock(adapter), &other, &body, specs)
                 })
                 .await
             }
         }
     }
+}
+
+/// The model's inputs from a body `adapter` reads (e.g. an image), checked as a JSON or
+/// safetensors body's would be.
+pub fn adapt(
+    adapter: &mut AdapterPlugin,
+    content_type: &str,
+    body: &[u8],
+    inputs: &[InputSpec],
+) -> anyhow::Result<Vec<TensorData>> {
+    let tensors = adapter.decode(content_type, body, inputs)?;
+    tensors.iter().try_for_each(wire::check)?;
+    Ok(tensors)
 }
 
 /// Parses a request body by content type: JSON (`{"shape", "data"}` or named inputs), or
