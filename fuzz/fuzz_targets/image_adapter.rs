@@ -21,7 +21,8 @@ const SHAPES: [[Option<u64>; 4]; 4] = [
 
 thread_local! {
     static ADAPTERS: RefCell<[AdapterPlugin; 2]> = RefCell::new({
-        let runtime = nereid_fuzz::runtime();
+        // Each process loads its plugin once: no compile cache.
+        let runtime = nereid::runtime::Runtime::new(None).expect("the plugin runtime");
         let path = nereid_fuzz::plugin("image-adapter");
         [("nchw", "0.5,0.4,0.3", "0.25"), ("nhwc", "0", "1")].map(|(layout, mean, std)| {
             let config = [("layout", layout), ("mean", mean), ("std", std)]

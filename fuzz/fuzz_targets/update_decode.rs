@@ -19,7 +19,8 @@ struct Fixture {
 
 thread_local! {
     static FIXTURE: RefCell<Fixture> = RefCell::new({
-        let runtime = nereid_fuzz::runtime();
+        // Each process loads its plugin once: no compile cache.
+        let runtime = nereid::runtime::Runtime::new(None).expect("the plugin runtime");
         let plugin =
             CompressorPlugin::load(&runtime, &nereid_fuzz::plugin("quantize"), Limits::default(), &Default::default())
                 .expect("the quantize plugin");

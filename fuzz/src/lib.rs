@@ -32,10 +32,3 @@ pub fn plugin(name: &str) -> std::path::PathBuf {
     assert!(path.is_file(), "{} is missing: build the plugins with `cargo xtask plugins`", path.display());
     path
 }
-
-/// A runtime for the process's plugins, with its compile cache in a temporary directory (kept
-/// for the process's life).
-pub fn runtime() -> nereid::runtime::Runtime {
-    let dir = tempfile::tempdir().expect("a temporary directory").keep();
-    nereid::runtime::Runtime::new(Some(dir)).expect("the plugin runtime")
-}

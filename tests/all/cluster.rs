@@ -285,20 +285,7 @@ impl Cluster {
     }
 
     pub fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
-        self.wait_within(Duration::from_secs(120), job, what, done)
-    }
-
-    /// [`Cluster::wait_until`], failing after `limit`.
-    pub fn wait_within(&self, limit: Duration, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {
-        let t = Instant::now();
-        loop {
-            let s = self.status(job);
-            if done(&s) {
-                return s;
-            }
-            assert!(t.elapsed() < limit, "timed out waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        poll(Duration::from_secs(120), what, || self.status(job), done)
     }
 
     pub fn wait_done(&self, job: &str) -> JobStatus {
@@ -320,7 +307,7 @@ impl Cluster {
         jobs.into_iter().find(|j| j.name == job).unwrap_or_else(|| panic!("no job `{job}` in the list"))
     }
 
-    /// [`Cluster::wait_within`], polling [`Cluster::listed`].
+    /// [`Cluster::wait_until`] polling [`Cluster::listed`], failing after `limit`.
     pub fn wait_listed_within(
         &self,
         limit: Duration,
@@ -328,15 +315,7 @@ impl Cluster {
         what: &str,
         done: impl Fn(&JobSummary) -> bool,
     ) -> JobSummary {
-        let t = Instant::now();
-        loop {
-            let s = self.listed(job);
-            if done(&s) {
-                return s;
-            }
-            assert!(t.elapsed() < limit, "timed out waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        poll(limit, what, || self.listed(job), done)
     }
 
     pub fn model(&self, job: &str, version: u32) -> model_io::NamedTensors {
@@ -398,4 +377,17 @@ pub fn metric(url: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+/// Calls `fetch` every 25 ms until `done` holds for what it returns; fails after `limit`.
+fn poll<T: std::fmt::Debug>(limit: Duration, what: &str, fetch: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let t = Instant::now();
+    loop {
+        let s = fetch();
+        if done(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "timed out waiting for {what}: {s:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
