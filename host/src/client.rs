@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 
 use crate::config::job::{JobSpec, LoadedJob};
 use crate::protocol::{
-    routes, ErrorBody, FailureReport, JobStatus, JobSummary, RoundState, SubmitJob, Task, TaskResponse, UploadResponse,
+    routes, ErrorBody, FailureReport, JobStatus, JobSummary, RoundState, RoundSummary, SubmitJob, Task, TaskResponse,
+    UploadResponse, MAX_HISTORY_PAGE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -228,8 +229,28 @@ impl CloudClient {
         self.get(routes::JOBS).await
     }
 
+    /// A job's status with the newest page of its history.
     pub async fn status(&self, job: &str) -> Result<JobStatus> {
         self.get(&routes::job(job)).await
+    }
+
+    /// A job's status with the history page of at most `limit` rounds from round `from` (the
+    /// newest page without `from`; the cloud's default size without `limit`).
+    pub async fn status_page(&self, job: &str, from: Option<u32>, limit: Option<u32>) -> Result<JobStatus> {
+        self.get(&routes::job_page(job, from, limit)).await
+    }
+
+    /// Every closed round's summary of a job, oldest first, fetched page by page.
+    pub async fn history(&self, job: &str) -> Result<Vec<RoundSummary>> {
+        let mut history = Vec::new();
+        let mut from = Some(1);
+        while let Some(round) = from {
+            let page = self.status_page(job, Some(round), Some(MAX_HISTORY_PAGE)).await?;
+            history.extend(page.history);
+            // Pages move forward: a next page that does not cannot loop.
+            from = page.history_next.filter(|&next| next > round);
+        }
+        Ok(history)
     }
 
     pub async fn stop(&self, job: &str) -> Result<JobStatus> {

@@ -164,6 +164,22 @@ pub struct WaitQuery {
 /// The longest long poll the cloud holds, in seconds (below the edge's 60 s request timeout).
 pub const MAX_WAIT_SECS: u32 = 55;
 
+/// `GET /v1/jobs/<job>?from=R&limit=N`: which closed rounds' summaries a job's status carries.
+/// A long job closes tens of thousands of rounds, so the history comes in pages: `from` the
+/// first round of the page (without it, the page ends at the newest round), at most `limit`
+/// rounds ([`DEFAULT_HISTORY_PAGE`] by default, [`MAX_HISTORY_PAGE`] at most).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    pub from: Option<u32>,
+    pub limit: Option<u32>,
+}
+
+/// Rounds of history in a job's status when the caller does not ask for a page.
+pub const DEFAULT_HISTORY_PAGE: u32 = 1_000;
+/// The most rounds of history one status carries (about 0.5 KB each).
+pub const MAX_HISTORY_PAGE: u32 = 10_000;
+
 /// `GET /v1/jobs/<job>/rounds/<round>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoundState {
@@ -263,7 +279,11 @@ pub struct JobStatus {
     pub swaps: Vec<SwapRow>,
     pub current: Option<CurrentRound>,
     pub nodes: Vec<NodeStatus>,
+    /// Closed rounds' summaries, oldest first: one page of them (see [`HistoryQuery`]).
     pub history: Vec<RoundSummary>,
+    /// The `from` of the next page when closed rounds newer than this page's exist.
+    #[serde(default)]
+    pub history_next: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -374,6 +394,18 @@ pub mod routes {
 
     pub fn job(job: &str) -> String {
         format!("/v1/jobs/{job}")
+    }
+
+    /// A job's status with the history page `from..` of at most `limit` rounds.
+    pub fn job_page(name: &str, from: Option<u32>, limit: Option<u32>) -> String {
+        let query: Vec<String> = [("from", from), ("limit", limit)]
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
+            .collect();
+        match query.is_empty() {
+            true => job(name),
+            false => format!("{}?{}", job(name), query.join("&")),
+        }
     }
 
     pub fn job_stop(job: &str) -> String {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nereid::client::CloudClient;
 use nereid::model_io;
-use nereid::protocol::{JobStatus, JobSummary};
+use nereid::protocol::{JobStatus, JobSummary, RoundSummary};
 use nereid::train::Dataset;
 
 pub fn block<F: std::future::Future>(f: F) -> F::Output {
@@ -51,6 +51,11 @@ impl Drop for Cluster {
         for c in self.cloud.iter_mut().chain(self.edges.iter_mut().flatten()) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A failed test's logs and state are what explains it.
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("the cluster's logs and state are kept in {}", self.dir.path().display());
         }
     }
 }
@@ -282,6 +287,11 @@ impl Cluster {
 
     pub fn status(&self, job: &str) -> JobStatus {
         block(self.client().status(job)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Every closed round's summary (a status carries one page of them).
+    pub fn history(&self, job: &str) -> Vec<RoundSummary> {
+        block(self.client().history(job)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn wait_until(&self, job: &str, what: &str, done: impl Fn(&JobStatus) -> bool) -> JobStatus {

@@ -109,6 +109,24 @@ fn a_full_job_runs_across_processes_and_is_visible() {
     let list = String::from_utf8_lossy(&c.nereid(&["job", "list", "--json"]).stdout).to_string();
     let v: Value = serde_json::from_str(&list).expect("json");
     assert_eq!(v[0]["status"], "done");
+
+    // The history in pages, through the API and the CLI; a page past the bound is refused.
+    let page = |from: Option<u32>, limit: Option<u32>| {
+        let s = block(c.client().status_page("digits", from, limit)).expect("page");
+        (s.history.iter().map(|h| h.round).collect::<Vec<_>>(), s.history_next, s.bytes_up_total)
+    };
+    let total = s.history.iter().map(|h| h.bytes_up).sum::<u64>();
+    assert_eq!(page(Some(2), Some(2)), (vec![2, 3], Some(4), total), "the total spans every round");
+    assert_eq!(page(None, Some(1)), (vec![4], None, total), "without `from`, the newest rounds");
+    assert_eq!(block(c.client().history("digits")).expect("history"), s.history);
+    for (query, named) in [("limit=0", "`limit`"), ("limit=10001", "`limit`"), ("offset=2", "offset")] {
+        let (code, body) = http("GET", &c.url(&format!("/v1/jobs/digits?{query}")), Some(&c.admin), vec![]);
+        let body = String::from_utf8_lossy(&body);
+        assert!(code == 400 && body.contains(named), "{query}: {code} {body}");
+    }
+    let out = c.nereid(&["job", "status", "digits", "--from", "1", "--limit", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("(more rounds: --from 3)"), "{text}");
 }
 
 #[test]

@@ -73,6 +73,52 @@ fn the_buffer_survives_a_restart_and_decides_as_without_one() {
     assert_eq!(stats(&a)["offered"].as_u64(), Some(400));
 }
 
+/// (status, whether the edge answered a retry, body) of a sample batch sent under `key`.
+fn keyed(edge: &str, key: &[u8], body: Vec<u8>) -> (u16, bool, String) {
+    block(async {
+        let key = reqwest::header::HeaderValue::from_bytes(key).expect("a header value");
+        let response = reqwest::Client::new()
+            .post(format!("{edge}/v1/samples"))
+            .bearer_auth(EDGE_TOKEN)
+            .header("Idempotency-Key", key)
+            .body(body)
+            .send()
+            .await
+            .expect("the edge answers");
+        let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+        (response.status().as_u16(), replayed, response.text().await.expect("body"))
+    })
+}
+
+#[test]
+fn a_batch_sent_again_under_its_idempotency_key_is_taken_in_once() {
+    let mut c = Cluster::new(1, "");
+    let a = c.start_serving_edge(0, &replay_section("reservoir", 60));
+    let first = keyed(&a, b"batch-0001", batch(0, 100, 32, 3));
+    assert_eq!((first.0, first.1), (200, false), "{first:?}");
+    assert_eq!(keyed(&a, b"batch-0001", batch(0, 100, 32, 3)), (200, true, first.2.clone()), "answered as before");
+    assert_eq!(stats(&a)["offered"], 100, "and nothing offered again");
+    // The key is kept with the batch: a retry after a kill -9 is recognized.
+    c.kill_edge(0);
+    c.start_edge(0);
+    c.wait_for_edge(0, &a);
+    assert_eq!(keyed(&a, b"batch-0001", batch(0, 100, 32, 3)), (200, true, first.2.clone()));
+    // Another key is another batch, even with the same samples; a key sent with another body
+    // is refused 422 naming it, and takes nothing in.
+    let second = keyed(&a, b"batch-0002", batch(0, 100, 32, 3));
+    assert_eq!((second.0, second.1), (200, false), "{second:?}");
+    let reused = keyed(&a, b"batch-0002", batch(100, 100, 32, 3));
+    assert!(reused.0 == 422 && reused.2.contains("batch-0002"), "{reused:?}");
+    for bad in [&b""[..], b"two words", &[b'k'; 256], "cl\u{e9}".as_bytes()] {
+        let (code, _, body) = keyed(&a, bad, batch(200, 10, 32, 3));
+        assert!(code == 400 && body.contains("Idempotency-Key"), "{bad:?}: {code} {body}");
+    }
+    assert_eq!(stats(&a)["offered"], 200);
+    // Without a key the same body twice is two batches, as before.
+    post(&a, batch(0, 100, 32, 3));
+    assert_eq!(post(&a, batch(0, 100, 32, 3))["offered"], 400);
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     nereid_harness::rss_kib(pid, "VmRSS:").expect("VmRSS") * 1024
 }

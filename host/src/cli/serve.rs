@@ -69,13 +69,20 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
-    /// A job's round, participants, per-node state and metric history.
+    /// A job's round, participants, per-node state and metric history (the newest 1,000 rounds
+    /// unless --from / --limit ask for another page).
     Status {
         name: String,
         #[command(flatten)]
         cloud: CloudArgs,
         #[arg(long)]
         json: bool,
+        /// The history from this round on (oldest first).
+        #[arg(long)]
+        from: Option<u32>,
+        /// At most this many rounds of history (1 to 10,000; default 1,000).
+        #[arg(long)]
+        limit: Option<u32>,
     },
     /// Stop a job after its current round.
     Stop {
@@ -114,8 +121,8 @@ pub fn job(cmd: JobCommand, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
                 }
             }
         }
-        JobCommand::Status { name, cloud, json } => {
-            let status = rt.block_on(cloud.api()?.status(&name))?;
+        JobCommand::Status { name, cloud, json, from, limit } => {
+            let status = rt.block_on(cloud.api()?.status_page(&name, from, limit))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -145,7 +152,7 @@ pub fn print_status(s: &JobStatus) {
     if let Some(c) = &s.compressor {
         println!("compressor {c}");
     }
-    println!("uploaded   {} bytes of updates in {} closed rounds", s.bytes_up_total, s.history.len());
+    println!("uploaded   {} bytes of updates in {} closed rounds", s.bytes_up_total, s.rounds_done);
     if let Some(p) = s.history.iter().rev().find_map(|h| h.privacy.as_ref()) {
         println!(
             "privacy    epsilon {:.4} at delta {} (noise multiplier {}, sampling rate {:.3})",
@@ -184,6 +191,9 @@ pub fn print_status(s: &JobStatus) {
             h.bytes_down,
             h.closed_by
         );
+    }
+    if let Some(next) = s.history_next {
+        println!("(more rounds: --from {next})");
     }
     // The trainers' own metrics of the last round (names checked by the cloud: printable as is).
     if let Some(h) = s.history.last().filter(|h| !h.trainer_metrics.is_empty()) {

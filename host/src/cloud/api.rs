@@ -364,13 +364,25 @@ pub(super) async fn list_jobs(
     Ok(Json(jobs))
 }
 
-pub(super) fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
+/// The page of history a status query asked for, refused past [`MAX_HISTORY_PAGE`].
+fn history_page(query: Result<Query<HistoryQuery>, QueryRejection>) -> ApiResult<(Option<u32>, u32)> {
+    let Query(q) = query.map_err(|e| err(StatusCode::BAD_REQUEST, format!("the query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
+    if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("`limit` is {limit}; a page holds 1 to {MAX_HISTORY_PAGE} rounds"),
+        ));
+    }
+    Ok((q.from, limit))
+}
+
+pub(super) fn job_status(cloud: &Cloud, name: &str, (from, limit): (Option<u32>, u32)) -> ApiResult<JobStatus> {
     let row = cloud.store.job(name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
     let spec = spec_of(&row)?;
-    let rounds = cloud.store.rounds(name)?;
-    let history: Vec<RoundSummary> =
-        rounds.iter().filter_map(|r| r.summary.as_deref()).filter_map(|s| serde_json::from_str(s).ok()).collect();
-    let current = match rounds.iter().find(|r| r.closed_ms.is_none()) {
+    let (page, history_next) = cloud.store.summaries(name, from, limit)?;
+    let history: Vec<RoundSummary> = page.iter().filter_map(|(_, s)| serde_json::from_str(s).ok()).collect();
+    let current = match cloud.store.unclosed_round(name)? {
         Some(r) if row.status == "running" => Some(CurrentRound {
             round: r.round,
             selected: r.selected.clone(),
@@ -412,12 +424,13 @@ pub(super) fn job_status(cloud: &Cloud, name: &str) -> ApiResult<JobStatus> {
         aggregator: plugins::chain_label(&spec),
         client_objective: spec.client_objective.as_ref().map(plugins::label),
         compressor: spec.compressor.as_ref().map(plugins::label),
-        bytes_up_total: history.iter().map(|h| h.bytes_up).sum(),
+        bytes_up_total: cloud.store.bytes_up_total(name)?,
         swap_pending: row.pending_spec.is_some(),
         swaps: cloud.store.swaps(name)?,
         current,
         nodes,
         history,
+        history_next,
     })
 }
 
@@ -425,9 +438,11 @@ pub(super) async fn get_job(
     State(cloud): State<Arc<Cloud>>,
     Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobStatus>> {
     caller.admin()?;
-    Ok(Json(job_status(&cloud, &name)?))
+    let page = history_page(query)?;
+    Ok(Json(job_status(&cloud, &name, page)?))
 }
 
 pub(super) async fn stop_job(
@@ -439,7 +454,7 @@ pub(super) async fn stop_job(
     cloud.store.job(&name)?.ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
     cloud.finish_job(&name, "stopped", "stopped by an operator")?;
     cloud.wake.notify_waiters();
-    Ok(Json(job_status(&cloud, &name)?))
+    Ok(Json(job_status(&cloud, &name, (None, DEFAULT_HISTORY_PAGE))?))
 }
 
 pub(super) async fn metrics(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> ApiResult<Response> {

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use super::error::ApiError;
 use super::incremental::IncrementalJob;
 use super::node::Node;
+use super::replay::{check_idempotency_key, parse_batch, Origin};
 use super::services::ServiceMetrics;
 use crate::config::edge::{ApiRight, EdgeApiConfig};
 use crate::metrics::{Labels, Scrape};
@@ -49,17 +50,38 @@ async fn infer(
 }
 
 /// `POST /v1/samples`: labelled samples for the replay buffer, as safetensors with `x`
-/// [samples, ...] (any element type) and `y` [samples] (integer labels).
-async fn offer_samples(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Response> {
+/// [samples, ...] (any element type) and `y` [samples] (integer labels). With an
+/// `Idempotency-Key` header, a retry of a batch (its answer lost) is answered as the first
+/// time and takes nothing in again.
+async fn offer_samples(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
     let replay = node.replay.clone().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "this edge has no replay buffer ([replay] in edge.toml)")
     })?;
-    let (x, y) = super::replay::parse_batch(&body).map_err(anyhow::Error::from)?;
-    let report = tokio::task::spawn_blocking(move || replay.offer(&x, &y, None))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))??;
-    Ok(Json(report).into_response())
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        Some(value) => Some(check_idempotency_key(value.as_bytes()).map_err(anyhow::Error::from)?.to_string()),
+        None => None,
+    };
+    let (x, y) = parse_batch(&body).map_err(anyhow::Error::from)?;
+    let report = tokio::task::spawn_blocking(move || {
+        let body_digest = key.as_ref().map(|_| crate::runtime::content_digest(&body));
+        let origin = match (&key, &body_digest) {
+            (Some(key), Some(body_digest)) => Origin::Keyed { key, body_digest },
+            _ => Origin::Unnamed,
+        };
+        replay.offer(&x, &y, origin)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))??;
+    let replayed = report.replayed;
+    let mut response = Json(report).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
+
+/// The header with which a client names a sample batch so that sending it again is safe.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// `GET /v1/samples`: what the replay buffer holds.
 async fn sample_stats(State(node): State<Arc<Node>>) -> ApiResult<Response> {

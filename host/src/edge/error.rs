@@ -47,13 +47,16 @@ impl ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
-    /// 503 for a busy service, 415 for a body nothing can read, 400 for what the caller got
+    /// 503 for a busy service, 415 for a body nothing can read, 422 for an idempotency key
+    /// reused for another body, 400 for what the caller got
     /// wrong, 507 when the state directory is full or read-only (nothing was kept), else 500.
     fn from(e: anyhow::Error) -> ApiError {
         let status = if e.chain().any(|c| c.is::<Overloaded>()) {
             StatusCode::SERVICE_UNAVAILABLE
         } else if e.chain().any(|c| c.is::<UnsupportedBody>()) {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else if e.chain().any(|c| c.is::<super::replay::KeyReused>()) {
+            StatusCode::UNPROCESSABLE_ENTITY
         } else if is_bad_request(&e) {
             StatusCode::BAD_REQUEST
         } else if crate::store::is_storage_error(&e) {

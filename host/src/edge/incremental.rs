@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::error::{is_bad_request, BadRequest};
 use super::learner::{Learner, Round};
-use super::replay::{parse_batch, to_dataset, OfferReport, ReplayBuffer, Trainable};
+use super::replay::{parse_batch, to_dataset, OfferReport, Origin, ReplayBuffer, Trainable};
 use super::services::Services;
 use crate::config::edge::{EdgeConfig, IncrementalConfig, MqttSource, ServiceKind};
 use crate::lock;
@@ -489,7 +489,7 @@ impl IncrementalJob {
         }
         let taken = parse_batch(bytes)
             .map_err(anyhow::Error::from)
-            .and_then(|(x, y)| replay.offer(&x, &y, Some((&digest, name))));
+            .and_then(|(x, y)| replay.offer(&x, &y, Origin::Content { digest: &digest, name }));
         let mut attempts = lock(&self.attempts);
         match taken {
             Ok(report) => {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::BadRequest;
 use crate::components::Components;
@@ -72,13 +72,48 @@ pub fn to_dataset(samples: &[(u64, i64, Vec<u8>)], features: usize) -> anyhow::R
 }
 
 /// What a batch of offers did, and the buffer after it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OfferReport {
     pub kept: u64,
     pub discarded: u64,
     pub evicted: u64,
     pub held: u64,
     pub offered: u64,
+    /// Answered from the record of the batch first sent under the same idempotency key: nothing
+    /// was offered again (the HTTP answer says so in `Idempotent-Replayed: true`).
+    #[serde(skip)]
+    pub replayed: bool,
+}
+
+/// Where a batch comes from, so that one sent again is taken in once.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// Nothing identifies it (a request without an idempotency key, a benchmark).
+    Unnamed,
+    /// An inbox file or an MQTT message: the same content again is a redelivery.
+    Content { digest: &'a str, name: &'a str },
+    /// A request with an `Idempotency-Key` (checked: [`check_idempotency_key`]) and its body's digest.
+    Keyed { key: &'a str, body_digest: &'a str },
+}
+
+/// The longest idempotency key a sample request may carry.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// An idempotency key sent again with another body: the API answers 422, as the IETF draft on
+/// the `Idempotency-Key` header asks.
+#[derive(Debug, thiserror::Error)]
+#[error("Idempotency-Key `{0}` was used for another batch; a retry must send the same body")]
+pub struct KeyReused(pub String);
+
+/// An `Idempotency-Key` is 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII characters (a UUID, say).
+pub fn check_idempotency_key(key: &[u8]) -> Result<&str, BadRequest> {
+    let visible = key.iter().all(|b| b.is_ascii_graphic());
+    match std::str::from_utf8(key) {
+        Ok(k) if visible && (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) => Ok(k),
+        _ => Err(BadRequest(format!(
+            "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))),
+    }
 }
 
 /// The buffer's contents: how many samples it holds (per label), how many were offered.
@@ -138,9 +173,9 @@ impl ReplayBuffer {
     }
 
     /// Offers a batch: `x` [n, ...] (any element type) with labels `y` [n] (integers). The
-    /// samples get ids in arrival order; the sampler decides each. `source` is the inbox file
-    /// (content digest, name) the batch came from.
-    pub fn offer(&self, x: &TensorData, y: &TensorData, source: Option<(&str, &str)>) -> anyhow::Result<OfferReport> {
+    /// samples get ids in arrival order; the sampler decides each. A batch under an idempotency
+    /// key taken in before is answered with what it did then, offered nothing again.
+    pub fn offer(&self, x: &TensorData, y: &TensorData, origin: Origin) -> anyhow::Result<OfferReport> {
         let n = *x.shape.first().ok_or_else(|| BadRequest("`x` must be [samples, ...]".into()))? as usize;
         let labels: Vec<i64> = match (y.dtype, y.shape.as_slice()) {
             (Dtype::I64, [m]) if *m as usize == n => {
@@ -168,7 +203,18 @@ impl ReplayBuffer {
             }
         }
         let per_sample = x.data.len().checked_div(n).unwrap_or(0);
+        // Batches are taken in one at a time under this lock: a retry of a keyed batch finds
+        // the first one's record, even when both arrive at once.
         let mut sampler = crate::lock(&self.sampler);
+        if let Origin::Keyed { key, body_digest } = origin {
+            if let Some((digest, report)) = self.store.sample_request(key)? {
+                if digest != body_digest {
+                    return Err(KeyReused(key.to_string()).into());
+                }
+                let report: OfferReport = serde_json::from_str(&report).context("the recorded answer of a batch")?;
+                return Ok(OfferReport { replayed: true, ..report });
+            }
+        }
         let (held_before, offered_before, held_layout) = self.store.replay_summary()?;
         if let Some(held) = held_layout.as_deref().filter(|l| *l != layout && held_before > 0) {
             return Err(BadRequest(format!("the buffer holds {held} samples; these are {layout}")).into());
@@ -198,14 +244,25 @@ impl ReplayBuffer {
             offers.push(ReplayOffer { id, label, bytes: &x.data[i * per_sample..(i + 1) * per_sample], keep });
         }
         let offered = offered_before + n as u64;
-        if let Err(e) =
-            self.store.record_offers(&offers, offered, &layout, &OfferBatch { keep_new: self.trains.is_some(), source })
-        {
+        let held = (held_before + kept).saturating_sub(evicted);
+        let report = OfferReport { kept, discarded: n as u64 - kept, evicted, held, offered, replayed: false };
+        let recorded = serde_json::to_string(&report).context("a batch's answer")?;
+        let batch = OfferBatch {
+            keep_new: self.trains.is_some(),
+            source: match origin {
+                Origin::Content { digest, name } => Some((digest, name)),
+                _ => None,
+            },
+            request: match origin {
+                Origin::Keyed { key, body_digest } => Some((key, body_digest, recorded.as_str())),
+                _ => None,
+            },
+        };
+        if let Err(e) = self.store.record_offers(&offers, offered, &layout, &batch) {
             restore(&mut sampler, &self.store.replay_state()?)?;
             return Err(e.into());
         }
-        let held = (held_before + kept).saturating_sub(evicted);
-        Ok(OfferReport { kept, discarded: n as u64 - kept, evicted, held, offered })
+        Ok(report)
     }
 
     pub fn stats(&self) -> anyhow::Result<ReplayStats> {

@@ -66,6 +66,9 @@ pub struct RoundRow {
     pub population: Option<u32>,
 }
 
+/// Closed rounds' (round, summary JSON).
+pub type Summaries = Vec<(u32, String)>;
+
 #[derive(Debug, Clone)]
 pub struct UpdateRow {
     pub node: String,
@@ -96,25 +99,26 @@ impl CloudStore {
         let _ = std::fs::remove_dir_all(&incoming);
         std::fs::create_dir_all(&incoming).map_err(|e| StoreError::Files { path: incoming.clone(), error: e })?;
         let conn = open(path, CLOUD_SCHEMA)?;
-        // A state written before hot swap existed has no `pending_spec` column yet.
-        let has_pending: bool = conn
-            .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'pending_spec'", [], |r| {
-                r.get(0)
-            })
-            .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
-        if !has_pending {
-            conn.execute_batch("ALTER TABLE jobs ADD COLUMN pending_spec TEXT")
-                .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
-        }
-        let has_population: bool = conn
-            .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('rounds') WHERE name = 'population'", [], |r| {
-                r.get(0)
-            })
-            .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
-        if !has_population {
-            conn.execute_batch("ALTER TABLE rounds ADD COLUMN population INTEGER")
-                .map_err(|error| StoreError::Open { path: path.display().to_string(), error })?;
-        }
+        // Columns added since the first states were written: a state without them gains them.
+        let add_column = |table: &str, column: &str, decl: &str| -> Result<()> {
+            let opened = |error| StoreError::Open { path: path.display().to_string(), error };
+            let has: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                    params![table, column],
+                    |r| r.get(0),
+                )
+                .map_err(opened)?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(opened)?;
+            }
+            Ok(())
+        };
+        add_column("jobs", "pending_spec", "TEXT")?;
+        add_column("rounds", "population", "INTEGER")?;
+        // A closed round's upload bytes, so a job's total is a sum over a column rather than over
+        // every summary's JSON (NULL in rounds closed before it existed: taken from the summary).
+        add_column("rounds", "bytes_up", "INTEGER")?;
         Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
     }
 
@@ -362,6 +366,62 @@ impl CloudStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The round of `job` not closed yet, if any.
+    pub fn unclosed_round(&self, job: &str) -> Result<Option<RoundRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT round, selected, opened_ms, deadline_ms, closed_ms, summary, population FROM rounds
+                 WHERE job = ?1 AND closed_ms IS NULL ORDER BY round DESC LIMIT 1",
+                [job],
+                Self::round_row,
+            )
+            .optional()?)
+    }
+
+    /// Summaries (JSON) of at most `limit` closed rounds of `job` from round `from` on, oldest
+    /// first; without `from`, the newest `limit`. Also: the first closed round after the page,
+    /// if there is one.
+    pub fn summaries(&self, job: &str, from: Option<u32>, limit: u32) -> Result<(Summaries, Option<u32>)> {
+        let conn = self.conn();
+        let mut rows: Summaries = match from {
+            Some(from) => {
+                let mut stmt = conn.prepare(
+                    "SELECT round, summary FROM rounds WHERE job = ?1 AND round >= ?2 AND summary IS NOT NULL
+                     ORDER BY round LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![job, from, limit + 1], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            }
+            None => {
+                let mut stmt = conn.prepare(
+                    "SELECT round, summary FROM rounds WHERE job = ?1 AND summary IS NOT NULL
+                     ORDER BY round DESC LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![job, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut rows: Summaries = rows.collect::<rusqlite::Result<_>>()?;
+                rows.reverse();
+                rows
+            }
+        };
+        let next = match rows.len() > limit as usize {
+            true => rows.pop().map(|(round, _)| round),
+            false => None,
+        };
+        Ok((rows, next))
+    }
+
+    /// Upload bytes over every closed round of `job`.
+    pub fn bytes_up_total(&self, job: &str) -> Result<u64> {
+        let total: i64 = self.conn().query_row(
+            "SELECT COALESCE(SUM(COALESCE(bytes_up, json_extract(summary, '$.bytes_up'))), 0) FROM rounds
+             WHERE job = ?1 AND summary IS NOT NULL",
+            [job],
+            |r| r.get(0),
+        )?;
+        Ok(total.max(0) as u64)
+    }
+
     /// A fresh path for an arriving update's file, in `incoming/` until it is accepted (so
     /// that collecting old update files never takes one still arriving). Its name is random,
     /// nothing a caller sent: no job or node name can lead the file elsewhere or make its name
@@ -557,7 +617,8 @@ impl CloudStore {
             )?;
         }
         tx.execute(
-            "UPDATE rounds SET closed_ms = ?3, summary = ?4 WHERE job = ?1 AND round = ?2",
+            "UPDATE rounds SET closed_ms = ?3, summary = ?4, bytes_up = json_extract(?4, '$.bytes_up')
+             WHERE job = ?1 AND round = ?2",
             params![job, round, now_ms(), summary],
         )?;
         tx.execute("UPDATE jobs SET next_round = ?2 WHERE name = ?1", params![job, round + 1])?;
@@ -612,5 +673,52 @@ mod tests {
         assert_eq!((row.spec.as_str(), row.pending_spec), ("{\"new\":1}", None));
         drop(store);
         CloudStore::open(&path).expect("a second open changes nothing");
+    }
+
+    #[test]
+    fn a_long_jobs_history_comes_in_pages_and_its_upload_total_spans_every_round() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cloud.db");
+        let summary = |round: u32| format!("{{\"round\":{round},\"bytes_up\":{}}}", round * 10);
+        // Rounds 1-4 closed by a cloud from before the `bytes_up` column.
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch(
+            "CREATE TABLE rounds (job TEXT NOT NULL, round INTEGER NOT NULL, selected TEXT NOT NULL,
+             opened_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL, closed_ms INTEGER, summary TEXT,
+             PRIMARY KEY (job, round));",
+        )
+        .expect("old schema");
+        for round in 1..=4 {
+            old.execute("INSERT INTO rounds VALUES ('j', ?1, '[]', 0, 0, 1, ?2)", params![round, summary(round)])
+                .expect("old round");
+        }
+        drop(old);
+        let store = CloudStore::open(&path).expect("migrated");
+        store.insert_job("j", "{}", b"v0").expect("job");
+        for round in 5..=7 {
+            store.open_round("j", round, &["a".to_string()], 0, 1).expect("open");
+            store.close_round("j", round, b"m", &summary(round), None).expect("close");
+        }
+        store.open_round("j", 8, &["a".to_string()], 0, 1).expect("open");
+        let rounds = |page: &[(u32, String)]| page.iter().map(|(r, _)| *r).collect::<Vec<_>>();
+
+        let (page, next) = store.summaries("j", None, 3).expect("newest");
+        assert_eq!((rounds(&page), next), (vec![5, 6, 7], None), "the newest page, oldest first");
+        let (page, next) = store.summaries("j", Some(1), 3).expect("first");
+        assert_eq!((rounds(&page), next), (vec![1, 2, 3], Some(4)));
+        let (page, next) = store.summaries("j", Some(4), 3).expect("second");
+        assert_eq!((rounds(&page), next), (vec![4, 5, 6], Some(7)));
+        let (page, next) = store.summaries("j", Some(7), 3).expect("last");
+        assert_eq!((rounds(&page), next), (vec![7], None), "the open round 8 is on no page");
+        assert_eq!(store.summaries("j", Some(9), 3).expect("past the end"), (vec![], None));
+        assert_eq!(store.unclosed_round("j").expect("open").map(|r| r.round), Some(8));
+        assert_eq!(
+            store.bytes_up_total("j").expect("total"),
+            280,
+            "old rounds from their summaries, new from the column"
+        );
+        let column: Option<i64> =
+            store.conn().query_row("SELECT bytes_up FROM rounds WHERE round = 6", [], |r| r.get(0)).expect("column");
+        assert_eq!(column, Some(60));
     }
 }

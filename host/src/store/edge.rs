@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS replay_samples (id INTEGER PRIMARY KEY, label INTEGER
 CREATE TABLE IF NOT EXISTS replay_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS new_samples (id INTEGER PRIMARY KEY, label INTEGER NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox_files (digest TEXT PRIMARY KEY, name TEXT NOT NULL, ingested_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sample_requests (
+    key TEXT PRIMARY KEY, body_sha256 TEXT NOT NULL, report TEXT NOT NULL, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS model_versions (
     version INTEGER PRIMARY KEY, service TEXT NOT NULL, created_ms INTEGER NOT NULL, parent INTEGER,
     trigger TEXT NOT NULL, new_samples INTEGER NOT NULL, replayed INTEGER NOT NULL, metrics TEXT NOT NULL,
@@ -52,6 +54,19 @@ pub struct OfferBatch<'a> {
     pub keep_new: bool,
     /// The inbox file (content digest, name) the batch was read from.
     pub source: Option<(&'a str, &'a str)>,
+    /// The request's idempotency key, its body's digest and what the batch did (JSON), answered
+    /// again to a retry with the key.
+    pub request: Option<(&'a str, &'a str, &'a str)>,
+}
+
+/// How many idempotency keys of sample requests an edge remembers (the newest): a retry must
+/// come before this many other keyed batches.
+pub const KEPT_REQUEST_KEYS: i64 = 100_000;
+
+/// Keeps the newest `keep` idempotency keys (rowids grow with each insert: the oldest go first).
+fn forget_old_request_keys(conn: &Connection, keep: i64) -> Result<()> {
+    conn.execute("DELETE FROM sample_requests WHERE rowid <= (SELECT MAX(rowid) FROM sample_requests) - ?1", [keep])?;
+    Ok(())
 }
 
 /// A hard example the edge has not yet delivered to the cloud.
@@ -212,8 +227,26 @@ impl EdgeStore {
                 params![digest, name, now_ms()],
             )?;
         }
+        if let Some((key, body_sha256, report)) = batch.request {
+            tx.execute(
+                "INSERT INTO sample_requests (key, body_sha256, report, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![key, body_sha256, report, now_ms()],
+            )?;
+            forget_old_request_keys(&tx, KEPT_REQUEST_KEYS)?;
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The body digest and report (JSON) of the sample batch taken in under idempotency key
+    /// `key`, if one was.
+    pub fn sample_request(&self, key: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT body_sha256, report FROM sample_requests WHERE key = ?1", [key], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
     }
 
     /// Whether an inbox file with this content was taken in already.
@@ -351,5 +384,28 @@ mod tests {
         // 200 rounds of 64 KiB would be 12.5 MiB; freed pages are reused.
         let size = std::fs::metadata(&path).expect("size").len();
         assert!(size < 1 << 20, "the state grew to {size} bytes");
+    }
+
+    #[test]
+    fn a_batchs_idempotency_key_is_kept_with_it_and_only_the_newest_keys_are() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EdgeStore::open(&dir.path().join("edge.db")).expect("open");
+        let offer = ReplayOffer { id: 1, label: 0, bytes: &[1, 2], keep: Some(None) };
+        for k in 1..=5 {
+            let (key, report) = (format!("key-{k}"), format!("{{\"n\":{k}}}"));
+            let batch = OfferBatch { keep_new: false, source: None, request: Some((&key, "sha256:b", &report)) };
+            let offers = [ReplayOffer { id: k, ..offer }];
+            store.record_offers(&offers, k, "u8[2]", &batch).expect("record");
+        }
+        assert_eq!(store.sample_request("key-3").expect("read"), Some(("sha256:b".into(), "{\"n\":3}".into())));
+        // A key is recorded with its batch or not at all: the second batch under it fails whole.
+        let batch = OfferBatch { keep_new: false, source: None, request: Some(("key-3", "sha256:c", "{}")) };
+        assert!(store.record_offers(&[ReplayOffer { id: 6, ..offer }], 6, "u8[2]", &batch).is_err());
+        assert_eq!(store.replay_state().expect("state").offered, 5);
+
+        forget_old_request_keys(&store.conn(), 2).expect("forget");
+        let kept: Vec<bool> =
+            (1..=5).map(|k| store.sample_request(&format!("key-{k}")).expect("read").is_some()).collect();
+        assert_eq!(kept, [false, false, false, true, true]);
     }
 }

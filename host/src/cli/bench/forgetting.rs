@@ -89,7 +89,7 @@ fn run_once(args: &ForgettingBench, runtime: &Runtime, plugin: &std::path::Path,
     let sampler = SamplerPlugin::load(runtime, plugin, Limits::default(), &config)?;
     let buffer = ReplayBuffer::new(sampler, store)?;
     let (x, y) = batch_of(&old);
-    buffer.offer(&x, &y, None)?;
+    buffer.offer(&x, &y, nereid::edge::replay::Origin::Unnamed)?;
     let ctx = RoundContext { job: "forgetting".into(), round: 1, seed };
     let replay = to_dataset(&buffer.draw(&ctx, args.capacity as u32)?, 64)?;
     let mut with = new.clone();
