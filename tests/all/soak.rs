@@ -108,12 +108,15 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     write_model(&models, "big", 2);
 
     // The cloud's state on a disk of its own (filled as a fault), sized for the rounds of the
-    // run (about 18 a second here, each keeping its model); nodes stay "online" through every
-    // outage, so each round selects all three.
-    let disk = SmallDisk::mount(c.path("state"), 256.max(secs as u32 / 4));
+    // run (about 18 a second here, each keeping its summary; models past the newest 100 are
+    // dropped) and the hard examples; nodes stay "online" through every outage, so each round
+    // selects all three.
+    let disk = SmallDisk::mount(c.path("state"), 256.max(secs as u32 / 16));
     let toml = std::fs::read_to_string(c.path("cloud.toml")).expect("cloud.toml");
+    // The newest 100 models kept (a few seconds of rounds): the state stops growing, and the final
+    // model, read at once, must still equal the clean run's.
     let toml = toml
-        .replace("online_secs = 5", "online_secs = 600")
+        .replace("online_secs = 5", "online_secs = 600\nkeep_model_versions = 100")
         .replace("state = \"cloud.db\"", &format!("state = {:?}", disk.0.join("cloud.db").display().to_string()));
     std::fs::write(c.path("cloud.toml"), toml).expect("cloud.toml");
 
@@ -272,6 +275,7 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     let after = c.listed("digits").rounds_done;
     c.wait_listed_within(Duration::from_secs(120), "digits", "a round after the faults", |s| s.rounds_done > after);
     let rounds = c.listed("digits").rounds_done;
+    let model = c.model("digits", rounds);
     // The job runs on: rounds closed after `rounds` are not compared.
     let history: Vec<_> = c.history("digits").into_iter().filter(|h| h.round <= rounds).collect();
     assert_eq!(history.len(), rounds as usize, "a summary for every round");
@@ -288,7 +292,6 @@ fn a_fleet_under_random_faults_loses_nothing_and_counts_nothing_twice() {
     let answered = traffic.requests.load(Ordering::Relaxed);
     let examples = ExamplesKept::check(&disk.0.join("cloud.db"), &traffic.rows.lock().expect("rows"));
     let held = stats(&edge);
-    let model = c.model("digits", rounds);
     let report = serde_json::json!({
         "seconds": start.elapsed().as_secs(),
         "seed": seed,

@@ -50,6 +50,60 @@ impl Drop for SmallDisk {
     }
 }
 
+/// An ext4 file system in a file, mounted through a loop device with `errors=remount-ro`: the
+/// kernel turns it read-only when it sees an error, with files open for writing (which a
+/// remount refuses), as a failing disk does under a running process.
+struct Ext4Disk {
+    image: PathBuf,
+    at: PathBuf,
+}
+
+impl Ext4Disk {
+    fn mount(image: PathBuf, at: PathBuf, mib: u64) -> Ext4Disk {
+        std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("the image");
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        std::fs::create_dir_all(&at).expect("mkdir");
+        let disk = Ext4Disk { image, at };
+        disk.attach();
+        disk
+    }
+
+    fn attach(&self) {
+        run_ok(Command::new("mount").args(["-o", "loop,errors=remount-ro"]).arg(&self.image).arg(&self.at));
+    }
+
+    /// Makes the kernel see a file-system error (ext4's own test hook): from now on every write
+    /// fails with EROFS.
+    fn turn_read_only(&self) {
+        let out = Command::new("losetup").arg("-j").arg(&self.image).output().expect("losetup");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let device = text.split(':').next().and_then(|d| d.rsplit('/').next()).expect("the loop device");
+        std::fs::write(format!("/sys/fs/ext4/{device}/trigger_fs_error"), "the test's fault")
+            .expect("trigger_fs_error");
+        assert!(std::fs::write(self.at.join("probe"), b"x").is_err(), "the disk is read-only now");
+    }
+
+    /// What an operator does: unmount, check the file system, mount it again read-write.
+    fn repair(&self) {
+        run_ok(Command::new("umount").arg(&self.at));
+        // e2fsck exits 1 when it fixed something.
+        let out = Command::new("e2fsck").arg("-fy").arg(&self.image).output().expect("e2fsck");
+        assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck: {}", String::from_utf8_lossy(&out.stdout));
+        self.attach();
+    }
+}
+
+impl Drop for Ext4Disk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// What the cloud logged (the harness names its log after the start).
 fn cloud_log(c: &Cluster) -> String {
     let mut text = String::new();
@@ -66,41 +120,54 @@ fn cloud_log(c: &Cluster) -> String {
 enum Fault {
     None,
     CloudFull,
+    CloudReadOnly,
     EdgeFull,
+    EdgeReadOnly,
 }
 
 /// Three edges and a 3-round FedAvg job whose rounds close by their deadline (4 s) with two
 /// updates when one is missing: edge-3 is held through round 1. With `CloudFull`, the cloud's
 /// state is on a small tmpfs that is filled once round 1 has its two updates: an upload gets 507
 /// and nothing of it is written; round 1's deadline passes while the cloud cannot commit its
-/// close, and the job waits; then the disk has space again. With `EdgeFull`, edge-1's state is
-/// on a small tmpfs, full from before the job to its end: it sends each update without keeping it.
+/// close, and the job waits; then the disk has space again. With `CloudReadOnly`, the cloud's
+/// state is on an ext4 disk that the kernel turns read-only at the same point; the operator
+/// stops the cloud, repairs the file system and starts the cloud again. With `EdgeFull`,
+/// edge-1's state is on a small tmpfs, full from before the job to its end: it sends each update
+/// without keeping it.
 fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     let mut c = Cluster::new(3, "");
     let disk = (fault == Fault::CloudFull).then(|| SmallDisk::mount(c.path("state"), 16));
+    let ext4 = (fault == Fault::CloudReadOnly).then(|| Ext4Disk::mount(c.path("state.img"), c.path("state"), 32));
     let toml = std::fs::read_to_string(c.path("cloud.toml")).expect("cloud.toml");
     // Edge-3 stays "online" while held, so that round 2 selects all three in both runs.
     let mut toml = toml.replace("online_secs = 5", "online_secs = 600");
-    if let Some(d) = &disk {
-        toml = toml.replace("state = \"cloud.db\"", &format!("state = \"{}\"", d.0.join("cloud.db").display()));
+    if disk.is_some() || ext4.is_some() {
+        let db = c.path("state").join("cloud.db");
+        toml = toml.replace("state = \"cloud.db\"", &format!("state = \"{}\"", db.display()));
     }
     std::fs::write(c.path("cloud.toml"), toml).expect("cloud.toml");
     let edge_disk = (fault == Fault::EdgeFull).then(|| {
         let disk = SmallDisk::mount(c.path("edge-1/state"), 4);
-        put_edge_state_on(&c, &disk);
+        put_edge_state_on(&c, &disk.0);
+        disk
+    });
+    let edge_ext4 = (fault == Fault::EdgeReadOnly).then(|| {
+        let disk = Ext4Disk::mount(c.path("edge-1.img"), c.path("edge-1/state"), 32);
+        put_edge_state_on(&c, &disk.at);
         disk
     });
     c.start_cloud();
     (0..3).for_each(|i| c.start_edge(i));
-    let edge_filler = edge_disk.as_ref().map(|d| {
-        // Filled once the edge has opened its store.
+    if edge_disk.is_some() || edge_ext4.is_some() {
+        // Filled, or turned read-only, once the edge has opened its store.
         let t = Instant::now();
         while !std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default().contains("edge started") {
             assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        d.fill()
-    });
+    }
+    let edge_filler = edge_disk.as_ref().map(SmallDisk::fill);
+    edge_ext4.as_ref().map(Ext4Disk::turn_read_only);
     c.hold_edge_once_online(2);
     c.apply("job", &job_toml("digits", "fedavg", 3, 2, 4.0));
     c.wait_until("digits", "round 1's two updates", |s| s.current.as_ref().is_some_and(|r| r.received.len() == 2));
@@ -145,6 +212,29 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
         );
         std::fs::remove_file(filler).expect("space again");
     }
+    if let Some(d) = &ext4 {
+        d.turn_read_only();
+        // Writes fail with EROFS: an upload gets 507 and Retry-After, and the close of round 1
+        // at its deadline cannot commit.
+        let url = c.url("/v1/jobs/digits/rounds/1/update");
+        let (code, body) = http("POST", &url, Some(&c.nodes[2].1), vec![7u8; 4096]);
+        let body = String::from_utf8_lossy(&body);
+        assert!(code == 507 && body.contains("state directory is full or read-only"), "{code}: {body}");
+        let t = Instant::now();
+        while !cloud_log(&c).contains("the job waits for space") {
+            assert!(t.elapsed() < Duration::from_secs(30), "the cloud never tried to close round 1: {}", cloud_log(&c));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Reads are answered.
+        let s = c.status("digits");
+        assert_eq!((s.status.as_str(), s.rounds_done), ("running", 0), "{s:?}");
+        assert_eq!(http("GET", &c.url("/v1/task"), Some(&c.nodes[0].1), Vec::new()).0, 200, "a node's poll");
+        assert_eq!(http("GET", &c.url("/v1/jobs/digits/models/0"), Some(&c.admin), Vec::new()).0, 200);
+        // The operator's repair: the cloud stopped, the file system checked and mounted again.
+        c.kill_cloud();
+        d.repair();
+        c.start_cloud();
+    }
     c.wait_until("digits", "round 1 closed", |s| s.rounds_done >= 1);
     c.signal_edge(2, "-CONT");
     let t = Instant::now();
@@ -158,9 +248,11 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     let s = c.wait_done("digits");
     let participants: Vec<usize> = s.history.iter().map(|h| h.participants.len()).collect();
     assert_eq!(participants, [2, 3, 3], "round 1 closed by its deadline, then every edge took part: {s:?}");
-    if let Some(filler) = edge_filler {
+    if edge_filler.is_some() || edge_ext4.is_some() {
         let log = std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default();
         assert_eq!(log.matches("the update is sent without being kept").count(), 3, "one per round: {log}");
+    }
+    if let Some(filler) = edge_filler {
         assert!(filler.exists(), "full to the end");
     }
     c.model("digits", 3)
@@ -172,12 +264,28 @@ fn a_full_cloud_state_refuses_writes_keeps_serving_and_goes_on_with_space() {
     assert_eq!(run(Fault::CloudFull), reference, "the same model as a run without the fault");
 }
 
+/// A cloud whose state directory turns read-only under it (the kernel's reaction to a disk
+/// error) refuses writes with 507, answers reads and waits; restarted on the repaired file
+/// system, it goes on from what it had committed and ends as a run without the fault.
+#[test]
+fn a_cloud_state_turning_read_only_refuses_writes_keeps_serving_and_goes_on_once_repaired() {
+    let reference = run(Fault::None);
+    assert_eq!(run(Fault::CloudReadOnly), reference, "the same model as a run without the fault");
+}
+
 /// An edge whose state directory is full sends its updates without keeping them: every round
 /// counts it, and the job ends with the model of a run without the fault.
 #[test]
 fn a_full_edge_state_sends_its_updates_from_memory_and_the_job_ends_the_same() {
     let reference = run(Fault::None);
     assert_eq!(run(Fault::EdgeFull), reference, "the same model as a run without the fault");
+}
+
+/// The same with edge-1's state directory turned read-only under it (a disk error).
+#[test]
+fn an_edge_state_turning_read_only_sends_its_updates_from_memory_and_the_job_ends_the_same() {
+    let reference = run(Fault::None);
+    assert_eq!(run(Fault::EdgeReadOnly), reference, "the same model as a run without the fault");
 }
 
 /// A serving edge whose state directory fills up: samples are refused with 507 and Retry-After
@@ -257,11 +365,11 @@ fn a_full_edge_state_refuses_samples_answers_requests_and_recovers() {
     assert_eq!(metric(&m, "nereid_hard_examples_dropped_total{service=\"digits\"}"), 1.0);
 }
 
-/// Points edge-1's edge.toml at a state database on `disk`.
-fn put_edge_state_on(c: &Cluster, disk: &SmallDisk) {
+/// Points edge-1's edge.toml at a state database in `dir`.
+fn put_edge_state_on(c: &Cluster, dir: &std::path::Path) {
     let path = c.path("edge-1/edge.toml");
     let toml = std::fs::read_to_string(&path).expect("edge.toml");
-    let db = disk.0.join("edge.db");
+    let db = dir.join("edge.db");
     std::fs::write(&path, toml.replace("state = \"edge.db\"", &format!("state = {:?}", db.display().to_string())))
         .expect("edge.toml");
 }
@@ -294,7 +402,7 @@ fn an_edge_on_a_read_only_state_directory_refuses_to_start_naming_it() {
     let c = Cluster::new(1, "");
     let disk = SmallDisk::mount(c.path("edge-1/state"), 1);
     disk.read_only();
-    put_edge_state_on(&c, &disk);
+    put_edge_state_on(&c, &disk.0);
     refused_to_start("edge", &c.path("edge-1/edge.toml"), &c, &disk);
 }
 

@@ -16,8 +16,8 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
             JavaScript ones with componentize-js from npm in target/js-plugin)
   demo      plugins, then run `nereid demo` (extra arguments are passed on, e.g. -- --json)
   test      plugins and the test tools (Debian's docker-registry, apache2-utils, mosquitto,
-            mosquitto-clients, podman, skopeo and iproute2; kubectl: Debian's kubernetes-client
-            unless one is installed; `cargo install wkg`, the `onnx` Python package, Python
+            mosquitto-clients, podman, skopeo, iproute2 and e2fsprogs; kubectl: Debian's
+            kubernetes-client unless one is installed; `cargo install wkg`, the `onnx` Python package, Python
             environments: target/py-k8s (kubernetes-validate), and with clients/python target/py
             (numpy, safetensors) and target/py-torch (PyTorch 2.15 with only the libraries it
             loads, onnx)), then run the whole test suite (cargo test --release)
@@ -29,9 +29,18 @@ const USAGE: &str = "usage: cargo xtask <setup|plugins|demo|test|bench|deps> [--
 const BUILD_PACKAGES: &[&str] = &["libssl-dev", "pkg-config"];
 /// Debian packages the tests need: a real OCI registry and htpasswd for its basic auth, an MQTT
 /// broker and its command-line publisher, podman and skopeo to build, push and pull the
-/// container image, and iproute2 for the network-namespace fleet.
-const TEST_PACKAGES: &[&str] =
-    &["docker-registry", "apache2-utils", "mosquitto", "mosquitto-clients", "podman", "skopeo", "iproute2"];
+/// container image, iproute2 for the network-namespace fleet, and e2fsprogs for a state disk
+/// that turns read-only under a running cloud.
+const TEST_PACKAGES: &[&str] = &[
+    "docker-registry",
+    "apache2-utils",
+    "mosquitto",
+    "mosquitto-clients",
+    "podman",
+    "skopeo",
+    "iproute2",
+    "e2fsprogs",
+];
 /// The ONNX Runtime the `ort` crate (2.0.0-rc.10) is built for, from its PyPI wheel.
 const ONNXRUNTIME_VERSION: &str = "1.22.1";
 /// The OpenVINO whose runtime (`libopenvino_c.so` and its CPU plugin) comes from its PyPI wheel:

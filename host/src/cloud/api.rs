@@ -123,10 +123,13 @@ pub(super) async fn model(
     let bytes = match cached {
         Some(b) => b,
         None => {
-            let b =
-                Bytes::from(cloud.store.model(&job, version)?.ok_or_else(|| {
-                    err(StatusCode::NOT_FOUND, format!("job `{job}` has no model version {version}"))
-                })?);
+            let b = Bytes::from(cloud.store.model(&job, version)?.ok_or_else(|| {
+                let kept = match cloud.store.kept_model_versions() {
+                    Some(n) => format!(" (this cloud keeps each job's newest {n}: `keep_model_versions`)"),
+                    None => String::new(),
+                };
+                err(StatusCode::NOT_FOUND, format!("job `{job}` has no model version {version}{kept}"))
+            })?);
             {
                 let mut m = crate::lock(&cloud.served);
                 if m.get(&job).is_none_or(|(v, _)| *v < version) {

@@ -247,7 +247,7 @@ pub async fn serve(
         Ok(_) => {}
         Err(e) => tracing::warn!("raising the limit on open files: {e}"),
     }
-    let store = CloudStore::open(&base.join(&config.state))?;
+    let store = CloudStore::open(&base.join(&config.state))?.keeping_model_versions(config.keep_model_versions);
     let configured: Vec<(String, String)> = config
         .nodes
         .iter()

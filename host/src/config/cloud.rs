@@ -65,6 +65,10 @@ pub struct CloudConfig {
     /// Makes this cloud a regional aggregator of an upper cloud (see
     /// docs/federated-learning.md#hierarchical-aggregation).
     pub upstream: Option<UpstreamConfig>,
+    /// Global model versions kept per job: the newest N (and the newest aggregator state); every
+    /// version without it. A job closes a round every few seconds for as long as it runs, and each
+    /// round's model is kept otherwise.
+    pub keep_model_versions: Option<u32>,
 }
 
 /// `[upstream]` of cloud.toml: the upper cloud whose rounds this cloud runs with its own nodes,
@@ -159,6 +163,12 @@ impl CheckConfig for CloudConfig {
             return Err(FieldError {
                 key: "online_secs".into(),
                 message: "must be a positive number of seconds, at most a day".into(),
+            });
+        }
+        if self.keep_model_versions == Some(0) {
+            return Err(FieldError {
+                key: "keep_model_versions".into(),
+                message: "must be at least 1: a round starts from the newest version".into(),
             });
         }
         if self.admin_token.len() < 8 {
@@ -284,5 +294,18 @@ mod tests {
             let e = super::super::read_config::<CloudConfig>(&path).expect_err(says).to_string();
             assert!(e.contains(says), "{says}: {e}");
         }
+    }
+
+    #[test]
+    fn keep_model_versions_takes_a_positive_count() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cloud.toml");
+        let head = "listen = \"127.0.0.1:7100\"\nstate = \"c.db\"\nadmin_token = \"admin-token-1\"\n";
+        std::fs::write(&path, format!("{head}keep_model_versions = 50\n")).expect("write");
+        let (config, _) = super::super::read_config::<CloudConfig>(&path).expect("valid");
+        assert_eq!(config.keep_model_versions, Some(50));
+        std::fs::write(&path, format!("{head}keep_model_versions = 0\n")).expect("write");
+        let e = super::super::read_config::<CloudConfig>(&path).expect_err("zero").to_string();
+        assert!(e.contains("keep_model_versions") && e.contains("at least 1"), "{e}");
     }
 }

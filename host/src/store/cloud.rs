@@ -89,6 +89,8 @@ pub enum Inserted {
 pub struct CloudStore {
     conn: Mutex<Connection>,
     updates_dir: PathBuf,
+    /// Model versions kept per job (the newest); all without it.
+    keep_versions: Option<u32>,
 }
 
 impl CloudStore {
@@ -119,7 +121,17 @@ impl CloudStore {
         // A closed round's upload bytes, so a job's total is a sum over a column rather than over
         // every summary's JSON (NULL in rounds closed before it existed: taken from the summary).
         add_column("rounds", "bytes_up", "INTEGER")?;
-        Ok(CloudStore { conn: Mutex::new(conn), updates_dir })
+        Ok(CloudStore { conn: Mutex::new(conn), updates_dir, keep_versions: None })
+    }
+
+    /// Keeps only the newest `versions` model versions of each job (and the newest aggregator
+    /// state), dropping older ones as rounds close; None keeps every version.
+    pub fn keeping_model_versions(self, versions: Option<u32>) -> CloudStore {
+        CloudStore { keep_versions: versions.map(|n| n.max(1)), ..self }
+    }
+
+    pub fn kept_model_versions(&self) -> Option<u32> {
+        self.keep_versions
     }
 
     pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -622,6 +634,15 @@ impl CloudStore {
             params![job, round, now_ms(), summary],
         )?;
         tx.execute("UPDATE jobs SET next_round = ?2 WHERE name = ?1", params![job, round + 1])?;
+        if let Some(keep) = self.keep_versions {
+            // A round starts from the newest model and aggregator state: nothing older is read.
+            tx.execute("DELETE FROM models WHERE job = ?1 AND version + ?2 <= ?3", params![job, keep, round])?;
+            tx.execute(
+                "DELETE FROM strategy_states WHERE job = ?1
+                 AND version < (SELECT MAX(version) FROM strategy_states WHERE job = ?1)",
+                [job],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -720,5 +741,26 @@ mod tests {
         let column: Option<i64> =
             store.conn().query_row("SELECT bytes_up FROM rounds WHERE round = 6", [], |r| r.get(0)).expect("column");
         assert_eq!(column, Some(60));
+    }
+
+    #[test]
+    fn with_a_retention_only_the_newest_model_versions_and_aggregator_state_stay() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = CloudStore::open(&dir.path().join("cloud.db")).expect("open").keeping_model_versions(Some(2));
+        store.insert_job("j", "{}", b"v0").expect("job");
+        store.insert_job("other", "{}", b"w0").expect("job");
+        for round in 1..=6u32 {
+            store.open_round("j", round, &["a".to_string()], 0, 1).expect("open");
+            // Round 5 folds nothing: it leaves no aggregator state.
+            let state = (round != 5).then_some(("fedadam", &b"moments"[..]));
+            store.close_round("j", round, format!("v{round}").as_bytes(), "{}", state).expect("close");
+        }
+        let versions: Vec<u32> = (0..=6).filter(|&v| store.model("j", v).expect("read").is_some()).collect();
+        assert_eq!(versions, [5, 6]);
+        assert_eq!(store.model("other", 0).expect("read").as_deref(), Some(&b"w0"[..]), "other jobs keep theirs");
+        assert_eq!(store.strategy_state("j", 7, "fedadam").expect("state").as_deref(), Some(&b"moments"[..]));
+        let states: i64 =
+            store.conn().query_row("SELECT COUNT(*) FROM strategy_states", [], |r| r.get(0)).expect("count");
+        assert_eq!(states, 1, "only the newest aggregator state");
     }
 }

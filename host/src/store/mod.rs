@@ -49,9 +49,12 @@ pub fn io_is_storage(e: &std::io::Error) -> bool {
         || matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::ReadOnlyFilesystem)
 }
 
+/// SQLite's "disk I/O error" counts too: it is what a write gets once the kernel has turned the
+/// file system read-only under an open database (ext4's `errors=remount-ro` after a disk error),
+/// which is a storage fault to wait out, not a fault of the job.
 fn sql_is_storage(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::{DiskFull, ReadOnly};
-    matches!(e.sqlite_error_code(), Some(DiskFull | ReadOnly))
+    use rusqlite::ErrorCode::{DiskFull, ReadOnly, SystemIoFailure};
+    matches!(e.sqlite_error_code(), Some(DiskFull | ReadOnly | SystemIoFailure))
 }
 
 /// Whether anywhere in `e`'s chain is a [`StoreError`], an I/O or an SQLite error that says the
