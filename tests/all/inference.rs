@@ -460,6 +460,15 @@ fn an_image_adapter_turns_a_png_body_into_the_models_input() {
     let (code, broken) = post("camera", "image/png", b"\x89PNG not really".to_vec());
     assert_eq!(code, 400, "{broken}");
     assert!(broken["error"].as_str().expect("error").contains("image/png"), "{broken}");
+
+    // Found by fuzzing: 740 bytes of JPEG declaring 62980x515 pixels, which the decoder filled
+    // for over a second of CPU. Its size is read from the header and refused before decoding.
+    let bomb = std::fs::read(root().join("tests/fixtures/images/jpeg-62980x515.jpg")).expect("fixture");
+    let (code, refused) = post("camera", "image/jpeg", bomb);
+    let error = refused["error"].as_str().expect("error");
+    assert!(code == 400 && error.contains("62980x515") && error.contains("max_pixels"), "{code}: {refused}");
+    let (code, answer) = post("camera", "image/png", png(64, 64).1);
+    assert_eq!(code, 200, "answered after the refusal: {answer}");
 }
 
 /// A split service with a compressor (plugins/quantize, INT8 with nearest rounding): the edge

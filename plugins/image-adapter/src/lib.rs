@@ -2,8 +2,10 @@
 //! model's one float input of rank 4 gets the image, converted to RGB (3 channels) or grey (1),
 //! resized to the input's height and width (bilinear) unless they are open, scaled to [0, 1] and
 //! normalised per channel, `(x / 255 - mean) / std`, in NCHW or NHWC order, batch 1.
+use std::io::Cursor;
+
 use image::imageops::FilterType;
-use image::DynamicImage;
+use image::{DynamicImage, ImageReader, Limits};
 use nereid_sdk::prelude::*;
 use nereid_sdk::{InputSpec, TensorData};
 
@@ -12,11 +14,25 @@ struct ImageAdapter {
     mean: [f32; 3],
     std: [f32; 3],
     resize: bool,
+    /// The largest image decoded, in pixels: a few hundred bytes of JPEG or PNG can declare
+    /// (and make the decoder fill) tens of millions.
+    max_pixels: u64,
 }
+
+/// 8,388,608 pixels: 4K UHD (3840x2160) fits.
+const DEFAULT_MAX_PIXELS: i64 = 1 << 23;
+/// Past this an image's decoded pixels do not fit the plugin's memory anyway.
+const MAX_MAX_PIXELS: i64 = 1 << 26;
 
 impl Default for ImageAdapter {
     fn default() -> Self {
-        ImageAdapter { layout: Order::Nchw, mean: [0.0; 3], std: [1.0; 3], resize: true }
+        ImageAdapter {
+            layout: Order::Nchw,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            resize: true,
+            max_pixels: DEFAULT_MAX_PIXELS as u64,
+        }
     }
 }
 
@@ -47,6 +63,11 @@ impl Plugin for ImageAdapter {
             .text("mean", Some("0"), "per channel (R,G,B or one for all), subtracted after scaling to [0, 1]")
             .text("std", Some("1"), "per channel (R,G,B or one for all), divided by after the mean")
             .boolean("resize", Some(true), "resize to the input's height and width (else a size mismatch is refused)")
+            .integer(
+                "max_pixels",
+                Some(DEFAULT_MAX_PIXELS),
+                "the largest image decoded (width x height), read from its header first; larger ones are refused",
+            )
     }
 
     fn configure(&mut self, config: &Config) -> Result<(), PluginError> {
@@ -61,6 +82,14 @@ impl Plugin for ImageAdapter {
             return Err(PluginError::invalid_config("std", format!("{s} cannot divide")));
         }
         self.resize = config.bool("resize")?;
+        let max_pixels = config.i64("max_pixels")?;
+        if !(1..=MAX_MAX_PIXELS).contains(&max_pixels) {
+            return Err(PluginError::invalid_config(
+                "max_pixels",
+                format!("must be 1 to {MAX_MAX_PIXELS}, got {max_pixels}"),
+            ));
+        }
+        self.max_pixels = max_pixels as u64;
         Ok(())
     }
 }
@@ -101,8 +130,22 @@ impl Adapter for ImageAdapter {
                 input.name
             )));
         }
-        let picture = image::load_from_memory_with_format(payload, format)
-            .map_err(|e| PluginError::Rejected(format!("not a readable {content_type}: {e}")))?;
+        let unreadable = |e: image::ImageError| PluginError::Rejected(format!("not a readable {content_type}: {e}"));
+        // The size from the header, before anything is decoded.
+        let (w, h) = ImageReader::with_format(Cursor::new(payload), format).into_dimensions().map_err(unreadable)?;
+        let pixels = u64::from(w) * u64::from(h);
+        if pixels > self.max_pixels {
+            return Err(PluginError::Rejected(format!(
+                "the image is {w}x{h} = {pixels} pixels; this adapter decodes at most {} (`max_pixels`)",
+                self.max_pixels
+            )));
+        }
+        let mut reader = ImageReader::with_format(Cursor::new(payload), format);
+        // The decoder's own bound as well: 4 bytes a pixel (RGBA) and its working buffers.
+        let mut limits = Limits::default();
+        limits.max_alloc = Some(self.max_pixels * 8 + (16 << 20));
+        reader.limits(limits);
+        let picture = reader.decode().map_err(unreadable)?;
         let width = input.shape[w_at].map_or(Ok(picture.width()), u32::try_from).unwrap_or(u32::MAX);
         let height = input.shape[h_at].map_or(Ok(picture.height()), u32::try_from).unwrap_or(u32::MAX);
         let picture = if (picture.width(), picture.height()) == (width, height) {
