@@ -37,6 +37,12 @@ pub struct Overloaded {
     pub queue: usize,
 }
 
+/// An idempotency key sent again with another body: the API answers 422, as the IETF draft on
+/// the `Idempotency-Key` header asks.
+#[derive(Debug, thiserror::Error)]
+#[error("Idempotency-Key `{0}` was used for another batch; a retry must send the same body")]
+pub struct KeyReused(pub String);
+
 /// An error as the API answers it.
 pub struct ApiError(pub StatusCode, pub String);
 
@@ -55,7 +61,7 @@ impl From<anyhow::Error> for ApiError {
             StatusCode::SERVICE_UNAVAILABLE
         } else if e.chain().any(|c| c.is::<UnsupportedBody>()) {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
-        } else if e.chain().any(|c| c.is::<super::replay::KeyReused>()) {
+        } else if e.chain().any(|c| c.is::<KeyReused>()) {
             StatusCode::UNPROCESSABLE_ENTITY
         } else if is_bad_request(&e) {
             StatusCode::BAD_REQUEST

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::error::BadRequest;
+use super::error::{BadRequest, KeyReused};
 use crate::components::Components;
 use crate::config::ServicePlugin;
 use crate::inference::wire;
@@ -98,12 +98,6 @@ pub enum Origin<'a> {
 
 /// The longest idempotency key a sample request may carry.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// An idempotency key sent again with another body: the API answers 422, as the IETF draft on
-/// the `Idempotency-Key` header asks.
-#[derive(Debug, thiserror::Error)]
-#[error("Idempotency-Key `{0}` was used for another batch; a retry must send the same body")]
-pub struct KeyReused(pub String);
 
 /// An `Idempotency-Key` is 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII characters (a UUID, say).
 pub fn check_idempotency_key(key: &[u8]) -> Result<&str, BadRequest> {
