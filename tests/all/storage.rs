@@ -116,6 +116,21 @@ fn cloud_log(c: &Cluster) -> String {
     text
 }
 
+/// Round 1's close cannot commit, the cloud logs that the job waits, and it still answers what
+/// needs no write: the job's status, its health, a node's poll, a model.
+fn waits_and_serves_reads(c: &Cluster) {
+    let t = Instant::now();
+    while !cloud_log(c).contains("the job waits for space") {
+        assert!(t.elapsed() < Duration::from_secs(30), "the cloud never tried to close round 1: {}", cloud_log(c));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = c.status("digits");
+    assert_eq!((s.status.as_str(), s.rounds_done), ("running", 0), "{s:?}");
+    assert_eq!(http("GET", &c.url("/v1/health"), None, Vec::new()).0, 200);
+    assert_eq!(http("GET", &c.url("/v1/task"), Some(&c.nodes[0].1), Vec::new()).0, 200, "a node's poll");
+    assert_eq!(http("GET", &c.url("/v1/jobs/digits/models/0"), Some(&c.admin), Vec::new()).0, 200);
+}
+
 #[derive(PartialEq)]
 enum Fault {
     None,
@@ -194,17 +209,9 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
         let (code, body) = http("POST", &url, Some(&c.nodes[2].1), vec![7u8; 4096]);
         assert_eq!(code, 507, "{}", String::from_utf8_lossy(&body));
         let files = std::fs::read_dir(d.0.join("cloud.updates")).expect("updates").count();
-        // Still full while round 1's deadline passes: the cloud cannot commit the close, and says so.
-        let t = Instant::now();
-        while !cloud_log(&c).contains("the job waits for space") {
-            assert!(t.elapsed() < Duration::from_secs(30), "the cloud never tried to close round 1: {}", cloud_log(&c));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // It still answers what needs no write.
-        let s = c.status("digits");
-        assert_eq!((s.status.as_str(), s.rounds_done), ("running", 0), "{s:?}");
-        assert_eq!(http("GET", &c.url("/v1/health"), None, Vec::new()).0, 200);
-        assert_eq!(http("GET", &c.url("/v1/task"), Some(&c.nodes[0].1), Vec::new()).0, 200, "a node's poll");
+        // Still full while round 1's deadline passes: the cloud cannot commit the close, says
+        // so, and answers what needs no write.
+        waits_and_serves_reads(&c);
         assert_eq!(
             std::fs::read_dir(d.0.join("cloud.updates")).expect("updates").count(),
             files,
@@ -220,16 +227,7 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
         let (code, body) = http("POST", &url, Some(&c.nodes[2].1), vec![7u8; 4096]);
         let body = String::from_utf8_lossy(&body);
         assert!(code == 507 && body.contains("state directory is full or read-only"), "{code}: {body}");
-        let t = Instant::now();
-        while !cloud_log(&c).contains("the job waits for space") {
-            assert!(t.elapsed() < Duration::from_secs(30), "the cloud never tried to close round 1: {}", cloud_log(&c));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // Reads are answered.
-        let s = c.status("digits");
-        assert_eq!((s.status.as_str(), s.rounds_done), ("running", 0), "{s:?}");
-        assert_eq!(http("GET", &c.url("/v1/task"), Some(&c.nodes[0].1), Vec::new()).0, 200, "a node's poll");
-        assert_eq!(http("GET", &c.url("/v1/jobs/digits/models/0"), Some(&c.admin), Vec::new()).0, 200);
+        waits_and_serves_reads(&c);
         // The operator's repair: the cloud stopped, the file system checked and mounted again.
         c.kill_cloud();
         d.repair();
