@@ -63,10 +63,10 @@ async fn offer_samples(State(node): State<Arc<Node>>, headers: HeaderMap, body: 
     };
     let (x, y) = parse_batch(&body).map_err(anyhow::Error::from)?;
     let report = tokio::task::spawn_blocking(move || {
-        let body_digest = key.as_ref().map(|_| crate::runtime::content_digest(&body));
-        let origin = match (&key, &body_digest) {
-            (Some(key), Some(body_digest)) => Origin::Keyed { key, body_digest },
-            _ => Origin::Unnamed,
+        let keyed = key.map(|key| (key, crate::runtime::content_digest(&body)));
+        let origin = match &keyed {
+            Some((key, body_digest)) => Origin::Keyed { key, body_digest },
+            None => Origin::Unnamed,
         };
         replay.offer(&x, &y, origin)
     })

@@ -1,8 +1,9 @@
 //! State that must survive a crash, in SQLite (WAL, synchronous commits): the cloud's
-//! ([`cloud::CloudStore`]: jobs, rounds, accepted updates and their files, model versions, node
-//! tokens, components, hard examples; a regional aggregator's relayed rounds, [`relay`]) and an edge's ([`edge::EdgeStore`]: trained updates, the
-//! outbox, the replay buffer, the incremental job's samples and model versions). Everything is
-//! written before it is acknowledged.
+//! ([`cloud::CloudStore`]: jobs, accepted updates and their files, node tokens, components, hard
+//! examples; a job's rounds, models and history, [`rounds`]; a regional aggregator's relayed
+//! rounds, [`relay`]) and an edge's ([`edge::EdgeStore`]: trained updates, the outbox, the replay
+//! buffer, the incremental job's samples and model versions). Everything is written before it is
+//! acknowledged.
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
@@ -10,10 +11,12 @@ use rusqlite::Connection;
 mod cloud;
 mod edge;
 mod relay;
+mod rounds;
 
-pub use cloud::{CloudStore, Inserted, JobRow, RoundRow, UpdateRow};
+pub use cloud::{CloudStore, Inserted, JobRow, UpdateRow};
 pub use edge::{EdgeStore, OfferBatch, OutboxRow, ReplayOffer, ReplayState, TrainedRow};
 pub use relay::Relayed;
+pub use rounds::{RoundRow, Summaries};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
