@@ -290,6 +290,12 @@ pub async fn serve(
         let spec: JobSpec = serde_json::from_str(&row.spec)?;
         let c = cloud.clone();
         tokio::task::spawn_blocking(move || c.plugins.aggregator(&c.store, &spec).map(drop)).await??;
+        // Who was online died with the last process; the nodes of a round still open were in
+        // touch when it opened and are expected back, so they count as seen now. Otherwise the
+        // first nodes to poll again would be the only ones the next round could select.
+        if let Some(open) = cloud.store.unclosed_round(&row.name)? {
+            open.selected.iter().for_each(|node| cloud.presence.seen(node));
+        }
         tracing::info!(job = %row.name, round = row.next_round, "resuming job");
         tokio::spawn(rounds::run_job(cloud.clone(), row.name.clone()));
     }
