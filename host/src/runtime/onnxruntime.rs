@@ -120,12 +120,19 @@ struct OnnxContext {
     outputs: Vec<NamedTensor>,
 }
 
-fn values<T: Copy + ort::tensor::PrimitiveTensorElementType + std::fmt::Debug + 'static, const N: usize>(
+fn values<T: bytemuck::Pod + ort::tensor::PrimitiveTensorElementType + std::fmt::Debug + 'static, const N: usize>(
     t: &Tensor,
     shape: Vec<i64>,
     from: fn([u8; N]) -> T,
 ) -> Result<DynValue, BackendError> {
-    let data: Vec<T> = t.data.chunks_exact(N).map(|c| from(c.try_into().unwrap_or([0; N]))).collect();
+    // One copy of the bytes where they already are the values (every little-endian machine).
+    let data: Vec<T> = if cfg!(target_endian = "little") {
+        let mut data = vec![T::zeroed(); t.data.len() / N];
+        bytemuck::cast_slice_mut::<T, u8>(&mut data).copy_from_slice(&t.data);
+        data
+    } else {
+        t.data.chunks_exact(N).map(|c| from(c.try_into().unwrap_or([0; N]))).collect()
+    };
     Ok(OrtTensor::from_array((shape, data)).map_err(ort_failed)?.into_dyn())
 }
 

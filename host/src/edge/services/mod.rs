@@ -514,7 +514,7 @@ pub fn adapt(
 pub fn parse_body(content_type: Option<&str>, body: &[u8], inputs: &[String]) -> anyhow::Result<Vec<TensorData>> {
     match content_type.map(|c| c.split(';').next().unwrap_or("").trim()) {
         Some("application/json") | None => {
-            let req: InferRequest = serde_json::from_slice(body).context("request body (JSON)")?;
+            let req = InferRequest::from_json(body).context("request body (JSON)")?;
             Ok(req.into_tensors(inputs)?)
         }
         Some("application/safetensors") | Some("application/octet-stream") => {
