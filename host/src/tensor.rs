@@ -158,11 +158,12 @@ impl Buffer {
         }
     }
 
-    /// An empty buffer with room for `len` elements.
+    /// An empty buffer with room for `len` elements (a kept one of the pool's for large float
+    /// buffers: a cloud reading a round's updates from disk reuses those it folded already).
     pub fn with_capacity(dtype: DType, len: usize) -> Buffer {
         match dtype {
-            DType::F32 => Buffer::F32(Vec::with_capacity(len)),
-            DType::F64 => Buffer::F64(Vec::with_capacity(len)),
+            DType::F32 => Buffer::F32(pool::emptied(len)),
+            DType::F64 => Buffer::F64(pool::emptied(len)),
             DType::I32 => Buffer::I32(Vec::with_capacity(len)),
             DType::I64 => Buffer::I64(Vec::with_capacity(len)),
             DType::U8 => Buffer::U8(Vec::with_capacity(len)),

@@ -66,9 +66,13 @@ impl From<Tensor> for TensorSlot {
     }
 }
 
-/// Most `axpy` calls one accumulator defers, and most bytes of inputs they may keep alive.
+/// Most `axpy` calls one accumulator defers.
 pub const MAX_PENDING: usize = 16;
-pub const MAX_PENDING_BYTES: usize = 512 << 20;
+/// Deferred calls are applied once the inputs that only they keep alive (updates a fold read and
+/// let go of) take as many bytes as the accumulator, or this many if that is less: a cloud folding
+/// 10M-parameter updates from disk held up to 512 MiB of them before (a dozen updates), while a
+/// fold over inputs held elsewhere anyway still takes 16 in one pass.
+pub const MIN_PENDING_BYTES: usize = 64 << 20;
 
 impl TensorSlot {
     pub fn new(tensor: Tensor, charged: usize) -> TensorSlot {
@@ -116,11 +120,11 @@ impl TensorSlot {
     }
 
     /// Defers self += term (checked now, so errors come from this call); applies the deferred
-    /// calls once they hold too many inputs.
+    /// calls once there are too many or they alone keep too many bytes alive.
     pub fn defer(&mut self, term: Term) -> Result<(), TensorError> {
         self.tensor.check_term(&term)?;
         self.pending.push(term);
-        let bytes: usize = self.pending.iter().map(Term::byte_len).sum();
+        let alive: usize = self.pending.iter().map(Term::bytes_kept_alive).sum();
         let count: usize = self
             .pending
             .iter()
@@ -129,7 +133,7 @@ impl TensorSlot {
                 Term::ScaledSum(_, ys) => ys.len(),
             })
             .sum();
-        if count >= MAX_PENDING || bytes >= MAX_PENDING_BYTES {
+        if count >= MAX_PENDING || alive >= MIN_PENDING_BYTES.max(self.tensor.byte_len()) {
             self.settle()?;
         }
         Ok(())
@@ -359,5 +363,31 @@ mod tests {
         let mut fresh = TensorSlot::zeros(DType::F64, vec![big as u64]).expect("slot");
         fresh.settle().expect("settle");
         assert_eq!(fresh.tensor, Tensor::zeros(DType::F64, vec![big as u64]).expect("zeros"));
+    }
+
+    #[test]
+    fn deferred_calls_keep_alive_at_most_the_accumulators_bytes_of_inputs_let_go_of() {
+        // 32 MiB inputs into a 64 MiB accumulator (f64 of 8M elements): inputs nobody else holds
+        // (a fold's updates read from disk) are applied two at a time; inputs held elsewhere too
+        // cost nothing to defer and wait for the count limit. The sums are the same either way.
+        let n = 8 << 20;
+        let x = |k: usize| Tensor::from_f32(vec![n as u64], vec![k as f32 + 0.25; n]).expect("x");
+        let mut let_go = TensorSlot::zeros(DType::F64, vec![n as u64]).expect("slot");
+        let mut pending = Vec::new();
+        for k in 0..5 {
+            let_go.defer(Term::Scaled(1.5, x(k))).expect("defer");
+            pending.push(let_go.pending.len());
+        }
+        assert_eq!(pending, [1, 0, 1, 0, 1], "settled once two 32 MiB inputs were only its own");
+        let held: Vec<Tensor> = (0..5).map(x).collect();
+        let mut kept = TensorSlot::zeros(DType::F64, vec![n as u64]).expect("slot");
+        for t in &held {
+            kept.defer(Term::Scaled(1.5, t.clone())).expect("defer");
+        }
+        assert_eq!(kept.pending.len(), 5, "nothing settled: the inputs are held anyway");
+        let_go.settle().expect("settle");
+        kept.settle().expect("settle");
+        assert_eq!(let_go.tensor, kept.tensor);
+        assert_eq!(let_go.tensor.read(0, 1, 1).expect("read"), vec![1.5 * (0.25 + 1.25 + 2.25 + 3.25 + 4.25)]);
     }
 }

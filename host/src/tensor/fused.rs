@@ -16,11 +16,13 @@ pub enum Term {
 }
 
 impl Term {
-    /// Bytes of inputs the term keeps alive.
-    pub fn byte_len(&self) -> usize {
+    /// Bytes of inputs only this term keeps alive (held by no other tensor): what deferring it
+    /// costs in memory.
+    pub fn bytes_kept_alive(&self) -> usize {
+        let alone = |x: &Tensor| if Arc::strong_count(&x.data) == 1 { x.byte_len() } else { 0 };
         match self {
-            Term::Scaled(_, x) => x.byte_len(),
-            Term::ScaledSum(_, ys) => ys.iter().map(|(_, y)| y.byte_len()).sum(),
+            Term::Scaled(_, x) => alone(x),
+            Term::ScaledSum(_, ys) => ys.iter().map(|(_, y)| alone(y)).sum(),
         }
     }
 

@@ -100,6 +100,17 @@ pub(super) fn leftovers<T: Pooled>(len: usize) -> Vec<T> {
     kept(len).unwrap_or_else(|| fresh(len))
 }
 
+/// An empty vector with room for `len` elements: a kept buffer, or a new allocation.
+pub(super) fn emptied<T: Pooled>(len: usize) -> Vec<T> {
+    match kept(len) {
+        Some(mut v) => {
+            v.clear();
+            v
+        }
+        None => Vec::with_capacity(len),
+    }
+}
+
 /// The smallest kept buffer of at least `len` elements that wastes at most half of itself,
 /// cut to `len`; None for small sizes, which the allocator serves well.
 fn kept<T: Pooled>(len: usize) -> Option<Vec<T>> {
