@@ -29,7 +29,7 @@ pub struct TensorValue {
 /// A JSON number array read straight into little-endian float32 bytes: serde_json checks the
 /// array's syntax and hands over its text, which is then parsed number by number (correctly
 /// rounded to f32, ~4x faster than serde's per-element path). This is the reader of bodies that
-/// [`InferRequest::from_json`]'s one-pass reader leaves to serde.
+/// [`super::json_request::from_json`]'s one-pass reader leaves to serde.
 mod le_f32_bytes {
     use serde::de::Error;
     use serde::ser::SerializeSeq;
@@ -62,7 +62,7 @@ mod le_f32_bytes {
             return Ok(bytes);
         }
         loop {
-            let (v, end) = crate::inference::json_request::f32_number(b, i).ok_or_else(not_numbers)?;
+            let (v, end) = crate::inference::json_number::f32_number(b, i).ok_or_else(not_numbers)?;
             bytes.extend_from_slice(&v.to_le_bytes());
             i = skip_space(end);
             match b.get(i) {
@@ -240,15 +240,6 @@ pub fn from_tensor(name: String, t: &Tensor) -> TensorData {
 }
 
 impl InferRequest {
-    /// A JSON request body: read in one pass when it is in the plain form clients send, else by
-    /// serde (which words the errors).
-    pub fn from_json(body: &[u8]) -> Result<InferRequest, serde_json::Error> {
-        match super::json_request::read(body) {
-            Some(request) => Ok(request),
-            None => serde_json::from_slice(body),
-        }
-    }
-
     /// The request's tensors; `inputs` names the model's inputs (for the single-tensor form).
     pub fn into_tensors(self, inputs: &[String]) -> Result<Vec<TensorData>, WireError> {
         let named: Vec<(String, TensorValue)> = match self {

@@ -33,7 +33,7 @@ use crate::components::Components;
 use crate::config::edge::{self as edge_config, EdgeConfig, ServiceConfig, ServiceKind};
 use crate::inference::codec::ActivationCodec;
 use crate::inference::profile;
-use crate::inference::wire::{self, InferRequest};
+use crate::inference::{json_request, wire};
 use crate::lock;
 use crate::runtime::config::ConfigTable;
 use crate::runtime::nn::SessionOptions;
@@ -514,7 +514,7 @@ pub fn adapt(
 pub fn parse_body(content_type: Option<&str>, body: &[u8], inputs: &[String]) -> anyhow::Result<Vec<TensorData>> {
     match content_type.map(|c| c.split(';').next().unwrap_or("").trim()) {
         Some("application/json") | None => {
-            let req = InferRequest::from_json(body).context("request body (JSON)")?;
+            let req = json_request::from_json(body).context("request body (JSON)")?;
             Ok(req.into_tensors(inputs)?)
         }
         Some("application/safetensors") | Some("application/octet-stream") => {
