@@ -64,6 +64,7 @@ pub(super) struct RoundOf<'a> {
 pub struct Rounds {
     folds: Mutex<HashMap<String, ActiveFold>>,
     globals: Mutex<HashMap<String, (u32, Arc<NamedTensors>)>>,
+    spent: Mutex<HashMap<String, Spent>>,
 }
 
 fn parse_metrics(json: &str) -> UpdateMetrics {
@@ -109,43 +110,74 @@ fn sampling_rate(selected: usize, population: usize) -> f64 {
 }
 
 /// The accountant of the rounds of `spec` before `round` that reported privacy.
-fn accountant_before(store: &CloudStore, spec: &JobSpec, round: u32) -> anyhow::Result<(Accountant, Option<f64>)> {
-    let mut accountant = Accountant::default();
-    let mut last_z = None;
-    for row in store.rounds(&spec.name)?.into_iter().filter(|r| r.round < round) {
-        let Some(summary) = row.summary.as_deref().and_then(|s| serde_json::from_str::<RoundSummary>(s).ok()) else {
-            continue;
-        };
-        if let Some(p) = summary.privacy {
-            accountant.step(p.sampling_rate, p.noise_multiplier);
-            last_z = Some(p.noise_multiplier);
+/// A private job's privacy spent over its closed rounds before `through`: opening and closing a
+/// round then reads only the rounds closed since, not the job's whole history every round.
+#[derive(Debug, Clone, Default)]
+struct Spent {
+    through: u32,
+    accountant: Accountant,
+    last_z: Option<f64>,
+}
+
+/// Summaries read at once while catching up on a job's closed rounds.
+const SPENT_PAGE: u32 = 1000;
+
+impl Rounds {
+    /// The privacy accountant over the closed rounds of `spec`'s job before `round`, and the
+    /// noise multiplier of the last private one.
+    fn accountant_before(
+        &self,
+        store: &CloudStore,
+        spec: &JobSpec,
+        round: u32,
+    ) -> anyhow::Result<(Accountant, Option<f64>)> {
+        let mut cached = lock(&self.spent);
+        // A job applied again under its name starts from round 1: the cache is then too far on.
+        let mut spent = cached.get(&spec.name).filter(|s| s.through <= round).cloned().unwrap_or_default();
+        'pages: loop {
+            let (page, next) = store.summaries(&spec.name, Some(spent.through), SPENT_PAGE)?;
+            for (r, summary) in page {
+                if r >= round {
+                    break 'pages;
+                }
+                if let Some(p) = serde_json::from_str::<RoundSummary>(&summary).ok().and_then(|s| s.privacy) {
+                    spent.accountant.step(p.sampling_rate, p.noise_multiplier);
+                    spent.last_z = Some(p.noise_multiplier);
+                }
+                spent.through = r + 1;
+            }
+            if next.is_none() {
+                break;
+            }
         }
+        let found = (spent.accountant.clone(), spent.last_z);
+        cached.insert(spec.name.clone(), spent);
+        Ok(found)
     }
-    Ok((accountant, last_z))
-}
 
-/// The privacy spent once round `round` (noise multiplier `z`, sampling rate `q`) is added.
-fn account(store: &CloudStore, spec: &JobSpec, round: u32, z: f64, q: f64) -> anyhow::Result<RoundPrivacy> {
-    let delta = spec.privacy.as_ref().map_or(DEFAULT_DELTA, |p| p.delta);
-    let (mut accountant, _) = accountant_before(store, spec, round)?;
-    accountant.step(q, z);
-    Ok(RoundPrivacy { noise_multiplier: z, sampling_rate: q, epsilon: accountant.epsilon(delta), delta })
-}
+    /// The privacy spent once round `round` (noise multiplier `z`, sampling rate `q`) is added.
+    fn account(&self, store: &CloudStore, spec: &JobSpec, round: u32, z: f64, q: f64) -> anyhow::Result<RoundPrivacy> {
+        let delta = spec.privacy.as_ref().map_or(DEFAULT_DELTA, |p| p.delta);
+        let (mut accountant, _) = self.accountant_before(store, spec, round)?;
+        accountant.step(q, z);
+        Ok(RoundPrivacy { noise_multiplier: z, sampling_rate: q, epsilon: accountant.epsilon(delta), delta })
+    }
 
-/// Why round `round` must not open: one more round like the last private one, at sampling
-/// rate `q`, would take epsilon past the job's budget.
-fn budget_spent(store: &CloudStore, spec: &JobSpec, round: u32, q: f64) -> anyhow::Result<Option<String>> {
-    let Some((budget, delta)) = spec.privacy.as_ref().and_then(|p| p.epsilon_budget.map(|b| (b, p.delta))) else {
-        return Ok(None);
-    };
-    let (mut accountant, last_z) = accountant_before(store, spec, round)?;
-    let Some(z) = last_z else { return Ok(None) };
-    let spent = accountant.epsilon(delta);
-    accountant.step(q, z);
-    let next = accountant.epsilon(delta);
-    Ok((next > budget).then(|| {
-        format!("privacy budget spent: epsilon {spent:.4} at delta {delta}; one more round would reach {next:.4}, past the budget of {budget}")
-    }))
+    /// Why round `round` must not open: one more round like the last private one, at sampling
+    /// rate `q`, would take epsilon past the job's budget.
+    fn budget_spent(&self, store: &CloudStore, spec: &JobSpec, round: u32, q: f64) -> anyhow::Result<Option<String>> {
+        let Some((budget, delta)) = spec.privacy.as_ref().and_then(|p| p.epsilon_budget.map(|b| (b, p.delta))) else {
+            return Ok(None);
+        };
+        let (mut accountant, last_z) = self.accountant_before(store, spec, round)?;
+        let Some(z) = last_z else { return Ok(None) };
+        let spent = accountant.epsilon(delta);
+        accountant.step(q, z);
+        let next = accountant.epsilon(delta);
+        Ok((next > budget).then(|| {
+            format!("privacy budget spent: epsilon {spent:.4} at delta {delta}; one more round would reach {next:.4}, past the budget of {budget}")
+        }))
+    }
 }
 
 fn round_context(spec: &JobSpec, round: u32) -> RoundContext {
@@ -300,6 +332,7 @@ impl Rounds {
     pub fn forget(&self, job: &str) {
         lock(&self.folds).remove(job);
         lock(&self.globals).remove(job);
+        lock(&self.spent).remove(job);
     }
 
     /// Folds what is left of round `round` and ends it: v(round) and the round's summary
@@ -395,7 +428,7 @@ impl Rounds {
         let privacy = match agg_metrics.get(DP_NOISE_METRIC) {
             Some(&z) => {
                 let population = store.round(&spec.name, round)?.and_then(|r| r.population).unwrap_or(0);
-                Some(account(store, spec, round, z, sampling_rate(r.selected.len(), population as usize))?)
+                Some(self.account(store, spec, round, z, sampling_rate(r.selected.len(), population as usize))?)
             }
             None => None,
         };
@@ -513,7 +546,9 @@ async fn job_loop(cloud: &Arc<Cloud>, name: &str) -> anyhow::Result<()> {
                 };
                 let deadline =
                     relayed_deadline.unwrap_or_else(|| now_ms() + (spec.rounds.deadline_secs * 1000.0) as i64);
-                if let Some(reason) = budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))? {
+                if let Some(reason) =
+                    cloud.rounds.budget_spent(&cloud.store, &spec, r, sampling_rate(count, online.len()))?
+                {
                     cloud.finish_job(name, "done", &reason)?;
                     continue;
                 }

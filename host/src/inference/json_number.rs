@@ -164,11 +164,11 @@ pub fn f32_number(b: &[u8], i: usize) -> Option<(f32, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// xorshift64: the same numbers on every run.
-    fn next(x: &mut u64) -> u64 {
+    pub(in crate::inference) fn next(x: &mut u64) -> u64 {
         *x ^= *x << 13;
         *x ^= *x >> 7;
         *x ^= *x << 17;

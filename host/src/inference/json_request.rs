@@ -166,15 +166,8 @@ pub fn read(body: &[u8]) -> Option<InferRequest> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::json_number::tests::next;
     use super::*;
-
-    /// xorshift64: the same numbers on every run.
-    fn next(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
 
     #[test]
     fn bodies_read_here_read_the_same_through_serde_and_the_rest_go_there() {
