@@ -109,7 +109,6 @@ fn sampling_rate(selected: usize, population: usize) -> f64 {
     }
 }
 
-/// The accountant of the rounds of `spec` before `round` that reported privacy.
 /// A private job's privacy spent over its closed rounds before `through`: opening and closing a
 /// round then reads only the rounds closed since, not the job's whole history every round.
 #[derive(Debug, Clone, Default)]

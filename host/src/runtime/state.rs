@@ -69,7 +69,7 @@ impl From<Tensor> for TensorSlot {
 /// Most `axpy` calls one accumulator defers.
 pub const MAX_PENDING: usize = 16;
 /// Deferred calls are applied once the inputs that only they keep alive (updates a fold read and
-/// let go of) take as many bytes as the accumulator, or this many if that is less: a cloud folding
+/// let go of) take as many bytes as the accumulator, or this many for a smaller one: a cloud folding
 /// 10M-parameter updates from disk held up to 512 MiB of them before (a dozen updates), while a
 /// fold over inputs held elsewhere anyway still takes 16 in one pass.
 pub const MIN_PENDING_BYTES: usize = 64 << 20;
