@@ -43,15 +43,15 @@ fn answer(url: &str, input: &TensorData) -> Vec<f32> {
 }
 
 /// A cluster whose edge serves the CNN as the given joint services (`name`, extra lines,
-/// router plugin; hard-example-mining's policy is edge-only): the cluster, the model's path and
-/// the edge's URL.
+/// router plugin; hard-example-mining's policy is edge-only), with one batch-scheduled I/O thread
+/// (the pools do the work): the cluster, the model's path and the edge's URL.
 fn serve(services: &[(&str, &str, &str)]) -> (Cluster, std::path::PathBuf, String) {
     let mut cluster = Cluster::new(1, "");
     let models = cluster.path("models");
     std::fs::create_dir_all(models.join("cnn")).expect("mkdir");
     write_cnn(&models.join("cnn/model.onnx"));
     cluster.start_cloud();
-    let mut toml = format!("models = \"{}\"\n", models.display());
+    let mut toml = format!("models = \"{}\"\nio_threads = 1\nio_scheduling = \"batch\"\n", models.display());
     for (name, extra, router) in services {
         let config = if *router == "hard-example-mining" { ", config = { policy = \"edge-only\" }" } else { "" };
         toml += &format!(
@@ -66,7 +66,7 @@ fn serve(services: &[(&str, &str, &str)]) -> (Cluster, std::path::PathBuf, Strin
 
 #[test]
 fn concurrent_and_batched_answers_equal_sequential_ones_and_native_onnx_runtime() {
-    let (_cluster, model, edge) = serve(&[
+    let (cluster, model, edge) = serve(&[
         ("pool", "instances = 2\nthreads = 1", "hard-example-mining"),
         ("batched", "instances = 2\nbatch_max = 8", "hard-example-mining"),
     ]);
@@ -112,6 +112,45 @@ fn concurrent_and_batched_answers_equal_sequential_ones_and_native_onnx_runtime(
     assert_eq!(metric(&m, "nereid_inference_batches_total{service=\"pool\"}"), 24.0 + 48.0);
     assert_eq!(metric(&m, "nereid_inference_refused_total{service=\"pool\"}"), 0.0);
     assert_eq!(metric(&m, "nereid_inference_waiting{service=\"pool\"}"), 0.0);
+    // `io_threads = 1`: one async worker however many cores; every thread of the async runtime
+    // under SCHED_BATCH (policy 3), the pools' threads under the normal policy (0).
+    let log = std::fs::read_to_string(cluster.path(&format!("{}.log", cluster.nodes[0].0))).expect("edge log");
+    let started = log.lines().find(|l| l.contains("async runtime")).expect("the runtime's log line");
+    assert!(without_colours(started).contains("io_threads=1 "), "{started}");
+    let threads = edge_threads(cluster.edge_pid(0));
+    let runtime: Vec<_> = threads.iter().filter(|(comm, _)| comm == "tokio-rt-worker").collect();
+    assert!(!runtime.is_empty() && runtime.iter().all(|(_, policy)| *policy == 3), "{threads:?}");
+    let pools: Vec<_> = threads.iter().filter(|(comm, _)| comm.starts_with("infer-")).collect();
+    assert!(pools.len() >= 4 && pools.iter().all(|(_, policy)| *policy == 0), "{threads:?}");
+}
+
+/// A log line without its colours (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// Each thread of process `pid`: its name and scheduling policy.
+fn edge_threads(pid: u32) -> Vec<(String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc");
+    tasks
+        .filter_map(|t| {
+            let path = t.expect("task").path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_string();
+            // `stat`'s 41st field is the policy; the fields after the name start at the 3rd.
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            let policy = stat[stat.rfind(')')? + 1..].split_whitespace().nth(38)?.parse().ok()?;
+            Some((comm, policy))
+        })
+        .collect()
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use nereid::config::{read_config, CloudConfig, EdgeConfig};
+use nereid::config::{read_config, CloudConfig, EdgeConfig, IoScheduling};
 use nereid::protocol::{new_token, token_sha256, JobStatus};
 use nereid::runtime::Runtime;
 use nereid::store::CloudStore;
@@ -13,6 +13,35 @@ use nereid::client::CloudClient as Api;
 
 fn tokio() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// The edge's runtime: `io_threads` workers (else one per core), run under `io_scheduling`.
+fn edge_tokio(cfg: &EdgeConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.io_threads {
+        builder.worker_threads(n);
+    }
+    if cfg.io_scheduling == IoScheduling::Batch {
+        if !cfg!(target_os = "linux") {
+            anyhow::bail!("io_scheduling = \"batch\" needs Linux (SCHED_BATCH)");
+        }
+        builder.on_thread_start(batch_scheduling);
+    }
+    Ok(builder.enable_all().build()?)
+}
+
+/// Puts the calling thread under SCHED_BATCH: woken, it waits for the scheduler's tick instead
+/// of preempting a running model.
+fn batch_scheduling() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: changes only the calling thread's (pid 0's) scheduling policy; `param` outlives
+        // the call.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            tracing::warn!("io_scheduling = \"batch\": {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 pub fn cloud(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -24,7 +53,7 @@ pub fn cloud(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> 
 pub fn edge(config: PathBuf, cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (cfg, base): (EdgeConfig, _) = read_config(&config)?;
     let registry_cache = nereid::components::Components::cache_root(cache_dir.as_deref());
-    tokio()?.block_on(nereid::edge::run(cfg, &base, cache_dir, registry_cache))
+    edge_tokio(&cfg)?.block_on(nereid::edge::run(cfg, &base, cache_dir, registry_cache))
 }
 
 #[derive(Args)]

@@ -21,6 +21,17 @@ fn default_long_poll_secs() -> u32 {
 
 /// Below the edge's 60 s request timeout and the cloud's 55 s hold.
 pub const MAX_LONG_POLL_SECS: u32 = 50;
+/// How the edge's async threads are scheduled (`io_scheduling`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoScheduling {
+    #[default]
+    Normal,
+    Batch,
+}
+
+/// The most threads `io_threads` may ask for.
+pub const MAX_IO_THREADS: usize = 256;
 
 /// `edge.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +63,16 @@ pub struct EdgeConfig {
     /// edge then costs the cloud about nothing); 0 asks every `poll_ms` instead. At most 50.
     #[serde(default = "default_long_poll_secs")]
     pub long_poll_secs: u32,
+    /// Threads of the async runtime that serves the API and talks to the cloud (default: one
+    /// per core). Models and plugins run on threads of their own (each service's `instances`);
+    /// when those keep every core busy, fewer here leaves the cores to them (1 to 256).
+    pub io_threads: Option<usize>,
+    /// How the async runtime's threads are scheduled: "normal" (default), or "batch" (Linux's
+    /// SCHED_BATCH: woken by a request, they wait for the scheduler's tick rather than preempt
+    /// a running model, so a machine the pools keep busy reads requests in bursts; an idle core
+    /// still runs them at once).
+    #[serde(default)]
+    pub io_scheduling: IoScheduling,
     /// Registries of `oci://` plugins, as in `cloud.toml`.
     #[serde(default)]
     pub registries: BTreeMap<String, nereid_registry::HostSettings>,
@@ -250,6 +271,9 @@ impl CheckConfig for EdgeConfig {
                 key: "long_poll_secs".into(),
                 message: format!("{} is more than {MAX_LONG_POLL_SECS} seconds", self.long_poll_secs),
             });
+        }
+        if self.io_threads.is_some_and(|n| !(1..=MAX_IO_THREADS).contains(&n)) {
+            return Err(FieldError { key: "io_threads".into(), message: format!("must be 1 to {MAX_IO_THREADS}") });
         }
         if self.token.is_empty() && self.cloud_tls.cert.is_none() {
             return Err(FieldError {
@@ -531,5 +555,20 @@ mod tests {
         std::fs::write(&path, body.replace("NEREID_TEST_NODE_NAME", "NEREID_TEST_UNSET_NAME")).expect("write");
         let e = super::super::read_config::<EdgeConfig>(&path).expect_err("unset").to_string();
         assert!(e.contains("NEREID_TEST_UNSET_NAME"), "{e}");
+    }
+
+    #[test]
+    fn io_threads_takes_1_to_256() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("edge.toml");
+        let body = "name = \"e\"\ncloud = \"http://127.0.0.1:7000\"\ntoken = \"t\"\nstate = \"e.db\"\n";
+        std::fs::write(&path, format!("{body}io_threads = 1\n")).expect("write");
+        let (config, _) = super::super::read_config::<EdgeConfig>(&path).expect("valid");
+        assert_eq!(config.io_threads, Some(1));
+        for bad in ["0", "257"] {
+            std::fs::write(&path, format!("{body}io_threads = {bad}\n")).expect("write");
+            let e = super::super::read_config::<EdgeConfig>(&path).expect_err(bad).to_string();
+            assert!(e.contains("io_threads") && e.contains("1 to 256"), "{e}");
+        }
     }
 }

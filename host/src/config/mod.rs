@@ -20,7 +20,7 @@ pub mod secret;
 pub mod trigger;
 
 pub use cloud::CloudConfig;
-pub use edge::EdgeConfig;
+pub use edge::{EdgeConfig, IoScheduling};
 pub use reader::{parse_checked_file, parse_file, parse_str, CheckConfig, ConfigError, FieldError};
 
 /// A service's plugin: a `.wasm` path (relative to the config file) or an `oci://` reference,

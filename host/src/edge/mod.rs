@@ -32,6 +32,8 @@ pub async fn run(
     registry_cache: PathBuf,
 ) -> anyhow::Result<()> {
     crate::return_large_buffers_to_the_os();
+    let io_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(io_threads, io_scheduling = ?config.io_scheduling, "async runtime");
     // SIGTERM stops the API (requests in flight finish) and the worker; what the edge stores is
     // crash-safe, so an unfinished task is taken up again at the next start.
     let stop = tokio_util::sync::CancellationToken::new();

@@ -8,7 +8,7 @@
 //! for every body this one takes (tested, and checked by the `infer_request` fuzz target).
 use std::collections::BTreeMap;
 
-use super::json_number::{f32_number, number_end};
+use super::json_number::{f32_array, number_end};
 use super::wire::{InferRequest, TensorValue};
 
 /// A cursor over a request body; every method returns None where the body leaves the form this
@@ -103,13 +103,9 @@ impl<'a> Reader<'a> {
 
     /// An array of numbers as little-endian f32 bytes.
     fn data(&mut self) -> Option<Vec<u8>> {
-        let mut bytes = Vec::with_capacity((self.b.len() - self.i) / 2);
-        self.array(|r| {
-            let (v, end) = f32_number(r.b, r.i)?;
-            bytes.extend_from_slice(&v.to_le_bytes());
-            r.i = end;
-            Some(())
-        })?;
+        self.skip_space();
+        let (bytes, end) = f32_array(self.b, self.i)?;
+        self.i = end;
         Some(bytes)
     }
 

@@ -42,33 +42,11 @@ mod le_f32_bytes {
 
     /// The numbers of a JSON array whose syntax serde_json has checked already, in one pass.
     fn parse(text: &str) -> Result<Vec<u8>, String> {
-        let not_numbers = || {
-            let shown: String = text.chars().take(40).collect();
-            format!("expected an array of numbers, got `{shown}`")
-        };
-        let b = text.as_bytes();
-        if b.first() != Some(&b'[') {
-            return Err(not_numbers());
-        }
-        let skip_space = |mut i: usize| {
-            while i < b.len() && b[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            i
-        };
-        let mut bytes = Vec::with_capacity(b.len() / 2);
-        let mut i = skip_space(1);
-        if b.get(i) == Some(&b']') {
-            return Ok(bytes);
-        }
-        loop {
-            let (v, end) = crate::inference::json_number::f32_number(b, i).ok_or_else(not_numbers)?;
-            bytes.extend_from_slice(&v.to_le_bytes());
-            i = skip_space(end);
-            match b.get(i) {
-                Some(b',') => i = skip_space(i + 1),
-                Some(b']') => return Ok(bytes),
-                _ => return Err(not_numbers()),
+        match crate::inference::json_number::f32_array(text.as_bytes(), 0) {
+            Some((bytes, _)) => Ok(bytes),
+            None => {
+                let shown: String = text.chars().take(40).collect();
+                Err(format!("expected an array of numbers, got `{shown}`"))
             }
         }
     }

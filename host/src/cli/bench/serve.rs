@@ -379,7 +379,10 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
         dir.join("edge.toml"),
         format!(
             "name = \"bench-edge\"\ncloud = \"http://127.0.0.1:{cloud_port}\"\ntoken = \"{token}\"\n\
-             state = \"edge.db\"\nlisten = \"127.0.0.1:{edge_port}\"\nmodels = \"models\"\n{}{}{batch_service}\
+             state = \"edge.db\"\nlisten = \"127.0.0.1:{edge_port}\"\nmodels = \"models\"\n\
+             # The pools keep every core busy: one async worker, which does not preempt them.\n\
+             io_threads = 1\nio_scheduling = \"batch\"\n\
+             {}{}{batch_service}\
              # The benchmark's own edge on loopback: its API needs no tokens.\n[api]\nopen = true\n",
             service("one", 1, 1),
             service("pool", cores, 1),
