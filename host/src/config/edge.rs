@@ -275,6 +275,12 @@ impl CheckConfig for EdgeConfig {
         if self.io_threads.is_some_and(|n| !(1..=MAX_IO_THREADS).contains(&n)) {
             return Err(FieldError { key: "io_threads".into(), message: format!("must be 1 to {MAX_IO_THREADS}") });
         }
+        if self.io_scheduling == IoScheduling::Batch && !cfg!(target_os = "linux") {
+            return Err(FieldError {
+                key: "io_scheduling".into(),
+                message: "\"batch\" needs Linux (SCHED_BATCH)".into(),
+            });
+        }
         if self.token.is_empty() && self.cloud_tls.cert.is_none() {
             return Err(FieldError {
                 key: "token".into(),

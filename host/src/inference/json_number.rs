@@ -163,30 +163,32 @@ pub fn f32_number(b: &[u8], i: usize) -> Option<(f32, usize)> {
     Some((v, end))
 }
 
+/// Where JSON white space from `b[i..]` ends.
+pub(super) fn skip_space(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
 /// The JSON array of numbers at `b[at..]` (`at` on its `[`) as little-endian f32 bytes, and where
 /// it ends; None if there is no such array there. The one walk over `[n, n, ...]` both JSON
 /// readers use.
 pub fn f32_array(b: &[u8], at: usize) -> Option<(Vec<u8>, usize)> {
-    let skip_space = |mut i: usize| {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
-            i += 1;
-        }
-        i
-    };
     if b.get(at) != Some(&b'[') {
         return None;
     }
     let mut bytes = Vec::with_capacity((b.len() - at) / 2);
-    let mut i = skip_space(at + 1);
+    let mut i = skip_space(b, at + 1);
     if b.get(i) == Some(&b']') {
         return Some((bytes, i + 1));
     }
     loop {
         let (v, end) = f32_number(b, i)?;
         bytes.extend_from_slice(&v.to_le_bytes());
-        i = skip_space(end);
+        i = skip_space(b, end);
         match b.get(i) {
-            Some(b',') => i = skip_space(i + 1),
+            Some(b',') => i = skip_space(b, i + 1),
             Some(b']') => return Some((bytes, i + 1)),
             _ => return None,
         }

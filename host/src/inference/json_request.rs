@@ -8,7 +8,7 @@
 //! for every body this one takes (tested, and checked by the `infer_request` fuzz target).
 use std::collections::BTreeMap;
 
-use super::json_number::{f32_array, number_end};
+use super::json_number::{f32_array, number_end, skip_space};
 use super::wire::{InferRequest, TensorValue};
 
 /// A cursor over a request body; every method returns None where the body leaves the form this
@@ -20,9 +20,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn skip_space(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
-            self.i += 1;
-        }
+        self.i = skip_space(self.b, self.i);
     }
 
     /// Skips white space and takes `c`.
