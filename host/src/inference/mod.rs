@@ -7,6 +7,8 @@ pub mod export;
 pub mod initializers;
 pub mod json_number;
 pub mod json_request;
+#[cfg(target_arch = "x86_64")]
+mod json_simd;
 pub mod native;
 pub mod profile;
 pub mod wire;

@@ -9,6 +9,8 @@
 //! `one` (1 instance), `pool` (an instance per core) and `batch` (an instance per core,
 //! batches of up to 8, only for a model whose first dimension is open); every instance's
 //! session uses one thread. Clients are HTTP/1.1 keep-alive connections in this process.
+//! `pool` is also sent JSON bodies: the same values in 17 digits (as Python writes float32
+//! values), and random float32 values in their shortest form.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -75,8 +77,12 @@ struct Ratios {
     p99_vs_native: f64,
     /// pool / one (one intra-op thread per session).
     pool_vs_one: f64,
-    /// pool with JSON bodies / pool with safetensors bodies.
+    /// pool with JSON bodies (numbers in 17 significant digits, as Python writes float32
+    /// values) / pool with safetensors bodies.
     json_vs_safetensors: f64,
+    /// pool with JSON bodies of random float32 values in their shortest form (as serde_json
+    /// writes an `f32`) / pool with safetensors bodies.
+    json_shortest_vs_safetensors: f64,
     /// batch / pool (None without a batch service).
     batch_vs_pool: Option<f64>,
     /// Edge threads and RSS at the last client count over the first (pool).
@@ -309,12 +315,13 @@ pub fn run(args: ServeBench) -> anyhow::Result<()> {
     }
     let r = &report.ratios;
     println!(
-        "pool vs best native ({}): throughput {:.2}x, p99 {:.2}x; pool vs one: {:.2}x; JSON vs safetensors: {:.2}x{}; edge threads {:.2}x and RSS {:.2}x from {} to {} clients",
+        "pool vs best native ({}): throughput {:.2}x, p99 {:.2}x; pool vs one: {:.2}x; JSON vs safetensors: {:.2}x (shortest f32 text {:.2}x){}; edge threads {:.2}x and RSS {:.2}x from {} to {} clients",
         report.native_best,
         r.throughput_vs_native,
         r.p99_vs_native,
         r.pool_vs_one,
         r.json_vs_safetensors,
+        r.json_shortest_vs_safetensors,
         r.batch_vs_pool.map_or(String::new(), |b| format!("; batch vs pool: {b:.2}x")),
         r.threads_growth,
         r.rss_growth,
@@ -322,6 +329,35 @@ pub fn run(args: ServeBench) -> anyhow::Result<()> {
         args.clients[args.clients.len() - 1],
     );
     Ok(())
+}
+
+/// A JSON body of the same shapes as `inputs` holding random float32 values in [-1, 1), each
+/// written in its shortest form (serde_json's `f32`: 9 significant digits or fewer, about 11
+/// characters), where Python writes every float32 value in 17 digits.
+fn shortest_json(inputs: &[TensorData]) -> anyhow::Result<Bytes> {
+    #[derive(Serialize)]
+    struct Tensor<'a> {
+        shape: &'a [u64],
+        data: Vec<f32>,
+    }
+    #[derive(Serialize)]
+    struct Body<'a> {
+        inputs: std::collections::BTreeMap<&'a str, Tensor<'a>>,
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = || {
+        // xorshift64; the top 24 bits as a float32 in [-1, 1), exactly
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u32 << 23) as f32 - 1.0
+    };
+    let inputs = inputs
+        .iter()
+        .map(|t| (t.name.as_str(), Tensor { shape: &t.shape, data: (0..t.data.len() / 4).map(|_| random()).collect() }))
+        .collect();
+    // Serialized from `f32`s directly: through serde_json's `Value` they would become f64s.
+    Ok(Bytes::from(serde_json::to_vec(&Body { inputs })?))
 }
 
 fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
@@ -341,6 +377,7 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
     let json = Bytes::from(serde_json::to_vec(&serde_json::json!({
         "inputs": inputs.iter().map(|t| (t.name.clone(), serde_json::json!({"shape": t.shape, "data": wire::le_f32s(&t.data)}))).collect::<serde_json::Map<_, _>>()
     }))?);
+    let json_shortest = shortest_json(&inputs)?;
 
     let progress = indicatif::ProgressBar::new_spinner();
     progress.set_message("native ONNX Runtime");
@@ -435,7 +472,13 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
     for &c in &args.clients {
         plan.push((format!("nereid pool: {cores} instances, safetensors"), "pool", st, c));
     }
-    plan.push((format!("nereid pool: {cores} instances, JSON"), "pool", ("application/json", &json), first));
+    plan.push((format!("nereid pool: {cores} instances, JSON 17 digits"), "pool", ("application/json", &json), first));
+    plan.push((
+        format!("nereid pool: {cores} instances, JSON shortest f32"),
+        "pool",
+        ("application/json", &json_shortest),
+        first,
+    ));
     if open_batch {
         plan.push((format!("nereid batch: {cores} instances, up to 8, safetensors"), "batch", st, first));
     }
@@ -448,10 +491,11 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
     let find = |service: &str, body: &str, clients: usize| {
         phases.iter().find(|p| p.name.contains(service) && p.name.contains(body) && p.clients == clients)
     };
-    let (one, pool, pool_json) = (
+    let (one, pool, pool_json, pool_json_shortest) = (
         find("nereid one", "safetensors", first).context("one")?,
         find("nereid pool", "safetensors", first).context("pool")?,
-        find("nereid pool", "JSON", first).context("pool JSON")?,
+        find("nereid pool", "JSON 17", first).context("pool JSON")?,
+        find("nereid pool", "JSON shortest", first).context("pool JSON, shortest")?,
     );
     let last_clients = args.clients[args.clients.len() - 1];
     let last_pool = find("nereid pool", "safetensors", last_clients).context("pool at the last client count")?;
@@ -460,6 +504,7 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
         p99_vs_native: pool.latency.p99_ms / native_p99,
         pool_vs_one: pool.requests_per_sec / one.requests_per_sec,
         json_vs_safetensors: pool_json.requests_per_sec / pool.requests_per_sec,
+        json_shortest_vs_safetensors: pool_json_shortest.requests_per_sec / pool.requests_per_sec,
         batch_vs_pool: find("nereid batch", "safetensors", first).map(|b| b.requests_per_sec / pool.requests_per_sec),
         threads_growth: last_pool.edge_threads.unwrap_or(0) as f64 / pool.edge_threads.unwrap_or(1).max(1) as f64,
         rss_growth: last_pool.edge_rss_bytes.unwrap_or(0) as f64 / pool.edge_rss_bytes.unwrap_or(1).max(1) as f64,
