@@ -171,28 +171,8 @@ pub(super) fn skip_space(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The JSON array of numbers at `b[at..]` (`at` on its `[`) as little-endian f32 bytes, and where
-/// it ends; None if there is no such array there. The one walk over `[n, n, ...]` both JSON
-/// readers use; on x86-64 with AVX2 it finds the separators 32 bytes at a time
-/// ([`super::json_simd`]), elsewhere it reads number by number.
-pub fn f32_array(b: &[u8], at: usize) -> Option<(Vec<u8>, usize)> {
-    if b.get(at) != Some(&b'[') {
-        return None;
-    }
-    let mut bytes = Vec::with_capacity((b.len() - at) / 2);
-    let i = skip_space(b, at + 1);
-    if b.get(i) == Some(&b']') {
-        return Some((bytes, i + 1));
-    }
-    #[cfg(target_arch = "x86_64")]
-    let end = super::json_simd::numbers(b, at + 1, &mut bytes)?;
-    #[cfg(not(target_arch = "x86_64"))]
-    let end = numbers(b, at + 1, &mut bytes)?;
-    Some((bytes, end))
-}
-
 /// Reads `number (, number)* ]` from `b[i..]` (white space allowed around each number) into
-/// `out`, and returns where the `]` ends.
+/// `out`, number by number, and returns where the `]` ends.
 pub(super) fn numbers(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> Option<usize> {
     loop {
         let (v, end) = f32_number(b, skip_space(b, i))?;

@@ -8,7 +8,8 @@
 //! for every body this one takes (tested, and checked by the `infer_request` fuzz target).
 use std::collections::BTreeMap;
 
-use super::json_number::{f32_array, number_end, skip_space};
+use super::json_array::f32_array;
+use super::json_number::{number_end, skip_space};
 use super::wire::{InferRequest, TensorValue};
 
 /// A cursor over a request body; every method returns None where the body leaves the form this

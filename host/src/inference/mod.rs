@@ -5,6 +5,7 @@ pub mod codec;
 pub mod compress;
 pub mod export;
 pub mod initializers;
+pub mod json_array;
 pub mod json_number;
 pub mod json_request;
 #[cfg(target_arch = "x86_64")]

@@ -42,7 +42,7 @@ mod le_f32_bytes {
 
     /// The numbers of a JSON array whose syntax serde_json has checked already, in one pass.
     fn parse(text: &str) -> Result<Vec<u8>, String> {
-        match crate::inference::json_number::f32_array(text.as_bytes(), 0) {
+        match crate::inference::json_array::f32_array(text.as_bytes(), 0) {
             Some((bytes, _)) => Ok(bytes),
             None => {
                 let shown: String = text.chars().take(40).collect();

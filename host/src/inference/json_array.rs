@@ -1,0 +1,23 @@
+//! JSON arrays of numbers read into little-endian f32 bytes: the one walk over `[n, n, ...]`
+//! both readers of JSON inference bodies use (the one-pass one and serde's). On x86-64 with AVX2
+//! the numbers are found 32 bytes at a time ([`super::json_simd`]), elsewhere one by one
+//! ([`super::json_number`]).
+use super::json_number::skip_space;
+
+/// The JSON array of numbers at `b[at..]` (`at` on its `[`) as little-endian f32 bytes, and where
+/// it ends; None if there is no such array there.
+pub fn f32_array(b: &[u8], at: usize) -> Option<(Vec<u8>, usize)> {
+    if b.get(at) != Some(&b'[') {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity((b.len() - at) / 2);
+    let i = skip_space(b, at + 1);
+    if b.get(i) == Some(&b']') {
+        return Some((bytes, i + 1));
+    }
+    #[cfg(target_arch = "x86_64")]
+    let end = super::json_simd::numbers(b, at + 1, &mut bytes)?;
+    #[cfg(not(target_arch = "x86_64"))]
+    let end = super::json_number::numbers(b, at + 1, &mut bytes)?;
+    Some((bytes, end))
+}
