@@ -111,14 +111,22 @@ fn short_f32(b: &[u8], mut i: usize) -> Option<(f32, usize)> {
     // One rounding turning the mantissa into f64 and one in the division or product: within two
     // units in the last place of the exact value.
     let approx = if exponent < 0 { mantissa as f64 / power } else { mantissa as f64 * power };
+    let v = sure_f32(approx)?;
+    Some((if negative { -v } else { v }, i))
+}
+
+/// The f32 an exact value rounds to, from `approx`, its f64 approximation within two units in the
+/// last place; None when that is not sure: `approx` next to the midpoint between two f32s, or
+/// outside f32's normal range.
+#[inline(always)]
+pub(super) fn sure_f32(approx: f64) -> Option<f32> {
     // The 29 bits an f64's mantissa has past an f32's: the exact value rounds to the same f32 as
     // `approx` unless `approx` is this close to the midpoint between two f32s.
     let past_f32 = approx.to_bits() & ((1 << 29) - 1);
     if past_f32.abs_diff(1 << 28) <= 8 || !(f64::from(f32::MIN_POSITIVE)..=f64::from(f32::MAX)).contains(&approx) {
         return None;
     }
-    let v = approx as f32;
-    Some((if negative { -v } else { v }, i))
+    Some(approx as f32)
 }
 
 /// Where the JSON number at `b[i..]` ends (`-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`).

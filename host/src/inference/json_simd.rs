@@ -15,7 +15,7 @@ use std::arch::x86_64::{
     _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_sub_epi8,
 };
 
-use super::json_number::{number_between, numbers as one_by_one, POW10};
+use super::json_number::{number_between, numbers as one_by_one, sure_f32, POW10};
 
 /// 10^k as u64, k = 0..=19.
 const POW10_U64: [u64; 20] = {
@@ -38,10 +38,10 @@ pub(super) fn numbers(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
     one_by_one(b, i, out)
 }
 
-/// The 32 bytes at `b[at..]` (the caller has checked they exist).
+/// The 32 bytes at `b[at..]`; returns None from the calling function if there are fewer.
 macro_rules! load {
     ($b:expr, $at:expr) => {{
-        let chunk: &[u8; 32] = $b[$at..$at + 32].try_into().unwrap_or(&[0; 32]);
+        let chunk: &[u8; 32] = $b.get($at..)?.first_chunk::<32>()?;
         // SAFETY: `chunk` is 32 readable bytes and the load needs no alignment.
         unsafe { _mm256_loadu_si256(chunk.as_ptr().cast::<__m256i>()) }
     }};
@@ -52,10 +52,6 @@ fn by_blocks(b: &[u8], mut start: usize, out: &mut Vec<u8>) -> Option<usize> {
     let byte = |c: u8| _mm256_set1_epi8(c as i8);
     let (comma, close, dot, minus, space, zero, nine) =
         (byte(b','), byte(b']'), byte(b'.'), byte(b'-'), byte(b' '), byte(b'0'), byte(9));
-    let lane = _mm256_setr_epi8(
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,
-        30, 31,
-    );
     let mut block = start;
     while block + 32 <= b.len() {
         let v = load!(b, block);
@@ -91,7 +87,7 @@ fn by_blocks(b: &[u8], mut start: usize, out: &mut Vec<u8>) -> Option<usize> {
                     // 19 digits at most, so the value fits a u64.
                     if digits & wanted == wanted && (integer == 0 || fraction <= 18) {
                         let negative = (minuses << 1) >> (point - 1) & 1;
-                        value = plain(b, sep, fraction, integer, negative, zero, lane);
+                        value = plain(b, sep, fraction, integer, negative);
                     }
                 }
             }
@@ -114,18 +110,14 @@ fn by_blocks(b: &[u8], mut start: usize, out: &mut Vec<u8>) -> Option<usize> {
 /// when that is sure to be the correctly rounded value (see `json_number::short_f32`).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn plain(
-    b: &[u8],
-    sep: usize,
-    fraction: usize,
-    integer: u64,
-    negative: u32,
-    zero: __m256i,
-    lane: __m256i,
-) -> Option<f32> {
+fn plain(b: &[u8], sep: usize, fraction: usize, integer: u64, negative: u32) -> Option<f32> {
     // The fraction's digits, the last in lane 31, everything before them zeroed; then pairs,
     // fours and eights of digits combined by multiply-adds.
-    let t = _mm256_sub_epi8(load!(b, sep - 32), zero);
+    let lane = _mm256_setr_epi8(
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,
+        30, 31,
+    );
+    let t = _mm256_sub_epi8(load!(b, sep - 32), _mm256_set1_epi8(b'0' as i8));
     let keep = _mm256_cmpgt_epi8(lane, _mm256_set1_epi8(31 - fraction as i8));
     let pairs = _mm256_maddubs_epi16(_mm256_and_si256(t, keep), _mm256_set1_epi16(0x010A));
     let fours = _mm256_madd_epi16(pairs, _mm256_set1_epi32(0x0001_0064));
@@ -143,12 +135,8 @@ fn plain(
         return Some(f32::from_bits(negative << 31));
     }
     // As i64: one instruction to f64 where a u64 needs several.
-    let approx = i64::try_from(mantissa).ok()? as f64 / POW10[fraction];
-    let past_f32 = approx.to_bits() & ((1 << 29) - 1);
-    if past_f32.abs_diff(1 << 28) <= 8 {
-        return None;
-    }
-    Some(f32::from_bits((approx as f32).to_bits() | negative << 31))
+    let v = sure_f32(i64::try_from(mantissa).ok()? as f64 / POW10[fraction])?;
+    Some(f32::from_bits(v.to_bits() | negative << 31))
 }
 
 #[cfg(test)]
