@@ -246,6 +246,10 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     let s = c.wait_done("digits");
     let participants: Vec<usize> = s.history.iter().map(|h| h.participants.len()).collect();
     assert_eq!(participants, [2, 3, 3], "round 1 closed by its deadline, then every edge took part: {s:?}");
+    // The held edge read round 1's task after the round had closed: it asked again and trained
+    // for round 2 only, not for a round that takes no more updates.
+    let held = std::fs::read_to_string(c.path(&format!("{}.log", c.nodes[2].0))).unwrap_or_default();
+    assert!(!held.contains("the cloud takes the update no more"), "trained for a closed round: {held}");
     if edge_filler.is_some() || edge_ext4.is_some() {
         let log = std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default();
         assert_eq!(log.matches("the update is sent without being kept").count(), 3, "one per round: {log}");
