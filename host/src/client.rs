@@ -152,6 +152,23 @@ impl CloudClient {
         Ok(self.get::<TaskResponse>(&routes::waiting(routes::TASK, wait_secs)).await?.task)
     }
 
+    /// `task` while its round's deadline is ahead; past it, the task the cloud gives when asked
+    /// again at once. A task read late (the process was paused, or the answer waited in its
+    /// socket) may be for a round that closed meanwhile: asking again costs a request, working
+    /// for a closed round costs the round's work and can make the next round late too. A round
+    /// still open past its deadline (short of updates) is given again.
+    pub async fn current_task(&self, task: Task) -> Result<Option<Task>> {
+        if task.deadline_ms > crate::store::now_ms() {
+            return Ok(Some(task));
+        }
+        let fresh = self.task_within(0).await?;
+        if fresh.as_ref().is_none_or(|f| (f.job.as_str(), f.round) != (task.job.as_str(), task.round)) {
+            let now = fresh.as_ref().map_or("no task".to_string(), |f| format!("round {} of `{}`", f.round, f.job));
+            tracing::info!(job = %task.job, round = task.round, "a task read after its round's deadline; asked again: {now}");
+        }
+        Ok(fresh)
+    }
+
     /// A job's global model version `version` (safetensors).
     pub async fn model(&self, job: &str, version: u32) -> Result<Bytes> {
         let path = routes::model(job, version);

@@ -93,6 +93,31 @@ impl Hierarchy {
         p.wait().expect("reap");
     }
 
+    fn signal_region(&self, k: usize, signal: &str) {
+        let pid = self.regions[k].process.as_ref().expect("region running").id();
+        let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Everything region `k`'s processes logged, without colour codes.
+    fn region_log(&self, k: usize) -> String {
+        let mut text = String::new();
+        for entry in std::fs::read_dir(&self.regions[k].dir).expect("region dir").flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("cloud-") && name.ends_with(".log") {
+                text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        let mut plain = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find('\x1b') {
+            plain.push_str(&rest[..at]);
+            rest = rest[at..].find('m').map_or("", |end| &rest[at + end + 1..]);
+        }
+        plain.push_str(rest);
+        plain
+    }
+
     /// The top cloud, then the regions, then the edges.
     fn running() -> Hierarchy {
         let mut h = Hierarchy::new();
@@ -210,4 +235,32 @@ fn a_regional_aggregator_killed_mid_round_loses_nothing() {
     let top = h.top.wait_done("digits");
     assert_every_update_counted_once(&h, &top, rounds);
     assert_eq!(h.top.model("digits", rounds), reference, "bit-identical to the run without the kill");
+}
+
+/// A region paused (SIGSTOP) while its ask for a task is held: the top cloud answers it with
+/// round 1, which closes by its deadline without the region. Resumed, the region reads round 1's
+/// task late, asks again and runs only what the top cloud gives now, never the closed round.
+#[test]
+fn a_paused_region_runs_no_round_that_closed_while_it_slept() {
+    let mut h = Hierarchy::new();
+    h.top.start_cloud();
+    (0..h.regions.len()).for_each(|k| h.start_region(k));
+    (0..3).for_each(|i| h.top.start_edge(i));
+    // Past region-b's first ask, which the top cloud holds.
+    let t = Instant::now();
+    while !h.region_log(1).contains("taking rounds from the upper cloud") {
+        assert!(t.elapsed() < Duration::from_secs(30), "region-b's relay did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    h.signal_region(1, "-STOP");
+    h.top.apply("job", &job_toml("digits", "fedavg", 2, 1, 4.0));
+    h.top.wait_until("digits", "round 1 closed", |s| s.rounds_done >= 1);
+    h.signal_region(1, "-CONT");
+    let top = h.top.wait_done("digits");
+    assert_eq!(top.history[0].participants, vec!["region-a"], "{top:?}");
+    let log = h.region_log(1);
+    let taken: Vec<&str> = log.lines().filter(|l| l.contains("region: round taken from the upper cloud")).collect();
+    assert!(!taken.iter().any(|l| l.contains("round=1")), "region-b ran the closed round 1: {log}");
+    assert!(log.contains("a task read after its round's deadline"), "{log}");
 }

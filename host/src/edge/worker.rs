@@ -163,21 +163,8 @@ impl Worker {
 
     /// One poll; true if it did work.
     async fn step(&mut self) -> anyhow::Result<bool> {
-        let Some(mut task) = self.cloud.task_within(self.config.long_poll_secs).await? else { return Ok(false) };
-        if task.deadline_ms <= crate::store::now_ms() {
-            // Read after its round's deadline (the process was paused, or the answer waited in a
-            // socket): the round may have closed since. Asking again costs a request; training
-            // for a closed round costs a training, and the next round's deadline with it. A round
-            // still open past its deadline (short of updates) is given again, and trained for.
-            let Some(fresh) = self.cloud.task_within(0).await? else { return Ok(false) };
-            if (fresh.job.as_str(), fresh.round) != (task.job.as_str(), task.round) {
-                tracing::info!(
-                    node = %self.config.name, job = %task.job, round = task.round,
-                    "the task came after its round's deadline: round {} of `{}` instead", fresh.round, fresh.job
-                );
-            }
-            task = fresh;
-        }
+        let Some(task) = self.cloud.task_within(self.config.long_poll_secs).await? else { return Ok(false) };
+        let Some(task) = self.cloud.current_task(task).await? else { return Ok(false) };
         let done = match self.store.trained(&task.job, task.round)? {
             Some(row) if row.uploaded => return Ok(false),
             Some(row) => self.upload(&task, row.bytes).await,
