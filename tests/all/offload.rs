@@ -138,14 +138,27 @@ fn a_joint_service_offloads_while_the_cloud_answers_sooner() {
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
         serde_json::from_slice::<serde_json::Value>(&answer).expect("json")
     };
+    // The path not taken is measured again once every `relink_secs` (1 s): on a loaded machine
+    // the request after a check can be that measure. The faster path's answer is the first of
+    // up to three requests taking it.
+    let answer_on = |path: &str| {
+        let mut others = Vec::new();
+        for _ in 0..3 {
+            let a = answer_to_7();
+            if a["computed"] == path {
+                return a;
+            }
+            others.push(a);
+        }
+        panic!("three requests, none computed on the {path}: {others:?}");
+    };
 
     // Full speed: both paths measured (the edge first, then the cloud once), the edge faster.
     let computed = requests_until(&url, 50, 10, |_| plan()["cloud_ms"].is_number());
     let p = plan();
     assert_eq!(p["path"], "edge", "{p}");
     assert!(computed.iter().filter(|c| *c == "edge").count() >= 8, "{computed:?}: {p}");
-    let a = answer_to_7();
-    assert_eq!(a["computed"], "edge", "{a}");
+    let a = answer_on("edge");
     assert_answers(&a, &small);
 
     // A slow edge: its requests take longer and longer until the cloud's path is the faster.
@@ -156,8 +169,8 @@ fn a_joint_service_offloads_while_the_cloud_answers_sooner() {
     let p = plan();
     assert_eq!(p["path"], "cloud", "{p}");
     assert!(computed.iter().filter(|c| *c == "cloud").count() >= 8, "{computed:?}: {p}");
-    let a = answer_to_7();
-    assert_eq!((a["computed"].clone(), a["offloaded"].clone()), ("cloud".into(), true.into()), "{a}");
+    let a = answer_on("cloud");
+    assert_eq!(a["offloaded"], true, "{a}");
     assert_eq!(a["results"][0]["route"], "cloud", "{a}");
     assert!(a["results"][0]["score"].is_null(), "the router did not run: {a}");
     assert_answers(&a, &wide);
