@@ -190,6 +190,25 @@ fn a_straggler_is_left_out_after_the_deadline_and_catches_up() {
     assert_eq!(last.participants.len(), 3, "the straggler is back: {:?}", s.history);
 }
 
+/// A round past its deadline but short of `min_clients` stays open: an edge held over the
+/// deadline reads its task late, asks again, is given the same round and trains for it.
+#[test]
+fn an_edge_reading_late_the_task_of_a_round_still_open_trains_for_it() {
+    let c = Cluster::running(3);
+    c.hold_edge_once_online(2);
+    c.apply("job", &job_toml("digits", "fedavg", 1, 3, 1.0));
+    let s =
+        c.wait_until("digits", "round 1's two updates", |s| s.current.as_ref().is_some_and(|r| r.received.len() == 2));
+    let deadline_ms = s.current.as_ref().map(|r| r.deadline_ms).expect("round 1 open");
+    while nereid::store::now_ms() <= deadline_ms + 200 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.status("digits").rounds_done, 0, "short of min_clients, round 1 waits past its deadline");
+    c.signal_edge(2, "-CONT");
+    let s = c.wait_done("digits");
+    assert_eq!(s.history[0].participants.len(), 3, "the late edge trained for the open round: {:?}", s.history);
+}
+
 /// The test plays three nodes by hand against a cloud.
 #[test]
 fn duplicates_replays_unauthorized_oversized_and_malformed_uploads() {
