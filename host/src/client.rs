@@ -147,26 +147,29 @@ impl CloudClient {
     }
 
     /// What this node should do, waiting up to `wait_secs` for a task (a long poll; a cloud
-    /// that does not hold requests answers at once).
+    /// that does not hold requests answers at once). A task read after its round's deadline
+    /// (the process was paused, or the answer waited in its socket) may be for a round that
+    /// closed meanwhile: the cloud is asked again at once, and its answer is the task. Asking
+    /// again costs a request; working for a closed round costs the round's work and can make the
+    /// next round late too. A round still open past its deadline (short of updates) is given
+    /// again.
     pub async fn task_within(&self, wait_secs: u32) -> Result<Option<Task>> {
-        Ok(self.get::<TaskResponse>(&routes::waiting(routes::TASK, wait_secs)).await?.task)
-    }
-
-    /// `task` while its round's deadline is ahead; past it, the task the cloud gives when asked
-    /// again at once. A task read late (the process was paused, or the answer waited in its
-    /// socket) may be for a round that closed meanwhile: asking again costs a request, working
-    /// for a closed round costs the round's work and can make the next round late too. A round
-    /// still open past its deadline (short of updates) is given again.
-    pub async fn current_task(&self, task: Task) -> Result<Option<Task>> {
+        let Some(task) = self.ask_task(wait_secs).await? else { return Ok(None) };
         if task.deadline_ms > crate::store::now_ms() {
             return Ok(Some(task));
         }
-        let fresh = self.task_within(0).await?;
-        if fresh.as_ref().is_none_or(|f| (f.job.as_str(), f.round) != (task.job.as_str(), task.round)) {
-            let now = fresh.as_ref().map_or("no task".to_string(), |f| format!("round {} of `{}`", f.round, f.job));
-            tracing::info!(job = %task.job, round = task.round, "a task read after its round's deadline; asked again: {now}");
-        }
+        let fresh = self.ask_task(0).await?;
+        let now = match &fresh {
+            Some(f) if (f.job.as_str(), f.round) == (task.job.as_str(), task.round) => return Ok(fresh),
+            Some(f) => format!("round {} of `{}`", f.round, f.job),
+            None => "no task".into(),
+        };
+        tracing::info!(job = %task.job, round = task.round, "a task read after its round's deadline; asked again: {now}");
         Ok(fresh)
+    }
+
+    async fn ask_task(&self, wait_secs: u32) -> Result<Option<Task>> {
+        Ok(self.get::<TaskResponse>(&routes::waiting(routes::TASK, wait_secs)).await?.task)
     }
 
     /// A job's global model version `version` (safetensors).

@@ -60,6 +60,24 @@ impl Drop for Cluster {
     }
 }
 
+/// Everything the cloud processes started in `dir` logged (`cloud-*.log`: one per start).
+pub fn cloud_logs(dir: &Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir).expect("log dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("cloud-") && name.ends_with(".log") {
+            text += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+        }
+    }
+    text
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, ...) to `child`.
+pub fn signal(child: &Child, signal: &str) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().expect("kill").success(), "kill {signal} {pid}");
+}
+
 pub fn spawn(args: &[&str], config: &Path, log: &Path, cache: &Path) -> Child {
     spawn_with(&[env!("CARGO_BIN_EXE_nereid").to_string()], args, config, log, cache)
 }
@@ -73,6 +91,8 @@ pub fn spawn_with(command: &[String], args: &[&str], config: &Path, log: &Path, 
         .arg("--config")
         .arg(config)
         .env("NEREID_CACHE_DIR", cache)
+        // Logs without colour codes, so that tests can match a line's fields.
+        .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("log"))
@@ -229,9 +249,8 @@ impl Cluster {
         self.edges[i].as_ref().expect("edge running").id()
     }
 
-    pub fn signal_edge(&self, i: usize, signal: &str) {
-        let pid = self.edges[i].as_ref().expect("edge running").id();
-        assert!(Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill").success());
+    pub fn signal_edge(&self, i: usize, sig: &str) {
+        signal(self.edges[i].as_ref().expect("edge running"), sig);
     }
 
     /// Gives every edge a `[trainer]` running `command` (`extra`: more keys of the table).

@@ -93,29 +93,8 @@ impl Hierarchy {
         p.wait().expect("reap");
     }
 
-    fn signal_region(&self, k: usize, signal: &str) {
-        let pid = self.regions[k].process.as_ref().expect("region running").id();
-        let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
-        assert!(status.success(), "kill {signal} {pid}");
-    }
-
-    /// Everything region `k`'s processes logged, without colour codes.
-    fn region_log(&self, k: usize) -> String {
-        let mut text = String::new();
-        for entry in std::fs::read_dir(&self.regions[k].dir).expect("region dir").flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with("cloud-") && name.ends_with(".log") {
-                text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
-            }
-        }
-        let mut plain = String::with_capacity(text.len());
-        let mut rest = text.as_str();
-        while let Some(at) = rest.find('\x1b') {
-            plain.push_str(&rest[..at]);
-            rest = rest[at..].find('m').map_or("", |end| &rest[at + end + 1..]);
-        }
-        plain.push_str(rest);
-        plain
+    fn signal_region(&self, k: usize, sig: &str) {
+        signal(self.regions[k].process.as_ref().expect("region running"), sig);
     }
 
     /// The top cloud, then the regions, then the edges.
@@ -248,7 +227,7 @@ fn a_paused_region_runs_no_round_that_closed_while_it_slept() {
     (0..3).for_each(|i| h.top.start_edge(i));
     // Past region-b's first ask, which the top cloud holds.
     let t = Instant::now();
-    while !h.region_log(1).contains("taking rounds from the upper cloud") {
+    while !cloud_logs(&h.regions[1].dir).contains("taking rounds from the upper cloud") {
         assert!(t.elapsed() < Duration::from_secs(30), "region-b's relay did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -259,7 +238,7 @@ fn a_paused_region_runs_no_round_that_closed_while_it_slept() {
     h.signal_region(1, "-CONT");
     let top = h.top.wait_done("digits");
     assert_eq!(top.history[0].participants, vec!["region-a"], "{top:?}");
-    let log = h.region_log(1);
+    let log = cloud_logs(&h.regions[1].dir);
     let taken: Vec<&str> = log.lines().filter(|l| l.contains("region: round taken from the upper cloud")).collect();
     assert!(!taken.iter().any(|l| l.contains("round=1")), "region-b ran the closed round 1: {log}");
     assert!(log.contains("a task read after its round's deadline"), "{log}");

@@ -1,13 +1,13 @@
 //! Operable processes: readiness distinct from liveness, a graceful stop on SIGTERM (exit 0,
 //! bounded), JSON logs.
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::cluster::*;
 
 /// Sends SIGTERM to `child` and waits for it to exit (20 s at most); its exit status code.
 fn terminate(child: &mut Child) -> Option<i32> {
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success());
+    signal(child, "-TERM");
     let t = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -116,26 +116,12 @@ fn concurrent_and_batched_answers_equal_sequential_ones_and_native_onnx_runtime(
     // under SCHED_BATCH (policy 3), the pools' threads under the normal policy (0).
     let log = std::fs::read_to_string(cluster.path(&format!("{}.log", cluster.nodes[0].0))).expect("edge log");
     let started = log.lines().find(|l| l.contains("async runtime")).expect("the runtime's log line");
-    assert!(without_colours(started).contains("io_threads=1 "), "{started}");
+    assert!(started.contains("io_threads=1 "), "{started}");
     let threads = edge_threads(cluster.edge_pid(0));
     let runtime: Vec<_> = threads.iter().filter(|(comm, _)| comm == "tokio-rt-worker").collect();
     assert!(!runtime.is_empty() && runtime.iter().all(|(_, policy)| *policy == 3), "{threads:?}");
     let pools: Vec<_> = threads.iter().filter(|(comm, _)| comm.starts_with("infer-")).collect();
     assert!(pools.len() >= 4 && pools.iter().all(|(_, policy)| *policy == 0), "{threads:?}");
-}
-
-/// A log line without its colours (`ESC [ ... m`).
-fn without_colours(line: &str) -> String {
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 /// Each thread of process `pid`: its name and scheduling policy.

@@ -106,14 +106,7 @@ fn run_ok(cmd: &mut Command) {
 
 /// What the cloud logged (the harness names its log after the start).
 fn cloud_log(c: &Cluster) -> String {
-    let mut text = String::new();
-    for entry in std::fs::read_dir(c.dir.path()).expect("cluster dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("cloud-") && name.ends_with(".log") {
-            text += &std::fs::read_to_string(entry.path()).unwrap_or_default();
-        }
-    }
-    text
+    cloud_logs(c.dir.path())
 }
 
 /// Round 1's close cannot commit, the cloud logs that the job waits, and it still answers what

@@ -74,7 +74,7 @@ impl Relay {
                 tracing::warn!(upstream = %self.config.url, "sending a region's result: {e:#}");
             }
             let pause = tokio::select! {
-                task = self.current_task() => match task {
+                task = self.upstream.task_within(self.config.long_poll_secs) => match task {
                     Ok(Some(task)) => match self.take(&cloud, task).await {
                         Ok(Taken::Running) => false,
                         Ok(Taken::Busy) => true,
@@ -99,14 +99,6 @@ impl Relay {
                     () = cloud.stopping.cancelled() => return,
                 }
             }
-        }
-    }
-
-    /// The upper cloud's task for this region, asked again if it was read past its deadline.
-    async fn current_task(&self) -> crate::client::Result<Option<Task>> {
-        match self.upstream.task_within(self.config.long_poll_secs).await? {
-            Some(task) => self.upstream.current_task(task).await,
-            None => Ok(None),
         }
     }
 

@@ -164,7 +164,6 @@ impl Worker {
     /// One poll; true if it did work.
     async fn step(&mut self) -> anyhow::Result<bool> {
         let Some(task) = self.cloud.task_within(self.config.long_poll_secs).await? else { return Ok(false) };
-        let Some(task) = self.cloud.current_task(task).await? else { return Ok(false) };
         let done = match self.store.trained(&task.job, task.round)? {
             Some(row) if row.uploaded => return Ok(false),
             Some(row) => self.upload(&task, row.bytes).await,
