@@ -1,6 +1,7 @@
 //! Bodies of `POST /v1/infer/<service>`: JSON (straight into f32) and safetensors, as the edge
 //! reads them before any model runs. The first byte picks the content type. A JSON body the
-//! one-pass reader takes must read the same through serde.
+//! one-pass reader takes must read the same through serde, and every array of numbers in a body
+//! the same by the SIMD reader as number by number.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -16,5 +17,11 @@ fuzz_target!(|data: &[u8]| {
     if let Some(one_pass) = nereid::inference::json_request::read(body) {
         let serde = serde_json::from_slice::<nereid::inference::wire::InferRequest>(body);
         assert_eq!(Some(one_pass), serde.ok(), "serde reads another request from {:?}", String::from_utf8_lossy(body));
+    }
+    // Both readers of JSON bodies read arrays with the SIMD reader, so it is checked here apart.
+    for at in body.iter().enumerate().filter(|(_, &c)| c == b'[').map(|(at, _)| at).take(8) {
+        let simd = nereid::inference::json_array::f32_array(body, at);
+        let one_by_one = nereid::inference::json_array::f32_array_number_by_number(body, at);
+        assert_eq!(simd, one_by_one, "the array at {at} of {:?}", String::from_utf8_lossy(body));
     }
 });

@@ -181,15 +181,36 @@ pub(super) fn skip_space(b: &[u8], mut i: usize) -> usize {
 
 /// Reads `number (, number)* ]` from `b[i..]` (white space allowed around each number) into
 /// `out`, number by number, and returns where the `]` ends.
-pub(super) fn numbers(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> Option<usize> {
+pub(super) fn numbers(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
+    match numbers_to(b, i, out, usize::MAX)? {
+        Reached::End(end) => Some(end),
+        Reached::Stop(_) => None,
+    }
+}
+
+/// Where reading numbers one by one stopped.
+#[derive(Debug, PartialEq)]
+pub(super) enum Reached {
+    /// The array's end: just past its `]`.
+    End(usize),
+    /// Just past a `,`, at or past the position asked for.
+    Stop(usize),
+}
+
+/// Reads `number (, number)* ]` from `b[i..]` as `numbers` does, stopping early after the first
+/// `,` that ends at or past `stop`.
+pub(super) fn numbers_to(b: &[u8], mut i: usize, out: &mut Vec<u8>, stop: usize) -> Option<Reached> {
     loop {
         let (v, end) = f32_number(b, skip_space(b, i))?;
         out.extend_from_slice(&v.to_le_bytes());
         i = skip_space(b, end);
         match b.get(i) {
             Some(b',') => i += 1,
-            Some(b']') => return Some(i + 1),
+            Some(b']') => return Some(Reached::End(i + 1)),
             _ => return None,
+        }
+        if i >= stop {
+            return Some(Reached::Stop(i));
         }
     }
 }

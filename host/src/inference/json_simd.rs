@@ -1,142 +1,326 @@
-//! JSON number arrays read with AVX2, 32 bytes at a time. Reading number by number
-//! (`json_number::numbers`) branches on every digit, so its speed depends on how well the CPU
-//! guesses each number's length: numbers of varying lengths (float32 values in their shortest
-//! form) cost it half again as much as Python's regular 17 digits. Here a block's separators
-//! (`,` and `]`) come from two compares, and each number between two separators is checked and
-//! converted without a branch on its length (figures in docs/benchmarks.md, "Serving
-//! concurrent requests"). A number in the form clients send, `-?D.F` with at most 19 digits and
-//! a space before it at most, is read here; any other (exponents, several integer digits,
-//! white space after it, anything that is not a number) by `json_number`'s reader, so both give
-//! the same result for every input (tested). AVX2 is detected at run time (x86-64 CPUs since
-//! 2013); without it, and on other CPUs, arrays are read number by number.
+//! JSON number arrays read with SIMD in two passes. Reading number by number
+//! (`json_number::numbers`) branches on every digit, and a reader converting each number as it
+//! finds a block's separators still branches once a number on how many a block holds (7.5 ns a
+//! number on the serving benchmark's body; 3.2 ns here). The first pass classifies 64 bytes at a
+//! time (AVX-512BW where the CPU has it, two AVX2 halves elsewhere), checks with bit masks that
+//! every number is in the form clients send, `( |-| -)?D.F` after a `,`, and lists the
+//! separators; the second converts four listed numbers at a time without a branch on their
+//! lengths (each fraction's first 20 digits weighted by multiply-adds, then f64 lanes, then f32).
+//! Figures in docs/benchmarks.md ("Serving concurrent requests"). A block holding anything else
+//! (an exponent, several integer digits, white space after a number or other than one space
+//! before it, ...) is read number by number up to its end; four numbers of which one has more
+//! than 20 fraction digits or an f64 value too close to the midpoint between two f32s go one by
+//! one through `json_number`'s exact reader. So both readers give the same result for every
+//! input (tested). AVX2, FMA, BMI1, LZCNT and POPCNT are detected at run time (x86-64 CPUs since
+//! 2013); without them arrays are read number by number.
 use std::arch::x86_64::{
-    __m256i, _mm256_and_si256, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, _mm256_extract_epi64, _mm256_loadu_si256,
-    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_min_epu8, _mm256_movemask_epi8, _mm256_packus_epi32,
-    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi8, _mm256_setr_epi8, _mm256_sub_epi8,
+    __m256i, _mm256_and_si256, _mm256_castpd_si256, _mm256_castsi256_pd, _mm256_castsi256_si128, _mm256_cmpeq_epi8,
+    _mm256_cmpgt_epi64, _mm256_cvtepi32_pd, _mm256_cvtpd_ps, _mm256_extracti128_si256, _mm256_fmadd_pd,
+    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_min_epu8, _mm256_movemask_epi8,
+    _mm256_movemask_pd, _mm256_mul_pd, _mm256_packus_epi32, _mm256_permutevar8x32_epi32, _mm256_set1_epi32,
+    _mm256_set1_epi64x, _mm256_set1_epi8, _mm256_set1_pd, _mm256_setr_epi32, _mm256_setr_epi8, _mm256_sub_epi64,
+    _mm256_sub_epi8, _mm256_subs_epu8, _mm256_unpackhi_epi64, _mm256_unpacklo_epi64, _mm512_cmpeq_epi8_mask,
+    _mm512_cmple_epu8_mask, _mm512_loadu_si512, _mm512_set1_epi8, _mm512_sub_epi8, _mm_and_si128, _mm_castps_si128,
+    _mm_cmpgt_epi32, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi32, _mm_slli_epi32, _mm_storeu_si128, _mm_sub_epi32,
 };
 
-use super::json_number::{number_between, numbers as one_by_one, sure_f32, POW10};
+use super::json_number::{number_between, numbers as one_by_one, numbers_to, Reached};
 
-/// 10^k as u64, k = 0..=19.
-const POW10_U64: [u64; 20] = {
-    let mut t = [1u64; 20];
-    let mut k = 1;
-    while k < 20 {
-        t[k] = t[k - 1] * 10;
+/// Reads `number (, number)* ]` from `b[i..]` into `out` and returns where the `]` ends, as
+/// `json_number::numbers` does.
+pub(super) fn numbers(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
+    // Separators are listed as u32 offsets.
+    let base = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("bmi1")
+        && is_x86_feature_detected!("lzcnt")
+        && is_x86_feature_detected!("popcnt");
+    if u32::try_from(b.len()).is_err() || !base {
+        return one_by_one(b, i, out);
+    }
+    if is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has every feature `by_blocks_avx512` is compiled for.
+        return unsafe { by_blocks_avx512(b, i, out) };
+    }
+    // SAFETY: the CPU has every feature `by_blocks_avx2` is compiled for.
+    unsafe { by_blocks_avx2(b, i, out) }
+}
+
+/// Which of a block's 64 bytes are each kind of character, as bits.
+struct Classes {
+    comma: u64,
+    close: u64,
+    digit: u64,
+    point: u64,
+    minus: u64,
+    space: u64,
+}
+
+#[inline]
+#[target_feature(enable = "avx512bw")]
+fn classes_avx512(block: &[u8; 64]) -> Classes {
+    // SAFETY: `block` is 64 readable bytes and the load needs no alignment.
+    let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+    let eq = |c: u8| _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(c as i8));
+    Classes {
+        comma: eq(b','),
+        close: eq(b']'),
+        digit: _mm512_cmple_epu8_mask(_mm512_sub_epi8(v, _mm512_set1_epi8(b'0' as i8)), _mm512_set1_epi8(9)),
+        point: eq(b'.'),
+        minus: eq(b'-'),
+        space: eq(b' '),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn classes_avx2(block: &[u8; 64]) -> Classes {
+    // SAFETY: `block` is 64 readable bytes and the loads need no alignment.
+    let halves = unsafe {
+        [
+            _mm256_loadu_si256(block.as_ptr().cast::<__m256i>()),
+            _mm256_loadu_si256(block.as_ptr().add(32).cast::<__m256i>()),
+        ]
+    };
+    let bits = |lanes: [__m256i; 2]| {
+        u64::from(_mm256_movemask_epi8(lanes[0]) as u32) | u64::from(_mm256_movemask_epi8(lanes[1]) as u32) << 32
+    };
+    let eq = |c: u8| bits(halves.map(|h| _mm256_cmpeq_epi8(h, _mm256_set1_epi8(c as i8))));
+    let (zero, nine) = (_mm256_set1_epi8(b'0' as i8), _mm256_set1_epi8(9));
+    let digit = bits(halves.map(|h| {
+        let t = _mm256_sub_epi8(h, zero);
+        _mm256_cmpeq_epi8(_mm256_min_epu8(t, nine), t)
+    }));
+    Classes { comma: eq(b','), close: eq(b']'), digit, point: eq(b'.'), minus: eq(b'-'), space: eq(b' ') }
+}
+
+#[target_feature(enable = "avx2,fma,bmi1,lzcnt,popcnt,avx512bw")]
+fn by_blocks_avx512(b: &[u8], start: usize, out: &mut Vec<u8>) -> Option<usize> {
+    two_passes(b, start, out, |block| classes_avx512(block))
+}
+
+#[target_feature(enable = "avx2,fma,bmi1,lzcnt,popcnt")]
+fn by_blocks_avx2(b: &[u8], start: usize, out: &mut Vec<u8>) -> Option<usize> {
+    two_passes(b, start, out, |block| classes_avx2(block))
+}
+
+/// Separators listed before their numbers are converted.
+const BATCH: usize = 1024;
+
+/// The two passes over `b[start..]` (`start` just after a `[` or a `,`), with `classes` telling
+/// each 64-byte block's characters apart; inlined into callers compiled for `four`'s features.
+#[inline(always)]
+fn two_passes(b: &[u8], mut start: usize, out: &mut Vec<u8>, classes: impl Fn(&[u8; 64]) -> Classes) -> Option<usize> {
+    // Room for a whole block's separators past BATCH, four written at a time.
+    let mut seps = [0u32; BATCH + 68];
+    loop {
+        let mut block = start;
+        // Whether the byte before the block was a separator (the one before `start` is), a
+        // space, a minus, an integer digit or a digit.
+        let (mut sep_before, mut space_before, mut minus_before, mut integer_before, mut digit_before) =
+            (1u64, 0u64, 0u64, 0u64, 0u64);
+        let mut found = 0;
+        // Whether the array's `]` was found, and the block holding what this reader leaves to
+        // the number-by-number one.
+        let (mut closed, mut other) = (false, None);
+        while found <= BATCH {
+            let Some(bytes) = b.get(block..).and_then(|rest| rest.first_chunk::<64>()) else { break };
+            let Classes { comma, close, digit, point, minus, space } = classes(bytes);
+            // Past the array's `]` nothing is the array's.
+            let (mut seps_here, region) = if close != 0 {
+                let last = close & close.wrapping_neg();
+                ((comma & (last - 1)) | last, last | (last - 1))
+            } else {
+                (comma, !0)
+            };
+            let after_sep = (comma << 1) | sep_before;
+            let after_space = (space << 1) | space_before;
+            let after_minus = (minus << 1) | minus_before;
+            let integer = digit & (after_sep | after_space | after_minus);
+            // A space only after a separator, a minus only after one or a space, a point right
+            // after each integer digit and nowhere else, a separator only after a digit (so a
+            // point is followed by a digit), and nothing but these characters.
+            let wrong = (space & !after_sep)
+                | (minus & !(after_sep | after_space))
+                | (point ^ ((integer << 1) | integer_before))
+                | ((comma | (close & region)) & !((digit << 1) | digit_before))
+                | !(digit | point | minus | space | comma | close);
+            if wrong & region != 0 {
+                other = Some(block);
+                break;
+            }
+            (sep_before, space_before, minus_before, integer_before, digit_before) =
+                (comma >> 63, space >> 63, minus >> 63, integer >> 63, digit >> 63);
+            let count = seps_here.count_ones() as usize;
+            // u32: checked by `numbers`.
+            let base = block as u32;
+            let mut k = found;
+            // Four at a time: one branch for the usual block of four numbers or fewer.
+            loop {
+                for slot in &mut seps[k..k + 4] {
+                    *slot = base + seps_here.trailing_zeros();
+                    seps_here &= seps_here.wrapping_sub(1);
+                }
+                k += 4;
+                if seps_here == 0 {
+                    break;
+                }
+            }
+            found += count;
+            if close != 0 {
+                closed = true;
+                break;
+            }
+            block += 64;
+        }
+        start = convert(b, start, &seps[..found], out)?;
+        if closed {
+            // Just past the `]`, the last separator.
+            return Some(start);
+        }
+        let stop = match other {
+            Some(block) => block + 64,
+            None if found > BATCH => continue,
+            // Fewer than 64 bytes left.
+            None => b.len(),
+        };
+        match numbers_to(b, start, out, stop)? {
+            Reached::End(end) => return Some(end),
+            Reached::Stop(next) => start = next,
+        }
+    }
+}
+
+/// Converts the numbers ending at `seps` (their form checked, the first starting at `start`)
+/// into `out`; returns where the number after the last starts.
+#[inline(always)]
+fn convert(b: &[u8], mut start: usize, seps: &[u32], out: &mut Vec<u8>) -> Option<usize> {
+    let old = out.len();
+    out.resize(old + 4 * seps.len(), 0);
+    let (groups, rest) = seps.as_chunks::<4>();
+    let (slots, rest_slots) = out[old..].as_chunks_mut::<16>();
+    for (group, slot) in groups.iter().zip(slots) {
+        // SAFETY: `two_passes` is inlined only into functions compiled for every feature `four` is.
+        if unsafe { !four(b, group, slot) } {
+            for (&sep, value) in group.iter().zip(slot.as_chunks_mut::<4>().0) {
+                *value = number_between(b, start, sep as usize)?.to_le_bytes();
+                start = sep as usize + 1;
+            }
+        }
+        start = group[3] as usize + 1;
+    }
+    for (&sep, value) in rest.iter().zip(rest_slots.as_chunks_mut::<4>().0) {
+        *value = number_between(b, start, sep as usize)?.to_le_bytes();
+        start = sep as usize + 1;
+    }
+    Some(start)
+}
+
+/// 24 lanes kept, then 32 cleared: loaded from `20 - f`, a number's lanes up to its `f`th
+/// fraction digit (at most 20).
+static KEEP: [u8; 56] = {
+    let mut t = [0u8; 56];
+    let mut k = 0;
+    while k < 24 {
+        t[k] = 0xFF;
         k += 1;
     }
     t
 };
 
-/// Reads `number (, number)* ]` from `b[i..]` into `out` and returns where the `]` ends, as
-/// `json_number::numbers` does.
-pub(super) fn numbers(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, the one feature `by_blocks` is compiled for.
-        return unsafe { by_blocks(b, i, out) };
-    }
-    one_by_one(b, i, out)
-}
-
-/// The 32 bytes at `b[at..]`; returns None from the calling function if there are fewer.
-macro_rules! load {
-    ($b:expr, $at:expr) => {{
-        let chunk: &[u8; 32] = $b.get($at..)?.first_chunk::<32>()?;
-        // SAFETY: `chunk` is 32 readable bytes and the load needs no alignment.
-        unsafe { _mm256_loadu_si256(chunk.as_ptr().cast::<__m256i>()) }
-    }};
-}
-
-#[target_feature(enable = "avx2")]
-fn by_blocks(b: &[u8], mut start: usize, out: &mut Vec<u8>) -> Option<usize> {
-    let byte = |c: u8| _mm256_set1_epi8(c as i8);
-    let (comma, close, dot, minus, space, zero, nine) =
-        (byte(b','), byte(b']'), byte(b'.'), byte(b'-'), byte(b' '), byte(b'0'), byte(9));
-    let mut block = start;
-    while block + 32 <= b.len() {
-        let v = load!(b, block);
-        let mut separators = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, comma)) as u32;
-        let closing = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, close)) as u32;
-        if closing != 0 {
-            // The array's `]`: the last separator; commas past it are not the array's.
-            let last = 1u32 << closing.trailing_zeros();
-            separators = (separators & (last - 1)) | last;
-        }
-        while separators != 0 {
-            let sep = block + separators.trailing_zeros() as usize;
-            separators &= separators - 1;
-            let mut value = None;
-            if sep >= 32 && start + 32 <= b.len() {
-                let w = load!(b, start);
-                let t = _mm256_sub_epi8(w, zero);
-                let digits = _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_min_epu8(t, nine), t)) as u32;
-                let minuses = _mm256_movemask_epi8(_mm256_cmpeq_epi8(w, minus)) as u32;
-                let spaces = _mm256_movemask_epi8(_mm256_cmpeq_epi8(w, space)) as u32;
-                let point = (_mm256_movemask_epi8(_mm256_cmpeq_epi8(w, dot)) as u32).trailing_zeros() as usize;
-                // Before the integer digit: nothing, `-`, ` ` or ` -`.
-                let prefix = match point {
-                    1 => true,
-                    2 => (minuses | spaces) & 1 != 0,
-                    3 => spaces & (minuses >> 1) & 1 != 0,
-                    _ => false,
-                };
-                let fraction = (sep - start).wrapping_sub(point + 1);
-                if prefix && digits >> (point - 1) & 1 != 0 && (1..=19).contains(&fraction) {
-                    let integer = u64::from(b[start + point - 1] - b'0');
-                    let wanted = ((1u32 << fraction) - 1) << (point + 1);
-                    // 19 digits at most, so the value fits a u64.
-                    if digits & wanted == wanted && (integer == 0 || fraction <= 18) {
-                        let negative = (minuses << 1) >> (point - 1) & 1;
-                        value = plain(b, sep, fraction, integer, negative);
-                    }
-                }
-            }
-            let value = match value {
-                Some(v) => v,
-                None => number_between(b, start, sep)?,
-            };
-            out.extend_from_slice(&value.to_le_bytes());
-            start = sep + 1;
-        }
-        if closing != 0 {
-            return Some(start);
-        }
-        block += 32;
-    }
-    one_by_one(b, start, out)
-}
-
-/// `integer.fraction` (the fraction's digits checked, ending at `b[sep]`, `sep >= 32`) as f32,
-/// when that is sure to be the correctly rounded value (see `json_number::short_f32`).
+/// The four numbers ending at `seps` (ascending, each in the form `( |-| -)?D.F` after a
+/// separator) as f32 into `slot`; false, writing nothing, when one of them has more than 20
+/// fraction digits, is not in reach of the loads, follows the array's `[` directly or is too
+/// close to the midpoint between two f32s to round from f64.
 #[inline]
-#[target_feature(enable = "avx2")]
-fn plain(b: &[u8], sep: usize, fraction: usize, integer: u64, negative: u32) -> Option<f32> {
-    // The fraction's digits, the last in lane 31, everything before them zeroed; then pairs,
-    // fours and eights of digits combined by multiply-adds.
-    let lane = _mm256_setr_epi8(
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,
-        30, 31,
-    );
-    let t = _mm256_sub_epi8(load!(b, sep - 32), _mm256_set1_epi8(b'0' as i8));
-    let keep = _mm256_cmpgt_epi8(lane, _mm256_set1_epi8(31 - fraction as i8));
-    let pairs = _mm256_maddubs_epi16(_mm256_and_si256(t, keep), _mm256_set1_epi16(0x010A));
-    let fours = _mm256_madd_epi16(pairs, _mm256_set1_epi32(0x0001_0064));
-    let fours = _mm256_packus_epi32(fours, fours);
-    let eights = _mm256_madd_epi16(fours, _mm256_set1_epi32(0x0001_2710));
-    // Lanes 0..16 hold digits 0-7 and 8-15 of the 32, lanes 16..32 digits 16-23 and 24-31;
-    // digits 0-12 are zero (19 digits at most).
-    let low = _mm256_extract_epi64::<0>(eights) as u64;
-    let high = _mm256_extract_epi64::<2>(eights) as u64;
-    let mantissa = (low >> 32) * POW10_U64[16]
-        + (high & 0xFFFF_FFFF) * POW10_U64[8]
-        + (high >> 32)
-        + integer * POW10_U64[fraction];
-    if mantissa == 0 {
-        return Some(f32::from_bits(negative << 31));
+#[target_feature(enable = "avx2,fma,bmi1,lzcnt,popcnt")]
+fn four(b: &[u8], seps: &[u32; 4], slot: &mut [u8; 16]) -> bool {
+    let (first, last) = (seps[0] as usize, seps[3] as usize);
+    if first < 32 || last + 32 > b.len() {
+        return false;
     }
-    // As i64: one instruction to f64 where a u64 needs several.
-    let v = sure_f32(i64::try_from(mantissa).ok()? as f64 / POW10[fraction])?;
-    Some(f32::from_bits(v.to_bits() | negative << 31))
+    let dot = _mm256_set1_epi8(b'.' as i8);
+    // Lane 1 (the byte before the integer digit) less ',' saturated: 1 for `-`, 0 for `,` and
+    // ` `, 47 for `[`; the digits less '0'; the point saturated to 0.
+    let mut less = [b'0' as i8; 32];
+    less[1] = b',' as i8;
+    // SAFETY: `less` is 32 readable bytes.
+    let less = unsafe { _mm256_loadu_si256(less.as_ptr().cast::<__m256i>()) };
+    // Pairs of lanes: (nothing, sign) (integer digit, point) (digit, digit)...
+    let weights = _mm256_setr_epi8(
+        0, 1, 1, 0, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1,
+    );
+    let hundred = _mm256_set1_epi32(0x0001_0064);
+    let mut fours = [_mm256_set1_epi32(0); 4];
+    let mut too_long = false;
+    for (&sep, fours) in seps.iter().zip(&mut fours) {
+        let sep = sep as usize;
+        // SAFETY: 32 <= first <= sep and sep + 32 <= last + 32 <= b.len().
+        let before = unsafe { _mm256_loadu_si256(b.as_ptr().add(sep - 32).cast::<__m256i>()) };
+        let fraction = (_mm256_movemask_epi8(_mm256_cmpeq_epi8(before, dot)) as u32).leading_zeros() as usize;
+        // Checked once for the four: one branch instead of four.
+        too_long |= fraction > 20;
+        let fraction = fraction.min(20);
+        let point = sep - fraction - 1;
+        // SAFETY: point >= 32 - 21 >= 3, and point - 3 + 32 < sep + 32 <= b.len();
+        // 20 - fraction + 32 <= 56.
+        let (window, keep) = unsafe {
+            (
+                _mm256_loadu_si256(b.as_ptr().add(point - 3).cast::<__m256i>()),
+                _mm256_loadu_si256(KEEP.as_ptr().add(20 - fraction).cast::<__m256i>()),
+            )
+        };
+        let digits = _mm256_and_si256(_mm256_subs_epu8(window, less), keep);
+        // Lanes 0-3: sign * 100 + integer digit; then the fraction's digits in fours.
+        *fours = _mm256_madd_epi16(_mm256_maddubs_epi16(digits, weights), hundred);
+    }
+    // Eights of digits, numbers A and B in x, C and D in y:
+    // x = [A0 A1 B0 B1 | A2 0 B2 0], A0 = sign * 10^6 + integer digit and fraction digits 1-4,
+    // A1 = digits 5-12, A2 = digits 13-20.
+    let ten_thousand = _mm256_set1_epi32(0x0001_2710);
+    let x = _mm256_madd_epi16(_mm256_packus_epi32(fours[0], fours[1]), ten_thousand);
+    let y = _mm256_madd_epi16(_mm256_packus_epi32(fours[2], fours[3]), ten_thousand);
+    let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    let (x, y) = (_mm256_permutevar8x32_epi32(x, order), _mm256_permutevar8x32_epi32(y, order));
+    if too_long {
+        return false;
+    }
+    // [A0 B0 C0 D0 | A1 B1 C1 D1] and [A2 B2 C2 D2 | ...]
+    let (g01, g2) = (_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
+    let g0 = _mm256_castsi256_si128(g01);
+    if _mm_movemask_epi8(_mm_cmpgt_epi32(g0, _mm_set1_epi32(1_999_999))) != 0 {
+        // A `[` before the integer digit.
+        return false;
+    }
+    let negative = _mm_cmpgt_epi32(g0, _mm_set1_epi32(999_999));
+    let g0 = _mm_sub_epi32(g0, _mm_and_si128(negative, _mm_set1_epi32(1_000_000)));
+    // Each step rounds once: within a few units in the last place of the exact value.
+    let approx = _mm256_fmadd_pd(
+        _mm256_cvtepi32_pd(g0),
+        _mm256_set1_pd(1e-4),
+        _mm256_fmadd_pd(
+            _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(g01)),
+            _mm256_set1_pd(1e-12),
+            _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(g2)), _mm256_set1_pd(1e-20)),
+        ),
+    );
+    // As `json_number::sure_f32`: the exact value rounds to the same f32 as `approx` unless
+    // `approx` is this close to the midpoint between two f32s (its 29 bits past an f32's near
+    // 2^28). Every value here is 0 or between 10^-20 and 10, inside f32's normal range.
+    const GUARD: i64 = 1 << 9;
+    let past_f32 = _mm256_and_si256(_mm256_castpd_si256(approx), _mm256_set1_epi64x((1 << 29) - 1));
+    let from_below = _mm256_sub_epi64(past_f32, _mm256_set1_epi64x((1 << 28) - GUARD));
+    let near = _mm256_and_si256(
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(2 * GUARD + 1), from_below),
+        _mm256_cmpgt_epi64(from_below, _mm256_set1_epi64x(-1)),
+    );
+    if _mm256_movemask_pd(_mm256_castsi256_pd(near)) != 0 {
+        return false;
+    }
+    let values = _mm_or_si128(_mm_castps_si128(_mm256_cvtpd_ps(approx)), _mm_slli_epi32::<31>(negative));
+    // SAFETY: `slot` is 16 writable bytes and the store needs no alignment.
+    unsafe { _mm_storeu_si128(slot.as_mut_ptr().cast(), values) };
+    true
 }
 
 #[cfg(test)]
@@ -144,13 +328,33 @@ mod tests {
     use super::super::json_number::tests::next;
     use super::*;
 
-    /// Random arrays of numbers in every form, with every separator spacing, some with one byte
+    /// Reads the array in `text` by blocks with both first passes (AVX-512 where the CPU has it)
+    /// and one by one, and checks the results are the same.
+    fn assert_read_alike(text: &[u8]) -> Option<usize> {
+        assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), "run on a CPU with AVX2 and FMA");
+        let at = text.iter().position(|&c| c == b'[')?;
+        let mut one = Vec::new();
+        let want = one_by_one(text, at + 1, &mut one).map(|end| (end, one));
+        let mut by_avx2 = Vec::new();
+        // SAFETY: the CPU has AVX2 and FMA (asserted).
+        let got = unsafe { by_blocks_avx2(text, at + 1, &mut by_avx2) };
+        // What is written before a refusal is thrown away by the caller.
+        assert_eq!(got.map(|end| (end, by_avx2)), want, "AVX2: {}", String::from_utf8_lossy(text));
+        if is_x86_feature_detected!("avx512bw") {
+            let mut by_avx512 = Vec::new();
+            // SAFETY: the CPU has AVX-512BW, AVX2 and FMA.
+            let got = unsafe { by_blocks_avx512(text, at + 1, &mut by_avx512) };
+            assert_eq!(got.map(|end| (end, by_avx512)), want, "AVX-512: {}", String::from_utf8_lossy(text));
+        }
+        want.map(|(end, _)| end)
+    }
+
+    /// Random arrays of numbers in every form, with every separator spacing, some with bytes
     /// changed: read the same by blocks as one by one.
     #[test]
     fn arrays_read_by_blocks_read_as_one_number_at_a_time() {
-        assert!(std::is_x86_feature_detected!("avx2"), "this test checks the AVX2 reader: run it on a CPU with AVX2");
         let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let (mut read, mut plain_numbers) = (0, 0);
+        let mut read = 0;
         for round in 0..40_000 {
             let items: Vec<String> = (0..next(&mut x) % 60)
                 .map(|_| {
@@ -171,35 +375,79 @@ mod tests {
                     }
                 })
                 .collect();
-            let separator = [",", ", ", " , ", ",\n"][(next(&mut x) % 4) as usize];
+            let separator = [",", ", ", " , ", ",\n", ", -", ",  "][(next(&mut x) % 6) as usize];
             let mut text =
                 format!("{}[{}]", " ".repeat((next(&mut x) % 40) as usize), items.join(separator)).into_bytes();
-            if round % 7 == 0 {
+            if round % 3 == 0 {
+                for _ in 0..1 + next(&mut x) % 3 {
+                    let at = next(&mut x) as usize % text.len();
+                    text[at] = b"[],-.e 0x\"1"[(next(&mut x) % 11) as usize];
+                }
+            }
+            text.extend(std::iter::repeat_n(b'}', (next(&mut x) % 40) as usize));
+            read += usize::from(assert_read_alike(&text).is_some());
+        }
+        // Both outcomes were seen.
+        assert!(read > 20_000 && read < 35_000, "{read}");
+    }
+
+    /// Arrays in the form the second pass converts four at a time, of every magnitude down to
+    /// 10^-8, in 0 to 25 fraction digits, many on or a few units of f64 off the midpoint between
+    /// two f32s: read
+    /// the same as one by one, and most numbers are converted in groups of four.
+    #[test]
+    fn plain_arrays_converted_four_at_a_time_read_as_one_number_at_a_time() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let (mut numbers_seen, mut grouped) = (0, 0);
+        for round in 0..20_000 {
+            let items: Vec<String> = (0..next(&mut x) % 80)
+                .map(|_| {
+                    let r = next(&mut x);
+                    let scale = [1.0f32, 0.1, 0.01, 1e-3, 1e-4, 1e-6, 1e-8, 9.99][(r >> 61) as usize];
+                    let f = ((r >> 8) as u32 as f32 / u32::MAX as f32) * scale * if r & 1 == 0 { 1.0 } else { -1.0 };
+                    let midpoint = (f64::from(f) + f64::from(f32::from_bits(f.to_bits() + 1))) / 2.0;
+                    match (r >> 56) % 7 {
+                        0 => format!("{}", f64::from(f)),
+                        // A few units in f64's last place off a midpoint, in 20 digits: where
+                        // converting through f64 could round to the wrong f32.
+                        1 => {
+                            let off = f64::from_bits(midpoint.to_bits().wrapping_add((r >> 40) % 9).wrapping_sub(4));
+                            format!("{off:.20}")
+                        }
+                        2 => format!("{f}"),
+                        3 => format!("{:.*}", ((r >> 30) % 26) as usize, f),
+                        4 => format!("{:.*}", 17 + ((r >> 30) % 10) as usize, midpoint),
+                        _ => format!("{:.*}", ((r >> 30) % 26) as usize, midpoint),
+                    }
+                })
+                .collect();
+            let separator = [",", ", "][(next(&mut x) % 2) as usize];
+            let mut text =
+                format!("{}[{}]", " ".repeat((next(&mut x) % 40) as usize), items.join(separator)).into_bytes();
+            if round % 11 == 0 {
                 let at = next(&mut x) as usize % text.len();
                 text[at] = b"[],-.e 0x\"1"[(next(&mut x) % 11) as usize];
             }
             text.extend(std::iter::repeat_n(b'}', (next(&mut x) % 40) as usize));
-            let Some(at) = text.iter().position(|&c| c == b'[') else { continue };
-            let (mut by_blocks, mut one) = (Vec::new(), Vec::new());
-            let got = numbers(&text, at + 1, &mut by_blocks);
-            let want = one_by_one(&text, at + 1, &mut one);
-            // What is written before a refusal is thrown away by the caller.
-            assert_eq!(
-                got.map(|end| (end, by_blocks)),
-                want.map(|end| (end, one)),
-                "{}",
-                String::from_utf8_lossy(&text)
-            );
-            read += usize::from(want.is_some());
-            // `-?D.F` with 19 digits at most: the block reader's own form.
-            plain_numbers += items
-                .iter()
-                .map(|i| i.trim_start_matches('-').as_bytes())
-                .filter(|i| i.len() <= 21 && i.get(1) == Some(&b'.') && !i.contains(&b'e'))
-                .count();
+            assert_read_alike(&text);
+            numbers_seen += items.len();
         }
-        // Both outcomes were seen, and plenty of numbers were in the block reader's own form.
-        assert!(read > 30_000 && read < 40_000, "{read}");
-        assert!(plain_numbers > 200_000, "{plain_numbers}");
+        // Groups of four taken by `four`, on a Python-like body of 17-digit values in (-1, 1).
+        let body = format!(
+            "[{}]",
+            (0..4096u32)
+                .map(|i| format!("{}", f64::from((i.wrapping_mul(2_654_435_761) % 2000) as f32 / 1000.0 - 1.0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let seps: Vec<u32> =
+            body.bytes().enumerate().filter(|(_, c)| *c == b',' || *c == b']').map(|(i, _)| i as u32).collect();
+        for group in seps.as_chunks::<4>().0 {
+            let mut slot = [0u8; 16];
+            // SAFETY: the CPU has AVX2 and FMA (asserted by `assert_read_alike`).
+            grouped += 4 * usize::from(unsafe { four(body.as_bytes(), group, &mut slot) });
+        }
+        assert!(numbers_seen > 700_000, "{numbers_seen}");
+        assert!(grouped > 4000, "{grouped} of 4096 converted four at a time");
     }
 }
