@@ -50,7 +50,8 @@ fn chosen(b: &serde_json::Value) -> Vec<String> {
 /// CNN at 128x128 on an edge with 5% of a core: at 100 Mbit/s the input goes to the cloud. (At
 /// 64x64 its 0.7 ms of CPU on a fast machine fits in one of the quota's 1 ms slices, so a cut
 /// took anything from 7 to 34 ms by where in the 20 ms period it started, and a lucky 7 ms made
-/// a middle cut look best; at 128x128 it needs three slices and times 60 ms in every run.)
+/// a middle cut look best; at 128x128 it needs three slices: edge-only timed 59.6-60.0 ms in
+/// the runs tried.)
 #[test]
 fn a_slowed_edge_plans_a_middle_cut_or_the_cloud_where_that_is_faster() {
     let dir = tempfile::tempdir().expect("tmp");

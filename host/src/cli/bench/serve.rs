@@ -12,7 +12,8 @@
 //! `pool` is also sent JSON bodies: the same values in 17 digits (as Python writes float32
 //! values), and random float32 values in their shortest form, then safetensors bodies again:
 //! JSON is compared with the mean of the safetensors phases before and after it, so a machine
-//! whose speed drifts during the run (a shared host) moves both sides alike.
+//! whose speed drifts during the run (a shared host) moves both sides alike. The JSON bodies'
+//! number arrays are also read in this process by the edge's reader and number by number.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -102,6 +103,49 @@ struct ServeReport {
     native_best: String,
     phases: Vec<Phase>,
     ratios: Ratios,
+    /// The JSON bodies' number arrays read in this process, by each reader.
+    json_readers: Vec<JsonReading>,
+}
+
+/// How fast the number array of one of the benchmark's JSON bodies is read: by the reader the
+/// edge uses (SIMD where the CPU has it) and number by number, best of 10 x 20 reads each.
+#[derive(Serialize)]
+struct JsonReading {
+    body: String,
+    numbers: usize,
+    edge_reader_ns_per_number: f64,
+    number_by_number_ns_per_number: f64,
+}
+
+/// A JSON array reader: the bytes and where the `[` is, to the f32 bytes and where it ends.
+type ArrayReader = fn(&[u8], usize) -> Option<(Vec<u8>, usize)>;
+
+fn json_reading(body_name: &str, body: &[u8]) -> anyhow::Result<JsonReading> {
+    use nereid::inference::json_array::{f32_array, f32_array_number_by_number};
+    let key = b"\"data\":";
+    let at = body.windows(key.len()).position(|w| w == key).context("no data array in the JSON body")? + key.len();
+    let want = f32_array_number_by_number(body, at).context("the JSON body's data array")?;
+    if f32_array(body, at).as_ref() != Some(&want) {
+        bail!("the edge's JSON reader and the number-by-number one read the {body_name} body differently");
+    }
+    let numbers = want.0.len() / 4;
+    let best_ns = |read: ArrayReader| {
+        (0..10)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..20 {
+                    std::hint::black_box(read(std::hint::black_box(body), at));
+                }
+                t.elapsed().as_nanos() as f64 / 20.0 / numbers.max(1) as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    Ok(JsonReading {
+        body: body_name.to_string(),
+        numbers,
+        edge_reader_ns_per_number: best_ns(f32_array),
+        number_by_number_ns_per_number: best_ns(f32_array_number_by_number),
+    })
 }
 
 /// Runs `clients` threads calling `call` for `secs`: requests and latencies.
@@ -315,6 +359,16 @@ pub fn run(args: ServeBench) -> anyhow::Result<()> {
             if p.errors > 0 { format!("  ({} errors)", p.errors) } else { String::new() }
         );
     }
+    for j in &report.json_readers {
+        println!(
+            "JSON body, {} ({} numbers): read {:.2} ns a number by the edge's reader, {:.2} number by number ({:.2}x)",
+            j.body,
+            j.numbers,
+            j.edge_reader_ns_per_number,
+            j.number_by_number_ns_per_number,
+            j.number_by_number_ns_per_number / j.edge_reader_ns_per_number
+        );
+    }
     let r = &report.ratios;
     println!(
         "pool vs best native ({}): throughput {:.2}x, p99 {:.2}x; pool vs one: {:.2}x; JSON vs safetensors (before and after): {:.2}x (shortest f32 text {:.2}x){}; edge threads {:.2}x and RSS {:.2}x from {} to {} clients",
@@ -380,6 +434,7 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
         "inputs": inputs.iter().map(|t| (t.name.clone(), serde_json::json!({"shape": t.shape, "data": wire::le_f32s(&t.data)}))).collect::<serde_json::Map<_, _>>()
     }))?);
     let json_shortest = shortest_json(&inputs)?;
+    let json_readers = vec![json_reading("17 digits", &json)?, json_reading("shortest f32", &json_shortest)?];
 
     let progress = indicatif::ProgressBar::new_spinner();
     progress.set_message("native ONNX Runtime");
@@ -523,5 +578,6 @@ fn measure_in(args: &ServeBench, dir: &Path) -> anyhow::Result<ServeReport> {
         native_best,
         phases,
         ratios,
+        json_readers,
     })
 }
