@@ -72,6 +72,27 @@ pub fn cloud_logs(dir: &Path) -> String {
     text
 }
 
+/// Waits (30 s at most) until what `read` returns contains `text`; `what` names the wait in the
+/// failure, which shows the text read last.
+pub fn wait_for_text(what: &str, text: &str, read: impl Fn() -> String) {
+    let t = Instant::now();
+    loop {
+        let now = read();
+        if now.contains(text) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: no `{text}` in 30 s:\n{now}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the log file `log` says `edge started`.
+pub fn wait_for_edge_start(log: &Path) {
+    wait_for_text(&format!("{} did not start", log.display()), "edge started", || {
+        std::fs::read_to_string(log).unwrap_or_default()
+    });
+}
+
 /// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, ...) to `child`.
 pub fn signal(child: &Child, signal: &str) {
     let pid = child.id().to_string();
@@ -266,12 +287,7 @@ impl Cluster {
     /// Stops edge `i` (SIGSTOP) once it has asked for work, so that it counts as online and a
     /// round selects it, but sends nothing until [`Cluster::signal_edge`] `-CONT`.
     pub fn hold_edge_once_online(&self, i: usize) {
-        let log = self.path(&format!("{}.log", self.nodes[i].0));
-        let t = Instant::now();
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("edge started") {
-            assert!(t.elapsed() < Duration::from_secs(30), "{} did not start", self.nodes[i].0);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_edge_start(&self.path(&format!("{}.log", self.nodes[i].0)));
         // Past its first poll (it polls at once, then every poll_ms).
         std::thread::sleep(Duration::from_millis(300));
         self.signal_edge(i, "-STOP");

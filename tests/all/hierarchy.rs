@@ -226,11 +226,9 @@ fn a_paused_region_runs_no_round_that_closed_while_it_slept() {
     (0..h.regions.len()).for_each(|k| h.start_region(k));
     (0..3).for_each(|i| h.top.start_edge(i));
     // Past region-b's first ask, which the top cloud holds.
-    let t = Instant::now();
-    while !cloud_logs(&h.regions[1].dir).contains("taking rounds from the upper cloud") {
-        assert!(t.elapsed() < Duration::from_secs(30), "region-b's relay did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_text("region-b's relay did not start", "taking rounds from the upper cloud", || {
+        cloud_logs(&h.regions[1].dir)
+    });
     std::thread::sleep(Duration::from_millis(300));
     h.signal_region(1, "-STOP");
     h.top.apply("job", &job_toml("digits", "fedavg", 2, 1, 4.0));

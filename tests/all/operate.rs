@@ -35,12 +35,7 @@ fn sigterm_stops_the_cloud_and_the_edges_with_exit_0_and_readiness_is_its_own_pr
     assert_eq!(http("GET", &format!("{edge}/v1/ready"), None, Vec::new()).0, 200);
 
     // The worker-only edge, the serving edge, then the cloud: each exits 0.
-    let edge_log = c.path("edge-1.log");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&edge_log).unwrap_or_default().contains("edge started") {
-        assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_edge_start(&c.path("edge-1.log"));
     for i in [0, 1] {
         let mut child = c.edges[i].take().expect("edge running");
         assert_eq!(terminate(&mut child), Some(0), "edge-{}", i + 1);

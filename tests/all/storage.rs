@@ -104,19 +104,10 @@ fn run_ok(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// What the cloud logged (the harness names its log after the start).
-fn cloud_log(c: &Cluster) -> String {
-    cloud_logs(c.dir.path())
-}
-
 /// Round 1's close cannot commit, the cloud logs that the job waits, and it still answers what
 /// needs no write: the job's status, its health, a node's poll, a model.
 fn waits_and_serves_reads(c: &Cluster) {
-    let t = Instant::now();
-    while !cloud_log(c).contains("the job waits for space") {
-        assert!(t.elapsed() < Duration::from_secs(30), "the cloud never tried to close round 1: {}", cloud_log(c));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_text("the cloud never tried to close round 1", "the job waits for space", || cloud_logs(c.dir.path()));
     let s = c.status("digits");
     assert_eq!((s.status.as_str(), s.rounds_done), ("running", 0), "{s:?}");
     assert_eq!(http("GET", &c.url("/v1/health"), None, Vec::new()).0, 200);
@@ -168,11 +159,7 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     (0..3).for_each(|i| c.start_edge(i));
     if edge_disk.is_some() || edge_ext4.is_some() {
         // Filled, or turned read-only, once the edge has opened its store.
-        let t = Instant::now();
-        while !std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default().contains("edge started") {
-            assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_edge_start(&c.path("edge-1.log"));
     }
     let edge_filler = edge_disk.as_ref().map(SmallDisk::fill);
     edge_ext4.as_ref().map(Ext4Disk::turn_read_only);
@@ -232,7 +219,7 @@ fn run(fault: Fault) -> nereid::model_io::NamedTensors {
     while c.status("digits").status == "running" {
         if t.elapsed() > Duration::from_secs(60) {
             let edge = std::fs::read_to_string(c.path("edge-1.log")).unwrap_or_default();
-            panic!("not done: {:?}\n--- cloud\n{}\n--- edge-1\n{}", c.status("digits"), cloud_log(&c), edge);
+            panic!("not done: {:?}\n--- cloud\n{}\n--- edge-1\n{}", c.status("digits"), cloud_logs(c.dir.path()), edge);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -79,11 +79,7 @@ fn a_job_over_mutual_tls_ends_as_in_plaintext_and_the_cloud_refuses_strangers() 
     c.kill_edge(0);
     c.start_edge(0);
     let log = c.path("edge-1.log");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("edge started") {
-        assert!(t.elapsed() < Duration::from_secs(30), "edge-1 did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_edge_start(&log);
     std::thread::sleep(Duration::from_secs(1));
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let polls: Vec<&str> = log_text.lines().filter(|l| l.contains("/v1/task")).collect();

@@ -201,15 +201,19 @@ fn convert(b: &[u8], mut start: usize, seps: &[u32], out: &mut Vec<u8>) -> Optio
     let (slots, rest_slots) = out[old..].as_chunks_mut::<16>();
     for (group, slot) in groups.iter().zip(slots) {
         // SAFETY: `two_passes` is inlined only into functions compiled for every feature `four` is.
-        if unsafe { !four(b, group, slot) } {
-            for (&sep, value) in group.iter().zip(slot.as_chunks_mut::<4>().0) {
-                *value = number_between(b, start, sep as usize)?.to_le_bytes();
-                start = sep as usize + 1;
-            }
-        }
-        start = group[3] as usize + 1;
+        start = if unsafe { four(b, group, slot) } {
+            group[3] as usize + 1
+        } else {
+            one_at_a_time(b, start, group, slot.as_chunks_mut::<4>().0)?
+        };
     }
-    for (&sep, value) in rest.iter().zip(rest_slots.as_chunks_mut::<4>().0) {
+    one_at_a_time(b, start, rest, rest_slots.as_chunks_mut::<4>().0)
+}
+
+/// The numbers ending at `seps` (the first starting at `start`) by the exact reader, one at a
+/// time, into `values`; returns where the number after the last starts.
+fn one_at_a_time(b: &[u8], mut start: usize, seps: &[u32], values: &mut [[u8; 4]]) -> Option<usize> {
+    for (&sep, value) in seps.iter().zip(values) {
         *value = number_between(b, start, sep as usize)?.to_le_bytes();
         start = sep as usize + 1;
     }
