@@ -114,7 +114,7 @@ fn setup(c: &Cluster) -> Digits {
 fn edge_toml(c: &Cluster, job: &str, trigger: &str) -> String {
     format!(
         "models = {models:?}\n\
-         [services.digits]\nkind = \"joint\"\nmodel = \"digits\"\n\
+         [services.digits]\nkind = \"joint\"\nmodel = \"digits\"\ninstances = 2\n\
          router = {{ plugin = {router:?}, config = {{ policy = \"edge-only\" }} }}\n\
          [replay]\nplugin = {replay:?}\nconfig = {{ policy = \"class-balanced\", capacity = 300, seed = 3 }}\n\
          [incremental]\nservice = \"digits\"\neval = {eval:?}\ncheck_ms = 100\nreplay_draw = 300\n\
@@ -339,6 +339,13 @@ fn a_better_version_is_deployed_and_served_without_a_restart_a_worse_one_is_not(
     let right = correct(&edge, &new_test);
     println!("served answers on classes 5-9 after the switch: {right}/{}", new_test.len());
     assert!(right >= new_test.len() * 8 / 10, "the service answers with version 2: {right}/{}", new_test.len());
+    // Concurrent requests reach both instances of the pool: each answers with version 2.
+    let concurrent: Vec<usize> = std::thread::scope(|s| {
+        let runs: Vec<_> =
+            (0..4).map(|_| s.spawn(|| (0..3).map(|_| correct(&edge, &new_test)).collect::<Vec<_>>())).collect();
+        runs.into_iter().flat_map(|r| r.join().expect("a concurrent request")).collect()
+    });
+    assert!(concurrent.iter().all(|&n| n == right), "every instance serves version 2: {concurrent:?} against {right}");
     let old_test = d.test.of_classes(0..5);
     assert!(correct(&edge, &old_test) >= old_test.len() * 8 / 10, "and still knows 0-4");
 
