@@ -405,6 +405,51 @@ fn the_planned_cut_is_the_measured_best_at_100_10_and_1_mbit() {
     }
 }
 
+/// `nereid bench serve` with short phases: every phase is answered without an error, the edge's
+/// answer equals native ONNX Runtime's, the best native setting runs again once the edge has
+/// stopped, and the throughput ratio is the pool's two safetensors phases over native's first and
+/// last, as the report says.
+#[test]
+fn bench_serve_compares_the_pool_with_native_measured_at_both_ends_of_the_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("cnn32.onnx");
+    write_cnn_with(&model, &["--size", "32"]);
+    let model = model.display().to_string();
+    let out = nereid(&["bench", "serve", &model, "--clients", "2,4", "--secs", "0.5", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["max_abs_diff"], 0.0, "{report}");
+    let phases = report["phases"].as_array().expect("phases");
+    for p in phases {
+        assert!(p["errors"] == 0 && p["requests"].as_u64().unwrap_or(0) > 0, "{p}");
+    }
+    let rps = |name: &str, clients: u64| {
+        let found: Vec<f64> = phases
+            .iter()
+            .filter(|p| p["name"] == name && p["clients"] == clients)
+            .filter_map(|p| p["requests_per_sec"].as_f64())
+            .collect();
+        assert_eq!(found.len(), 1, "one phase `{name}` at {clients} clients: {report}");
+        found[0]
+    };
+    let best = report["native_best"].as_str().expect("native_best");
+    assert_eq!(phases.last().map(|p| p["name"].clone()), Some(format!("{best}, again").into()), "native last");
+    let (first, again) = (rps(best, 2), rps(&format!("{best}, again"), 2));
+    let pool_phase = format!("nereid pool: {} instances", report["cores"]);
+    let (pool, after) =
+        (rps(&format!("{pool_phase}, safetensors"), 2), rps(&format!("{pool_phase}, safetensors, after JSON"), 2));
+    rps(&format!("{pool_phase}, safetensors"), 4);
+    let ratios = &report["ratios"];
+    let close = |got: &serde_json::Value, want: f64| (got.as_f64().unwrap_or(f64::NAN) - want).abs() <= 1e-9 * want;
+    assert!(close(&ratios["throughput_vs_native"], (pool + after) / (first + again)), "{ratios}");
+    assert!(close(&ratios["throughput_vs_native_first"], pool / first), "{ratios}");
+    let json = rps(&format!("{pool_phase}, JSON 17 digits"), 2);
+    assert!(close(&ratios["json_vs_safetensors"], json / ((pool + after) / 2.0)), "{ratios}");
+    let readers = report["json_readers"].as_array().expect("json_readers");
+    assert_eq!(readers.len(), 2, "{report}");
+    assert!(readers.iter().all(|r| r["numbers"] == 3 * 32 * 32), "{report}");
+}
+
 /// A PNG as the request body, read by the service's adapter (plugins/image-adapter): the answer
 /// is the model's on the image as the test decodes and normalises it itself. Another size is
 /// resized to the input's; a content type without an adapter is a 415, a broken image a 400.
